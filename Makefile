@@ -1,0 +1,40 @@
+# orchestrator: PGXS build.
+#
+#   make && make install      build and install into the pg_config on PATH
+#   make test                 the whole suite (see test/run-all), as in .ci/run
+#
+# LLVM bitcode is not built (with_llvm = no): the JIT would only inline the
+# extension's C functions into expressions, which buys nothing here, and
+# building bitcode needs clang, which a fresh machine may not have.
+
+EXTENSION    = orchestrator
+MODULE_big   = orchestrator
+OBJS         = src/orchestrator.o src/shmem.o src/wakeup.o src/launcher.o \
+               src/engine.o src/steps.o src/api_wait.o
+DATA         = orchestrator--0.1.0.sql
+PG_CPPFLAGS  = -I$(srcdir)/src
+PG_CFLAGS    = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
+
+REGRESS      = setup define_workflow runs engine
+REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --load-extension=plpgsql
+
+ISOLATION      = start_run_idempotency claim_race cancel_vs_complete
+ISOLATION_OPTS = --temp-config=$(srcdir)/test/isolation.conf \
+                 --inputdir=$(srcdir)/test/isolation --outputdir=output_iso
+
+TAP_TESTS    = 1
+
+PG_CONFIG   ?= pg_config
+PGXS        := $(shell $(PG_CONFIG) --pgxs)
+# Set before the include: an override wins over Makefile.global's value.
+override with_llvm = no
+include $(PGXS)
+
+
+.PHONY: test demo bench
+test:
+	test/run-all
+demo:
+	demo/run
+bench:
+	bench/run

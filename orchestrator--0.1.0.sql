@@ -1,0 +1,901 @@
+/* orchestrator--0.1.0.sql: schema orch, its tables, functions and grants */
+
+\echo Use "CREATE EXTENSION orchestrator" to load this file. \quit
+
+/* ------------------------------------------------------------------------
+ * Roles.  Cluster-wide objects, so they are created only when missing and
+ * survive DROP EXTENSION (like any role a DBA would create by hand).
+ * ------------------------------------------------------------------------ */
+DO $roles$
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'orch_reader') THEN
+		CREATE ROLE orch_reader NOLOGIN;
+	END IF;
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'orch_worker') THEN
+		CREATE ROLE orch_worker NOLOGIN;
+	END IF;
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'orch_operator') THEN
+		CREATE ROLE orch_operator NOLOGIN IN ROLE orch_reader;
+	END IF;
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'orch_admin') THEN
+		CREATE ROLE orch_admin NOLOGIN IN ROLE orch_operator;
+	END IF;
+END
+$roles$;
+
+/* ------------------------------------------------------------------------
+ * Tables
+ * ------------------------------------------------------------------------ */
+
+-- One row per version of a workflow definition, as given (normalized JSON).
+CREATE TABLE orch.workflows (
+	name		text		NOT NULL,
+	version		int			NOT NULL CHECK (version > 0),
+	definition	jsonb		NOT NULL,
+	created_at	timestamptz	NOT NULL DEFAULT pg_catalog.now(),
+	created_by	name		NOT NULL,
+	PRIMARY KEY (name, version)
+);
+
+-- The compiled form of each step of each version: what the engine reads.
+CREATE TABLE orch.workflow_steps (
+	workflow		text		NOT NULL,
+	version			int			NOT NULL,
+	name			text		NOT NULL,
+	ordinal			int			NOT NULL,
+	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep')),
+	needs			text[]		NOT NULL DEFAULT '{}',
+	dependents		text[]		NOT NULL DEFAULT '{}',
+	guard			jsonpath,
+	function_name	text,
+	function		regprocedure,
+	sleep_for		interval,
+	sleep_until		jsonpath,
+	max_attempts	int			NOT NULL DEFAULT 3,
+	initial_interval interval	NOT NULL DEFAULT '1 second',
+	backoff_coefficient float8	NOT NULL DEFAULT 2.0,
+	max_interval	interval	NOT NULL DEFAULT '100 seconds',
+	jitter			boolean		NOT NULL DEFAULT false,
+	non_retryable	text[],
+	timeout			interval,
+	PRIMARY KEY (workflow, version, name),
+	FOREIGN KEY (workflow, version) REFERENCES orch.workflows ON DELETE CASCADE
+);
+
+CREATE TABLE orch.runs (
+	run_id			uuid		PRIMARY KEY DEFAULT pg_catalog.gen_random_uuid(),
+	workflow		text		NOT NULL,
+	version			int			NOT NULL,
+	status			text		NOT NULL DEFAULT 'pending' CHECK (status IN
+						('pending', 'running', 'waiting', 'retrying', 'needs_approval',
+						 'needs_human', 'blocked', 'paused', 'succeeded', 'failed',
+						 'cancelled', 'timed_out')),
+	input			jsonb		NOT NULL DEFAULT '{}',
+	output			jsonb,
+	error			jsonb,
+	owner			name		NOT NULL,
+	business_key	text,
+	idempotency_key	text,
+	trace_id		bytea		NOT NULL CHECK (pg_catalog.length(trace_id) = 16),
+	tenant			text,
+	priority		int			NOT NULL DEFAULT 0,
+	deadline		timestamptz,
+	steps_left		int			NOT NULL CHECK (steps_left >= 0),
+	paused_from		text,
+	reason			text,
+	created_at		timestamptz	NOT NULL DEFAULT pg_catalog.now(),
+	started_at		timestamptz,
+	finished_at		timestamptz,
+	FOREIGN KEY (workflow, version) REFERENCES orch.workflows
+);
+CREATE UNIQUE INDEX runs_idempotency_key ON orch.runs (workflow, idempotency_key)
+	WHERE idempotency_key IS NOT NULL;
+CREATE INDEX runs_active ON orch.runs (created_at)
+	WHERE status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out');
+CREATE INDEX runs_business_key ON orch.runs (business_key) WHERE business_key IS NOT NULL;
+
+/*
+ * Steps.  `pending_needs` counts the needs not yet finished, `needs_ok` the
+ * needs that succeeded (a step all of whose needs were skipped is skipped).
+ * `wake_at` is when the engine should next look at the step: the moment it
+ * became ready, the end of a sleep, the next retry; 'infinity' while its run
+ * is paused.  The partial index below is the engine's whole work queue.
+ */
+CREATE TABLE orch.steps (
+	step_id			bigint		GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	run_id			uuid		NOT NULL REFERENCES orch.runs ON DELETE CASCADE,
+	name			text		NOT NULL,
+	status			text		NOT NULL CHECK (status IN
+						('pending', 'ready', 'running', 'waiting', 'retrying',
+						 'needs_approval', 'needs_human', 'blocked', 'succeeded',
+						 'failed', 'skipped', 'cancelled', 'compensated')),
+	pending_needs	int			NOT NULL DEFAULT 0,
+	needs_ok		int			NOT NULL DEFAULT 0,
+	attempt			int			NOT NULL DEFAULT 0,
+	wake_at			timestamptz,
+	output			jsonb,
+	error			jsonb,
+	started_at		timestamptz,
+	finished_at		timestamptz,
+	UNIQUE (run_id, name)
+);
+CREATE INDEX steps_due ON orch.steps (wake_at)
+	WHERE status IN ('ready', 'waiting', 'retrying');
+
+-- One row per try of a step.
+CREATE TABLE orch.attempts (
+	step_id		bigint		NOT NULL REFERENCES orch.steps ON DELETE CASCADE,
+	attempt		int			NOT NULL,
+	run_id		uuid		NOT NULL,
+	worker		text		NOT NULL,
+	started_at	timestamptz	NOT NULL,
+	finished_at	timestamptz	NOT NULL,
+	outcome		text		NOT NULL CHECK (outcome IN ('succeeded', 'failed')),
+	error_class	text,
+	sqlstate	text,
+	message		text,
+	detail		text,
+	hint		text,
+	context		text,
+	PRIMARY KEY (step_id, attempt)
+);
+CREATE INDEX attempts_run ON orch.attempts (run_id);
+
+SELECT pg_catalog.pg_extension_config_dump('orch.workflows', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.workflow_steps', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.runs', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.steps', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.attempts', '');
+
+/* ------------------------------------------------------------------------
+ * Internal C functions
+ * ------------------------------------------------------------------------ */
+
+-- Wake this database's engine workers when the current transaction commits.
+CREATE FUNCTION orch._wake_on_commit() RETURNS void
+	LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'orch_wake_on_commit';
+
+-- Tell the launcher to look for this database when the current transaction commits.
+CREATE FUNCTION orch._launcher_wake_on_commit() RETURNS void
+	LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'orch_launcher_wake_on_commit';
+
+/* ------------------------------------------------------------------------
+ * Internal helpers
+ * ------------------------------------------------------------------------ */
+
+/*
+ * The role that called into the extension.  Inside a SECURITY DEFINER
+ * function current_user is the extension's owner, so the caller is read from
+ * the role setting (SET ROLE), falling back to the session user.
+ */
+CREATE FUNCTION orch._caller() RETURNS name
+	LANGUAGE sql STABLE
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT CASE WHEN pg_catalog.current_setting('role') = 'none'
+				THEN session_user
+				ELSE pg_catalog.current_setting('role')::name END
+$$;
+
+CREATE FUNCTION orch._definition_error(code text, workflow text, path text, msg text,
+									   detail text DEFAULT NULL, hint text DEFAULT NULL)
+	RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	RAISE EXCEPTION USING
+		ERRCODE = code,
+		MESSAGE = format('invalid definition of workflow "%s" at %s: %s', workflow, path, msg),
+		DETAIL = coalesce(detail, ''),
+		HINT = coalesce(hint, '');
+END
+$$;
+
+-- A duration: an ISO 8601 or PostgreSQL interval string, positive.
+CREATE FUNCTION orch._duration(val jsonb, workflow text, path text) RETURNS interval
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	d interval;
+BEGIN
+	IF jsonb_typeof(val) IS DISTINCT FROM 'string' THEN
+		PERFORM orch._definition_error('22023', workflow, path,
+			format('expected a duration string, got %s', coalesce(jsonb_typeof(val), 'nothing')),
+			hint => 'Write durations as strings such as "30s", "5 minutes" or "PT1M".');
+	END IF;
+	BEGIN
+		d := orch._parse_duration(val #>> '{}');
+	EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow
+				OR interval_field_overflow OR invalid_parameter_value THEN
+		PERFORM orch._definition_error('22007', workflow, path,
+			format('invalid duration "%s"', val #>> '{}'),
+			hint => 'Write durations as strings such as "30s", "5 minutes" or "PT1M".');
+	END;
+	IF d <= interval '0' THEN
+		PERFORM orch._definition_error('22023', workflow, path,
+			format('duration "%s" is not positive', val #>> '{}'));
+	END IF;
+	RETURN d;
+END
+$$;
+
+-- "30s", "250ms", "5m", "2h", "1d" as well as anything interval_in accepts.
+CREATE FUNCTION orch._parse_duration(s text) RETURNS interval
+	LANGUAGE plpgsql IMMUTABLE STRICT
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	m text[];
+BEGIN
+	m := regexp_match(s, '^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*$');
+	IF m IS NOT NULL THEN
+		RETURN m[1]::numeric * CASE m[2]
+			WHEN 'ms' THEN interval '1 millisecond'
+			WHEN 's' THEN interval '1 second'
+			WHEN 'm' THEN interval '1 minute'
+			WHEN 'h' THEN interval '1 hour'
+			ELSE interval '1 day' END;
+	END IF;
+	IF s !~ '[0-9]' THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_datetime_format', MESSAGE = 'no number';
+	END IF;
+	RETURN s::interval;
+END
+$$;
+
+CREATE FUNCTION orch._check_keys(obj jsonb, allowed text[], workflow text, path text, what text)
+	RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	k text;
+BEGIN
+	FOR k IN SELECT jsonb_object_keys(obj) ORDER BY 1 LOOP
+		IF NOT k = ANY (allowed) THEN
+			PERFORM orch._definition_error('22023', workflow, path,
+				format('unknown key "%s"', k),
+				format('Allowed keys for %s are: %s.', what, array_to_string(allowed, ', ')));
+		END IF;
+	END LOOP;
+END
+$$;
+
+/* ------------------------------------------------------------------------
+ * Definitions
+ * ------------------------------------------------------------------------ */
+
+/*
+ * Validate a workflow definition completely and store it as a new version
+ * (or return the current version when the definition is unchanged).
+ */
+CREATE FUNCTION orch.define_workflow(name text, definition jsonb) RETURNS int
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	wf			text := define_workflow.name;
+	def			jsonb := define_workflow.definition;
+	steps		jsonb;
+	step		jsonb;
+	retry		jsonb;
+	i			int;
+	j			int;
+	path		text;
+	sname		text;
+	kind		text;
+	names		text[] := '{}';
+	needs		text[][];
+	need		jsonb;
+	need_names	text[];
+	proc		regprocedure;
+	fn_text		text;
+	rec			record;
+	v_version	int;
+	-- compiled rows, one array per column, indexed like names
+	c_kind		text[] := '{}';
+	c_needs		jsonb[] := '{}';
+	c_guard		jsonpath[] := '{}';
+	c_fname		text[] := '{}';
+	c_fn		regprocedure[] := '{}';
+	c_sleep_for	interval[] := '{}';
+	c_sleep_until jsonpath[] := '{}';
+	c_max_att	int[] := '{}';
+	c_init		interval[] := '{}';
+	c_coef		float8[] := '{}';
+	c_maxint	interval[] := '{}';
+	c_jitter	boolean[] := '{}';
+	c_timeout	interval[] := '{}';
+	c_nonretry	jsonb[] := '{}';
+	v_nonretry	jsonb;
+	v_guard		jsonpath;
+	v_until		jsonpath;
+	v_for		interval;
+	v_max_att	int;
+	v_init		interval;
+	v_coef		float8;
+	v_maxint	interval;
+	v_jitter	boolean;
+	v_timeout	interval;
+	common_keys	text[] := ARRAY['name', 'kind', 'needs', 'when', 'description', 'retry', 'timeout'];
+	-- cycle detection
+	indeg		int[];
+	queue		int[];
+	done_count	int := 0;
+	cur			int;
+	cycle		text[];
+BEGIN
+	IF wf IS NULL OR wf !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,62}$' THEN
+		RAISE EXCEPTION USING ERRCODE = '22023',
+			MESSAGE = format('invalid workflow name "%s"', coalesce(wf, 'NULL')),
+			HINT = 'A workflow name starts with a letter or underscore and has at most 63 letters, digits, underscores, dots or hyphens.';
+	END IF;
+	IF def IS NULL OR jsonb_typeof(def) <> 'object' THEN
+		PERFORM orch._definition_error('22023', wf, '$',
+			format('expected an object, got %s', coalesce(jsonb_typeof(def), 'NULL')),
+			hint => 'A definition is an object with a "steps" array.');
+	END IF;
+	PERFORM orch._check_keys(def, ARRAY['steps', 'description'], wf, '$', 'a workflow definition');
+	steps := def -> 'steps';
+	IF steps IS NULL THEN
+		PERFORM orch._definition_error('22023', wf, '$', 'missing key "steps"',
+			hint => 'A definition is an object with a "steps" array.');
+	END IF;
+	IF jsonb_typeof(steps) <> 'array' OR jsonb_array_length(steps) = 0 THEN
+		PERFORM orch._definition_error('22023', wf, '$.steps', 'expected a non-empty array of steps');
+	END IF;
+	IF def ? 'description' AND jsonb_typeof(def -> 'description') <> 'string' THEN
+		PERFORM orch._definition_error('22023', wf, '$.description', 'expected a string');
+	END IF;
+
+	-- First pass: names, so that needs may refer to any step.
+	FOR i IN 0 .. jsonb_array_length(steps) - 1 LOOP
+		step := steps -> i;
+		path := format('$.steps[%s]', i);
+		IF jsonb_typeof(step) <> 'object' THEN
+			PERFORM orch._definition_error('22023', wf, path,
+				format('expected a step object, got %s', jsonb_typeof(step)));
+		END IF;
+		IF jsonb_typeof(step -> 'name') IS DISTINCT FROM 'string' THEN
+			PERFORM orch._definition_error('22023', wf, path || '.name',
+				'every step needs a "name" string');
+		END IF;
+		sname := step ->> 'name';
+		IF sname !~ '^[A-Za-z_][A-Za-z0-9_]{0,62}$' THEN
+			PERFORM orch._definition_error('22023', wf, path || '.name',
+				format('invalid step name "%s"', sname),
+				hint => 'A step name starts with a letter or underscore and has at most 63 letters, digits or underscores, so that $.steps.<name> reaches its output.');
+		END IF;
+		IF sname = ANY (names) THEN
+			PERFORM orch._definition_error('22023', wf, path || '.name',
+				format('duplicate step name "%s"', sname),
+				format('Step "%s" is also defined at $.steps[%s].', sname, array_position(names, sname) - 1));
+		END IF;
+		names := names || sname;
+	END LOOP;
+
+	-- Second pass: each step in full.
+	FOR i IN 0 .. jsonb_array_length(steps) - 1 LOOP
+		step := steps -> i;
+		path := format('$.steps[%s]', i);
+		sname := step ->> 'name';
+		IF jsonb_typeof(step -> 'kind') IS DISTINCT FROM 'string' THEN
+			PERFORM orch._definition_error('22023', wf, path || '.kind',
+				format('step "%s" needs a "kind" string', sname),
+				hint => 'Kinds are: sql, sleep.');
+		END IF;
+		kind := step ->> 'kind';
+		IF kind IN ('task', 'approval', 'wait_event', 'subworkflow', 'map') THEN
+			PERFORM orch._definition_error('0A000', wf, path || '.kind',
+				format('step kind "%s" is not supported by this version', kind),
+				hint => 'Kinds supported by this version are: sql, sleep.');
+		ELSIF kind NOT IN ('sql', 'sleep') THEN
+			PERFORM orch._definition_error('22023', wf, path || '.kind',
+				format('unknown step kind "%s"', kind),
+				hint => 'Kinds are: sql, sleep.');
+		END IF;
+		PERFORM orch._check_keys(step,
+			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function']
+									 ELSE ARRAY['duration', 'until'] END,
+			wf, path, format('a step of kind "%s"', kind));
+
+		-- needs
+		need_names := '{}';
+		IF step ? 'needs' THEN
+			IF jsonb_typeof(step -> 'needs') <> 'array' THEN
+				PERFORM orch._definition_error('22023', wf, path || '.needs',
+					'expected an array of step names');
+			END IF;
+			FOR j IN 0 .. jsonb_array_length(step -> 'needs') - 1 LOOP
+				need := step -> 'needs' -> j;
+				IF jsonb_typeof(need) <> 'string' THEN
+					PERFORM orch._definition_error('22023', wf, format('%s.needs[%s]', path, j),
+						'expected a step name');
+				END IF;
+				IF NOT (need #>> '{}') = ANY (names) THEN
+					PERFORM orch._definition_error('22023', wf, format('%s.needs[%s]', path, j),
+						format('step "%s" needs unknown step "%s"', sname, need #>> '{}'),
+						format('Steps defined: %s.', array_to_string(names, ', ')));
+				END IF;
+				IF (need #>> '{}') = sname THEN
+					PERFORM orch._definition_error('22023', wf, format('%s.needs[%s]', path, j),
+						format('step "%s" needs itself', sname));
+				END IF;
+				IF (need #>> '{}') = ANY (need_names) THEN
+					PERFORM orch._definition_error('22023', wf, format('%s.needs[%s]', path, j),
+						format('step "%s" lists need "%s" twice', sname, need #>> '{}'));
+				END IF;
+				need_names := need_names || (need #>> '{}');
+			END LOOP;
+		END IF;
+
+		-- when
+		v_guard := NULL;
+		IF step ? 'when' THEN
+			IF jsonb_typeof(step -> 'when') <> 'string' THEN
+				PERFORM orch._definition_error('22023', wf, path || '.when',
+					'expected a jsonpath predicate string');
+			END IF;
+			BEGIN
+				v_guard := (step ->> 'when')::jsonpath;
+			EXCEPTION WHEN OTHERS THEN
+				PERFORM orch._definition_error('42601', wf, path || '.when',
+					format('invalid jsonpath in "when" of step "%s"', sname),
+					SQLERRM,
+					'A guard is a SQL/JSON path predicate over the run context, such as $.steps.classify.kind == "refund".');
+			END;
+		END IF;
+
+		-- function
+		proc := NULL;
+		fn_text := NULL;
+		IF kind = 'sql' THEN
+			IF jsonb_typeof(step -> 'function') IS DISTINCT FROM 'string' THEN
+				PERFORM orch._definition_error('22023', wf, path || '.function',
+					format('sql step "%s" needs a "function" string', sname),
+					hint => 'Name a function schema.fn(ctx jsonb) returns jsonb.');
+			END IF;
+			fn_text := step ->> 'function';
+			IF fn_text !~ '^\s*("[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)\s*\.\s*("[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)\s*$' THEN
+				PERFORM orch._definition_error('22023', wf, path || '.function',
+					format('function name "%s" of step "%s" is not schema-qualified', fn_text, sname),
+					hint => 'Write the function as schema.name, for example app.classify_ticket.');
+			END IF;
+			proc := to_regprocedure(fn_text || '(jsonb)');
+			IF proc IS NULL THEN
+				IF to_regproc(fn_text) IS NOT NULL
+				   OR EXISTS (SELECT FROM pg_proc p
+							  WHERE p.oid::regproc::text = fn_text
+								 OR (p.pronamespace::regnamespace::text || '.' || p.proname) = fn_text) THEN
+					PERFORM orch._definition_error('42804', wf, path || '.function',
+						format('function %s of step "%s" does not take a single jsonb argument', fn_text, sname),
+						hint => 'A sql step calls fn(ctx jsonb) returns jsonb.');
+				END IF;
+				PERFORM orch._definition_error('42883', wf, path || '.function',
+					format('function %s(jsonb) of step "%s" does not exist', fn_text, sname),
+					hint => 'Create the function before defining the workflow.');
+			END IF;
+			SELECT p.prorettype, p.proretset, p.prokind INTO rec FROM pg_proc p WHERE p.oid = proc;
+			IF rec.prokind <> 'f' THEN
+				PERFORM orch._definition_error('42804', wf, path || '.function',
+					format('%s of step "%s" is not a plain function', proc, sname),
+					hint => 'A sql step calls fn(ctx jsonb) returns jsonb; procedures and aggregates cannot be steps.');
+			END IF;
+			IF rec.prorettype <> 'jsonb'::regtype OR rec.proretset THEN
+				PERFORM orch._definition_error('42804', wf, path || '.function',
+					format('function %s of step "%s" returns %s%s, not jsonb', proc, sname,
+						   CASE WHEN rec.proretset THEN 'setof ' ELSE '' END, rec.prorettype::regtype),
+					hint => 'A sql step calls fn(ctx jsonb) returns jsonb.');
+			END IF;
+		END IF;
+
+		-- sleep
+		v_for := NULL;
+		v_until := NULL;
+		IF kind = 'sleep' THEN
+			IF (step ? 'duration') = (step ? 'until') THEN
+				PERFORM orch._definition_error('22023', wf, path,
+					format('sleep step "%s" needs exactly one of "duration" and "until"', sname),
+					hint => '"duration" is a duration string; "until" is a jsonpath to a timestamp in the run context.');
+			END IF;
+			IF step ? 'duration' THEN
+				v_for := orch._duration(step -> 'duration', wf, path || '.duration');
+			ELSE
+				IF jsonb_typeof(step -> 'until') <> 'string' THEN
+					PERFORM orch._definition_error('22023', wf, path || '.until',
+						'expected a jsonpath string');
+				END IF;
+				BEGIN
+					v_until := (step ->> 'until')::jsonpath;
+				EXCEPTION WHEN OTHERS THEN
+					PERFORM orch._definition_error('42601', wf, path || '.until',
+						format('invalid jsonpath in "until" of step "%s"', sname), SQLERRM);
+				END;
+			END IF;
+		END IF;
+
+		-- retry (names and defaults of Temporal's RetryPolicy)
+		v_max_att := 3;
+		v_init := interval '1 second';
+		v_coef := 2.0;
+		v_maxint := NULL;
+		v_jitter := false;
+		v_nonretry := NULL;
+		IF step ? 'retry' THEN
+			retry := step -> 'retry';
+			IF jsonb_typeof(retry) <> 'object' THEN
+				PERFORM orch._definition_error('22023', wf, path || '.retry', 'expected an object');
+			END IF;
+			PERFORM orch._check_keys(retry,
+				ARRAY['max_attempts', 'initial_interval', 'backoff_coefficient',
+					  'max_interval', 'jitter', 'non_retryable'],
+				wf, path || '.retry', 'a retry policy');
+			IF retry ? 'max_attempts' THEN
+				IF jsonb_typeof(retry -> 'max_attempts') <> 'number'
+				   OR (retry ->> 'max_attempts')::numeric <> trunc((retry ->> 'max_attempts')::numeric)
+				   OR (retry ->> 'max_attempts')::numeric NOT BETWEEN 0 AND 1000000 THEN
+					PERFORM orch._definition_error('22023', wf, path || '.retry.max_attempts',
+						format('expected an integer from 0 to 1000000, got %s', retry -> 'max_attempts'),
+						hint => '0 means unlimited attempts.');
+				END IF;
+				v_max_att := (retry ->> 'max_attempts')::int;
+			END IF;
+			IF retry ? 'initial_interval' THEN
+				v_init := orch._duration(retry -> 'initial_interval', wf, path || '.retry.initial_interval');
+			END IF;
+			IF retry ? 'backoff_coefficient' THEN
+				IF jsonb_typeof(retry -> 'backoff_coefficient') <> 'number'
+				   OR (retry ->> 'backoff_coefficient')::numeric < 1
+				   OR (retry ->> 'backoff_coefficient')::numeric > 100 THEN
+					PERFORM orch._definition_error('22023', wf, path || '.retry.backoff_coefficient',
+						format('expected a number from 1 to 100, got %s', retry -> 'backoff_coefficient'));
+				END IF;
+				v_coef := (retry ->> 'backoff_coefficient')::float8;
+			END IF;
+			IF retry ? 'max_interval' THEN
+				v_maxint := orch._duration(retry -> 'max_interval', wf, path || '.retry.max_interval');
+				IF v_maxint < v_init THEN
+					PERFORM orch._definition_error('22023', wf, path || '.retry.max_interval',
+						format('max_interval %s is shorter than initial_interval %s', v_maxint, v_init));
+				END IF;
+			END IF;
+			IF retry ? 'jitter' THEN
+				IF (retry -> 'jitter') NOT IN ('"none"'::jsonb, '"full"'::jsonb) THEN
+					PERFORM orch._definition_error('22023', wf, path || '.retry.jitter',
+						format('expected "none" or "full", got %s', retry -> 'jitter'));
+				END IF;
+				v_jitter := (retry ->> 'jitter') = 'full';
+			END IF;
+			IF retry ? 'non_retryable' THEN
+				IF jsonb_typeof(retry -> 'non_retryable') <> 'array'
+				   OR EXISTS (SELECT FROM jsonb_array_elements(retry -> 'non_retryable') e
+							  WHERE jsonb_typeof(e) <> 'string') THEN
+					PERFORM orch._definition_error('22023', wf, path || '.retry.non_retryable',
+						'expected an array of error classes or SQLSTATE codes');
+				END IF;
+				FOR j IN 0 .. jsonb_array_length(retry -> 'non_retryable') - 1 LOOP
+					IF NOT ((retry -> 'non_retryable' ->> j) IN ('transient', 'permanent', 'unknown_outcome')
+							OR (retry -> 'non_retryable' ->> j) ~ '^[0-9A-Z]{5}$') THEN
+						PERFORM orch._definition_error('22023', wf,
+							format('%s.retry.non_retryable[%s]', path, j),
+							format('"%s" is neither an error class nor a SQLSTATE', retry -> 'non_retryable' ->> j),
+							hint => 'Error classes are transient, permanent and unknown_outcome; a SQLSTATE is five digits or capital letters, such as 23505.');
+					END IF;
+				END LOOP;
+				v_nonretry := retry -> 'non_retryable';
+			END IF;
+		END IF;
+		v_maxint := coalesce(v_maxint, v_init * 100);
+
+		v_timeout := NULL;
+		IF step ? 'timeout' THEN
+			v_timeout := orch._duration(step -> 'timeout', wf, path || '.timeout');
+		END IF;
+
+		c_kind := c_kind || kind;
+		c_needs := c_needs || to_jsonb(need_names);
+		c_guard := c_guard || v_guard;
+		c_fname := c_fname || fn_text;
+		c_fn := c_fn || proc;
+		c_sleep_for := c_sleep_for || v_for;
+		c_sleep_until := c_sleep_until || v_until;
+		c_max_att := c_max_att || v_max_att;
+		c_init := c_init || v_init;
+		c_coef := c_coef || v_coef;
+		c_maxint := c_maxint || v_maxint;
+		c_jitter := c_jitter || v_jitter;
+		c_timeout := c_timeout || v_timeout;
+		c_nonretry := c_nonretry || v_nonretry;
+	END LOOP;
+
+	-- Cycles: Kahn's algorithm; whatever cannot be ordered lies on or behind a cycle.
+	indeg := array_fill(0, ARRAY[cardinality(names)]);
+	FOR i IN 1 .. cardinality(names) LOOP
+		indeg[i] := jsonb_array_length(c_needs[i]);
+	END LOOP;
+	queue := ARRAY(SELECT g FROM generate_series(1, cardinality(names)) g WHERE indeg[g] = 0);
+	WHILE cardinality(queue) > 0 LOOP
+		cur := queue[1];
+		queue := queue[2:];
+		done_count := done_count + 1;
+		FOR i IN 1 .. cardinality(names) LOOP
+			IF c_needs[i] ? names[cur] THEN
+				indeg[i] := indeg[i] - 1;
+				IF indeg[i] = 0 THEN
+					queue := queue || i;
+				END IF;
+			END IF;
+		END LOOP;
+	END LOOP;
+	IF done_count < cardinality(names) THEN
+		-- Walk needs among the unordered steps until a step repeats: that is a cycle.
+		cur := (SELECT min(g) FROM generate_series(1, cardinality(names)) g WHERE indeg[g] > 0);
+		cycle := '{}';
+		WHILE NOT names[cur] = ANY (cycle) LOOP
+			cycle := cycle || names[cur];
+			cur := (SELECT array_position(names, n)
+					FROM jsonb_array_elements_text(c_needs[cur]) n
+					WHERE indeg[array_position(names, n)] > 0
+					LIMIT 1);
+		END LOOP;
+		cycle := cycle[array_position(cycle, names[cur]):] || names[cur];
+		PERFORM orch._definition_error('22023', wf,
+			format('$.steps[%s].needs', array_position(names, cycle[1]) - 1),
+			format('dependency cycle: %s', array_to_string(cycle, ' -> ')),
+			'A step runs after all of its needs, so needs must not form a cycle.');
+	END IF;
+
+	-- Store: the same definition again keeps its version.
+	PERFORM pg_advisory_xact_lock(hashtext('orch.define_workflow'), hashtext(wf));
+	SELECT w.version, w.definition INTO rec
+	  FROM orch.workflows w WHERE w.name = wf ORDER BY w.version DESC LIMIT 1;
+	IF FOUND AND rec.definition = def THEN
+		RETURN rec.version;
+	END IF;
+	v_version := coalesce(rec.version, 0) + 1;
+
+	INSERT INTO orch.workflows (name, version, definition, created_by)
+	VALUES (wf, v_version, def, orch._caller());
+
+	INSERT INTO orch.workflow_steps (workflow, version, name, ordinal, kind, needs, dependents,
+		guard, function_name, function, sleep_for, sleep_until, max_attempts, initial_interval,
+		backoff_coefficient, max_interval, jitter, non_retryable, timeout)
+	SELECT wf, v_version, names[k], k, c_kind[k],
+		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
+		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
+				 WHERE c_needs[d] ? names[k] ORDER BY d),
+		   c_guard[k], c_fname[k], c_fn[k], c_sleep_for[k], c_sleep_until[k], c_max_att[k],
+		   c_init[k], c_coef[k], c_maxint[k], c_jitter[k],
+		   CASE WHEN c_nonretry[k] IS NOT NULL
+				THEN ARRAY(SELECT jsonb_array_elements_text(c_nonretry[k])) END,
+		   c_timeout[k]
+	  FROM generate_series(1, cardinality(names)) k;
+
+	RETURN v_version;
+END
+$$;
+
+/* ------------------------------------------------------------------------
+ * Runs
+ * ------------------------------------------------------------------------ */
+
+CREATE FUNCTION orch.start_run(workflow text,
+							   input jsonb DEFAULT '{}',
+							   idempotency_key text DEFAULT NULL,
+							   business_key text DEFAULT NULL,
+							   priority int DEFAULT 0,
+							   deadline timestamptz DEFAULT NULL,
+							   tenant text DEFAULT NULL)
+	RETURNS uuid
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	v_version	int;
+	v_nsteps	int;
+	v_run		uuid;
+	v_input		jsonb := coalesce(start_run.input, '{}');
+	existing	record;
+BEGIN
+	SELECT w.version INTO v_version
+	  FROM orch.workflows w WHERE w.name = start_run.workflow
+	 ORDER BY w.version DESC LIMIT 1;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION USING ERRCODE = 'undefined_object',
+			MESSAGE = format('workflow "%s" does not exist', start_run.workflow),
+			HINT = 'Define it first with orch.define_workflow(name, definition).';
+	END IF;
+	SELECT count(*) INTO v_nsteps FROM orch.workflow_steps ws
+	 WHERE ws.workflow = start_run.workflow AND ws.version = v_version;
+
+	INSERT INTO orch.runs AS r (workflow, version, input, owner, business_key, idempotency_key,
+							   trace_id, tenant, priority, deadline, steps_left)
+	VALUES (start_run.workflow, v_version, v_input, orch._caller(), start_run.business_key,
+			start_run.idempotency_key, uuid_send(gen_random_uuid()), start_run.tenant,
+			start_run.priority, start_run.deadline, v_nsteps)
+	ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+	RETURNING r.run_id INTO v_run;
+
+	IF v_run IS NULL THEN
+		-- The key was used before (perhaps by a transaction that just committed).
+		SELECT r.run_id, r.input INTO existing
+		  FROM orch.runs r
+		 WHERE r.workflow = start_run.workflow AND r.idempotency_key = start_run.idempotency_key;
+		IF existing.input IS DISTINCT FROM v_input THEN
+			RAISE EXCEPTION USING ERRCODE = 'unique_violation',
+				MESSAGE = format('idempotency key "%s" of workflow "%s" was already used with a different input',
+								 start_run.idempotency_key, start_run.workflow),
+				DETAIL = format('Run %s was started with that key.', existing.run_id),
+				HINT = 'Use a new idempotency key for a different request, or repeat the original input.';
+		END IF;
+		RETURN existing.run_id;
+	END IF;
+
+	INSERT INTO orch.steps (run_id, name, status, pending_needs, wake_at)
+	SELECT v_run, ws.name,
+		   CASE WHEN cardinality(ws.needs) = 0 THEN 'ready' ELSE 'pending' END,
+		   cardinality(ws.needs),
+		   CASE WHEN cardinality(ws.needs) = 0 THEN now() END
+	  FROM orch.workflow_steps ws
+	 WHERE ws.workflow = start_run.workflow AND ws.version = v_version
+	 ORDER BY ws.ordinal;
+
+	PERFORM orch._wake_on_commit();
+	RETURN v_run;
+END
+$$;
+
+CREATE FUNCTION orch._lock_run(run_id uuid) RETURNS orch.runs
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	r orch.runs;
+BEGIN
+	SELECT * INTO r FROM orch.runs WHERE orch.runs.run_id = _lock_run.run_id FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION USING ERRCODE = 'undefined_object',
+			MESSAGE = format('run %s does not exist', _lock_run.run_id);
+	END IF;
+	RETURN r;
+END
+$$;
+
+-- Cancel a run: every step not yet finished is cancelled.  Returns false when
+-- the run had already finished.
+CREATE FUNCTION orch.cancel_run(run_id uuid, reason text DEFAULT NULL) RETURNS boolean
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	r orch.runs;
+BEGIN
+	r := orch._lock_run(cancel_run.run_id);
+	IF r.status IN ('succeeded', 'failed', 'cancelled', 'timed_out') THEN
+		RAISE NOTICE 'run % has already finished with status %', r.run_id, r.status;
+		RETURN false;
+	END IF;
+	UPDATE orch.steps s
+	   SET status = 'cancelled', finished_at = now(), wake_at = NULL
+	 WHERE s.run_id = r.run_id
+	   AND s.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated');
+	UPDATE orch.runs
+	   SET status = 'cancelled', finished_at = now(), steps_left = 0,
+		   reason = cancel_run.reason,
+		   error = jsonb_build_object('cancelled_by', orch._caller(), 'reason', cancel_run.reason)
+	 WHERE orch.runs.run_id = r.run_id;
+	PERFORM orch._wake_on_commit();
+	RETURN true;
+END
+$$;
+
+-- Pause a run: the engine starts no further step of it until resume_run.
+CREATE FUNCTION orch.pause_run(run_id uuid, reason text DEFAULT NULL) RETURNS void
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	r orch.runs;
+BEGIN
+	r := orch._lock_run(pause_run.run_id);
+	IF r.status = 'paused' THEN
+		RETURN;
+	END IF;
+	IF r.status IN ('succeeded', 'failed', 'cancelled', 'timed_out') THEN
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('run %s cannot be paused: it has finished with status %s', r.run_id, r.status);
+	END IF;
+	UPDATE orch.runs SET status = 'paused', paused_from = r.status, reason = pause_run.reason
+	 WHERE orch.runs.run_id = r.run_id;
+	-- Park the ready steps; sleeping and retrying steps keep their timers and
+	-- are parked by the engine when they come due.
+	UPDATE orch.steps s SET wake_at = 'infinity'
+	 WHERE s.run_id = r.run_id AND s.status = 'ready';
+END
+$$;
+
+CREATE FUNCTION orch.resume_run(run_id uuid, reason text DEFAULT NULL) RETURNS void
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	r orch.runs;
+BEGIN
+	r := orch._lock_run(resume_run.run_id);
+	IF r.status <> 'paused' THEN
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('run %s is not paused (status %s)', r.run_id, r.status);
+	END IF;
+	UPDATE orch.runs SET status = coalesce(r.paused_from, 'running'), paused_from = NULL,
+		   reason = resume_run.reason
+	 WHERE orch.runs.run_id = r.run_id;
+	UPDATE orch.steps s SET wake_at = now()
+	 WHERE s.run_id = r.run_id AND s.status IN ('ready', 'waiting', 'retrying')
+	   AND s.wake_at = 'infinity';
+	PERFORM orch._wake_on_commit();
+END
+$$;
+
+-- Block until the run has finished or the timeout passes; returns its status.
+CREATE FUNCTION orch.wait_run(run_id uuid, timeout interval DEFAULT '30 seconds') RETURNS text
+	LANGUAGE c STRICT
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_wait_run';
+
+-- Advance due work in the calling session (what an engine worker does in
+-- one batch).  For tests, operators and installations without the worker.
+CREATE FUNCTION orch.tick(max_steps int DEFAULT 100) RETURNS int
+	LANGUAGE c STRICT
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_tick';
+
+/* ------------------------------------------------------------------------
+ * Views
+ * ------------------------------------------------------------------------ */
+
+-- Engine workers of this cluster, from shared memory.
+CREATE FUNCTION orch._engine_workers(OUT database oid, OUT pid int, OUT started_at timestamptz,
+									 OUT last_batch_at timestamptz, OUT steps_done bigint)
+	RETURNS SETOF record
+	LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'orch_engine_workers';
+
+CREATE VIEW orch.engine_workers AS
+	SELECT d.datname AS database, w.pid, w.started_at, w.last_batch_at, w.steps_done
+	  FROM orch._engine_workers() w
+	  LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database;
+
+/* ------------------------------------------------------------------------
+ * Privileges
+ * ------------------------------------------------------------------------ */
+REVOKE ALL ON ALL TABLES IN SCHEMA orch FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA orch FROM PUBLIC;
+GRANT USAGE ON SCHEMA orch TO orch_reader, orch_worker;
+GRANT SELECT ON orch.workflows, orch.workflow_steps, orch.runs, orch.steps, orch.attempts,
+	orch.engine_workers TO orch_reader;
+GRANT EXECUTE ON FUNCTION orch.define_workflow(text, jsonb) TO orch_admin;
+GRANT EXECUTE ON FUNCTION orch.start_run(text, jsonb, text, text, int, timestamptz, text),
+	orch.cancel_run(uuid, text), orch.pause_run(uuid, text), orch.resume_run(uuid, text),
+	orch.wait_run(uuid, interval) TO orch_operator;
+GRANT EXECUTE ON FUNCTION orch.tick(int) TO orch_admin;
+GRANT EXECUTE ON FUNCTION orch._engine_workers() TO orch_reader;
+
+-- Let the launcher start this database's engine as soon as we commit.
+SELECT orch._launcher_wake_on_commit();

@@ -1,0 +1,94 @@
+/*-------------------------------------------------------------------------
+ * api_wait.c
+ *	  orch.wait_run(run_id, timeout): block until a run has finished.
+ *
+ *	  The caller sleeps on a condition variable in shared memory that is
+ *	  broadcast after every commit that may have finished a run (an engine
+ *	  batch, cancel_run, orch.tick), and looks at the run again with a new
+ *	  snapshot each time it wakes.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+#include "orchestrator.h"
+
+static bool
+is_final(const char *status)
+{
+	return strcmp(status, "succeeded") == 0 || strcmp(status, "failed") == 0 ||
+		strcmp(status, "cancelled") == 0 || strcmp(status, "timed_out") == 0;
+}
+
+PG_FUNCTION_INFO_V1(orch_wait_run);
+Datum
+orch_wait_run(PG_FUNCTION_ARGS)
+{
+	Datum		run_id = PG_GETARG_DATUM(0);
+	Interval   *timeout = PG_GETARG_INTERVAL_P(1);
+	int64		timeout_us;
+	TimestampTz deadline;
+	char	   *status = NULL;
+	SPIPlanPtr	plan;
+	Oid			argtypes[1] = {UUIDOID};
+
+	if (OrchShared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("orch.wait_run needs orchestrator in shared_preload_libraries")));
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("orch.wait_run cannot wait inside a REPEATABLE READ or SERIALIZABLE transaction"),
+				 errdetail("Its snapshot would never show the run finishing.")));
+
+	timeout_us = timeout->time + (int64) timeout->day * USECS_PER_DAY +
+		(int64) timeout->month * DAYS_PER_MONTH * USECS_PER_DAY;
+	deadline = GetCurrentTimestamp() + Max(timeout_us, 0);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	plan = SPI_prepare("SELECT status FROM orch.runs WHERE run_id = $1", 1, argtypes);
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+
+	for (;;)
+	{
+		long		remaining_ms;
+
+		/* on the wait list before looking, so no broadcast is missed */
+		ConditionVariablePrepareToSleep(&OrchShared->run_finished);
+
+		/* not read-only: each execution takes a new snapshot */
+		if (SPI_execute_plan(plan, &run_id, NULL, false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "could not read run status");
+		if (SPI_processed == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("run %s does not exist",
+							DatumGetCString(DirectFunctionCall1(uuid_out, run_id)))));
+		status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		SPI_freetuptable(SPI_tuptable);
+		if (is_final(status))
+			break;
+
+		remaining_ms = (long) ((deadline - GetCurrentTimestamp()) / 1000);
+		if (remaining_ms <= 0)
+			break;
+		(void) ConditionVariableTimedSleep(&OrchShared->run_finished, remaining_ms,
+										   PG_WAIT_EXTENSION);
+	}
+	ConditionVariableCancelSleep();
+
+	status = pstrdup(status);	/* SPI_finish frees SPI memory, but this is ours */
+	SPI_finish();
+	PG_RETURN_TEXT_P(cstring_to_text(status));
+}

@@ -1,0 +1,199 @@
+/*-------------------------------------------------------------------------
+ * engine.c
+ *	  The engine worker: connected to one database, it advances that
+ *	  database's runs in batches, one transaction per batch, and sleeps on
+ *	  its latch until a commit makes work ready, the earliest timer comes
+ *	  due, or orchestrator.max_sleep passes.
+ *
+ *	  orch.tick() runs the same batch in the calling session.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#include "orchestrator.h"
+
+static int	my_slotno = -1;
+
+static void
+engine_detach(int code, Datum arg)
+{
+	SpinLockAcquire(&OrchShared->mutex);
+	if (OrchShared->slots[my_slotno].state == ORCH_SLOT_RUNNING)
+		OrchShared->slots[my_slotno].state = ORCH_SLOT_EXITED;
+	OrchShared->slots[my_slotno].pid = 0;
+	OrchShared->slots[my_slotno].latch = NULL;
+	SpinLockRelease(&OrchShared->mutex);
+}
+
+/* Is the extension installed here?  Called inside a transaction. */
+static bool
+extension_present(void)
+{
+	return OidIsValid(get_extension_oid(ORCH_EXTENSION_NAME, true));
+}
+
+static void
+slot_update_after_batch(int steps)
+{
+	SpinLockAcquire(&OrchShared->mutex);
+	OrchShared->slots[my_slotno].last_batch_at = GetCurrentTimestamp();
+	OrchShared->slots[my_slotno].steps_done += steps;
+	SpinLockRelease(&OrchShared->mutex);
+}
+
+void
+orch_engine_main(Datum main_arg)
+{
+	Oid			dboid;
+	bool		present;
+	MemoryContext loop_cxt;
+	char		worker_name[64];
+
+	my_slotno = DatumGetInt32(main_arg);
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	SpinLockAcquire(&OrchShared->mutex);
+	dboid = OrchShared->slots[my_slotno].dboid;
+	OrchShared->slots[my_slotno].pid = MyProcPid;
+	SpinLockRelease(&OrchShared->mutex);
+	before_shmem_exit(engine_detach, (Datum) 0);
+
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	pgstat_report_appname("orchestrator engine");
+
+	StartTransactionCommand();
+	present = extension_present();
+	CommitTransactionCommand();
+	if (!present)
+	{
+		SpinLockAcquire(&OrchShared->mutex);
+		OrchShared->slots[my_slotno].state = ORCH_SLOT_NO_EXTENSION;
+		SpinLockRelease(&OrchShared->mutex);
+		proc_exit(0);
+	}
+
+	SpinLockAcquire(&OrchShared->mutex);
+	OrchShared->slots[my_slotno].state = ORCH_SLOT_RUNNING;
+	OrchShared->slots[my_slotno].latch = MyLatch;
+	OrchShared->slots[my_slotno].started_at = GetCurrentTimestamp();
+	SpinLockRelease(&OrchShared->mutex);
+
+	snprintf(worker_name, sizeof(worker_name), "engine:%d", MyProcPid);
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "orchestrator engine batch",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		OrchBatchResult result;
+		TimestampTz next_timer = DT_NOEND;
+		long		sleep_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		memset(&result, 0, sizeof(result));
+		if (orch_enabled)
+		{
+			MemoryContext oldcxt;
+
+			SetCurrentStatementStartTimestamp();
+			StartTransactionCommand();
+			PushActiveSnapshot(GetTransactionSnapshot());
+			if (!extension_present())
+			{
+				/* DROP EXTENSION: leave; the launcher looks again later */
+				PopActiveSnapshot();
+				CommitTransactionCommand();
+				SpinLockAcquire(&OrchShared->mutex);
+				OrchShared->slots[my_slotno].state = ORCH_SLOT_NO_EXTENSION;
+				SpinLockRelease(&OrchShared->mutex);
+				proc_exit(0);
+			}
+			pgstat_report_activity(STATE_RUNNING, "orchestrator: advancing runs");
+			oldcxt = MemoryContextSwitchTo(loop_cxt);
+			if (SPI_connect() != SPI_OK_CONNECT)
+				elog(ERROR, "SPI_connect failed");
+			orch_process_batch(orch_batch_size, worker_name, &result);
+			if (result.claimed == 0)
+				next_timer = orch_next_timer();
+			SPI_finish();
+			MemoryContextSwitchTo(oldcxt);
+			PopActiveSnapshot();
+			CommitTransactionCommand();
+			pgstat_report_stat(false);
+			pgstat_report_activity(STATE_IDLE, NULL);
+			MemoryContextReset(loop_cxt);
+
+			if (result.runs_finished > 0)
+				ConditionVariableBroadcast(&OrchShared->run_finished);
+			if (result.claimed > 0)
+				slot_update_after_batch(result.claimed);
+			/* Work begets work: a finished step may have made others ready. */
+			if (result.claimed > 0)
+				continue;
+		}
+
+		sleep_ms = orch_max_sleep_ms;
+		if (orch_enabled && next_timer != DT_NOEND)
+		{
+			long		until_next = (long) ((next_timer - GetCurrentTimestamp()) / 1000) + 1;
+
+			sleep_ms = Max(0, Min(sleep_ms, until_next));
+		}
+		if (sleep_ms > 0)
+		{
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 sleep_ms, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
+	}
+}
+
+/*
+ * orch.tick(max_steps): one batch in the calling session; returns the
+ * number of steps it looked at.
+ */
+PG_FUNCTION_INFO_V1(orch_tick);
+Datum
+orch_tick(PG_FUNCTION_ARGS)
+{
+	int			max_steps = PG_GETARG_INT32(0);
+	OrchBatchResult result;
+	char		worker_name[64];
+
+	if (max_steps < 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("max_steps must be at least 1")));
+
+	snprintf(worker_name, sizeof(worker_name), "tick:%d", MyProcPid);
+	memset(&result, 0, sizeof(result));
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	orch_process_batch(max_steps, worker_name, &result);
+	SPI_finish();
+
+	if (result.claimed > 0)
+		orch_wake_engines_on_commit();
+	PG_RETURN_INT32(result.claimed);
+}

@@ -1,0 +1,95 @@
+/*-------------------------------------------------------------------------
+ * orchestrator.h
+ *	  What the subsystems of orchestrator share: settings, the shared-memory
+ *	  state of the launcher and engine workers, and their entry points.
+ *-------------------------------------------------------------------------
+ */
+#ifndef ORCHESTRATOR_H
+#define ORCHESTRATOR_H
+
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "storage/condition_variable.h"
+#include "storage/latch.h"
+#include "storage/spin.h"
+#include "utils/timestamp.h"
+
+#define ORCH_EXTENSION_NAME		"orchestrator"
+#define ORCH_MAX_WORKERS_PER_DB	16
+
+/* settings (orchestrator.*) */
+extern bool orch_enabled;
+extern int	orch_workers_per_database;
+extern int	orch_batch_size;
+extern int	orch_max_sleep_ms;
+extern int	orch_launcher_naptime_s;
+
+/* an engine slot's life, as the launcher and the worker see it */
+typedef enum OrchSlotState
+{
+	ORCH_SLOT_FREE = 0,
+	ORCH_SLOT_STARTING,			/* registered by the launcher */
+	ORCH_SLOT_RUNNING,			/* the worker is connected and working */
+	ORCH_SLOT_NO_EXTENSION,		/* the database does not have the extension */
+	ORCH_SLOT_EXITED			/* the worker has gone */
+} OrchSlotState;
+
+typedef struct OrchEngineSlot
+{
+	OrchSlotState state;
+	Oid			dboid;
+	int			worker_index;	/* 0 .. workers_per_database - 1 */
+	bool		stop_requested; /* asked to leave, e.g. for DROP DATABASE */
+	pid_t		pid;
+	Latch	   *latch;
+	TimestampTz started_at;
+	TimestampTz last_batch_at;
+	uint64		steps_done;
+} OrchEngineSlot;
+
+typedef struct OrchSharedState
+{
+	slock_t		mutex;			/* protects everything below but the CV */
+	pid_t		launcher_pid;
+	Latch	   *launcher_latch;
+	bool		launcher_rescan;	/* look at every database again */
+	ConditionVariable run_finished; /* broadcast when runs may have finished */
+	int			nslots;
+	OrchEngineSlot slots[FLEXIBLE_ARRAY_MEMBER];
+} OrchSharedState;
+
+extern OrchSharedState *OrchShared;
+
+/* shmem.c */
+extern void orch_shmem_request(void);
+extern void orch_shmem_startup(void);
+extern int	orch_slot_reserve(Oid dboid, int worker_index);
+extern void orch_slot_free(int slotno);
+extern OrchSlotState orch_slot_state(int slotno, bool *stop_requested);
+extern void orch_stop_engines_for_database(Oid dboid);
+
+/* wakeup.c */
+extern void orch_register_xact_callback(void);
+extern void orch_wake_engines_on_commit(void);
+extern void orch_wake_engines(Oid dboid);
+extern void orch_wake_launcher(void);
+
+/* launcher.c, engine.c */
+extern void orch_launcher_register(void);
+extern PGDLLEXPORT void orch_launcher_main(Datum main_arg);
+extern PGDLLEXPORT void orch_engine_main(Datum main_arg);
+
+/* steps.c */
+typedef struct OrchBatchResult
+{
+	int			claimed;		/* steps looked at */
+	int			executed;		/* sql step attempts made */
+	int			runs_finished;	/* runs that reached a final status */
+	bool		made_ready;		/* some step became ready */
+} OrchBatchResult;
+
+extern void orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result);
+extern TimestampTz orch_next_timer(void);
+
+#endif							/* ORCHESTRATOR_H */

@@ -1,0 +1,868 @@
+/*-------------------------------------------------------------------------
+ * steps.c
+ *	  One batch of the engine: claim due steps with FOR UPDATE SKIP LOCKED,
+ *	  advance each one through its state machine, and record the results.
+ *
+ *	  Everything a batch does commits or aborts together: a sql step's
+ *	  effect, its new status, its attempt row and the readiness of the steps
+ *	  that need it.  Each step function runs in its own subtransaction, so a
+ *	  step that raises is rolled back alone and recorded as a failed attempt
+ *	  while the rest of the batch goes on.  A sql step is therefore never
+ *	  seen "running" by anyone else: a worker that dies mid-batch leaves the
+ *	  step ready, and its effect unapplied, for the next batch.
+ *
+ *	  Claiming locks the run row as well as the step row, so the steps of one
+ *	  run are advanced by one worker at a time and cancel_run, which locks the
+ *	  run first, either waits for the batch or is seen by it.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "access/xact.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/fmgrprotos.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/jsonpath.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "utils/timeout.h"
+#include "utils/uuid.h"
+
+#include "orchestrator.h"
+
+/* A claimed step, copied out of SPI memory. */
+typedef struct ClaimedStep
+{
+	int64		step_id;
+	Datum		run_id;			/* uuid */
+	char	   *name;
+	char	   *status;
+	int			attempt;		/* attempts made so far */
+	int			needs_ok;
+	int			n_needs;
+	char	   *kind;
+	Oid			function;
+	char	   *function_name;
+	Datum		guard;			/* jsonpath, or 0 */
+	Interval   *sleep_for;
+	Datum		sleep_until;	/* jsonpath, or 0 */
+	int			max_attempts;
+	Interval   *initial_interval;
+	double		backoff_coefficient;
+	Interval   *max_interval;
+	bool		jitter;
+	Interval   *timeout;
+	Datum		non_retryable;	/* text[], or 0 */
+	Datum		dependents;		/* text[] */
+	char	   *run_status;
+	char	   *owner;
+	Datum		ctx;			/* jsonb, or 0 */
+	TimestampTz wake_at;
+} ClaimedStep;
+
+/* saved plans, prepared once per process */
+enum
+{
+	P_CLAIM,
+	P_FINISH,
+	P_DEFER,
+	P_ATTEMPT,
+	P_PROPAGATE,
+	P_RUN_STEP_DONE,
+	P_RUN_FAIL,
+	P_RUN_CANCEL_STEPS,
+	P_NEXT_TIMER,
+	P_COUNT
+};
+
+static SPIPlanPtr plans[P_COUNT];
+
+static const char *const plan_sql[P_COUNT] = {
+	[P_CLAIM] =
+	"SELECT s.step_id, s.run_id, s.name, s.status, s.attempt, s.needs_ok,"
+	"       pg_catalog.cardinality(ws.needs), ws.kind, ws.function::pg_catalog.oid,"
+	"       ws.function_name, ws.guard, ws.sleep_for, ws.sleep_until, ws.max_attempts,"
+	"       ws.initial_interval, ws.backoff_coefficient, ws.max_interval, ws.jitter,"
+	"       ws.timeout, ws.non_retryable, ws.dependents, r.status, r.owner,"
+	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL THEN"
+	"         pg_catalog.jsonb_build_object("
+	"           'run_id', r.run_id, 'workflow', r.workflow, 'version', r.version,"
+	"           'step', s.name, 'attempt', s.attempt + 1, 'input', r.input,"
+	"           'business_key', r.business_key,"
+	"           'steps', (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')"
+	"                       FROM orch.steps p"
+	"                      WHERE p.run_id = s.run_id AND p.status = 'succeeded'))"
+	"       END,"
+	"       s.wake_at"
+	"  FROM orch.steps s"
+	"  JOIN orch.runs r ON r.run_id = s.run_id"
+	"  JOIN orch.workflow_steps ws"
+	"    ON ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name"
+	" WHERE s.status IN ('ready', 'waiting', 'retrying') AND s.wake_at <= pg_catalog.now()"
+	" ORDER BY s.wake_at"
+	" LIMIT $1"
+	" FOR UPDATE OF s, r SKIP LOCKED",
+
+	/* $1 step, $2 status, $3 output, $4 error, $5 attempt, $6 time */
+	[P_FINISH] =
+	"UPDATE orch.steps SET status = $2, output = $3, error = $4, attempt = $5,"
+	"       started_at = COALESCE(started_at, $6), finished_at = $6, wake_at = NULL"
+	" WHERE step_id = $1",
+
+	/* $1 step, $2 status, $3 wake_at, $4 attempt, $5 error, $6 time */
+	[P_DEFER] =
+	"UPDATE orch.steps SET status = $2, wake_at = $3, attempt = $4, error = $5,"
+	"       started_at = COALESCE(started_at, $6)"
+	" WHERE step_id = $1",
+
+	[P_ATTEMPT] =
+	"INSERT INTO orch.attempts (step_id, attempt, run_id, worker, started_at, finished_at,"
+	"                           outcome, error_class, sqlstate, message, detail, hint, context)"
+	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+
+	/* $1 run, $2 dependents, $3 1 if the step succeeded, else 0 */
+	[P_PROPAGATE] =
+	"UPDATE orch.steps"
+	"   SET pending_needs = pending_needs - 1,"
+	"       needs_ok = needs_ok + $3,"
+	"       status = CASE WHEN pending_needs = 1 THEN 'ready' ELSE status END,"
+	"       wake_at = CASE WHEN pending_needs = 1 THEN pg_catalog.now() ELSE wake_at END"
+	" WHERE run_id = $1 AND name = ANY ($2) AND status = 'pending'",
+
+	/* $1 run, $2 steps finished (0 or 1), $3 time */
+	[P_RUN_STEP_DONE] =
+	"UPDATE orch.runs"
+	"   SET steps_left = steps_left - $2,"
+	"       status = CASE WHEN steps_left - $2 = 0 THEN 'succeeded'"
+	"                     WHEN status = 'pending' THEN 'running' ELSE status END,"
+	"       started_at = COALESCE(started_at, $3),"
+	"       finished_at = CASE WHEN steps_left - $2 = 0 THEN $3 END,"
+	"       output = CASE WHEN steps_left - $2 = 0 THEN"
+	"         (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')"
+	"            FROM orch.steps p WHERE p.run_id = $1 AND p.status = 'succeeded') END"
+	" WHERE run_id = $1"
+	" RETURNING status",
+
+	/* $1 run, $2 error, $3 time */
+	[P_RUN_FAIL] =
+	"UPDATE orch.runs SET status = 'failed', error = $2, finished_at = $3, steps_left = 0,"
+	"       started_at = COALESCE(started_at, $3)"
+	" WHERE run_id = $1",
+
+	/* $1 run, $2 time */
+	[P_RUN_CANCEL_STEPS] =
+	"UPDATE orch.steps SET status = 'cancelled', finished_at = $2, wake_at = NULL"
+	" WHERE run_id = $1 AND status IN ('pending', 'ready', 'waiting', 'retrying')",
+
+	[P_NEXT_TIMER] =
+	"SELECT pg_catalog.min(wake_at) FROM orch.steps"
+	" WHERE status IN ('ready', 'waiting', 'retrying') AND wake_at > pg_catalog.now()",
+};
+
+static const int plan_nargs[P_COUNT] = {
+	[P_CLAIM] = 1,[P_FINISH] = 6,[P_DEFER] = 6,[P_ATTEMPT] = 13,
+	[P_PROPAGATE] = 3,[P_RUN_STEP_DONE] = 3,[P_RUN_FAIL] = 3,
+	[P_RUN_CANCEL_STEPS] = 2,[P_NEXT_TIMER] = 0,
+};
+
+static const Oid plan_argtypes[P_COUNT][13] = {
+	[P_CLAIM] = {INT4OID},
+	[P_FINISH] = {INT8OID, TEXTOID, JSONBOID, JSONBOID, INT4OID, TIMESTAMPTZOID},
+	[P_DEFER] = {INT8OID, TEXTOID, TIMESTAMPTZOID, INT4OID, JSONBOID, TIMESTAMPTZOID},
+	[P_ATTEMPT] = {INT8OID, INT4OID, UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID},
+	[P_PROPAGATE] = {UUIDOID, TEXTARRAYOID, INT4OID},
+	[P_RUN_STEP_DONE] = {UUIDOID, INT4OID, TIMESTAMPTZOID},
+	[P_RUN_FAIL] = {UUIDOID, JSONBOID, TIMESTAMPTZOID},
+	[P_RUN_CANCEL_STEPS] = {UUIDOID, TIMESTAMPTZOID},
+};
+
+static SPIPlanPtr
+get_plan(int which)
+{
+	if (plans[which] == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(plan_sql[which], plan_nargs[which],
+									   (Oid *) plan_argtypes[which]);
+
+		if (plan == NULL)
+			elog(ERROR, "could not prepare orchestrator statement %d: %s",
+				 which, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "could not keep orchestrator statement %d", which);
+		plans[which] = plan;
+	}
+	return plans[which];
+}
+
+/* Run a saved statement; nulls are given as a string of ' ' and 'n'. */
+static int
+exec_plan(int which, Datum *values, const char *nulls, int expected)
+{
+	int			rc = SPI_execute_plan(get_plan(which), values, nulls, false, 0);
+
+	if (rc != expected)
+		elog(ERROR, "orchestrator statement %d failed: %s", which, SPI_result_code_string(rc));
+	return rc;
+}
+
+/* ------------------------------------------------------------------------
+ * Claiming
+ * ------------------------------------------------------------------------ */
+
+static char *
+get_text(HeapTuple tup, TupleDesc desc, int col)
+{
+	return SPI_getvalue(tup, desc, col);	/* palloc'd in the current context */
+}
+
+static Datum
+get_copy(HeapTuple tup, TupleDesc desc, int col, bool *isnull)
+{
+	Datum		d = SPI_getbinval(tup, desc, col, isnull);
+	Form_pg_attribute att = TupleDescAttr(desc, col - 1);
+
+	if (*isnull)
+		return (Datum) 0;
+	return datumCopy(d, att->attbyval, att->attlen);
+}
+
+static int
+claim_steps(int max_steps, MemoryContext cxt, ClaimedStep **steps_out)
+{
+	Datum		args[1] = {Int32GetDatum(max_steps)};
+	ClaimedStep *steps;
+	uint64		n;
+	MemoryContext oldcxt;
+
+	exec_plan(P_CLAIM, args, NULL, SPI_OK_SELECT);
+	n = SPI_processed;
+
+	oldcxt = MemoryContextSwitchTo(cxt);
+	steps = palloc0(sizeof(ClaimedStep) * Max(n, 1));
+	for (uint64 i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		ClaimedStep *s = &steps[i];
+		bool		isnull;
+		Datum		d;
+
+		s->step_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		s->run_id = get_copy(tup, desc, 2, &isnull);
+		s->name = get_text(tup, desc, 3);
+		s->status = get_text(tup, desc, 4);
+		s->attempt = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+		s->needs_ok = DatumGetInt32(SPI_getbinval(tup, desc, 6, &isnull));
+		s->n_needs = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
+		s->kind = get_text(tup, desc, 8);
+		d = SPI_getbinval(tup, desc, 9, &isnull);
+		s->function = isnull ? InvalidOid : DatumGetObjectId(d);
+		s->function_name = get_text(tup, desc, 10);
+		s->guard = get_copy(tup, desc, 11, &isnull);
+		d = get_copy(tup, desc, 12, &isnull);
+		s->sleep_for = isnull ? NULL : DatumGetIntervalP(d);
+		s->sleep_until = get_copy(tup, desc, 13, &isnull);
+		s->max_attempts = DatumGetInt32(SPI_getbinval(tup, desc, 14, &isnull));
+		s->initial_interval = DatumGetIntervalP(get_copy(tup, desc, 15, &isnull));
+		s->backoff_coefficient = DatumGetFloat8(SPI_getbinval(tup, desc, 16, &isnull));
+		s->max_interval = DatumGetIntervalP(get_copy(tup, desc, 17, &isnull));
+		s->jitter = DatumGetBool(SPI_getbinval(tup, desc, 18, &isnull));
+		d = get_copy(tup, desc, 19, &isnull);
+		s->timeout = isnull ? NULL : DatumGetIntervalP(d);
+		s->non_retryable = get_copy(tup, desc, 20, &isnull);
+		s->dependents = get_copy(tup, desc, 21, &isnull);
+		s->run_status = get_text(tup, desc, 22);
+		s->owner = get_text(tup, desc, 23);
+		s->ctx = get_copy(tup, desc, 24, &isnull);
+		s->wake_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 25, &isnull));
+	}
+	MemoryContextSwitchTo(oldcxt);
+	SPI_freetuptable(SPI_tuptable);
+
+	*steps_out = steps;
+	return (int) n;
+}
+
+/* ------------------------------------------------------------------------
+ * Running code that may fail, in a subtransaction
+ * ------------------------------------------------------------------------ */
+
+typedef Datum (*StepCallback) (ClaimedStep *s, void *arg);
+
+/*
+ * Call cb in a subtransaction.  On success returns true with the result
+ * (allocated in the caller's memory context); on error rolls the
+ * subtransaction back and returns false with the error copied to *edata.
+ */
+static bool
+run_in_subxact(StepCallback cb, ClaimedStep *s, void *arg, Datum *result, ErrorData **edata)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	bool		ok;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+
+	PG_TRY();
+	{
+		*result = cb(s, arg);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		ok = true;
+	}
+	PG_CATCH();
+	{
+		/* a step that failed before its timeout must not leave it armed */
+		if (get_timeout_active(STATEMENT_TIMEOUT))
+			disable_timeout(STATEMENT_TIMEOUT, false);
+		MemoryContextSwitchTo(oldcxt);
+		*edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		ok = false;
+	}
+	PG_END_TRY();
+
+	return ok;
+}
+
+/* The step's guard over its context: true, false, or an error. */
+static Datum
+eval_guard(ClaimedStep *s, void *arg)
+{
+	LOCAL_FCINFO(fcinfo, 4);
+	Datum		res;
+
+	InitFunctionCallInfoData(*fcinfo, NULL, 4, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = s->ctx;
+	fcinfo->args[0].isnull = false;
+	fcinfo->args[1].value = s->guard;
+	fcinfo->args[1].isnull = false;
+	fcinfo->args[2].value = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	fcinfo->args[2].isnull = false;
+	fcinfo->args[3].value = BoolGetDatum(false);	/* not silent: errors are errors */
+	fcinfo->args[3].isnull = false;
+	res = jsonb_path_match(fcinfo);
+	if (fcinfo->isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_SQL_JSON_SCALAR_REQUIRED),
+				 errmsg("\"when\" guard of step \"%s\" did not yield a boolean", s->name)));
+	return res;
+}
+
+/* The end of a sleep with "until": a timestamp found in the context. */
+static Datum
+eval_until(ClaimedStep *s, void *arg)
+{
+	LOCAL_FCINFO(fcinfo, 4);
+	Datum		found;
+	Jsonb	   *jb;
+	JsonbValue	v;
+
+	InitFunctionCallInfoData(*fcinfo, NULL, 4, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = s->ctx;
+	fcinfo->args[0].isnull = false;
+	fcinfo->args[1].value = s->sleep_until;
+	fcinfo->args[1].isnull = false;
+	fcinfo->args[2].value = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	fcinfo->args[2].isnull = false;
+	fcinfo->args[3].value = BoolGetDatum(false);
+	fcinfo->args[3].isnull = false;
+	found = jsonb_path_query_first(fcinfo);
+	if (fcinfo->isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_SQL_JSON_ITEM_CANNOT_BE_CAST_TO_TARGET_TYPE),
+				 errmsg("\"until\" of sleep step \"%s\" found nothing in the run context", s->name)));
+	jb = DatumGetJsonbP(found);
+	if (!JsonbExtractScalar(&jb->root, &v) || v.type != jbvString)
+		ereport(ERROR,
+				(errcode(ERRCODE_SQL_JSON_ITEM_CANNOT_BE_CAST_TO_TARGET_TYPE),
+				 errmsg("\"until\" of sleep step \"%s\" must find a timestamp string", s->name)));
+	return DirectFunctionCall3(timestamptz_in,
+							   CStringGetDatum(pnstrdup(v.val.string.val, v.val.string.len)),
+							   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+}
+
+static int64
+interval_usecs(const Interval *iv)
+{
+	return iv->time + (int64) iv->day * USECS_PER_DAY +
+		(int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
+}
+
+/*
+ * Call the step's function as the run's owner, with the step's timeout as
+ * statement timeout.
+ */
+static Datum
+call_step_function(ClaimedStep *s, void *arg)
+{
+	LOCAL_FCINFO(fcinfo, 1);
+	FmgrInfo	flinfo;
+	Oid			owner;
+	Oid			save_userid;
+	int			save_sec_context;
+	AclResult	aclresult;
+	Datum		result;
+
+	owner = get_role_oid(s->owner, true);
+	if (!OidIsValid(owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("role \"%s\", owner of the run, no longer exists", s->owner)));
+	if (!OidIsValid(s->function) ||
+		!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(s->function)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("function %s(jsonb) of step \"%s\" no longer exists",
+						s->function_name, s->name),
+				 errhint("Define the workflow again after creating the function.")));
+	aclresult = pg_proc_aclcheck(s->function, owner, ACL_EXECUTE);
+	if (aclresult != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("role \"%s\" may not execute function %s of step \"%s\"",
+						s->owner, s->function_name, s->name),
+				 errhint("GRANT EXECUTE on the function to the role that starts the runs.")));
+
+	fmgr_info(s->function, &flinfo);
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(owner, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	if (s->timeout != NULL)
+	{
+		int64		ms = interval_usecs(s->timeout) / 1000;
+
+		enable_timeout_after(STATEMENT_TIMEOUT, (int) Min(Max(ms, 1), INT_MAX));
+	}
+	PushActiveSnapshot(GetTransactionSnapshot());
+
+	InitFunctionCallInfoData(*fcinfo, &flinfo, 1, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = s->ctx;
+	fcinfo->args[0].isnull = false;
+	result = FunctionCallInvoke(fcinfo);
+	if (fcinfo->isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("function %s of step \"%s\" returned NULL", s->function_name, s->name),
+				 errhint("Return a jsonb value, such as '{}', for a step with nothing to report.")));
+	/* the result may point into memory that the subtransaction frees */
+	result = PointerGetDatum(PG_DETOAST_DATUM_COPY(result));
+
+	PopActiveSnapshot();
+	if (s->timeout != NULL)
+		disable_timeout(STATEMENT_TIMEOUT, false);
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+	return result;
+}
+
+/* ------------------------------------------------------------------------
+ * Recording outcomes
+ * ------------------------------------------------------------------------ */
+
+static Datum
+jsonb_from_cstring(const char *s)
+{
+	return DirectFunctionCall1(jsonb_in, CStringGetDatum(s));
+}
+
+static void
+json_add_field(StringInfo buf, const char *key, const char *value, bool *first)
+{
+	if (value == NULL)
+		return;
+	appendStringInfoString(buf, *first ? "" : ", ");
+	escape_json(buf, key);
+	appendStringInfoString(buf, ": ");
+	escape_json(buf, value);
+	*first = false;
+}
+
+/* SQLSTATE classes whose errors may well go away on their own. */
+static const char *
+error_class_of(int sqlerrcode)
+{
+	switch (ERRCODE_TO_CATEGORY(sqlerrcode))
+	{
+		case ERRCODE_TO_CATEGORY(ERRCODE_TRANSACTION_ROLLBACK):	/* 40: serialization, deadlock */
+		case ERRCODE_TO_CATEGORY(ERRCODE_CONNECTION_EXCEPTION): /* 08 */
+		case ERRCODE_TO_CATEGORY(ERRCODE_INSUFFICIENT_RESOURCES):	/* 53 */
+		case ERRCODE_TO_CATEGORY(ERRCODE_OPERATOR_INTERVENTION):	/* 57: cancel, timeout */
+		case ERRCODE_TO_CATEGORY(ERRCODE_SYSTEM_ERROR): /* 58 */
+			return "transient";
+		default:
+			break;
+	}
+	if (sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE)	/* 55P03 */
+		return "transient";
+	return "permanent";
+}
+
+static Datum
+error_json(ClaimedStep *s, int attempt, ErrorData *e, const char *class)
+{
+	StringInfoData buf;
+	bool		first = true;
+
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	json_add_field(&buf, "step", s->name, &first);
+	appendStringInfo(&buf, ", \"attempt\": %d", attempt);
+	json_add_field(&buf, "class", class, &first);
+	json_add_field(&buf, "sqlstate", unpack_sql_state(e->sqlerrcode), &first);
+	json_add_field(&buf, "message", e->message, &first);
+	json_add_field(&buf, "detail", e->detail, &first);
+	json_add_field(&buf, "hint", e->hint, &first);
+	json_add_field(&buf, "context", e->context, &first);
+	appendStringInfoChar(&buf, '}');
+	return jsonb_from_cstring(buf.data);
+}
+
+static void
+record_attempt(ClaimedStep *s, int attempt, const char *worker, TimestampTz started,
+			   TimestampTz finished, ErrorData *e, const char *class)
+{
+	Datum		v[13];
+	char		n[14] = "             ";
+
+	v[0] = Int64GetDatum(s->step_id);
+	v[1] = Int32GetDatum(attempt);
+	v[2] = s->run_id;
+	v[3] = CStringGetTextDatum(worker);
+	v[4] = TimestampTzGetDatum(started);
+	v[5] = TimestampTzGetDatum(finished);
+	v[6] = CStringGetTextDatum(e ? "failed" : "succeeded");
+	if (e == NULL)
+		memset(n + 7, 'n', 6);
+	else
+	{
+		const char *texts[6] = {class, unpack_sql_state(e->sqlerrcode), e->message,
+		e->detail, e->hint, e->context};
+
+		for (int i = 0; i < 6; i++)
+		{
+			v[7 + i] = texts[i] ? CStringGetTextDatum(texts[i]) : (Datum) 0;
+			n[7 + i] = texts[i] ? ' ' : 'n';
+		}
+	}
+	exec_plan(P_ATTEMPT, v, n, SPI_OK_INSERT);
+}
+
+/* The run has one step fewer to go; returns true when the run finished. */
+static bool
+run_step_done(ClaimedStep *s, int finished, TimestampTz now, OrchBatchResult *result)
+{
+	Datum		v[3] = {s->run_id, Int32GetDatum(finished), TimestampTzGetDatum(now)};
+	char	   *status;
+
+	exec_plan(P_RUN_STEP_DONE, v, NULL, SPI_OK_UPDATE_RETURNING);
+	if (SPI_processed != 1)
+		elog(ERROR, "run of step %lld vanished", (long long) s->step_id);
+	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	if (strcmp(status, "succeeded") == 0)
+	{
+		result->runs_finished++;
+		return true;
+	}
+	return false;
+}
+
+/* A step finished with succeeded or skipped: its dependents may be ready. */
+static void
+finish_step(ClaimedStep *s, const char *status, Datum output, int attempt,
+			TimestampTz now, OrchBatchResult *result)
+{
+	Datum		v[6];
+	char		n[7] = "      ";
+	bool		succeeded = strcmp(status, "succeeded") == 0;
+
+	v[0] = Int64GetDatum(s->step_id);
+	v[1] = CStringGetTextDatum(status);
+	v[2] = output;
+	n[2] = output ? ' ' : 'n';
+	n[3] = 'n';
+	v[4] = Int32GetDatum(attempt);
+	v[5] = TimestampTzGetDatum(now);
+	exec_plan(P_FINISH, v, n, SPI_OK_UPDATE);
+
+	if (ArrayGetNItems(ARR_NDIM(DatumGetArrayTypeP(s->dependents)),
+					   ARR_DIMS(DatumGetArrayTypeP(s->dependents))) > 0)
+	{
+		Datum		pv[3] = {s->run_id, s->dependents, Int32GetDatum(succeeded ? 1 : 0)};
+
+		exec_plan(P_PROPAGATE, pv, NULL, SPI_OK_UPDATE);
+		if (SPI_processed > 0)
+			result->made_ready = true;
+	}
+	run_step_done(s, 1, now, result);
+}
+
+static void
+defer_step(ClaimedStep *s, const char *status, TimestampTz wake_at, int attempt,
+		   Datum error, TimestampTz now)
+{
+	Datum		v[6];
+	char		n[7] = "      ";
+
+	v[0] = Int64GetDatum(s->step_id);
+	v[1] = CStringGetTextDatum(status);
+	v[2] = TimestampTzGetDatum(wake_at);
+	v[3] = Int32GetDatum(attempt);
+	v[4] = error;
+	n[4] = error ? ' ' : 'n';
+	v[5] = TimestampTzGetDatum(now);
+	exec_plan(P_DEFER, v, n, SPI_OK_UPDATE);
+}
+
+/* The step failed for good: so does its run, naming the step. */
+static void
+fail_step(ClaimedStep *s, Datum error, int attempt, TimestampTz now, OrchBatchResult *result)
+{
+	Datum		v[6];
+	char		n[7] = "      ";
+	Datum		rv[3] = {s->run_id, error, TimestampTzGetDatum(now)};
+	Datum		cv[2] = {s->run_id, TimestampTzGetDatum(now)};
+
+	v[0] = Int64GetDatum(s->step_id);
+	v[1] = CStringGetTextDatum("failed");
+	n[2] = 'n';
+	v[3] = error;
+	v[4] = Int32GetDatum(attempt);
+	v[5] = TimestampTzGetDatum(now);
+	exec_plan(P_FINISH, v, n, SPI_OK_UPDATE);
+	exec_plan(P_RUN_CANCEL_STEPS, cv, NULL, SPI_OK_UPDATE);
+	exec_plan(P_RUN_FAIL, rv, NULL, SPI_OK_UPDATE);
+	result->runs_finished++;
+}
+
+/* Does the retry policy list this error's class or SQLSTATE as final? */
+static bool
+is_non_retryable(ClaimedStep *s, const char *class, int sqlerrcode)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			nelems;
+	const char *code = unpack_sql_state(sqlerrcode);
+
+	if (s->non_retryable == (Datum) 0)
+		return false;
+	deconstruct_array(DatumGetArrayTypeP(s->non_retryable), TEXTOID, -1, false,
+					  TYPALIGN_INT, &elems, &nulls, &nelems);
+	for (int i = 0; i < nelems; i++)
+	{
+		char	   *item = TextDatumGetCString(elems[i]);
+
+		if (strcmp(item, class) == 0 || strcmp(item, code) == 0)
+			return true;
+	}
+	return false;
+}
+
+/* Delay before attempt number attempt + 1, after attempt failed. */
+static int64
+retry_delay_usecs(ClaimedStep *s, int attempt)
+{
+	double		initial = (double) interval_usecs(s->initial_interval);
+	double		cap = (double) interval_usecs(s->max_interval);
+	double		delay = initial * pow(s->backoff_coefficient, attempt - 1);
+
+	if (!(delay <= cap))		/* also catches overflow to inf */
+		delay = cap;
+	if (s->jitter)
+		delay = pg_prng_double(&pg_global_prng_state) * delay;
+	return (int64) delay;
+}
+
+/* ------------------------------------------------------------------------
+ * The state machine of one step
+ * ------------------------------------------------------------------------ */
+
+/* ready -> skipped when the guard is false or every need was skipped */
+static bool
+maybe_skip(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+{
+	Datum		guard_result;
+	ErrorData  *edata = NULL;
+
+	if (s->n_needs > 0 && s->needs_ok == 0)
+	{
+		finish_step(s, "skipped",
+					jsonb_from_cstring("{\"skipped\": \"every step it needs was skipped\"}"),
+					s->attempt, now, result);
+		return true;
+	}
+	if (s->guard == (Datum) 0)
+		return false;
+	if (!run_in_subxact(eval_guard, s, NULL, &guard_result, &edata))
+	{
+		/* a guard that cannot be evaluated is a permanent error of the step */
+		record_attempt(s, s->attempt + 1, worker, now, GetCurrentTimestamp(), edata, "permanent");
+		fail_step(s, error_json(s, s->attempt + 1, edata, "permanent"), s->attempt + 1, now, result);
+		return true;
+	}
+	if (!DatumGetBool(guard_result))
+	{
+		finish_step(s, "skipped",
+					jsonb_from_cstring("{\"skipped\": \"its when guard was false\"}"),
+					s->attempt, now, result);
+		return true;
+	}
+	return false;
+}
+
+static void
+advance_sleep(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+{
+	TimestampTz until;
+	Datum		d;
+	ErrorData  *edata = NULL;
+
+	if (strcmp(s->status, "waiting") == 0)
+	{
+		StringInfoData buf;
+
+		initStringInfo(&buf);
+		appendStringInfo(&buf, "{\"slept_until\": \"%s\"}", timestamptz_to_str(s->wake_at));
+		finish_step(s, "succeeded", jsonb_from_cstring(buf.data), s->attempt, now, result);
+		return;
+	}
+	if (maybe_skip(s, worker, now, result))
+		return;
+
+	if (s->sleep_for != NULL)
+		until = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+														TimestampTzGetDatum(now),
+														IntervalPGetDatum(s->sleep_for)));
+	else if (run_in_subxact(eval_until, s, NULL, &d, &edata))
+		until = DatumGetTimestampTz(d);
+	else
+	{
+		record_attempt(s, s->attempt + 1, worker, now, GetCurrentTimestamp(), edata, "permanent");
+		fail_step(s, error_json(s, s->attempt + 1, edata, "permanent"), s->attempt + 1, now, result);
+		return;
+	}
+
+	defer_step(s, "waiting", until, s->attempt, (Datum) 0, now);
+	run_step_done(s, 0, now, result);
+	/* the wake-up for an "until" already past is the next batch */
+}
+
+static void
+advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+{
+	int			attempt;
+	TimestampTz started;
+	Datum		output;
+	ErrorData  *edata = NULL;
+	const char *class;
+	Datum		error;
+
+	if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
+		return;
+
+	attempt = s->attempt + 1;
+	started = GetCurrentTimestamp();
+	result->executed++;
+	if (run_in_subxact(call_step_function, s, NULL, &output, &edata))
+	{
+		record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), NULL, NULL);
+		finish_step(s, "succeeded", output, attempt, now, result);
+		return;
+	}
+
+	class = error_class_of(edata->sqlerrcode);
+	record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), edata, class);
+	error = error_json(s, attempt, edata, class);
+
+	if ((s->max_attempts == 0 || attempt < s->max_attempts) &&
+		!is_non_retryable(s, class, edata->sqlerrcode))
+	{
+		TimestampTz wake = GetCurrentTimestamp() + retry_delay_usecs(s, attempt);
+
+		defer_step(s, "retrying", wake, attempt, error, now);
+		run_step_done(s, 0, now, result);
+		return;
+	}
+	fail_step(s, error, attempt, now, result);
+}
+
+static void
+advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+{
+	if (strcmp(s->run_status, "paused") == 0)
+	{
+		/* park until resume_run */
+		defer_step(s, s->status, DT_NOEND, s->attempt, (Datum) 0, now);
+		return;
+	}
+	if (strcmp(s->kind, "sql") == 0)
+		advance_sql(s, worker, now, result);
+	else if (strcmp(s->kind, "sleep") == 0)
+		advance_sleep(s, worker, now, result);
+	else
+		elog(ERROR, "unknown step kind \"%s\"", s->kind);
+}
+
+/*
+ * One batch: claim up to max_steps due steps and advance each.  Runs inside
+ * the caller's transaction and SPI connection.
+ */
+void
+orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
+{
+	MemoryContext batch_cxt;
+	MemoryContext step_cxt;
+	MemoryContext oldcxt;
+	ClaimedStep *steps;
+	TimestampTz now = GetCurrentTimestamp();
+
+	batch_cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator batch",
+									  ALLOCSET_DEFAULT_SIZES);
+	step_cxt = AllocSetContextCreate(batch_cxt, "orchestrator step",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	result->claimed = claim_steps(max_steps, batch_cxt, &steps);
+	for (int i = 0; i < result->claimed; i++)
+	{
+		CHECK_FOR_INTERRUPTS();
+		oldcxt = MemoryContextSwitchTo(step_cxt);
+		advance_step(&steps[i], worker, now, result);
+		MemoryContextSwitchTo(oldcxt);
+		MemoryContextReset(step_cxt);
+	}
+	MemoryContextDelete(batch_cxt);
+
+	if (result->made_ready)
+		orch_wake_engines_on_commit();
+}
+
+/* When the earliest timer after now comes due, or DT_NOEND. */
+TimestampTz
+orch_next_timer(void)
+{
+	bool		isnull;
+	Datum		d;
+
+	exec_plan(P_NEXT_TIMER, NULL, NULL, SPI_OK_SELECT);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? DT_NOEND : DatumGetTimestampTz(d);
+}

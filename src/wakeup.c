@@ -1,0 +1,118 @@
+/*-------------------------------------------------------------------------
+ * wakeup.c
+ *	  Wake-up on commit.  A function that makes work ready asks for a wake-up;
+ *	  the transaction callback sets the engine workers' latches only once the
+ *	  transaction has committed, so a worker never wakes to rows it cannot see
+ *	  yet, and an aborted transaction wakes nobody.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+
+#include "orchestrator.h"
+
+static bool wake_engines_at_commit = false;
+static bool wake_launcher_at_commit = false;
+
+static void
+orch_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (wake_engines_at_commit && OrchShared != NULL)
+			{
+				orch_wake_engines(MyDatabaseId);
+				/* a committed change may have finished runs that someone waits for */
+				ConditionVariableBroadcast(&OrchShared->run_finished);
+			}
+			if (wake_launcher_at_commit && OrchShared != NULL)
+				orch_wake_launcher();
+			wake_engines_at_commit = false;
+			wake_launcher_at_commit = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			wake_engines_at_commit = false;
+			wake_launcher_at_commit = false;
+			break;
+		default:
+			break;
+	}
+}
+
+void
+orch_register_xact_callback(void)
+{
+	RegisterXactCallback(orch_xact_callback, NULL);
+}
+
+void
+orch_wake_engines_on_commit(void)
+{
+	wake_engines_at_commit = true;
+}
+
+void
+orch_wake_engines(Oid dboid)
+{
+	Latch	   *latches[ORCH_MAX_WORKERS_PER_DB * 4];
+	int			n = 0;
+
+	if (OrchShared == NULL)
+		return;
+
+	/* SetLatch may make a system call: collect under the lock, set outside */
+	SpinLockAcquire(&OrchShared->mutex);
+	for (int i = 0; i < OrchShared->nslots && n < (int) lengthof(latches); i++)
+	{
+		OrchEngineSlot *slot = &OrchShared->slots[i];
+
+		if (slot->state == ORCH_SLOT_RUNNING && slot->dboid == dboid &&
+			slot->latch != NULL && slot->pid != MyProcPid)
+			latches[n++] = slot->latch;
+	}
+	SpinLockRelease(&OrchShared->mutex);
+
+	for (int i = 0; i < n; i++)
+		SetLatch(latches[i]);
+}
+
+void
+orch_wake_launcher(void)
+{
+	Latch	   *latch;
+
+	if (OrchShared == NULL)
+		return;
+	SpinLockAcquire(&OrchShared->mutex);
+	OrchShared->launcher_rescan = true;
+	latch = OrchShared->launcher_latch;
+	SpinLockRelease(&OrchShared->mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+PG_FUNCTION_INFO_V1(orch_wake_on_commit);
+Datum
+orch_wake_on_commit(PG_FUNCTION_ARGS)
+{
+	orch_wake_engines_on_commit();
+	PG_RETURN_VOID();
+}
+
+PG_FUNCTION_INFO_V1(orch_launcher_wake_on_commit);
+Datum
+orch_launcher_wake_on_commit(PG_FUNCTION_ARGS)
+{
+	if (OrchShared == NULL)
+		ereport(WARNING,
+				(errmsg("orchestrator is not loaded through shared_preload_libraries"),
+				 errdetail("No engine worker will advance runs in this cluster; orch.tick() still does."),
+				 errhint("Add orchestrator to shared_preload_libraries and restart the server.")));
+	wake_launcher_at_commit = true;
+	PG_RETURN_VOID();
+}
