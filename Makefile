@@ -16,10 +16,10 @@ PG_CPPFLAGS  = -I$(srcdir)/src
 PG_CFLAGS    = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
 
 REGRESS      = setup define_workflow runs engine
-REGRESS_OPTS = --temp-config=$(srcdir)/test/regress.conf --load-extension=plpgsql
+REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=$(srcdir)/test/regress.conf
 
 ISOLATION      = start_run_idempotency claim_race cancel_vs_complete
-ISOLATION_OPTS = --temp-config=$(srcdir)/test/isolation.conf \
+ISOLATION_OPTS = --temp-instance=./tmp_isolation --temp-config=$(srcdir)/test/isolation.conf \
                  --inputdir=$(srcdir)/test/isolation --outputdir=output_iso
 
 TAP_TESTS    = 1
@@ -30,6 +30,9 @@ PGXS        := $(shell $(PG_CONFIG) --pgxs)
 override with_llvm = no
 include $(PGXS)
 
+
+# PGXS tracks no header dependencies: every object depends on the shared header.
+$(OBJS): src/orchestrator.h
 
 .PHONY: test demo bench
 test:

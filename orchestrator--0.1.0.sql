@@ -151,9 +151,9 @@ SELECT pg_catalog.pg_extension_config_dump('orch.attempts', '');
  * Internal C functions
  * ------------------------------------------------------------------------ */
 
--- Wake this database's engine workers when the current transaction commits.
-CREATE FUNCTION orch._wake_on_commit() RETURNS void
-	LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'orch_wake_on_commit';
+-- Wake this database's engine workers when the current transaction ends.
+CREATE FUNCTION orch._wake_at_end() RETURNS void
+	LANGUAGE c VOLATILE STRICT AS 'MODULE_PATHNAME', 'orch_wake_at_end';
 
 -- Tell the launcher to look for this database when the current transaction commits.
 CREATE FUNCTION orch._launcher_wake_on_commit() RETURNS void
@@ -563,7 +563,8 @@ BEGIN
 				v_maxint := orch._duration(retry -> 'max_interval', wf, path || '.retry.max_interval');
 				IF v_maxint < v_init THEN
 					PERFORM orch._definition_error('22023', wf, path || '.retry.max_interval',
-						format('max_interval %s is shorter than initial_interval %s', v_maxint, v_init));
+						format('max_interval %s is shorter than initial_interval %s',
+							   retry -> 'max_interval', coalesce(retry -> 'initial_interval', '"1s"')));
 				END IF;
 			END IF;
 			IF retry ? 'jitter' THEN
@@ -749,7 +750,7 @@ BEGIN
 	 WHERE ws.workflow = start_run.workflow AND ws.version = v_version
 	 ORDER BY ws.ordinal;
 
-	PERFORM orch._wake_on_commit();
+	PERFORM orch._wake_at_end();
 	RETURN v_run;
 END
 $$;
@@ -762,6 +763,9 @@ AS $$
 DECLARE
 	r orch.runs;
 BEGIN
+	-- The engine skips locked runs: have it look again when we are done,
+	-- whether we commit or not.
+	PERFORM orch._wake_at_end();
 	SELECT * INTO r FROM orch.runs WHERE orch.runs.run_id = _lock_run.run_id FOR UPDATE;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION USING ERRCODE = 'undefined_object',
@@ -796,7 +800,6 @@ BEGIN
 		   reason = cancel_run.reason,
 		   error = jsonb_build_object('cancelled_by', orch._caller(), 'reason', cancel_run.reason)
 	 WHERE orch.runs.run_id = r.run_id;
-	PERFORM orch._wake_on_commit();
 	RETURN true;
 END
 $$;
@@ -848,7 +851,6 @@ BEGIN
 	UPDATE orch.steps s SET wake_at = now()
 	 WHERE s.run_id = r.run_id AND s.status IN ('ready', 'waiting', 'retrying')
 	   AND s.wake_at = 'infinity';
-	PERFORM orch._wake_on_commit();
 END
 $$;
 

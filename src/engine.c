@@ -25,6 +25,12 @@
 
 #include "orchestrator.h"
 
+/*
+ * How soon to look again at due steps that a batch skipped because another
+ * transaction held their run locked (one that did not ask for a wake-up).
+ */
+#define LOCKED_RETRY_MS		100
+
 static int	my_slotno = -1;
 
 static void
@@ -158,7 +164,7 @@ orch_engine_main(Datum main_arg)
 		{
 			long		until_next = (long) ((next_timer - GetCurrentTimestamp()) / 1000) + 1;
 
-			sleep_ms = Max(0, Min(sleep_ms, until_next));
+			sleep_ms = Min(sleep_ms, Max(until_next, LOCKED_RETRY_MS));
 		}
 		if (sleep_ms > 0)
 		{
@@ -194,6 +200,6 @@ orch_tick(PG_FUNCTION_ARGS)
 	SPI_finish();
 
 	if (result.claimed > 0)
-		orch_wake_engines_on_commit();
+		orch_wake_engines_at_end();
 	PG_RETURN_INT32(result.claimed);
 }

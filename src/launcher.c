@@ -49,6 +49,7 @@ typedef struct EngineRef
 	BackgroundWorkerHandle *handle;
 	int			slotno;
 	TimestampTz start_after;
+	uint64		started_at_wakeup;	/* launcher_wakeups when it was started */
 } EngineRef;
 
 typedef struct DatabaseEntry
@@ -62,6 +63,9 @@ typedef struct DatabaseEntry
 } DatabaseEntry;
 
 static HTAB *databases = NULL;
+
+/* the launcher_wakeups value that the current pass is answering */
+static uint64 wakeups_seen = 0;
 
 void
 orch_launcher_register(void)
@@ -225,6 +229,7 @@ start_engine(DatabaseEntry *entry, int index)
 		return;
 	}
 	ref->slotno = slotno;
+	ref->started_at_wakeup = wakeups_seen;
 }
 
 /* Notice engine workers that have exited, and why. */
@@ -242,7 +247,15 @@ reap_engine(DatabaseEntry *entry, int index, TimestampTz now)
 		return;
 
 	state = orch_slot_state(ref->slotno, &stop_requested);
-	if (state == ORCH_SLOT_NO_EXTENSION)
+	if (state == ORCH_SLOT_NO_EXTENSION && ref->started_at_wakeup != wakeups_seen)
+	{
+		/*
+		 * A CREATE EXTENSION may have committed after the worker looked:
+		 * someone asked us to look again since it was started.
+		 */
+		ref->start_after = now;
+	}
+	else if (state == ORCH_SLOT_NO_EXTENSION)
 	{
 		entry->no_extension = true;
 		entry->probe_after = TimestampTzPlusMilliseconds(now, orch_launcher_naptime_s * 1000);
@@ -282,7 +295,6 @@ orch_launcher_main(Datum main_arg)
 	SpinLockAcquire(&OrchShared->mutex);
 	OrchShared->launcher_pid = MyProcPid;
 	OrchShared->launcher_latch = MyLatch;
-	OrchShared->launcher_rescan = true;
 	SpinLockRelease(&OrchShared->mutex);
 	before_shmem_exit(launcher_detach, (Datum) 0);
 
@@ -312,8 +324,8 @@ orch_launcher_main(Datum main_arg)
 		}
 
 		SpinLockAcquire(&OrchShared->mutex);
-		rescan = OrchShared->launcher_rescan;
-		OrchShared->launcher_rescan = false;
+		rescan = (OrchShared->launcher_wakeups != wakeups_seen);
+		wakeups_seen = OrchShared->launcher_wakeups;
 		SpinLockRelease(&OrchShared->mutex);
 
 		scan_databases();

@@ -53,7 +53,7 @@ typedef struct OrchSharedState
 	slock_t		mutex;			/* protects everything below but the CV */
 	pid_t		launcher_pid;
 	Latch	   *launcher_latch;
-	bool		launcher_rescan;	/* look at every database again */
+	uint64		launcher_wakeups;	/* bumped by every request to look again */
 	ConditionVariable run_finished; /* broadcast when runs may have finished */
 	int			nslots;
 	OrchEngineSlot slots[FLEXIBLE_ARRAY_MEMBER];
@@ -71,7 +71,7 @@ extern void orch_stop_engines_for_database(Oid dboid);
 
 /* wakeup.c */
 extern void orch_register_xact_callback(void);
-extern void orch_wake_engines_on_commit(void);
+extern void orch_wake_engines_at_end(void);
 extern void orch_wake_engines(Oid dboid);
 extern void orch_wake_launcher(void);
 

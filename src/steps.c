@@ -170,7 +170,7 @@ static const char *const plan_sql[P_COUNT] = {
 
 	[P_NEXT_TIMER] =
 	"SELECT pg_catalog.min(wake_at) FROM orch.steps"
-	" WHERE status IN ('ready', 'waiting', 'retrying') AND wake_at > pg_catalog.now()",
+	" WHERE status IN ('ready', 'waiting', 'retrying')",
 };
 
 static const int plan_nargs[P_COUNT] = {
@@ -852,10 +852,13 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 	MemoryContextDelete(batch_cxt);
 
 	if (result->made_ready)
-		orch_wake_engines_on_commit();
+		orch_wake_engines_at_end();
 }
 
-/* When the earliest timer after now comes due, or DT_NOEND. */
+/*
+ * When the earliest step comes due, or DT_NOEND.  After a batch that claimed
+ * nothing, a time already past means due steps were skipped as locked.
+ */
 TimestampTz
 orch_next_timer(void)
 {

@@ -2,8 +2,12 @@
  * wakeup.c
  *	  Wake-up on commit.  A function that makes work ready asks for a wake-up;
  *	  the transaction callback sets the engine workers' latches only once the
- *	  transaction has committed, so a worker never wakes to rows it cannot see
- *	  yet, and an aborted transaction wakes nobody.
+ *	  transaction has ended, so a worker never wakes to rows it cannot see yet.
+ *
+ *	  An aborted transaction that asked wakes the workers too: it may have
+ *	  held a run row locked (cancel_run, pause_run, ... lock the run first),
+ *	  and a worker whose claim skipped that run must look again once the
+ *	  lock is gone.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -13,7 +17,7 @@
 
 #include "orchestrator.h"
 
-static bool wake_engines_at_commit = false;
+static bool wake_engines_at_end = false;
 static bool wake_launcher_at_commit = false;
 
 static void
@@ -23,7 +27,7 @@ orch_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
-			if (wake_engines_at_commit && OrchShared != NULL)
+			if (wake_engines_at_end && OrchShared != NULL)
 			{
 				orch_wake_engines(MyDatabaseId);
 				/* a committed change may have finished runs that someone waits for */
@@ -31,12 +35,14 @@ orch_xact_callback(XactEvent event, void *arg)
 			}
 			if (wake_launcher_at_commit && OrchShared != NULL)
 				orch_wake_launcher();
-			wake_engines_at_commit = false;
+			wake_engines_at_end = false;
 			wake_launcher_at_commit = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
-			wake_engines_at_commit = false;
+			if (wake_engines_at_end && OrchShared != NULL)
+				orch_wake_engines(MyDatabaseId);
+			wake_engines_at_end = false;
 			wake_launcher_at_commit = false;
 			break;
 		default:
@@ -51,9 +57,9 @@ orch_register_xact_callback(void)
 }
 
 void
-orch_wake_engines_on_commit(void)
+orch_wake_engines_at_end(void)
 {
-	wake_engines_at_commit = true;
+	wake_engines_at_end = true;
 }
 
 void
@@ -89,18 +95,18 @@ orch_wake_launcher(void)
 	if (OrchShared == NULL)
 		return;
 	SpinLockAcquire(&OrchShared->mutex);
-	OrchShared->launcher_rescan = true;
+	OrchShared->launcher_wakeups++;
 	latch = OrchShared->launcher_latch;
 	SpinLockRelease(&OrchShared->mutex);
 	if (latch != NULL)
 		SetLatch(latch);
 }
 
-PG_FUNCTION_INFO_V1(orch_wake_on_commit);
+PG_FUNCTION_INFO_V1(orch_wake_at_end);
 Datum
-orch_wake_on_commit(PG_FUNCTION_ARGS)
+orch_wake_at_end(PG_FUNCTION_ARGS)
 {
-	orch_wake_engines_on_commit();
+	orch_wake_engines_at_end();
 	PG_RETURN_VOID();
 }
 
