@@ -23,6 +23,7 @@ ISOLATION_OPTS = --temp-instance=./tmp_isolation --temp-config=$(srcdir)/test/is
                  --inputdir=$(srcdir)/test/isolation --outputdir=output_iso
 
 TAP_TESTS    = 1
+PROVE_TESTS  = test/t/*.pl
 
 PG_CONFIG   ?= pg_config
 PGXS        := $(shell $(PG_CONFIG) --pgxs)

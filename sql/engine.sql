@@ -105,6 +105,26 @@ SELECT orch.start_run('bad_guard', '{"flag": "yes"}') AS guard_run \gset
 SELECT orch.wait_run(:'guard_run', '30s');
 SELECT error->>'message' AS message FROM orch.runs WHERE run_id = :'guard_run';
 
+-- One step of a run fails for good while another step of the same run is ready
+-- in the same batch: the run fails once, its other step is either done before
+-- the failure or cancelled with it (never run after), and the engine goes on.
+SELECT orch.define_workflow('two_heads', '{"steps": [
+  {"name": "b", "kind": "sql", "function": "app.record"},
+  {"name": "a", "kind": "sql", "function": "app.broken", "retry": {"max_attempts": 1}},
+  {"name": "c", "kind": "sql", "function": "app.record", "needs": ["a", "b"]}]}');
+CREATE TEMP TABLE two_heads AS
+	SELECT orch.start_run('two_heads', jsonb_build_object('i', g)) AS run_id FROM generate_series(1, 5) g;
+SELECT orch.wait_run(run_id, '30s') AS status, count(*) FROM two_heads GROUP BY 1;
+SELECT count(*) AS consistent_runs
+  FROM two_heads h JOIN orch.runs r USING (run_id)
+ WHERE r.status = 'failed' AND r.error->>'step' = 'a' AND r.steps_left = 0
+   AND (SELECT status FROM orch.steps WHERE run_id = h.run_id AND name = 'c') = 'cancelled'
+   AND ((SELECT status FROM orch.steps WHERE run_id = h.run_id AND name = 'b') = 'succeeded')
+	   = ((SELECT count(*) FROM app.effects e WHERE e.run_id = h.run_id AND e.step = 'b') = 1)
+   AND (SELECT count(*) FROM app.effects e WHERE e.run_id = h.run_id AND e.step IN ('a', 'c')) = 0;
+SELECT orch.start_run('flaky') AS after_run \gset
+SELECT orch.wait_run(:'after_run', '30s') AS later_run;
+
 -- The engine worker of this database, from shared memory.
 SELECT database = current_database() AS this_database, pid > 0 AS has_pid, steps_done > 0 AS did_work
   FROM orch.engine_workers;

@@ -64,6 +64,10 @@ SELECT name, status FROM orch.steps WHERE run_id = :'cancelled_run' ORDER BY ste
 SELECT orch.wait_run(:'cancelled_run');
 SELECT count(*) AS effects FROM app.effects WHERE run_id = :'cancelled_run';
 
+-- wait_run refuses to wait for a run its own transaction started: the engine
+-- cannot see it before the commit.
+SELECT app.show_error($$SELECT orch.wait_run(orch.start_run('chain'), '10s')$$);
+
 -- wait_run refuses a snapshot that could never see the run finish.
 BEGIN ISOLATION LEVEL REPEATABLE READ;
 SELECT orch.wait_run(:'run');

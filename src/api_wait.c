@@ -56,7 +56,7 @@ orch_wait_run(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	plan = SPI_prepare("SELECT status FROM orch.runs WHERE run_id = $1", 1, argtypes);
+	plan = SPI_prepare("SELECT status, xmin FROM orch.runs WHERE run_id = $1", 1, argtypes);
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 
@@ -76,6 +76,22 @@ orch_wait_run(PG_FUNCTION_ARGS)
 					 errmsg("run %s does not exist",
 							DatumGetCString(DirectFunctionCall1(uuid_out, run_id)))));
 		status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		if (!is_final(status))
+		{
+			bool		isnull;
+			TransactionId xmin = DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[0],
+																	 SPI_tuptable->tupdesc, 2,
+																	 &isnull));
+
+			/* the engine cannot see what this transaction has not committed */
+			if (TransactionIdIsCurrentTransactionId(xmin))
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("run %s was started or changed by the current transaction",
+								DatumGetCString(DirectFunctionCall1(uuid_out, run_id))),
+						 errdetail("The engine sees the run only after the transaction commits, so waiting here would never end."),
+						 errhint("Commit first: call orch.start_run and orch.wait_run in separate transactions.")));
+		}
 		SPI_freetuptable(SPI_tuptable);
 		if (is_final(status))
 			break;

@@ -14,6 +14,10 @@
  *	  Claiming locks the run row as well as the step row, so the steps of one
  *	  run are advanced by one worker at a time and cancel_run, which locks the
  *	  run first, either waits for the batch or is seen by it.
+ *
+ *	  A batch claims again, in the same transaction, the steps that its own
+ *	  completions made ready, up to orchestrator.batch_size steps: a chain of
+ *	  sql steps then costs one commit, not one per step.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -90,6 +94,13 @@ enum
 };
 
 static SPIPlanPtr plans[P_COUNT];
+
+/*
+ * Runs that failed earlier in the current batch: their other claimed steps
+ * were cancelled with them and must not be advanced.  Batch-scoped.
+ */
+static List *failed_runs = NIL;
+static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 
 static const char *const plan_sql[P_COUNT] = {
 	[P_CLAIM] =
@@ -641,6 +652,7 @@ fail_step(ClaimedStep *s, Datum error, int attempt, TimestampTz now, OrchBatchRe
 	char		n[7] = "      ";
 	Datum		rv[3] = {s->run_id, error, TimestampTzGetDatum(now)};
 	Datum		cv[2] = {s->run_id, TimestampTzGetDatum(now)};
+	MemoryContext oldcxt;
 
 	v[0] = Int64GetDatum(s->step_id);
 	v[1] = CStringGetTextDatum("failed");
@@ -652,6 +664,9 @@ fail_step(ClaimedStep *s, Datum error, int attempt, TimestampTz now, OrchBatchRe
 	exec_plan(P_RUN_CANCEL_STEPS, cv, NULL, SPI_OK_UPDATE);
 	exec_plan(P_RUN_FAIL, rv, NULL, SPI_OK_UPDATE);
 	result->runs_finished++;
+	oldcxt = MemoryContextSwitchTo(batch_cxt);
+	failed_runs = lappend(failed_runs, DatumGetUUIDP(s->run_id));
+	MemoryContextSwitchTo(oldcxt);
 }
 
 /* Does the retry policy list this error's class or SQLSTATE as final? */
@@ -805,9 +820,24 @@ advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 	fail_step(s, error, attempt, now, result);
 }
 
+static bool
+run_failed_in_batch(ClaimedStep *s)
+{
+	ListCell   *lc;
+
+	foreach(lc, failed_runs)
+	{
+		if (memcmp(lfirst(lc), DatumGetUUIDP(s->run_id), UUID_LEN) == 0)
+			return true;
+	}
+	return false;
+}
+
 static void
 advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
 {
+	if (run_failed_in_batch(s))
+		return;					/* cancelled along with its failed run */
 	if (strcmp(s->run_status, "paused") == 0)
 	{
 		/* park until resume_run */
@@ -829,27 +859,57 @@ advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 void
 orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 {
-	MemoryContext batch_cxt;
+	MemoryContext cxt;
 	MemoryContext step_cxt;
 	MemoryContext oldcxt;
-	ClaimedStep *steps;
 	TimestampTz now = GetCurrentTimestamp();
 
-	batch_cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator batch",
-									  ALLOCSET_DEFAULT_SIZES);
-	step_cxt = AllocSetContextCreate(batch_cxt, "orchestrator step",
-									 ALLOCSET_DEFAULT_SIZES);
+	if (batch_cxt != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("orch.tick cannot be called from inside a step")));
 
-	result->claimed = claim_steps(max_steps, batch_cxt, &steps);
-	for (int i = 0; i < result->claimed; i++)
+	cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator batch",
+								ALLOCSET_DEFAULT_SIZES);
+	step_cxt = AllocSetContextCreate(cxt, "orchestrator step", ALLOCSET_DEFAULT_SIZES);
+	batch_cxt = cxt;
+	failed_runs = NIL;
+
+	PG_TRY();
 	{
-		CHECK_FOR_INTERRUPTS();
-		oldcxt = MemoryContextSwitchTo(step_cxt);
-		advance_step(&steps[i], worker, now, result);
-		MemoryContextSwitchTo(oldcxt);
-		MemoryContextReset(step_cxt);
+		/* claim rounds: each sees the steps the previous round made ready */
+		while (result->claimed < max_steps)
+		{
+			ClaimedStep *steps;
+			int			n;
+			bool		made_ready_before = result->made_ready;
+
+			result->made_ready = false;
+			n = claim_steps(max_steps - result->claimed, batch_cxt, &steps);
+			result->claimed += n;
+			for (int i = 0; i < n; i++)
+			{
+				CHECK_FOR_INTERRUPTS();
+				oldcxt = MemoryContextSwitchTo(step_cxt);
+				advance_step(&steps[i], worker, now, result);
+				MemoryContextSwitchTo(oldcxt);
+				MemoryContextReset(step_cxt);
+			}
+			if (!result->made_ready)
+			{
+				result->made_ready = made_ready_before;
+				break;
+			}
+		}
 	}
-	MemoryContextDelete(batch_cxt);
+	PG_FINALLY();
+	{
+		/* on error the context goes with its parent's memory */
+		batch_cxt = NULL;
+		failed_runs = NIL;
+	}
+	PG_END_TRY();
+	MemoryContextDelete(cxt);
 
 	if (result->made_ready)
 		orch_wake_engines_at_end();

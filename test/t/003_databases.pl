@@ -1,0 +1,94 @@
+# The launcher gives every database that has the extension its own engine
+# worker, including databases created after start-up; databases without the
+# extension have none; DROP DATABASE is not blocked by a worker; and
+# nothing runs on a standby until it is promoted.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::RealBin;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use OrchTest;
+
+my $node = orch_node('primary', init => { allows_streaming => 1 });
+orch_install_app($node, 'postgres');
+
+# A database created after start-up, with the extension: a worker of its own.
+$node->safe_psql('postgres', 'CREATE DATABASE late');
+orch_install_app($node, 'late');
+is($node->safe_psql('postgres',
+	"SELECT string_agg(database, ',' ORDER BY database) FROM orch.engine_workers"),
+	'late,postgres', 'each database with the extension has one engine worker');
+is($node->safe_psql('late', q{
+	SELECT orch.start_run('chain3') AS id \gset
+	SELECT orch.wait_run(:'id', '30s')}),
+	'succeeded', 'the new database runs its own workflows');
+
+# A database without the extension gets no worker.
+$node->safe_psql('postgres', 'CREATE DATABASE plain');
+sleep(2);
+is($node->safe_psql('postgres',
+	"SELECT count(*) FROM orch.engine_workers WHERE database = 'plain'"),
+	'0', 'a database without the extension has no worker');
+
+# More workers per database, on reload.
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET orchestrator.workers_per_database = 2; SELECT pg_reload_conf()");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 2 FROM orch.engine_workers WHERE database = 'late'"),
+	'workers_per_database = 2 starts a second worker');
+$node->safe_psql('postgres',
+	"ALTER SYSTEM RESET orchestrator.workers_per_database; SELECT pg_reload_conf()");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM orch.engine_workers WHERE database = 'late'"),
+	'and back to one');
+
+# DROP DATABASE asks the workers to leave instead of failing on them.
+$node->safe_psql('postgres', 'DROP DATABASE late');
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_database WHERE datname = 'late'"),
+	'0', 'a database with an engine worker can be dropped');
+is($node->safe_psql('postgres',
+	"SELECT count(*) FROM orch.engine_workers WHERE database IS NULL OR database = 'late'"),
+	'0', 'its worker is gone');
+
+# A new database from a template whose worker must step aside.
+$node->safe_psql('postgres', 'CREATE DATABASE copy TEMPLATE postgres');
+ok(1, 'CREATE DATABASE ... TEMPLATE of a database with a worker succeeds');
+
+# DROP EXTENSION: the worker leaves.
+$node->safe_psql('copy', 'DROP EXTENSION orchestrator CASCADE');
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 0 FROM orch.engine_workers WHERE database = 'copy'"),
+	'DROP EXTENSION ends the worker of that database');
+
+# A streaming standby: no launcher or engine until promotion, then runs
+# started on the primary finish there.
+$node->backup('base');
+my $standby = PostgreSQL::Test::Cluster->new('standby');
+$standby->init_from_backup($node, 'base', has_streaming => 1);
+$standby->start;
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET orchestrator.enabled = off; SELECT pg_reload_conf()");
+sleep(1);
+$node->safe_psql('postgres',
+	"SELECT orch.start_run('chain3', jsonb_build_object('failover', g)) FROM generate_series(1, 20) g");
+$node->wait_for_catchup($standby);
+is($standby->safe_psql('postgres',
+	"SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'orchestrator%'"),
+	'0', 'no orchestrator process runs on a standby');
+is($standby->safe_psql('postgres',
+	"SELECT count(*) FROM orch.runs WHERE input ? 'failover' AND status = 'pending'"),
+	'20', 'the standby has the pending runs');
+$node->stop('immediate');
+$standby->append_conf('postgresql.conf', 'orchestrator.enabled = on');
+$standby->promote;
+ok($standby->poll_query_until('postgres', q{
+	SELECT count(*) = 20 FROM orch.runs WHERE input ? 'failover' AND status = 'succeeded'}),
+	'after promotion the new primary finishes the runs');
+is($standby->safe_psql('postgres', q{
+	SELECT count(*) FROM app.effects e JOIN orch.runs r USING (run_id) WHERE r.input ? 'failover'}),
+	'60', 'each step once');
+
+$standby->stop;
+done_testing();
