@@ -1,0 +1,40 @@
+# The documentation's SQL examples run as written: every ```sql block of
+# docs/*.md, in order, one psql session per file, stopping at the first error.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::RealBin;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use OrchTest;
+
+my $node = orch_node('docs');
+my $docs = "$FindBin::RealBin/../../docs";
+
+for my $file (sort glob("$docs/*.md"))
+{
+	my $text = slurp_file($file);
+	my @blocks = ($text =~ /^```sql\n(.*?)^```/msg);
+	next unless @blocks;
+	(my $name = $file) =~ s{.*/}{};
+	my $db = $name =~ s/\W/_/gr;
+	$node->safe_psql('postgres', "CREATE DATABASE $db");
+	my ($rc, $out, $err) = $node->psql($db, join("\n", @blocks),
+		extra_params => [ '-v', 'ON_ERROR_STOP=1' ]);
+	is($rc, 0, "$name: all " . scalar(@blocks) . " sql examples run")
+	  or diag("stdout:\n$out\nstderr:\n$err");
+	unlike($err, qr/ERROR/, "$name: no example raised an error");
+	note $out;
+}
+
+# What the api.md examples promise.
+is($node->safe_psql('api_md', q{
+	SELECT string_agg(status, ',' ORDER BY created_at) FROM orch.runs}),
+	'succeeded,cancelled,succeeded', 'the example runs ended as the text says');
+is($node->safe_psql('api_md', 'SELECT count(*) FROM shop.refunds'), '1',
+	'the refund was written once');
+
+$node->safe_psql('api_md', 'DROP OWNED BY shop_app; DROP ROLE shop_app');
+$node->stop;
+done_testing();
