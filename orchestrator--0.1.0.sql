@@ -24,6 +24,29 @@ END
 $roles$;
 
 /* ------------------------------------------------------------------------
+ * Types
+ *
+ * Statuses are enums rather than text with CHECK constraints: the engine
+ * updates these rows for every step, and a CHECK constraint's expression is
+ * read back from its text on every statement, where an enum or a domain's
+ * constraint is cached.
+ * ------------------------------------------------------------------------ */
+CREATE TYPE orch.run_status AS ENUM
+	('pending', 'running', 'waiting', 'retrying', 'needs_approval', 'needs_human',
+	 'blocked', 'paused', 'succeeded', 'failed', 'cancelled', 'timed_out');
+
+CREATE TYPE orch.step_status AS ENUM
+	('pending', 'ready', 'running', 'waiting', 'retrying', 'needs_approval', 'needs_human',
+	 'blocked', 'succeeded', 'failed', 'skipped', 'cancelled', 'compensated');
+
+CREATE TYPE orch.attempt_outcome AS ENUM ('succeeded', 'failed');
+
+CREATE DOMAIN orch.counter AS int CHECK (VALUE >= 0);
+
+-- A W3C trace id: 16 bytes.
+CREATE DOMAIN orch.trace_id AS bytea CHECK (pg_catalog.length(VALUE) = 16);
+
+/* ------------------------------------------------------------------------
  * Tables
  * ------------------------------------------------------------------------ */
 
@@ -66,22 +89,19 @@ CREATE TABLE orch.runs (
 	run_id			uuid		PRIMARY KEY DEFAULT pg_catalog.gen_random_uuid(),
 	workflow		text		NOT NULL,
 	version			int			NOT NULL,
-	status			text		NOT NULL DEFAULT 'pending' CHECK (status IN
-						('pending', 'running', 'waiting', 'retrying', 'needs_approval',
-						 'needs_human', 'blocked', 'paused', 'succeeded', 'failed',
-						 'cancelled', 'timed_out')),
+	status			orch.run_status NOT NULL DEFAULT 'pending',
 	input			jsonb		NOT NULL DEFAULT '{}',
 	output			jsonb,
 	error			jsonb,
 	owner			name		NOT NULL,
 	business_key	text,
 	idempotency_key	text,
-	trace_id		bytea		NOT NULL CHECK (pg_catalog.length(trace_id) = 16),
+	trace_id		orch.trace_id NOT NULL,
 	tenant			text,
 	priority		int			NOT NULL DEFAULT 0,
 	deadline		timestamptz,
-	steps_left		int			NOT NULL CHECK (steps_left >= 0),
-	paused_from		text,
+	steps_left		orch.counter NOT NULL,
+	paused_from		orch.run_status,
 	reason			text,
 	created_at		timestamptz	NOT NULL DEFAULT pg_catalog.now(),
 	started_at		timestamptz,
@@ -105,11 +125,8 @@ CREATE TABLE orch.steps (
 	step_id			bigint		GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
 	run_id			uuid		NOT NULL REFERENCES orch.runs ON DELETE CASCADE,
 	name			text		NOT NULL,
-	status			text		NOT NULL CHECK (status IN
-						('pending', 'ready', 'running', 'waiting', 'retrying',
-						 'needs_approval', 'needs_human', 'blocked', 'succeeded',
-						 'failed', 'skipped', 'cancelled', 'compensated')),
-	pending_needs	int			NOT NULL DEFAULT 0,
+	status			orch.step_status NOT NULL,
+	pending_needs	orch.counter NOT NULL DEFAULT 0,
 	needs_ok		int			NOT NULL DEFAULT 0,
 	attempt			int			NOT NULL DEFAULT 0,
 	wake_at			timestamptz,
@@ -122,15 +139,17 @@ CREATE TABLE orch.steps (
 CREATE INDEX steps_due ON orch.steps (wake_at)
 	WHERE status IN ('ready', 'waiting', 'retrying');
 
--- One row per try of a step.
+-- One row per try of a step.  Written only by the engine, in the transaction
+-- that updates the step, so no foreign key (whose check would be a query per
+-- attempt on the engine's hot path).
 CREATE TABLE orch.attempts (
-	step_id		bigint		NOT NULL REFERENCES orch.steps ON DELETE CASCADE,
+	step_id		bigint		NOT NULL,
 	attempt		int			NOT NULL,
 	run_id		uuid		NOT NULL,
 	worker		text		NOT NULL,
 	started_at	timestamptz	NOT NULL,
 	finished_at	timestamptz	NOT NULL,
-	outcome		text		NOT NULL CHECK (outcome IN ('succeeded', 'failed')),
+	outcome		orch.attempt_outcome NOT NULL,
 	error_class	text,
 	sqlstate	text,
 	message		text,
@@ -743,7 +762,7 @@ BEGIN
 
 	INSERT INTO orch.steps (run_id, name, status, pending_needs, wake_at)
 	SELECT v_run, ws.name,
-		   CASE WHEN cardinality(ws.needs) = 0 THEN 'ready' ELSE 'pending' END,
+		   CASE WHEN cardinality(ws.needs) = 0 THEN 'ready' ELSE 'pending' END::orch.step_status,
 		   cardinality(ws.needs),
 		   CASE WHEN cardinality(ws.needs) = 0 THEN now() END
 	  FROM orch.workflow_steps ws
@@ -845,7 +864,7 @@ BEGIN
 		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
 			MESSAGE = format('run %s is not paused (status %s)', r.run_id, r.status);
 	END IF;
-	UPDATE orch.runs SET status = coalesce(r.paused_from, 'running'), paused_from = NULL,
+	UPDATE orch.runs SET status = coalesce(r.paused_from, 'running'::orch.run_status), paused_from = NULL,
 		   reason = resume_run.reason
 	 WHERE orch.runs.run_id = r.run_id;
 	UPDATE orch.steps s SET wake_at = now()

@@ -86,7 +86,7 @@ enum
 	P_DEFER,
 	P_ATTEMPT,
 	P_PROPAGATE,
-	P_RUN_STEP_DONE,
+	P_RUNS,
 	P_RUN_FAIL,
 	P_RUN_CANCEL_STEPS,
 	P_NEXT_TIMER,
@@ -102,6 +102,12 @@ static SPIPlanPtr plans[P_COUNT];
 static List *failed_runs = NIL;
 static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 
+/*
+ * The bookkeeping of a claim round is written set-wise: each outcome is
+ * buffered as a row, and one statement per kind writes all rows from arrays
+ * (unnest) when the round ends, or earlier when a write must not wait (a
+ * run failing).  Executor start-up is then paid per round, not per step.
+ */
 static const char *const plan_sql[P_COUNT] = {
 	[P_CLAIM] =
 	"SELECT s.step_id, s.run_id, s.name, s.status, s.attempt, s.needs_ok,"
@@ -128,45 +134,62 @@ static const char *const plan_sql[P_COUNT] = {
 	" LIMIT $1"
 	" FOR UPDATE OF s, r SKIP LOCKED",
 
-	/* $1 step, $2 status, $3 output, $4 error, $5 attempt, $6 time */
+	/* steps that finished: succeeded, skipped, failed */
 	[P_FINISH] =
-	"UPDATE orch.steps SET status = $2, output = $3, error = $4, attempt = $5,"
-	"       started_at = COALESCE(started_at, $6), finished_at = $6, wake_at = NULL"
-	" WHERE step_id = $1",
+	"UPDATE orch.steps s"
+	"   SET status = u.status::orch.step_status, output = u.output, error = u.error,"
+	"       attempt = u.attempt, started_at = COALESCE(s.started_at, $6), finished_at = $6,"
+	"       wake_at = NULL"
+	"  FROM unnest($1, $2, $3, $4, $5) AS u(id, status, output, error, attempt)"
+	" WHERE s.step_id = u.id",
 
-	/* $1 step, $2 status, $3 wake_at, $4 attempt, $5 error, $6 time */
+	/* steps that wait for a time: sleeping, retrying, parked */
 	[P_DEFER] =
-	"UPDATE orch.steps SET status = $2, wake_at = $3, attempt = $4, error = $5,"
-	"       started_at = COALESCE(started_at, $6)"
-	" WHERE step_id = $1",
+	"UPDATE orch.steps s"
+	"   SET status = u.status::orch.step_status, wake_at = u.wake_at, attempt = u.attempt,"
+	"       error = COALESCE(u.error, s.error),"
+	"       started_at = CASE WHEN u.status IN ('waiting', 'retrying')"
+	"                         THEN COALESCE(s.started_at, $6) ELSE s.started_at END"
+	"  FROM unnest($1, $2, $3, $4, $5) AS u(id, status, wake_at, attempt, error)"
+	" WHERE s.step_id = u.id",
 
 	[P_ATTEMPT] =
 	"INSERT INTO orch.attempts (step_id, attempt, run_id, worker, started_at, finished_at,"
 	"                           outcome, error_class, sqlstate, message, detail, hint, context)"
-	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+	"SELECT u.step_id, u.attempt, u.run_id, u.worker, u.started_at, u.finished_at,"
+	"       u.outcome::orch.attempt_outcome, u.error_class, u.sqlstate, u.message, u.detail,"
+	"       u.hint, u.context"
+	"  FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+	"    AS u(step_id, attempt, run_id, worker, started_at, finished_at, outcome,"
+	"         error_class, sqlstate, message, detail, hint, context)",
 
-	/* $1 run, $2 dependents, $3 1 if the step succeeded, else 0 */
+	/* a need of (run, step) finished; ok is 1 if it succeeded */
 	[P_PROPAGATE] =
-	"UPDATE orch.steps"
-	"   SET pending_needs = pending_needs - 1,"
-	"       needs_ok = needs_ok + $3,"
-	"       status = CASE WHEN pending_needs = 1 THEN 'ready' ELSE status END,"
-	"       wake_at = CASE WHEN pending_needs = 1 THEN pg_catalog.now() ELSE wake_at END"
-	" WHERE run_id = $1 AND name = ANY ($2) AND status = 'pending'",
+	"UPDATE orch.steps s"
+	"   SET pending_needs = s.pending_needs - d.n,"
+	"       needs_ok = s.needs_ok + d.ok,"
+	"       status = CASE WHEN s.pending_needs = d.n THEN 'ready' ELSE s.status END,"
+	"       wake_at = CASE WHEN s.pending_needs = d.n THEN pg_catalog.now() ELSE s.wake_at END"
+	"  FROM (SELECT u.run_id, u.name, pg_catalog.count(*)::int AS n, pg_catalog.sum(u.ok)::int AS ok"
+	"          FROM unnest($1, $2, $3) AS u(run_id, name, ok)"
+	"         GROUP BY 1, 2) d"
+	" WHERE s.run_id = d.run_id AND s.name = d.name AND s.status = 'pending'",
 
-	/* $1 run, $2 steps finished (0 or 1), $3 time */
-	[P_RUN_STEP_DONE] =
-	"UPDATE orch.runs"
-	"   SET steps_left = steps_left - $2,"
-	"       status = CASE WHEN steps_left - $2 = 0 THEN 'succeeded'"
-	"                     WHEN status = 'pending' THEN 'running' ELSE status END,"
-	"       started_at = COALESCE(started_at, $3),"
-	"       finished_at = CASE WHEN steps_left - $2 = 0 THEN $3 END,"
-	"       output = CASE WHEN steps_left - $2 = 0 THEN"
+	/* runs whose steps moved: count down, start, finish */
+	[P_RUNS] =
+	"UPDATE orch.runs r"
+	"   SET steps_left = r.steps_left - d.n,"
+	"       status = CASE WHEN r.steps_left - d.n = 0 THEN 'succeeded'"
+	"                     WHEN r.status = 'pending' THEN 'running' ELSE r.status END,"
+	"       started_at = COALESCE(r.started_at, $3),"
+	"       finished_at = CASE WHEN r.steps_left - d.n = 0 THEN $3 END,"
+	"       output = CASE WHEN r.steps_left - d.n = 0 THEN"
 	"         (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')"
-	"            FROM orch.steps p WHERE p.run_id = $1 AND p.status = 'succeeded') END"
-	" WHERE run_id = $1"
-	" RETURNING status",
+	"            FROM orch.steps p WHERE p.run_id = r.run_id AND p.status = 'succeeded') END"
+	"  FROM (SELECT u.run_id, pg_catalog.sum(u.n)::int AS n"
+	"          FROM unnest($1, $2) AS u(run_id, n) GROUP BY 1) d"
+	" WHERE r.run_id = d.run_id"
+	" RETURNING r.status = 'succeeded'",
 
 	/* $1 run, $2 error, $3 time */
 	[P_RUN_FAIL] =
@@ -186,29 +209,191 @@ static const char *const plan_sql[P_COUNT] = {
 
 static const int plan_nargs[P_COUNT] = {
 	[P_CLAIM] = 1,[P_FINISH] = 6,[P_DEFER] = 6,[P_ATTEMPT] = 13,
-	[P_PROPAGATE] = 3,[P_RUN_STEP_DONE] = 3,[P_RUN_FAIL] = 3,
+	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_NEXT_TIMER] = 0,
 };
 
 static const Oid plan_argtypes[P_COUNT][13] = {
 	[P_CLAIM] = {INT4OID},
-	[P_FINISH] = {INT8OID, TEXTOID, JSONBOID, JSONBOID, INT4OID, TIMESTAMPTZOID},
-	[P_DEFER] = {INT8OID, TEXTOID, TIMESTAMPTZOID, INT4OID, JSONBOID, TIMESTAMPTZOID},
-	[P_ATTEMPT] = {INT8OID, INT4OID, UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-	TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID},
-	[P_PROPAGATE] = {UUIDOID, TEXTARRAYOID, INT4OID},
-	[P_RUN_STEP_DONE] = {UUIDOID, INT4OID, TIMESTAMPTZOID},
+	[P_FINISH] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, JSONBARRAYOID, INT4ARRAYOID,
+	TIMESTAMPTZOID},
+	[P_DEFER] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, JSONBARRAYOID,
+	TIMESTAMPTZOID},
+	[P_ATTEMPT] = {INT8ARRAYOID, INT4ARRAYOID, UUIDARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID,
+		TIMESTAMPTZARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+	TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID},
+	[P_PROPAGATE] = {UUIDARRAYOID, TEXTARRAYOID, INT4ARRAYOID},
+	[P_RUNS] = {UUIDARRAYOID, INT4ARRAYOID, TIMESTAMPTZOID},
 	[P_RUN_FAIL] = {UUIDOID, JSONBOID, TIMESTAMPTZOID},
 	[P_RUN_CANCEL_STEPS] = {UUIDOID, TIMESTAMPTZOID},
 };
+
+/* ------------------------------------------------------------------------
+ * Row buffers: one per set-wise statement, a column of Datums per array
+ * parameter.  Their memory lives in rows_cxt, emptied after each flush.
+ * ------------------------------------------------------------------------ */
+
+#define MAX_COLS 13
+
+typedef struct RowBuffer
+{
+	int			plan;
+	int			ncols;
+	Oid			types[MAX_COLS];	/* element types */
+	int			nrows;
+	int			cap;
+	Datum	   *values[MAX_COLS];
+	bool	   *nulls[MAX_COLS];
+} RowBuffer;
+
+static RowBuffer finish_rows = {P_FINISH, 5, {INT8OID, TEXTOID, JSONBOID, JSONBOID, INT4OID}};
+static RowBuffer defer_rows = {P_DEFER, 5, {INT8OID, TEXTOID, TIMESTAMPTZOID, INT4OID, JSONBOID}};
+static RowBuffer attempt_rows = {P_ATTEMPT, 13,
+	{INT8OID, INT4OID, UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID,
+TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID}};
+static RowBuffer propagate_rows = {P_PROPAGATE, 3, {UUIDOID, TEXTOID, INT4OID}};
+static RowBuffer run_rows = {P_RUNS, 2, {UUIDOID, INT4OID}};
+
+/* in the order they are written: a step's row before its dependents' and run's */
+static RowBuffer *const all_buffers[] = {
+	&finish_rows, &defer_rows, &attempt_rows, &propagate_rows, &run_rows
+};
+
+static MemoryContext rows_cxt = NULL;
+
+static void
+buffers_reset(void)
+{
+	for (int i = 0; i < (int) lengthof(all_buffers); i++)
+	{
+		RowBuffer  *b = all_buffers[i];
+
+		b->nrows = 0;
+		b->cap = 0;
+		memset(b->values, 0, sizeof(b->values));
+		memset(b->nulls, 0, sizeof(b->nulls));
+	}
+	if (rows_cxt != NULL)
+		MemoryContextReset(rows_cxt);
+}
+
+/* Append a row; values are copied into rows_cxt. */
+static void
+buffer_add(RowBuffer *b, const Datum *values, const bool *nulls)
+{
+	MemoryContext oldcxt = MemoryContextSwitchTo(rows_cxt);
+
+	if (b->nrows == b->cap)
+	{
+		int			newcap = Max(16, b->cap * 2);
+
+		for (int c = 0; c < b->ncols; c++)
+		{
+			b->values[c] = b->cap == 0 ? palloc(sizeof(Datum) * newcap)
+				: repalloc(b->values[c], sizeof(Datum) * newcap);
+			b->nulls[c] = b->cap == 0 ? palloc(sizeof(bool) * newcap)
+				: repalloc(b->nulls[c], sizeof(bool) * newcap);
+		}
+		b->cap = newcap;
+	}
+	for (int c = 0; c < b->ncols; c++)
+	{
+		int16		len;
+		bool		byval;
+
+		b->nulls[c][b->nrows] = nulls != NULL && nulls[c];
+		if (b->nulls[c][b->nrows])
+		{
+			b->values[c][b->nrows] = (Datum) 0;
+			continue;
+		}
+		get_typlenbyval(b->types[c], &len, &byval);
+		b->values[c][b->nrows] = datumCopy(values[c], byval, len);
+	}
+	b->nrows++;
+	MemoryContextSwitchTo(oldcxt);
+}
+
+static int	exec_plan(int which, Datum *values, const char *nulls, int expected);
+
+/* Write a buffer's rows with its statement; extra is its trailing parameter. */
+static void
+buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
+{
+	Datum		params[MAX_COLS + 1];
+	int			dims[1];
+	int			lbs[1] = {1};
+
+	if (b->nrows == 0)
+		return;
+	dims[0] = b->nrows;
+	for (int c = 0; c < b->ncols; c++)
+	{
+		int16		len;
+		bool		byval;
+		char		align;
+
+		get_typlenbyvalalign(b->types[c], &len, &byval, &align);
+		params[c] = PointerGetDatum(construct_md_array(b->values[c], b->nulls[c], 1, dims, lbs,
+													   b->types[c], len, byval, align));
+	}
+	params[b->ncols] = extra;
+
+	switch (b->plan)
+	{
+		case P_PROPAGATE:
+			exec_plan(b->plan, params, NULL, SPI_OK_UPDATE);
+			if (SPI_processed > 0)
+				result->made_ready = true;
+			break;
+		case P_RUNS:
+			exec_plan(b->plan, params, NULL, SPI_OK_UPDATE_RETURNING);
+			for (uint64 i = 0; i < SPI_processed; i++)
+			{
+				bool		isnull;
+
+				if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+											   1, &isnull)))
+					result->runs_finished++;
+			}
+			SPI_freetuptable(SPI_tuptable);
+			break;
+		case P_ATTEMPT:
+			exec_plan(b->plan, params, NULL, SPI_OK_INSERT);
+			break;
+		default:
+			exec_plan(b->plan, params, NULL, SPI_OK_UPDATE);
+			break;
+	}
+	b->nrows = 0;
+}
+
+/* Write everything buffered, in dependency order. */
+static void
+flush_all(TimestampTz now, OrchBatchResult *result)
+{
+	Datum		ts = TimestampTzGetDatum(now);
+
+	buffer_flush(&finish_rows, ts, result);
+	buffer_flush(&defer_rows, ts, result);
+	buffer_flush(&attempt_rows, (Datum) 0, result);
+	buffer_flush(&propagate_rows, (Datum) 0, result);
+	buffer_flush(&run_rows, ts, result);
+	buffers_reset();
+}
 
 static SPIPlanPtr
 get_plan(int which)
 {
 	if (plans[which] == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(plan_sql[which], plan_nargs[which],
-									   (Oid *) plan_argtypes[which]);
+		/*
+		 * Generic plans: these statements look up rows by key, and a custom
+		 * plan per execution would spend more time planning than running.
+		 */
+		SPIPlanPtr	plan = SPI_prepare_cursor(plan_sql[which], plan_nargs[which],
+											  (Oid *) plan_argtypes[which],
+											  CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "could not prepare orchestrator statement %d: %s",
@@ -553,7 +738,7 @@ record_attempt(ClaimedStep *s, int attempt, const char *worker, TimestampTz star
 			   TimestampTz finished, ErrorData *e, const char *class)
 {
 	Datum		v[13];
-	char		n[14] = "             ";
+	bool		n[13] = {0};
 
 	v[0] = Int64GetDatum(s->step_id);
 	v[1] = Int32GetDatum(attempt);
@@ -563,7 +748,7 @@ record_attempt(ClaimedStep *s, int attempt, const char *worker, TimestampTz star
 	v[5] = TimestampTzGetDatum(finished);
 	v[6] = CStringGetTextDatum(e ? "failed" : "succeeded");
 	if (e == NULL)
-		memset(n + 7, 'n', 6);
+		memset(n + 7, true, 6);
 	else
 	{
 		const char *texts[6] = {class, unpack_sql_state(e->sqlerrcode), e->message,
@@ -572,95 +757,87 @@ record_attempt(ClaimedStep *s, int attempt, const char *worker, TimestampTz star
 		for (int i = 0; i < 6; i++)
 		{
 			v[7 + i] = texts[i] ? CStringGetTextDatum(texts[i]) : (Datum) 0;
-			n[7 + i] = texts[i] ? ' ' : 'n';
+			n[7 + i] = texts[i] == NULL;
 		}
 	}
-	exec_plan(P_ATTEMPT, v, n, SPI_OK_INSERT);
+	buffer_add(&attempt_rows, v, n);
 }
 
-/* The run has one step fewer to go; returns true when the run finished. */
-static bool
-run_step_done(ClaimedStep *s, int finished, TimestampTz now, OrchBatchResult *result)
+/* The run has moved: one step fewer to go if finished is 1. */
+static void
+run_step_done(ClaimedStep *s, int finished)
 {
-	Datum		v[3] = {s->run_id, Int32GetDatum(finished), TimestampTzGetDatum(now)};
-	char	   *status;
+	Datum		v[2] = {s->run_id, Int32GetDatum(finished)};
 
-	exec_plan(P_RUN_STEP_DONE, v, NULL, SPI_OK_UPDATE_RETURNING);
-	if (SPI_processed != 1)
-		elog(ERROR, "run of step %lld vanished", (long long) s->step_id);
-	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-	if (strcmp(status, "succeeded") == 0)
-	{
-		result->runs_finished++;
-		return true;
-	}
-	return false;
+	buffer_add(&run_rows, v, NULL);
 }
 
 /* A step finished with succeeded or skipped: its dependents may be ready. */
 static void
-finish_step(ClaimedStep *s, const char *status, Datum output, int attempt,
-			TimestampTz now, OrchBatchResult *result)
+finish_step(ClaimedStep *s, const char *status, Datum output, int attempt)
 {
-	Datum		v[6];
-	char		n[7] = "      ";
+	Datum		v[5];
+	bool		n[5] = {0};
 	bool		succeeded = strcmp(status, "succeeded") == 0;
+	Datum	   *deps;
+	int			ndeps;
 
 	v[0] = Int64GetDatum(s->step_id);
 	v[1] = CStringGetTextDatum(status);
 	v[2] = output;
-	n[2] = output ? ' ' : 'n';
-	n[3] = 'n';
+	n[2] = output == (Datum) 0;
+	n[3] = true;
 	v[4] = Int32GetDatum(attempt);
-	v[5] = TimestampTzGetDatum(now);
-	exec_plan(P_FINISH, v, n, SPI_OK_UPDATE);
+	buffer_add(&finish_rows, v, n);
 
-	if (ArrayGetNItems(ARR_NDIM(DatumGetArrayTypeP(s->dependents)),
-					   ARR_DIMS(DatumGetArrayTypeP(s->dependents))) > 0)
+	deconstruct_array(DatumGetArrayTypeP(s->dependents), TEXTOID, -1, false,
+					  TYPALIGN_INT, &deps, NULL, &ndeps);
+	for (int i = 0; i < ndeps; i++)
 	{
-		Datum		pv[3] = {s->run_id, s->dependents, Int32GetDatum(succeeded ? 1 : 0)};
+		Datum		pv[3] = {s->run_id, deps[i], Int32GetDatum(succeeded ? 1 : 0)};
 
-		exec_plan(P_PROPAGATE, pv, NULL, SPI_OK_UPDATE);
-		if (SPI_processed > 0)
-			result->made_ready = true;
+		buffer_add(&propagate_rows, pv, NULL);
 	}
-	run_step_done(s, 1, now, result);
+	run_step_done(s, 1);
 }
 
 static void
-defer_step(ClaimedStep *s, const char *status, TimestampTz wake_at, int attempt,
-		   Datum error, TimestampTz now)
+defer_step(ClaimedStep *s, const char *status, TimestampTz wake_at, int attempt, Datum error)
 {
-	Datum		v[6];
-	char		n[7] = "      ";
+	Datum		v[5];
+	bool		n[5] = {0};
 
 	v[0] = Int64GetDatum(s->step_id);
 	v[1] = CStringGetTextDatum(status);
 	v[2] = TimestampTzGetDatum(wake_at);
 	v[3] = Int32GetDatum(attempt);
 	v[4] = error;
-	n[4] = error ? ' ' : 'n';
-	v[5] = TimestampTzGetDatum(now);
-	exec_plan(P_DEFER, v, n, SPI_OK_UPDATE);
+	n[4] = error == (Datum) 0;
+	buffer_add(&defer_rows, v, n);
 }
 
-/* The step failed for good: so does its run, naming the step. */
+/*
+ * The step failed for good: so does its run, naming the step.  Written at
+ * once, after everything buffered before it, so that the run's unfinished
+ * steps are cancelled over their latest state.
+ */
 static void
 fail_step(ClaimedStep *s, Datum error, int attempt, TimestampTz now, OrchBatchResult *result)
 {
-	Datum		v[6];
-	char		n[7] = "      ";
+	Datum		v[5];
+	bool		n[5] = {0};
 	Datum		rv[3] = {s->run_id, error, TimestampTzGetDatum(now)};
 	Datum		cv[2] = {s->run_id, TimestampTzGetDatum(now)};
 	MemoryContext oldcxt;
 
 	v[0] = Int64GetDatum(s->step_id);
 	v[1] = CStringGetTextDatum("failed");
-	n[2] = 'n';
+	n[2] = true;
 	v[3] = error;
 	v[4] = Int32GetDatum(attempt);
-	v[5] = TimestampTzGetDatum(now);
-	exec_plan(P_FINISH, v, n, SPI_OK_UPDATE);
+	buffer_add(&finish_rows, v, n);
+	flush_all(now, result);
+
 	exec_plan(P_RUN_CANCEL_STEPS, cv, NULL, SPI_OK_UPDATE);
 	exec_plan(P_RUN_FAIL, rv, NULL, SPI_OK_UPDATE);
 	result->runs_finished++;
@@ -722,7 +899,7 @@ maybe_skip(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult 
 	{
 		finish_step(s, "skipped",
 					jsonb_from_cstring("{\"skipped\": \"every step it needs was skipped\"}"),
-					s->attempt, now, result);
+					s->attempt);
 		return true;
 	}
 	if (s->guard == (Datum) 0)
@@ -738,7 +915,7 @@ maybe_skip(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult 
 	{
 		finish_step(s, "skipped",
 					jsonb_from_cstring("{\"skipped\": \"its when guard was false\"}"),
-					s->attempt, now, result);
+					s->attempt);
 		return true;
 	}
 	return false;
@@ -757,7 +934,7 @@ advance_sleep(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResu
 
 		initStringInfo(&buf);
 		appendStringInfo(&buf, "{\"slept_until\": \"%s\"}", timestamptz_to_str(s->wake_at));
-		finish_step(s, "succeeded", jsonb_from_cstring(buf.data), s->attempt, now, result);
+		finish_step(s, "succeeded", jsonb_from_cstring(buf.data), s->attempt);
 		return;
 	}
 	if (maybe_skip(s, worker, now, result))
@@ -776,8 +953,8 @@ advance_sleep(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResu
 		return;
 	}
 
-	defer_step(s, "waiting", until, s->attempt, (Datum) 0, now);
-	run_step_done(s, 0, now, result);
+	defer_step(s, "waiting", until, s->attempt, (Datum) 0);
+	run_step_done(s, 0);
 	/* the wake-up for an "until" already past is the next batch */
 }
 
@@ -800,7 +977,7 @@ advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 	if (run_in_subxact(call_step_function, s, NULL, &output, &edata))
 	{
 		record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), NULL, NULL);
-		finish_step(s, "succeeded", output, attempt, now, result);
+		finish_step(s, "succeeded", output, attempt);
 		return;
 	}
 
@@ -813,8 +990,8 @@ advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 	{
 		TimestampTz wake = GetCurrentTimestamp() + retry_delay_usecs(s, attempt);
 
-		defer_step(s, "retrying", wake, attempt, error, now);
-		run_step_done(s, 0, now, result);
+		defer_step(s, "retrying", wake, attempt, error);
+		run_step_done(s, 0);
 		return;
 	}
 	fail_step(s, error, attempt, now, result);
@@ -841,7 +1018,7 @@ advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 	if (strcmp(s->run_status, "paused") == 0)
 	{
 		/* park until resume_run */
-		defer_step(s, s->status, DT_NOEND, s->attempt, (Datum) 0, now);
+		defer_step(s, s->status, DT_NOEND, s->attempt, (Datum) 0);
 		return;
 	}
 	if (strcmp(s->kind, "sql") == 0)
@@ -872,7 +1049,9 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator batch",
 								ALLOCSET_DEFAULT_SIZES);
 	step_cxt = AllocSetContextCreate(cxt, "orchestrator step", ALLOCSET_DEFAULT_SIZES);
+	rows_cxt = AllocSetContextCreate(cxt, "orchestrator rows", ALLOCSET_DEFAULT_SIZES);
 	batch_cxt = cxt;
+	buffers_reset();
 	failed_runs = NIL;
 
 	PG_TRY();
@@ -895,6 +1074,7 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 				MemoryContextSwitchTo(oldcxt);
 				MemoryContextReset(step_cxt);
 			}
+			flush_all(now, result);
 			if (!result->made_ready)
 			{
 				result->made_ready = made_ready_before;
@@ -906,7 +1086,9 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 	{
 		/* on error the context goes with its parent's memory */
 		batch_cxt = NULL;
+		rows_cxt = NULL;
 		failed_runs = NIL;
+		buffers_reset();
 	}
 	PG_END_TRY();
 	MemoryContextDelete(cxt);

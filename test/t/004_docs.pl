@@ -30,7 +30,7 @@ for my $file (sort glob("$docs/*.md"))
 
 # What the api.md examples promise.
 is($node->safe_psql('api_md', q{
-	SELECT string_agg(status, ',' ORDER BY created_at) FROM orch.runs}),
+	SELECT string_agg(status::text, ',' ORDER BY created_at) FROM orch.runs}),
 	'succeeded,cancelled,succeeded', 'the example runs ended as the text says');
 is($node->safe_psql('api_md', 'SELECT count(*) FROM shop.refunds'), '1',
 	'the refund was written once');
