@@ -35,6 +35,7 @@
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgrprotos.h"
+#include "utils/guc.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/jsonpath.h"
@@ -388,8 +389,8 @@ get_plan(int which)
 	if (plans[which] == NULL)
 	{
 		/*
-		 * Generic plans: these statements look up rows by key, and a custom
-		 * plan per execution would spend more time planning than running.
+		 * Generic plans: every statement reaches its rows through an index,
+		 * and planning each execution would cost more than running it.
 		 */
 		SPIPlanPtr	plan = SPI_prepare_cursor(plan_sql[which], plan_nargs[which],
 											  (Oid *) plan_argtypes[which],
@@ -405,11 +406,30 @@ get_plan(int which)
 	return plans[which];
 }
 
+/*
+ * Planner settings for the engine's own statements.  They reach a handful of
+ * rows by key or in wake_at order, and must keep doing so when the planner
+ * knows nothing of the tables (a new installation, before ANALYZE): with
+ * default settings a plan made then sorts every due step for each claim.
+ * Applied like a function's SET clause, around each statement only, so step
+ * functions plan as usual.
+ */
+static const char *const engine_planner_off[] = {
+	"enable_seqscan", "enable_bitmapscan", "enable_hashjoin", "enable_mergejoin", "enable_sort"
+};
+
 /* Run a saved statement; nulls are given as a string of ' ' and 'n'. */
 static int
 exec_plan(int which, Datum *values, const char *nulls, int expected)
 {
-	int			rc = SPI_execute_plan(get_plan(which), values, nulls, false, 0);
+	int			nest_level = NewGUCNestLevel();
+	int			rc;
+
+	for (int i = 0; i < (int) lengthof(engine_planner_off); i++)
+		(void) set_config_option(engine_planner_off[i], "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	rc = SPI_execute_plan(get_plan(which), values, nulls, false, 0);
+	AtEOXact_GUC(true, nest_level);
 
 	if (rc != expected)
 		elog(ERROR, "orchestrator statement %d failed: %s", which, SPI_result_code_string(rc));
