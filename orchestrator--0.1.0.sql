@@ -120,10 +120,14 @@ CREATE INDEX runs_business_key ON orch.runs (business_key) WHERE business_key IS
  * `wake_at` is when the engine should next look at the step: the moment it
  * became ready, the end of a sleep, the next retry; 'infinity' while its run
  * is paused.  The partial index below is the engine's whole work queue.
+ *
+ * No foreign key to orch.runs: start_run inserts a run's steps right after
+ * the run, and the check (a query per step) would only slow that down, or
+ * worse, with a plan cached while orch.runs looked empty.
  */
 CREATE TABLE orch.steps (
 	step_id			bigint		GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-	run_id			uuid		NOT NULL REFERENCES orch.runs ON DELETE CASCADE,
+	run_id			uuid		NOT NULL,
 	name			text		NOT NULL,
 	status			orch.step_status NOT NULL,
 	pending_needs	orch.counter NOT NULL DEFAULT 0,
