@@ -561,9 +561,12 @@ run_in_subxact(StepCallback cb, ClaimedStep *s, void *arg, Datum *result, ErrorD
 	return ok;
 }
 
-/* The step's guard over its context: true, false, or an error. */
+/*
+ * Call one of the jsonb_path_* functions on the step's context, not silent:
+ * an error in the path is an error of the step.
+ */
 static Datum
-eval_guard(ClaimedStep *s, void *arg)
+jsonpath_over_ctx(PGFunction fn, ClaimedStep *s, Datum path, bool *isnull)
 {
 	LOCAL_FCINFO(fcinfo, 4);
 	Datum		res;
@@ -571,14 +574,25 @@ eval_guard(ClaimedStep *s, void *arg)
 	InitFunctionCallInfoData(*fcinfo, NULL, 4, InvalidOid, NULL, NULL);
 	fcinfo->args[0].value = s->ctx;
 	fcinfo->args[0].isnull = false;
-	fcinfo->args[1].value = s->guard;
+	fcinfo->args[1].value = path;
 	fcinfo->args[1].isnull = false;
 	fcinfo->args[2].value = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
 	fcinfo->args[2].isnull = false;
-	fcinfo->args[3].value = BoolGetDatum(false);	/* not silent: errors are errors */
+	fcinfo->args[3].value = BoolGetDatum(false);
 	fcinfo->args[3].isnull = false;
-	res = jsonb_path_match(fcinfo);
-	if (fcinfo->isnull)
+	res = fn(fcinfo);
+	*isnull = fcinfo->isnull;
+	return res;
+}
+
+/* The step's guard over its context: true, false, or an error. */
+static Datum
+eval_guard(ClaimedStep *s, void *arg)
+{
+	bool		isnull;
+	Datum		res = jsonpath_over_ctx(jsonb_path_match, s, s->guard, &isnull);
+
+	if (isnull)
 		ereport(ERROR,
 				(errcode(ERRCODE_SQL_JSON_SCALAR_REQUIRED),
 				 errmsg("\"when\" guard of step \"%s\" did not yield a boolean", s->name)));
@@ -589,22 +603,12 @@ eval_guard(ClaimedStep *s, void *arg)
 static Datum
 eval_until(ClaimedStep *s, void *arg)
 {
-	LOCAL_FCINFO(fcinfo, 4);
-	Datum		found;
+	bool		isnull;
+	Datum		found = jsonpath_over_ctx(jsonb_path_query_first, s, s->sleep_until, &isnull);
 	Jsonb	   *jb;
 	JsonbValue	v;
 
-	InitFunctionCallInfoData(*fcinfo, NULL, 4, InvalidOid, NULL, NULL);
-	fcinfo->args[0].value = s->ctx;
-	fcinfo->args[0].isnull = false;
-	fcinfo->args[1].value = s->sleep_until;
-	fcinfo->args[1].isnull = false;
-	fcinfo->args[2].value = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
-	fcinfo->args[2].isnull = false;
-	fcinfo->args[3].value = BoolGetDatum(false);
-	fcinfo->args[3].isnull = false;
-	found = jsonb_path_query_first(fcinfo);
-	if (fcinfo->isnull)
+	if (isnull)
 		ereport(ERROR,
 				(errcode(ERRCODE_SQL_JSON_ITEM_CANNOT_BE_CAST_TO_TARGET_TYPE),
 				 errmsg("\"until\" of sleep step \"%s\" found nothing in the run context", s->name)));
