@@ -60,6 +60,17 @@ CREATE TABLE orch.workflows (
 	PRIMARY KEY (name, version)
 );
 
+-- Named retry policies, reusable across workflows.  A workflow copies the
+-- policy when it is defined, so changing a policy changes the workflows
+-- defined after the change, never a version that runs already use.
+CREATE TABLE orch.retry_policies (
+	name		text		PRIMARY KEY,
+	policy		jsonb		NOT NULL,	-- completed with the defaults
+	definition	jsonb		NOT NULL,	-- as given
+	updated_at	timestamptz	NOT NULL DEFAULT pg_catalog.now(),
+	updated_by	name		NOT NULL
+);
+
 -- The compiled form of each step of each version: what the engine reads.
 CREATE TABLE orch.workflow_steps (
 	workflow		text		NOT NULL,
@@ -80,6 +91,8 @@ CREATE TABLE orch.workflow_steps (
 	max_interval	interval	NOT NULL DEFAULT '100 seconds',
 	jitter			boolean		NOT NULL DEFAULT false,
 	non_retryable	text[],
+	schedule_to_close interval,
+	retry_policy	text,
 	timeout			interval,
 	PRIMARY KEY (workflow, version, name),
 	FOREIGN KEY (workflow, version) REFERENCES orch.workflows ON DELETE CASCADE
@@ -133,6 +146,7 @@ CREATE TABLE orch.steps (
 	pending_needs	orch.counter NOT NULL DEFAULT 0,
 	needs_ok		int			NOT NULL DEFAULT 0,
 	attempt			int			NOT NULL DEFAULT 0,
+	attempt_base	int			NOT NULL DEFAULT 0,	-- attempts before the last redrive
 	wake_at			timestamptz,
 	output			jsonb,
 	error			jsonb,
@@ -165,6 +179,7 @@ CREATE TABLE orch.attempts (
 CREATE INDEX attempts_run ON orch.attempts (run_id);
 
 SELECT pg_catalog.pg_extension_config_dump('orch.workflows', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.retry_policies', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.workflow_steps', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.steps', '');
@@ -200,7 +215,8 @@ AS $$
 				ELSE pg_catalog.current_setting('role')::name END
 $$;
 
-CREATE FUNCTION orch._definition_error(code text, workflow text, path text, msg text,
+-- object is what is being defined, as the message names it: workflow "x".
+CREATE FUNCTION orch._definition_error(code text, object text, path text, msg text,
 									   detail text DEFAULT NULL, hint text DEFAULT NULL)
 	RETURNS void
 	LANGUAGE plpgsql
@@ -209,7 +225,7 @@ AS $$
 BEGIN
 	RAISE EXCEPTION USING
 		ERRCODE = code,
-		MESSAGE = format('invalid definition of workflow "%s" at %s: %s', workflow, path, msg),
+		MESSAGE = format('invalid definition of %s at %s: %s', object, path, msg),
 		DETAIL = coalesce(detail, ''),
 		HINT = coalesce(hint, '');
 END
@@ -289,6 +305,117 @@ BEGIN
 END
 $$;
 
+/*
+ * A retry policy, validated and completed with the defaults of Temporal's
+ * RetryPolicy: given inline (an object), by name (a string: a policy of
+ * orch.define_retry_policy, copied as it is now), or absent (the defaults).
+ */
+CREATE FUNCTION orch._compile_retry(retry jsonb, obj text, path text) RETURNS jsonb
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+	-- durations in the result read the same whatever the session's IntervalStyle
+	SET IntervalStyle = 'iso_8601'
+AS $$
+DECLARE
+	j			int;
+	v_max_att	int := 3;
+	v_init		interval := interval '1 second';
+	v_coef		float8 := 2.0;
+	v_maxint	interval;
+	v_jitter	boolean := false;
+	v_nonretry	jsonb;
+	v_stc		interval;
+	named		jsonb;
+BEGIN
+	IF retry IS NULL THEN
+		-- the defaults
+		NULL;
+	ELSIF jsonb_typeof(retry) = 'string' THEN
+		SELECT p.policy INTO named FROM orch.retry_policies p WHERE p.name = retry #>> '{}';
+		IF NOT FOUND THEN
+			PERFORM orch._definition_error('42704', obj, path,
+				format('retry policy "%s" does not exist', retry #>> '{}'),
+				hint => 'Define it with orch.define_retry_policy(name, policy), or give the policy inline.');
+		END IF;
+		RETURN named || jsonb_build_object('policy', retry #>> '{}');
+	ELSIF jsonb_typeof(retry) <> 'object' THEN
+		PERFORM orch._definition_error('22023', obj, path,
+			'expected a retry policy object or the name of one');
+	ELSE
+		PERFORM orch._check_keys(retry,
+			ARRAY['max_attempts', 'initial_interval', 'backoff_coefficient',
+				  'max_interval', 'jitter', 'non_retryable', 'schedule_to_close'],
+			obj, path, 'a retry policy');
+		IF retry ? 'max_attempts' THEN
+			IF jsonb_typeof(retry -> 'max_attempts') <> 'number'
+			   OR (retry ->> 'max_attempts')::numeric <> trunc((retry ->> 'max_attempts')::numeric)
+			   OR (retry ->> 'max_attempts')::numeric NOT BETWEEN 0 AND 1000000 THEN
+				PERFORM orch._definition_error('22023', obj, path || '.max_attempts',
+					format('expected an integer from 0 to 1000000, got %s', retry -> 'max_attempts'),
+					hint => '0 means unlimited attempts.');
+			END IF;
+			v_max_att := (retry ->> 'max_attempts')::int;
+		END IF;
+		IF retry ? 'initial_interval' THEN
+			v_init := orch._duration(retry -> 'initial_interval', obj, path || '.initial_interval');
+		END IF;
+		IF retry ? 'backoff_coefficient' THEN
+			IF jsonb_typeof(retry -> 'backoff_coefficient') <> 'number'
+			   OR (retry ->> 'backoff_coefficient')::numeric < 1
+			   OR (retry ->> 'backoff_coefficient')::numeric > 100 THEN
+				PERFORM orch._definition_error('22023', obj, path || '.backoff_coefficient',
+					format('expected a number from 1 to 100, got %s', retry -> 'backoff_coefficient'));
+			END IF;
+			v_coef := (retry ->> 'backoff_coefficient')::float8;
+		END IF;
+		IF retry ? 'max_interval' THEN
+			v_maxint := orch._duration(retry -> 'max_interval', obj, path || '.max_interval');
+			IF v_maxint < v_init THEN
+				PERFORM orch._definition_error('22023', obj, path || '.max_interval',
+					format('max_interval %s is shorter than initial_interval %s',
+						   retry -> 'max_interval', coalesce(retry -> 'initial_interval', '"1s"')));
+			END IF;
+		END IF;
+		IF retry ? 'jitter' THEN
+			IF (retry -> 'jitter') NOT IN ('"none"'::jsonb, '"full"'::jsonb) THEN
+				PERFORM orch._definition_error('22023', obj, path || '.jitter',
+					format('expected "none" or "full", got %s', retry -> 'jitter'));
+			END IF;
+			v_jitter := (retry ->> 'jitter') = 'full';
+		END IF;
+		IF retry ? 'non_retryable' THEN
+			IF jsonb_typeof(retry -> 'non_retryable') <> 'array'
+			   OR EXISTS (SELECT FROM jsonb_array_elements(retry -> 'non_retryable') e
+						  WHERE jsonb_typeof(e) <> 'string') THEN
+				PERFORM orch._definition_error('22023', obj, path || '.non_retryable',
+					'expected an array of error classes or SQLSTATE codes');
+			END IF;
+			FOR j IN 0 .. jsonb_array_length(retry -> 'non_retryable') - 1 LOOP
+				IF NOT ((retry -> 'non_retryable' ->> j) IN ('transient', 'permanent', 'unknown_outcome')
+						OR (retry -> 'non_retryable' ->> j) ~ '^[0-9A-Z]{5}$') THEN
+					PERFORM orch._definition_error('22023', obj,
+						format('%s.non_retryable[%s]', path, j),
+						format('"%s" is neither an error class nor a SQLSTATE', retry -> 'non_retryable' ->> j),
+						hint => 'Error classes are transient, permanent and unknown_outcome; a SQLSTATE is five digits or capital letters, such as 23505.');
+				END IF;
+			END LOOP;
+			v_nonretry := retry -> 'non_retryable';
+		END IF;
+		IF retry ? 'schedule_to_close' THEN
+			v_stc := orch._duration(retry -> 'schedule_to_close', obj, path || '.schedule_to_close');
+		END IF;
+	END IF;
+	RETURN jsonb_build_object(
+		'max_attempts', v_max_att,
+		'initial_interval', v_init,
+		'backoff_coefficient', v_coef,
+		'max_interval', coalesce(v_maxint, v_init * 100),
+		'jitter', v_jitter,
+		'non_retryable', v_nonretry,
+		'schedule_to_close', v_stc);
+END
+$$;
+
 /* ------------------------------------------------------------------------
  * Definitions
  * ------------------------------------------------------------------------ */
@@ -347,6 +474,11 @@ DECLARE
 	v_maxint	interval;
 	v_jitter	boolean;
 	v_timeout	interval;
+	v_retry		jsonb;
+	v_stc		interval;
+	c_stc		interval[] := '{}';
+	c_policy	text[] := '{}';
+	obj			text;
 	common_keys	text[] := ARRAY['name', 'kind', 'needs', 'when', 'description', 'retry', 'timeout'];
 	-- cycle detection
 	indeg		int[];
@@ -360,22 +492,23 @@ BEGIN
 			MESSAGE = format('invalid workflow name "%s"', coalesce(wf, 'NULL')),
 			HINT = 'A workflow name starts with a letter or underscore and has at most 63 letters, digits, underscores, dots or hyphens.';
 	END IF;
+	obj := format('workflow "%s"', wf);
 	IF def IS NULL OR jsonb_typeof(def) <> 'object' THEN
-		PERFORM orch._definition_error('22023', wf, '$',
+		PERFORM orch._definition_error('22023', obj, '$',
 			format('expected an object, got %s', coalesce(jsonb_typeof(def), 'NULL')),
 			hint => 'A definition is an object with a "steps" array.');
 	END IF;
-	PERFORM orch._check_keys(def, ARRAY['steps', 'description'], wf, '$', 'a workflow definition');
+	PERFORM orch._check_keys(def, ARRAY['steps', 'description'], obj, '$', 'a workflow definition');
 	steps := def -> 'steps';
 	IF steps IS NULL THEN
-		PERFORM orch._definition_error('22023', wf, '$', 'missing key "steps"',
+		PERFORM orch._definition_error('22023', obj, '$', 'missing key "steps"',
 			hint => 'A definition is an object with a "steps" array.');
 	END IF;
 	IF jsonb_typeof(steps) <> 'array' OR jsonb_array_length(steps) = 0 THEN
-		PERFORM orch._definition_error('22023', wf, '$.steps', 'expected a non-empty array of steps');
+		PERFORM orch._definition_error('22023', obj, '$.steps', 'expected a non-empty array of steps');
 	END IF;
 	IF def ? 'description' AND jsonb_typeof(def -> 'description') <> 'string' THEN
-		PERFORM orch._definition_error('22023', wf, '$.description', 'expected a string');
+		PERFORM orch._definition_error('22023', obj, '$.description', 'expected a string');
 	END IF;
 
 	-- First pass: names, so that needs may refer to any step.
@@ -383,21 +516,21 @@ BEGIN
 		step := steps -> i;
 		path := format('$.steps[%s]', i);
 		IF jsonb_typeof(step) <> 'object' THEN
-			PERFORM orch._definition_error('22023', wf, path,
+			PERFORM orch._definition_error('22023', obj, path,
 				format('expected a step object, got %s', jsonb_typeof(step)));
 		END IF;
 		IF jsonb_typeof(step -> 'name') IS DISTINCT FROM 'string' THEN
-			PERFORM orch._definition_error('22023', wf, path || '.name',
+			PERFORM orch._definition_error('22023', obj, path || '.name',
 				'every step needs a "name" string');
 		END IF;
 		sname := step ->> 'name';
 		IF sname !~ '^[A-Za-z_][A-Za-z0-9_]{0,62}$' THEN
-			PERFORM orch._definition_error('22023', wf, path || '.name',
+			PERFORM orch._definition_error('22023', obj, path || '.name',
 				format('invalid step name "%s"', sname),
 				hint => 'A step name starts with a letter or underscore and has at most 63 letters, digits or underscores, so that $.steps.<name> reaches its output.');
 		END IF;
 		IF sname = ANY (names) THEN
-			PERFORM orch._definition_error('22023', wf, path || '.name',
+			PERFORM orch._definition_error('22023', obj, path || '.name',
 				format('duplicate step name "%s"', sname),
 				format('Step "%s" is also defined at $.steps[%s].', sname, array_position(names, sname) - 1));
 		END IF;
@@ -410,49 +543,49 @@ BEGIN
 		path := format('$.steps[%s]', i);
 		sname := step ->> 'name';
 		IF jsonb_typeof(step -> 'kind') IS DISTINCT FROM 'string' THEN
-			PERFORM orch._definition_error('22023', wf, path || '.kind',
+			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('step "%s" needs a "kind" string', sname),
 				hint => 'Kinds are: sql, sleep.');
 		END IF;
 		kind := step ->> 'kind';
 		IF kind IN ('task', 'approval', 'wait_event', 'subworkflow', 'map') THEN
-			PERFORM orch._definition_error('0A000', wf, path || '.kind',
+			PERFORM orch._definition_error('0A000', obj, path || '.kind',
 				format('step kind "%s" is not supported by this version', kind),
 				hint => 'Kinds supported by this version are: sql, sleep.');
 		ELSIF kind NOT IN ('sql', 'sleep') THEN
-			PERFORM orch._definition_error('22023', wf, path || '.kind',
+			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('unknown step kind "%s"', kind),
 				hint => 'Kinds are: sql, sleep.');
 		END IF;
 		PERFORM orch._check_keys(step,
 			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function']
 									 ELSE ARRAY['duration', 'until'] END,
-			wf, path, format('a step of kind "%s"', kind));
+			obj, path, format('a step of kind "%s"', kind));
 
 		-- needs
 		need_names := '{}';
 		IF step ? 'needs' THEN
 			IF jsonb_typeof(step -> 'needs') <> 'array' THEN
-				PERFORM orch._definition_error('22023', wf, path || '.needs',
+				PERFORM orch._definition_error('22023', obj, path || '.needs',
 					'expected an array of step names');
 			END IF;
 			FOR j IN 0 .. jsonb_array_length(step -> 'needs') - 1 LOOP
 				need := step -> 'needs' -> j;
 				IF jsonb_typeof(need) <> 'string' THEN
-					PERFORM orch._definition_error('22023', wf, format('%s.needs[%s]', path, j),
+					PERFORM orch._definition_error('22023', obj, format('%s.needs[%s]', path, j),
 						'expected a step name');
 				END IF;
 				IF NOT (need #>> '{}') = ANY (names) THEN
-					PERFORM orch._definition_error('22023', wf, format('%s.needs[%s]', path, j),
+					PERFORM orch._definition_error('22023', obj, format('%s.needs[%s]', path, j),
 						format('step "%s" needs unknown step "%s"', sname, need #>> '{}'),
 						format('Steps defined: %s.', array_to_string(names, ', ')));
 				END IF;
 				IF (need #>> '{}') = sname THEN
-					PERFORM orch._definition_error('22023', wf, format('%s.needs[%s]', path, j),
+					PERFORM orch._definition_error('22023', obj, format('%s.needs[%s]', path, j),
 						format('step "%s" needs itself', sname));
 				END IF;
 				IF (need #>> '{}') = ANY (need_names) THEN
-					PERFORM orch._definition_error('22023', wf, format('%s.needs[%s]', path, j),
+					PERFORM orch._definition_error('22023', obj, format('%s.needs[%s]', path, j),
 						format('step "%s" lists need "%s" twice', sname, need #>> '{}'));
 				END IF;
 				need_names := need_names || (need #>> '{}');
@@ -463,13 +596,13 @@ BEGIN
 		v_guard := NULL;
 		IF step ? 'when' THEN
 			IF jsonb_typeof(step -> 'when') <> 'string' THEN
-				PERFORM orch._definition_error('22023', wf, path || '.when',
+				PERFORM orch._definition_error('22023', obj, path || '.when',
 					'expected a jsonpath predicate string');
 			END IF;
 			BEGIN
 				v_guard := (step ->> 'when')::jsonpath;
 			EXCEPTION WHEN OTHERS THEN
-				PERFORM orch._definition_error('42601', wf, path || '.when',
+				PERFORM orch._definition_error('42601', obj, path || '.when',
 					format('invalid jsonpath in "when" of step "%s"', sname),
 					SQLERRM,
 					'A guard is a SQL/JSON path predicate over the run context, such as $.steps.classify.kind == "refund".');
@@ -481,13 +614,13 @@ BEGIN
 		fn_text := NULL;
 		IF kind = 'sql' THEN
 			IF jsonb_typeof(step -> 'function') IS DISTINCT FROM 'string' THEN
-				PERFORM orch._definition_error('22023', wf, path || '.function',
+				PERFORM orch._definition_error('22023', obj, path || '.function',
 					format('sql step "%s" needs a "function" string', sname),
 					hint => 'Name a function schema.fn(ctx jsonb) returns jsonb.');
 			END IF;
 			fn_text := step ->> 'function';
 			IF fn_text !~ '^\s*("[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)\s*\.\s*("[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)\s*$' THEN
-				PERFORM orch._definition_error('22023', wf, path || '.function',
+				PERFORM orch._definition_error('22023', obj, path || '.function',
 					format('function name "%s" of step "%s" is not schema-qualified', fn_text, sname),
 					hint => 'Write the function as schema.name, for example app.classify_ticket.');
 			END IF;
@@ -497,22 +630,22 @@ BEGIN
 				   OR EXISTS (SELECT FROM pg_proc p
 							  WHERE p.oid::regproc::text = fn_text
 								 OR (p.pronamespace::regnamespace::text || '.' || p.proname) = fn_text) THEN
-					PERFORM orch._definition_error('42804', wf, path || '.function',
+					PERFORM orch._definition_error('42804', obj, path || '.function',
 						format('function %s of step "%s" does not take a single jsonb argument', fn_text, sname),
 						hint => 'A sql step calls fn(ctx jsonb) returns jsonb.');
 				END IF;
-				PERFORM orch._definition_error('42883', wf, path || '.function',
+				PERFORM orch._definition_error('42883', obj, path || '.function',
 					format('function %s(jsonb) of step "%s" does not exist', fn_text, sname),
 					hint => 'Create the function before defining the workflow.');
 			END IF;
 			SELECT p.prorettype, p.proretset, p.prokind INTO rec FROM pg_proc p WHERE p.oid = proc;
 			IF rec.prokind <> 'f' THEN
-				PERFORM orch._definition_error('42804', wf, path || '.function',
+				PERFORM orch._definition_error('42804', obj, path || '.function',
 					format('%s of step "%s" is not a plain function', proc, sname),
 					hint => 'A sql step calls fn(ctx jsonb) returns jsonb; procedures and aggregates cannot be steps.');
 			END IF;
 			IF rec.prorettype <> 'jsonb'::regtype OR rec.proretset THEN
-				PERFORM orch._definition_error('42804', wf, path || '.function',
+				PERFORM orch._definition_error('42804', obj, path || '.function',
 					format('function %s of step "%s" returns %s%s, not jsonb', proc, sname,
 						   CASE WHEN rec.proretset THEN 'setof ' ELSE '' END, rec.prorettype::regtype),
 					hint => 'A sql step calls fn(ctx jsonb) returns jsonb.');
@@ -524,103 +657,39 @@ BEGIN
 		v_until := NULL;
 		IF kind = 'sleep' THEN
 			IF (step ? 'duration') = (step ? 'until') THEN
-				PERFORM orch._definition_error('22023', wf, path,
+				PERFORM orch._definition_error('22023', obj, path,
 					format('sleep step "%s" needs exactly one of "duration" and "until"', sname),
 					hint => '"duration" is a duration string; "until" is a jsonpath to a timestamp in the run context.');
 			END IF;
 			IF step ? 'duration' THEN
-				v_for := orch._duration(step -> 'duration', wf, path || '.duration');
+				v_for := orch._duration(step -> 'duration', obj, path || '.duration');
 			ELSE
 				IF jsonb_typeof(step -> 'until') <> 'string' THEN
-					PERFORM orch._definition_error('22023', wf, path || '.until',
+					PERFORM orch._definition_error('22023', obj, path || '.until',
 						'expected a jsonpath string');
 				END IF;
 				BEGIN
 					v_until := (step ->> 'until')::jsonpath;
 				EXCEPTION WHEN OTHERS THEN
-					PERFORM orch._definition_error('42601', wf, path || '.until',
+					PERFORM orch._definition_error('42601', obj, path || '.until',
 						format('invalid jsonpath in "until" of step "%s"', sname), SQLERRM);
 				END;
 			END IF;
 		END IF;
 
-		-- retry (names and defaults of Temporal's RetryPolicy)
-		v_max_att := 3;
-		v_init := interval '1 second';
-		v_coef := 2.0;
-		v_maxint := NULL;
-		v_jitter := false;
-		v_nonretry := NULL;
-		IF step ? 'retry' THEN
-			retry := step -> 'retry';
-			IF jsonb_typeof(retry) <> 'object' THEN
-				PERFORM orch._definition_error('22023', wf, path || '.retry', 'expected an object');
-			END IF;
-			PERFORM orch._check_keys(retry,
-				ARRAY['max_attempts', 'initial_interval', 'backoff_coefficient',
-					  'max_interval', 'jitter', 'non_retryable'],
-				wf, path || '.retry', 'a retry policy');
-			IF retry ? 'max_attempts' THEN
-				IF jsonb_typeof(retry -> 'max_attempts') <> 'number'
-				   OR (retry ->> 'max_attempts')::numeric <> trunc((retry ->> 'max_attempts')::numeric)
-				   OR (retry ->> 'max_attempts')::numeric NOT BETWEEN 0 AND 1000000 THEN
-					PERFORM orch._definition_error('22023', wf, path || '.retry.max_attempts',
-						format('expected an integer from 0 to 1000000, got %s', retry -> 'max_attempts'),
-						hint => '0 means unlimited attempts.');
-				END IF;
-				v_max_att := (retry ->> 'max_attempts')::int;
-			END IF;
-			IF retry ? 'initial_interval' THEN
-				v_init := orch._duration(retry -> 'initial_interval', wf, path || '.retry.initial_interval');
-			END IF;
-			IF retry ? 'backoff_coefficient' THEN
-				IF jsonb_typeof(retry -> 'backoff_coefficient') <> 'number'
-				   OR (retry ->> 'backoff_coefficient')::numeric < 1
-				   OR (retry ->> 'backoff_coefficient')::numeric > 100 THEN
-					PERFORM orch._definition_error('22023', wf, path || '.retry.backoff_coefficient',
-						format('expected a number from 1 to 100, got %s', retry -> 'backoff_coefficient'));
-				END IF;
-				v_coef := (retry ->> 'backoff_coefficient')::float8;
-			END IF;
-			IF retry ? 'max_interval' THEN
-				v_maxint := orch._duration(retry -> 'max_interval', wf, path || '.retry.max_interval');
-				IF v_maxint < v_init THEN
-					PERFORM orch._definition_error('22023', wf, path || '.retry.max_interval',
-						format('max_interval %s is shorter than initial_interval %s',
-							   retry -> 'max_interval', coalesce(retry -> 'initial_interval', '"1s"')));
-				END IF;
-			END IF;
-			IF retry ? 'jitter' THEN
-				IF (retry -> 'jitter') NOT IN ('"none"'::jsonb, '"full"'::jsonb) THEN
-					PERFORM orch._definition_error('22023', wf, path || '.retry.jitter',
-						format('expected "none" or "full", got %s', retry -> 'jitter'));
-				END IF;
-				v_jitter := (retry ->> 'jitter') = 'full';
-			END IF;
-			IF retry ? 'non_retryable' THEN
-				IF jsonb_typeof(retry -> 'non_retryable') <> 'array'
-				   OR EXISTS (SELECT FROM jsonb_array_elements(retry -> 'non_retryable') e
-							  WHERE jsonb_typeof(e) <> 'string') THEN
-					PERFORM orch._definition_error('22023', wf, path || '.retry.non_retryable',
-						'expected an array of error classes or SQLSTATE codes');
-				END IF;
-				FOR j IN 0 .. jsonb_array_length(retry -> 'non_retryable') - 1 LOOP
-					IF NOT ((retry -> 'non_retryable' ->> j) IN ('transient', 'permanent', 'unknown_outcome')
-							OR (retry -> 'non_retryable' ->> j) ~ '^[0-9A-Z]{5}$') THEN
-						PERFORM orch._definition_error('22023', wf,
-							format('%s.retry.non_retryable[%s]', path, j),
-							format('"%s" is neither an error class nor a SQLSTATE', retry -> 'non_retryable' ->> j),
-							hint => 'Error classes are transient, permanent and unknown_outcome; a SQLSTATE is five digits or capital letters, such as 23505.');
-					END IF;
-				END LOOP;
-				v_nonretry := retry -> 'non_retryable';
-			END IF;
-		END IF;
-		v_maxint := coalesce(v_maxint, v_init * 100);
+		-- retry: a policy inline, or the name of one
+		v_retry := orch._compile_retry(step -> 'retry', obj, path || '.retry');
+		v_max_att := (v_retry ->> 'max_attempts')::int;
+		v_init := (v_retry ->> 'initial_interval')::interval;
+		v_coef := (v_retry ->> 'backoff_coefficient')::float8;
+		v_maxint := (v_retry ->> 'max_interval')::interval;
+		v_jitter := (v_retry ->> 'jitter')::boolean;
+		v_nonretry := nullif(v_retry -> 'non_retryable', 'null'::jsonb);
+		v_stc := (v_retry ->> 'schedule_to_close')::interval;
 
 		v_timeout := NULL;
 		IF step ? 'timeout' THEN
-			v_timeout := orch._duration(step -> 'timeout', wf, path || '.timeout');
+			v_timeout := orch._duration(step -> 'timeout', obj, path || '.timeout');
 		END IF;
 
 		c_kind := c_kind || kind;
@@ -637,6 +706,8 @@ BEGIN
 		c_jitter := c_jitter || v_jitter;
 		c_timeout := c_timeout || v_timeout;
 		c_nonretry := c_nonretry || v_nonretry;
+		c_stc := c_stc || v_stc;
+		c_policy := c_policy || (v_retry ->> 'policy');
 	END LOOP;
 
 	-- Cycles: Kahn's algorithm; whatever cannot be ordered lies on or behind a cycle.
@@ -670,7 +741,7 @@ BEGIN
 					LIMIT 1);
 		END LOOP;
 		cycle := cycle[array_position(cycle, names[cur]):] || names[cur];
-		PERFORM orch._definition_error('22023', wf,
+		PERFORM orch._definition_error('22023', obj,
 			format('$.steps[%s].needs', array_position(names, cycle[1]) - 1),
 			format('dependency cycle: %s', array_to_string(cycle, ' -> ')),
 			'A step runs after all of its needs, so needs must not form a cycle.');
@@ -690,7 +761,8 @@ BEGIN
 
 	INSERT INTO orch.workflow_steps (workflow, version, name, ordinal, kind, needs, dependents,
 		guard, function_name, function, sleep_for, sleep_until, max_attempts, initial_interval,
-		backoff_coefficient, max_interval, jitter, non_retryable, timeout)
+		backoff_coefficient, max_interval, jitter, non_retryable, schedule_to_close,
+		retry_policy, timeout)
 	SELECT wf, v_version, names[k], k, c_kind[k],
 		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
 		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
@@ -699,10 +771,44 @@ BEGIN
 		   c_init[k], c_coef[k], c_maxint[k], c_jitter[k],
 		   CASE WHEN c_nonretry[k] IS NOT NULL
 				THEN ARRAY(SELECT jsonb_array_elements_text(c_nonretry[k])) END,
-		   c_timeout[k]
+		   c_stc[k], c_policy[k], c_timeout[k]
 	  FROM generate_series(1, cardinality(names)) k;
 
 	RETURN v_version;
+END
+$$;
+
+/*
+ * Define or replace a named retry policy; returns it completed with the
+ * defaults.  Workflows name it as "retry": "<name>".
+ */
+CREATE FUNCTION orch.define_retry_policy(name text, policy jsonb) RETURNS jsonb
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	obj			text := format('retry policy "%s"', define_retry_policy.name);
+	compiled	jsonb;
+BEGIN
+	IF define_retry_policy.name IS NULL
+	   OR define_retry_policy.name !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,62}$' THEN
+		RAISE EXCEPTION USING ERRCODE = '22023',
+			MESSAGE = format('invalid retry policy name "%s"', coalesce(define_retry_policy.name, 'NULL')),
+			HINT = 'A policy name starts with a letter or underscore and has at most 63 letters, digits, underscores, dots or hyphens.';
+	END IF;
+	IF policy IS NULL OR jsonb_typeof(policy) <> 'object' THEN
+		PERFORM orch._definition_error('22023', obj, '$',
+			format('expected an object, got %s', coalesce(jsonb_typeof(policy), 'NULL')));
+	END IF;
+	compiled := orch._compile_retry(policy, obj, '$');
+	INSERT INTO orch.retry_policies AS p (name, policy, definition, updated_by)
+	VALUES (define_retry_policy.name, compiled, policy, orch._caller())
+	ON CONFLICT (name) DO UPDATE
+	   SET policy = excluded.policy, definition = excluded.definition,
+		   updated_at = now(), updated_by = excluded.updated_by;
+	RETURN compiled;
 END
 $$;
 
@@ -877,6 +983,61 @@ BEGIN
 END
 $$;
 
+/*
+ * Redrive a failed run, or one that waits for a human after an unknown
+ * outcome: its failed steps run again with a fresh attempt budget, the steps
+ * cancelled by the failure wait for their needs again, and every step that
+ * succeeded keeps its result and is not run again.
+ */
+CREATE FUNCTION orch.retry_run(run_id uuid, reason text DEFAULT NULL) RETURNS void
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	r orch.runs;
+BEGIN
+	r := orch._lock_run(retry_run.run_id);
+	IF r.status NOT IN ('failed', 'needs_human') THEN
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('run %s cannot be retried: its status is %s', r.run_id, r.status),
+			HINT = 'Only failed runs, and runs waiting for a human after an unknown outcome, are retried.';
+	END IF;
+
+	-- the steps that failed, or whose outcome is unknown, go again
+	UPDATE orch.steps s
+	   SET status = 'ready', wake_at = now(), attempt_base = s.attempt, error = NULL,
+		   started_at = NULL, finished_at = NULL
+	 WHERE s.run_id = r.run_id AND s.status IN ('failed', 'needs_human');
+
+	-- the steps cancelled with the failure wait for their unfinished needs
+	UPDATE orch.steps s
+	   SET status = CASE WHEN n.pending = 0 THEN 'ready' ELSE 'pending' END::orch.step_status,
+		   pending_needs = n.pending, needs_ok = n.ok,
+		   wake_at = CASE WHEN n.pending = 0 THEN now() END,
+		   finished_at = NULL
+	  FROM (SELECT c.step_id,
+				   count(*) FILTER (WHERE d.status NOT IN ('succeeded', 'skipped'))::int AS pending,
+				   count(*) FILTER (WHERE d.status = 'succeeded')::int AS ok
+			  FROM orch.steps c
+			  JOIN orch.runs rr ON rr.run_id = c.run_id
+			  JOIN orch.workflow_steps ws
+				ON ws.workflow = rr.workflow AND ws.version = rr.version AND ws.name = c.name
+			  LEFT JOIN orch.steps d ON d.run_id = c.run_id AND d.name = ANY (ws.needs)
+			 WHERE c.run_id = r.run_id AND c.status = 'cancelled'
+			 GROUP BY c.step_id) n
+	 WHERE s.step_id = n.step_id;
+
+	UPDATE orch.runs
+	   SET status = 'running', error = NULL, output = NULL, finished_at = NULL,
+		   reason = retry_run.reason,
+		   steps_left = (SELECT count(*) FROM orch.steps s
+						  WHERE s.run_id = r.run_id AND s.status NOT IN ('succeeded', 'skipped'))
+	 WHERE orch.runs.run_id = r.run_id;
+END
+$$;
+
 -- Block until the run has finished or the timeout passes; returns its status.
 CREATE FUNCTION orch.wait_run(run_id uuid, timeout interval DEFAULT '30 seconds') RETURNS text
 	LANGUAGE c STRICT
@@ -913,11 +1074,14 @@ CREATE VIEW orch.engine_workers AS
 REVOKE ALL ON ALL TABLES IN SCHEMA orch FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA orch FROM PUBLIC;
 GRANT USAGE ON SCHEMA orch TO orch_reader, orch_worker;
-GRANT SELECT ON orch.workflows, orch.workflow_steps, orch.runs, orch.steps, orch.attempts,
+GRANT SELECT ON orch.workflows, orch.workflow_steps, orch.retry_policies, orch.runs,
+	orch.steps, orch.attempts,
 	orch.engine_workers TO orch_reader;
-GRANT EXECUTE ON FUNCTION orch.define_workflow(text, jsonb) TO orch_admin;
+GRANT EXECUTE ON FUNCTION orch.define_workflow(text, jsonb),
+	orch.define_retry_policy(text, jsonb) TO orch_admin;
 GRANT EXECUTE ON FUNCTION orch.start_run(text, jsonb, text, text, int, timestamptz, text),
 	orch.cancel_run(uuid, text), orch.pause_run(uuid, text), orch.resume_run(uuid, text),
+	orch.retry_run(uuid, text),
 	orch.wait_run(uuid, interval) TO orch_operator;
 GRANT EXECUTE ON FUNCTION orch.tick(int) TO orch_admin;
 GRANT EXECUTE ON FUNCTION orch._engine_workers() TO orch_reader;

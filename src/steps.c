@@ -71,6 +71,9 @@ typedef struct ClaimedStep
 	Interval   *max_interval;
 	bool		jitter;
 	Interval   *timeout;
+	Interval   *schedule_to_close;	/* cap over all attempts, or NULL */
+	int			attempt_base;	/* attempts before the last redrive */
+	TimestampTz started_at;		/* first attempt of this series, or 0 */
 	Datum		non_retryable;	/* text[], or 0 */
 	Datum		dependents;		/* text[] */
 	char	   *run_status;
@@ -90,6 +93,7 @@ enum
 	P_RUNS,
 	P_RUN_FAIL,
 	P_RUN_CANCEL_STEPS,
+	P_RUN_NEEDS_HUMAN,
 	P_NEXT_TIMER,
 	P_COUNT
 };
@@ -125,7 +129,7 @@ static const char *const plan_sql[P_COUNT] = {
 	"                       FROM orch.steps p"
 	"                      WHERE p.run_id = s.run_id AND p.status = 'succeeded'))"
 	"       END,"
-	"       s.wake_at"
+	"       s.wake_at, ws.schedule_to_close, s.attempt_base, s.started_at"
 	"  FROM orch.steps s"
 	"  JOIN orch.runs r ON r.run_id = s.run_id"
 	"  JOIN orch.workflow_steps ws"
@@ -149,7 +153,7 @@ static const char *const plan_sql[P_COUNT] = {
 	"UPDATE orch.steps s"
 	"   SET status = u.status::orch.step_status, wake_at = u.wake_at, attempt = u.attempt,"
 	"       error = COALESCE(u.error, s.error),"
-	"       started_at = CASE WHEN u.status IN ('waiting', 'retrying')"
+	"       started_at = CASE WHEN u.status IN ('waiting', 'retrying', 'needs_human')"
 	"                         THEN COALESCE(s.started_at, $6) ELSE s.started_at END"
 	"  FROM unnest($1, $2, $3, $4, $5) AS u(id, status, wake_at, attempt, error)"
 	" WHERE s.step_id = u.id",
@@ -203,6 +207,11 @@ static const char *const plan_sql[P_COUNT] = {
 	"UPDATE orch.steps SET status = 'cancelled', finished_at = $2, wake_at = NULL"
 	" WHERE run_id = $1 AND status IN ('pending', 'ready', 'waiting', 'retrying')",
 
+	/* $1 run */
+	[P_RUN_NEEDS_HUMAN] =
+	"UPDATE orch.runs SET status = 'needs_human'"
+	" WHERE run_id = $1 AND status IN ('pending', 'running')",
+
 	[P_NEXT_TIMER] =
 	"SELECT pg_catalog.min(wake_at) FROM orch.steps"
 	" WHERE status IN ('ready', 'waiting', 'retrying')",
@@ -211,7 +220,7 @@ static const char *const plan_sql[P_COUNT] = {
 static const int plan_nargs[P_COUNT] = {
 	[P_CLAIM] = 1,[P_FINISH] = 6,[P_DEFER] = 6,[P_ATTEMPT] = 13,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
-	[P_RUN_CANCEL_STEPS] = 2,[P_NEXT_TIMER] = 0,
+	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,[P_NEXT_TIMER] = 0,
 };
 
 static const Oid plan_argtypes[P_COUNT][13] = {
@@ -227,6 +236,7 @@ static const Oid plan_argtypes[P_COUNT][13] = {
 	[P_RUNS] = {UUIDARRAYOID, INT4ARRAYOID, TIMESTAMPTZOID},
 	[P_RUN_FAIL] = {UUIDOID, JSONBOID, TIMESTAMPTZOID},
 	[P_RUN_CANCEL_STEPS] = {UUIDOID, TIMESTAMPTZOID},
+	[P_RUN_NEEDS_HUMAN] = {UUIDOID},
 };
 
 /* ------------------------------------------------------------------------
@@ -506,6 +516,11 @@ claim_steps(int max_steps, MemoryContext cxt, ClaimedStep **steps_out)
 		s->owner = get_text(tup, desc, 23);
 		s->ctx = get_copy(tup, desc, 24, &isnull);
 		s->wake_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 25, &isnull));
+		d = get_copy(tup, desc, 26, &isnull);
+		s->schedule_to_close = isnull ? NULL : DatumGetIntervalP(d);
+		s->attempt_base = DatumGetInt32(SPI_getbinval(tup, desc, 27, &isnull));
+		d = SPI_getbinval(tup, desc, 28, &isnull);
+		s->started_at = isnull ? 0 : DatumGetTimestampTz(d);
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_freetuptable(SPI_tuptable);
@@ -717,10 +732,24 @@ json_add_field(StringInfo buf, const char *key, const char *value, bool *first)
 	*first = false;
 }
 
-/* SQLSTATE classes whose errors may well go away on their own. */
+/*
+ * The class of an error.  A step function chooses it by raising one of
+ * orchestrator's own SQLSTATEs; otherwise it follows from the SQLSTATE:
+ * errors that may well go away on their own are transient.
+ */
+#define ERRCODE_ORCH_TRANSIENT			MAKE_SQLSTATE('O','R','T','R','N')
+#define ERRCODE_ORCH_PERMANENT			MAKE_SQLSTATE('O','R','P','R','M')
+#define ERRCODE_ORCH_UNKNOWN_OUTCOME	MAKE_SQLSTATE('O','R','U','N','K')
+
 static const char *
 error_class_of(int sqlerrcode)
 {
+	if (sqlerrcode == ERRCODE_ORCH_TRANSIENT)
+		return "transient";
+	if (sqlerrcode == ERRCODE_ORCH_PERMANENT)
+		return "permanent";
+	if (sqlerrcode == ERRCODE_ORCH_UNKNOWN_OUTCOME)
+		return "unknown_outcome";
 	switch (ERRCODE_TO_CATEGORY(sqlerrcode))
 	{
 		case ERRCODE_TO_CATEGORY(ERRCODE_TRANSACTION_ROLLBACK):	/* 40: serialization, deadlock */
@@ -738,7 +767,7 @@ error_class_of(int sqlerrcode)
 }
 
 static Datum
-error_json(ClaimedStep *s, int attempt, ErrorData *e, const char *class)
+error_json(ClaimedStep *s, int attempt, ErrorData *e, const char *class, const char *gave_up)
 {
 	StringInfoData buf;
 	bool		first = true;
@@ -753,6 +782,7 @@ error_json(ClaimedStep *s, int attempt, ErrorData *e, const char *class)
 	json_add_field(&buf, "detail", e->detail, &first);
 	json_add_field(&buf, "hint", e->hint, &first);
 	json_add_field(&buf, "context", e->context, &first);
+	json_add_field(&buf, "gave_up", gave_up, &first);
 	appendStringInfoChar(&buf, '}');
 	return jsonb_from_cstring(buf.data);
 }
@@ -932,7 +962,7 @@ maybe_skip(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult 
 	{
 		/* a guard that cannot be evaluated is a permanent error of the step */
 		record_attempt(s, s->attempt + 1, worker, now, GetCurrentTimestamp(), edata, "permanent");
-		fail_step(s, error_json(s, s->attempt + 1, edata, "permanent"), s->attempt + 1, now, result);
+		fail_step(s, error_json(s, s->attempt + 1, edata, "permanent", NULL), s->attempt + 1, now, result);
 		return true;
 	}
 	if (!DatumGetBool(guard_result))
@@ -973,7 +1003,7 @@ advance_sleep(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResu
 	else
 	{
 		record_attempt(s, s->attempt + 1, worker, now, GetCurrentTimestamp(), edata, "permanent");
-		fail_step(s, error_json(s, s->attempt + 1, edata, "permanent"), s->attempt + 1, now, result);
+		fail_step(s, error_json(s, s->attempt + 1, edata, "permanent", NULL), s->attempt + 1, now, result);
 		return;
 	}
 
@@ -990,7 +1020,7 @@ advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 	Datum		output;
 	ErrorData  *edata = NULL;
 	const char *class;
-	Datum		error;
+	const char *gave_up;
 
 	if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
 		return;
@@ -1007,18 +1037,43 @@ advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 
 	class = error_class_of(edata->sqlerrcode);
 	record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), edata, class);
-	error = error_json(s, attempt, edata, class);
 
-	if ((s->max_attempts == 0 || attempt < s->max_attempts) &&
-		!is_non_retryable(s, class, edata->sqlerrcode))
+	if (strcmp(class, "unknown_outcome") == 0)
 	{
-		TimestampTz wake = GetCurrentTimestamp() + retry_delay_usecs(s, attempt);
+		/*
+		 * The step may or may not have had its effect: never run it again
+		 * blindly.  A human (or orch.retry_run) decides.
+		 */
+		Datum		rv[1] = {s->run_id};
 
-		defer_step(s, "retrying", wake, attempt, error);
+		defer_step(s, "needs_human", DT_NOEND, attempt,
+				   error_json(s, attempt, edata, class, "the outcome is unknown"));
 		run_step_done(s, 0);
+		flush_all(now, result);
+		exec_plan(P_RUN_NEEDS_HUMAN, rv, NULL, SPI_OK_UPDATE);
 		return;
 	}
-	fail_step(s, error, attempt, now, result);
+
+	if (is_non_retryable(s, class, edata->sqlerrcode))
+		gave_up = "the error is not retryable";
+	else if (s->max_attempts > 0 && attempt - s->attempt_base >= s->max_attempts)
+		gave_up = "no attempts left";
+	else
+	{
+		TimestampTz wake = GetCurrentTimestamp() + retry_delay_usecs(s, attempt - s->attempt_base);
+		TimestampTz first = s->started_at != 0 ? s->started_at : started;
+
+		if (s->schedule_to_close != NULL &&
+			wake > first + interval_usecs(s->schedule_to_close))
+			gave_up = "the next attempt would start after schedule_to_close";
+		else
+		{
+			defer_step(s, "retrying", wake, attempt, error_json(s, attempt, edata, class, NULL));
+			run_step_done(s, 0);
+			return;
+		}
+	}
+	fail_step(s, error_json(s, attempt, edata, class, gave_up), attempt, now, result);
 }
 
 static bool

@@ -31,8 +31,11 @@ for my $file (sort glob("$docs/*.md"))
 # What the api.md examples promise.
 is($node->safe_psql('api_md', q{
 	SELECT string_agg(status::text, ',' ORDER BY created_at) FROM orch.runs}),
-	'succeeded,cancelled,succeeded', 'the example runs ended as the text says');
-is($node->safe_psql('api_md', 'SELECT count(*) FROM shop.refunds'), '1',
+	'succeeded,cancelled,succeeded,succeeded', 'the example runs ended as the text says');
+is($node->safe_psql('api_md', q{
+	SELECT count(*) FROM orch.attempts a JOIN orch.runs r USING (run_id) WHERE r.workflow = 'ship_order'}),
+	'2', 'the redriven step failed once, without retry, then succeeded');
+is($node->safe_psql('api_md', 'SELECT count(*) FROM shop.refunds WHERE order_id = 7'), '1',
 	'the refund was written once');
 
 $node->safe_psql('api_md', 'DROP OWNED BY shop_app; DROP ROLE shop_app');
