@@ -77,7 +77,7 @@ CREATE TABLE orch.workflow_steps (
 	version			int			NOT NULL,
 	name			text		NOT NULL,
 	ordinal			int			NOT NULL,
-	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep')),
+	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep', 'task')),
 	needs			text[]		NOT NULL DEFAULT '{}',
 	dependents		text[]		NOT NULL DEFAULT '{}',
 	guard			jsonpath,
@@ -85,6 +85,7 @@ CREATE TABLE orch.workflow_steps (
 	function		regprocedure,
 	sleep_for		interval,
 	sleep_until		jsonpath,
+	queue			text,
 	max_attempts	int			NOT NULL DEFAULT 3,
 	initial_interval interval	NOT NULL DEFAULT '1 second',
 	backoff_coefficient float8	NOT NULL DEFAULT 2.0,
@@ -152,10 +153,23 @@ CREATE TABLE orch.steps (
 	error			jsonb,
 	started_at		timestamptz,
 	finished_at		timestamptz,
+	-- task steps: the queue, and the current lease of an external worker
+	queue			text,
+	lease_token		uuid,
+	lease			interval,
+	worker			text,
+	attempt_started_at timestamptz,
+	progress		jsonb,
 	UNIQUE (run_id, name)
 );
+-- The engine's work queue: due steps, and leases of running tasks (wake_at
+-- is the lease's expiry).
 CREATE INDEX steps_due ON orch.steps (wake_at)
-	WHERE status IN ('ready', 'waiting', 'retrying');
+	WHERE status IN ('ready', 'waiting', 'retrying', 'running');
+-- The external workers' queues: tasks waiting for a worker.
+CREATE INDEX steps_task_queue ON orch.steps (queue, step_id)
+	WHERE status = 'waiting' AND queue IS NOT NULL;
+CREATE UNIQUE INDEX steps_lease_token ON orch.steps (lease_token) WHERE lease_token IS NOT NULL;
 
 -- One row per try of a step.  Written only by the engine, in the transaction
 -- that updates the step, so no foreign key (whose check would be a query per
@@ -476,6 +490,8 @@ DECLARE
 	v_timeout	interval;
 	v_retry		jsonb;
 	v_stc		interval;
+	v_queue		text;
+	c_queue		text[] := '{}';
 	c_stc		interval[] := '{}';
 	c_policy	text[] := '{}';
 	obj			text;
@@ -545,20 +561,21 @@ BEGIN
 		IF jsonb_typeof(step -> 'kind') IS DISTINCT FROM 'string' THEN
 			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('step "%s" needs a "kind" string', sname),
-				hint => 'Kinds are: sql, sleep.');
+				hint => 'Kinds are: sql, sleep, task.');
 		END IF;
 		kind := step ->> 'kind';
-		IF kind IN ('task', 'approval', 'wait_event', 'subworkflow', 'map') THEN
+		IF kind IN ('approval', 'wait_event', 'subworkflow', 'map') THEN
 			PERFORM orch._definition_error('0A000', obj, path || '.kind',
 				format('step kind "%s" is not supported by this version', kind),
-				hint => 'Kinds supported by this version are: sql, sleep.');
-		ELSIF kind NOT IN ('sql', 'sleep') THEN
+				hint => 'Kinds supported by this version are: sql, sleep, task.');
+		ELSIF kind NOT IN ('sql', 'sleep', 'task') THEN
 			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('unknown step kind "%s"', kind),
-				hint => 'Kinds are: sql, sleep.');
+				hint => 'Kinds are: sql, sleep, task.');
 		END IF;
 		PERFORM orch._check_keys(step,
 			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function']
+									 WHEN 'task' THEN ARRAY['queue']
 									 ELSE ARRAY['duration', 'until'] END,
 			obj, path, format('a step of kind "%s"', kind));
 
@@ -652,6 +669,18 @@ BEGIN
 			END IF;
 		END IF;
 
+		-- task
+		v_queue := NULL;
+		IF kind = 'task' THEN
+			IF jsonb_typeof(step -> 'queue') IS DISTINCT FROM 'string'
+			   OR (step ->> 'queue') !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
+				PERFORM orch._definition_error('22023', obj, path || '.queue',
+					format('task step "%s" needs a "queue" name', sname),
+					hint => 'A queue name has 1 to 63 letters, digits, underscores, dots, colons or hyphens; workers claim from it with orch.claim_tasks.');
+			END IF;
+			v_queue := step ->> 'queue';
+		END IF;
+
 		-- sleep
 		v_for := NULL;
 		v_until := NULL;
@@ -707,6 +736,7 @@ BEGIN
 		c_timeout := c_timeout || v_timeout;
 		c_nonretry := c_nonretry || v_nonretry;
 		c_stc := c_stc || v_stc;
+		c_queue := c_queue || v_queue;
 		c_policy := c_policy || (v_retry ->> 'policy');
 	END LOOP;
 
@@ -762,7 +792,7 @@ BEGIN
 	INSERT INTO orch.workflow_steps (workflow, version, name, ordinal, kind, needs, dependents,
 		guard, function_name, function, sleep_for, sleep_until, max_attempts, initial_interval,
 		backoff_coefficient, max_interval, jitter, non_retryable, schedule_to_close,
-		retry_policy, timeout)
+		retry_policy, timeout, queue)
 	SELECT wf, v_version, names[k], k, c_kind[k],
 		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
 		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
@@ -771,7 +801,7 @@ BEGIN
 		   c_init[k], c_coef[k], c_maxint[k], c_jitter[k],
 		   CASE WHEN c_nonretry[k] IS NOT NULL
 				THEN ARRAY(SELECT jsonb_array_elements_text(c_nonretry[k])) END,
-		   c_stc[k], c_policy[k], c_timeout[k]
+		   c_stc[k], c_policy[k], c_timeout[k], c_queue[k]
 	  FROM generate_series(1, cardinality(names)) k;
 
 	RETURN v_version;
@@ -870,8 +900,8 @@ BEGIN
 		RETURN existing.run_id;
 	END IF;
 
-	INSERT INTO orch.steps (run_id, name, status, pending_needs, wake_at)
-	SELECT v_run, ws.name,
+	INSERT INTO orch.steps (run_id, name, queue, status, pending_needs, wake_at)
+	SELECT v_run, ws.name, ws.queue,
 		   CASE WHEN cardinality(ws.needs) = 0 THEN 'ready' ELSE 'pending' END::orch.step_status,
 		   cardinality(ws.needs),
 		   CASE WHEN cardinality(ws.needs) = 0 THEN now() END
@@ -1054,6 +1084,58 @@ CREATE FUNCTION orch.tick(max_steps int DEFAULT 100) RETURNS int
 	AS 'MODULE_PATHNAME', 'orch_tick';
 
 /* ------------------------------------------------------------------------
+ * External task workers
+ * ------------------------------------------------------------------------ */
+
+/*
+ * Lease up to max waiting tasks of a queue.  The token fences the worker's
+ * verdict; idempotency_key is the same for every attempt of the step, and
+ * traceparent continues the run's W3C trace.  With nothing to claim, waits
+ * up to `wait` for a commit that queues tasks.
+ */
+CREATE FUNCTION orch.claim_tasks(queue text, worker text, max int DEFAULT 1,
+								 lease interval DEFAULT '5 minutes',
+								 wait interval DEFAULT '0 seconds',
+								 OUT token uuid, OUT run_id uuid, OUT step text, OUT input jsonb,
+								 OUT attempt int, OUT idempotency_key text, OUT traceparent text,
+								 OUT lease_expires_at timestamptz)
+	RETURNS SETOF record
+	LANGUAGE c STRICT
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_claim_tasks';
+
+-- Renew a lease for its own length, and record progress; false if the lease
+-- is no longer held (expired, or the task was cancelled).
+CREATE FUNCTION orch.heartbeat_task(token uuid, progress jsonb DEFAULT NULL) RETURNS boolean
+	LANGUAGE sql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH renewed AS (
+		UPDATE orch.steps s
+		   SET wake_at = clock_timestamp() + s.lease,
+			   progress = coalesce(heartbeat_task.progress, s.progress)
+		 WHERE s.lease_token = heartbeat_task.token AND s.status = 'running'
+		   AND s.wake_at > clock_timestamp()
+		RETURNING 1)
+	SELECT EXISTS (SELECT FROM renewed)
+$$;
+
+CREATE FUNCTION orch.complete_task(token uuid, output jsonb) RETURNS void
+	LANGUAGE c
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_complete_task';
+
+CREATE FUNCTION orch.fail_task(token uuid, error text, error_class text DEFAULT 'transient',
+							   detail text DEFAULT NULL) RETURNS void
+	LANGUAGE c
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_fail_task';
+
+/* ------------------------------------------------------------------------
  * Views
  * ------------------------------------------------------------------------ */
 
@@ -1084,6 +1166,9 @@ GRANT EXECUTE ON FUNCTION orch.start_run(text, jsonb, text, text, int, timestamp
 	orch.retry_run(uuid, text),
 	orch.wait_run(uuid, interval) TO orch_operator;
 GRANT EXECUTE ON FUNCTION orch.tick(int) TO orch_admin;
+GRANT EXECUTE ON FUNCTION orch.claim_tasks(text, text, int, interval, interval),
+	orch.heartbeat_task(uuid, jsonb), orch.complete_task(uuid, jsonb),
+	orch.fail_task(uuid, text, text, text) TO orch_worker;
 GRANT EXECUTE ON FUNCTION orch._engine_workers() TO orch_reader;
 
 -- Let the launcher start this database's engine as soon as we commit.

@@ -152,6 +152,8 @@ orch_engine_main(Datum main_arg)
 
 			if (result.runs_finished > 0)
 				ConditionVariableBroadcast(&OrchShared->run_finished);
+			if (result.tasks_queued > 0)
+				ConditionVariableBroadcast(&OrchShared->tasks_ready);
 			if (result.claimed > 0)
 				slot_update_after_batch(result.claimed);
 			/* Work begets work: a finished step may have made others ready. */

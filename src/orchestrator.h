@@ -55,6 +55,7 @@ typedef struct OrchSharedState
 	Latch	   *launcher_latch;
 	uint64		launcher_wakeups;	/* bumped by every request to look again */
 	ConditionVariable run_finished; /* broadcast when runs may have finished */
+	ConditionVariable tasks_ready;	/* broadcast when tasks may have been queued */
 	int			nslots;
 	OrchEngineSlot slots[FLEXIBLE_ARRAY_MEMBER];
 } OrchSharedState;
@@ -86,10 +87,13 @@ typedef struct OrchBatchResult
 	int			claimed;		/* steps looked at */
 	int			executed;		/* sql step attempts made */
 	int			runs_finished;	/* runs that reached a final status */
+	int			tasks_queued;	/* task steps put in their queues */
 	bool		made_ready;		/* some step became ready */
 } OrchBatchResult;
 
 extern void orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result);
 extern TimestampTz orch_next_timer(void);
+extern void orch_finish_task(Datum token, Datum output, const char *error,
+							 const char *error_class, const char *detail);
 
 #endif							/* ORCHESTRATOR_H */

@@ -45,6 +45,7 @@ orch_shmem_startup(void)
 		memset(OrchShared, 0, orch_shmem_size());
 		SpinLockInit(&OrchShared->mutex);
 		ConditionVariableInit(&OrchShared->run_finished);
+		ConditionVariableInit(&OrchShared->tasks_ready);
 		OrchShared->nslots = max_worker_processes;
 	}
 	LWLockRelease(AddinShmemInitLock);

@@ -74,6 +74,8 @@ typedef struct ClaimedStep
 	Interval   *schedule_to_close;	/* cap over all attempts, or NULL */
 	int			attempt_base;	/* attempts before the last redrive */
 	TimestampTz started_at;		/* first attempt of this series, or 0 */
+	TimestampTz attempt_started_at; /* a task's current lease began, or 0 */
+	char	   *worker;			/* a task's current worker, or NULL */
 	Datum		non_retryable;	/* text[], or 0 */
 	Datum		dependents;		/* text[] */
 	char	   *run_status;
@@ -86,6 +88,7 @@ typedef struct ClaimedStep
 enum
 {
 	P_CLAIM,
+	P_TASK_BY_TOKEN,
 	P_FINISH,
 	P_DEFER,
 	P_ATTEMPT,
@@ -113,38 +116,50 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
  * (unnest) when the round ends, or earlier when a write must not wait (a
  * run failing).  Executor start-up is then paid per round, not per step.
  */
+/* what the state machine needs of a step, its run and its definition */
+#define STEP_SELECT \
+	"SELECT s.step_id, s.run_id, s.name, s.status, s.attempt, s.needs_ok," \
+	"       pg_catalog.cardinality(ws.needs), ws.kind, ws.function::pg_catalog.oid," \
+	"       ws.function_name, ws.guard, ws.sleep_for, ws.sleep_until, ws.max_attempts," \
+	"       ws.initial_interval, ws.backoff_coefficient, ws.max_interval, ws.jitter," \
+	"       ws.timeout, ws.non_retryable, ws.dependents, r.status, r.owner," \
+	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL THEN" \
+	"         pg_catalog.jsonb_build_object(" \
+	"           'run_id', r.run_id, 'workflow', r.workflow, 'version', r.version," \
+	"           'step', s.name, 'attempt', s.attempt + 1, 'input', r.input," \
+	"           'business_key', r.business_key," \
+	"           'steps', (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
+	"                       FROM orch.steps p" \
+	"                      WHERE p.run_id = s.run_id AND p.status = 'succeeded'))" \
+	"       END," \
+	"       s.wake_at, ws.schedule_to_close, s.attempt_base, s.started_at," \
+	"       s.attempt_started_at, s.worker" \
+	"  FROM orch.steps s" \
+	"  JOIN orch.runs r ON r.run_id = s.run_id" \
+	"  JOIN orch.workflow_steps ws" \
+	"    ON ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name"
+
 static const char *const plan_sql[P_COUNT] = {
 	[P_CLAIM] =
-	"SELECT s.step_id, s.run_id, s.name, s.status, s.attempt, s.needs_ok,"
-	"       pg_catalog.cardinality(ws.needs), ws.kind, ws.function::pg_catalog.oid,"
-	"       ws.function_name, ws.guard, ws.sleep_for, ws.sleep_until, ws.max_attempts,"
-	"       ws.initial_interval, ws.backoff_coefficient, ws.max_interval, ws.jitter,"
-	"       ws.timeout, ws.non_retryable, ws.dependents, r.status, r.owner,"
-	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL THEN"
-	"         pg_catalog.jsonb_build_object("
-	"           'run_id', r.run_id, 'workflow', r.workflow, 'version', r.version,"
-	"           'step', s.name, 'attempt', s.attempt + 1, 'input', r.input,"
-	"           'business_key', r.business_key,"
-	"           'steps', (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')"
-	"                       FROM orch.steps p"
-	"                      WHERE p.run_id = s.run_id AND p.status = 'succeeded'))"
-	"       END,"
-	"       s.wake_at, ws.schedule_to_close, s.attempt_base, s.started_at"
-	"  FROM orch.steps s"
-	"  JOIN orch.runs r ON r.run_id = s.run_id"
-	"  JOIN orch.workflow_steps ws"
-	"    ON ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name"
-	" WHERE s.status IN ('ready', 'waiting', 'retrying') AND s.wake_at <= pg_catalog.now()"
+	STEP_SELECT
+	" WHERE s.status IN ('ready', 'waiting', 'retrying', 'running')"
+	"   AND s.wake_at <= pg_catalog.now()"
 	" ORDER BY s.wake_at"
 	" LIMIT $1"
 	" FOR UPDATE OF s, r SKIP LOCKED",
+
+	/* a task by its lease token, for its worker's verdict */
+	[P_TASK_BY_TOKEN] =
+	STEP_SELECT
+	" WHERE s.lease_token = $1"
+	" FOR UPDATE OF s, r",
 
 	/* steps that finished: succeeded, skipped, failed */
 	[P_FINISH] =
 	"UPDATE orch.steps s"
 	"   SET status = u.status::orch.step_status, output = u.output, error = u.error,"
 	"       attempt = u.attempt, started_at = COALESCE(s.started_at, $6), finished_at = $6,"
-	"       wake_at = NULL"
+	"       wake_at = NULL, lease_token = NULL"
 	"  FROM unnest($1, $2, $3, $4, $5) AS u(id, status, output, error, attempt)"
 	" WHERE s.step_id = u.id",
 
@@ -152,7 +167,7 @@ static const char *const plan_sql[P_COUNT] = {
 	[P_DEFER] =
 	"UPDATE orch.steps s"
 	"   SET status = u.status::orch.step_status, wake_at = u.wake_at, attempt = u.attempt,"
-	"       error = COALESCE(u.error, s.error),"
+	"       error = COALESCE(u.error, s.error), lease_token = NULL,"
 	"       started_at = CASE WHEN u.status IN ('waiting', 'retrying', 'needs_human')"
 	"                         THEN COALESCE(s.started_at, $6) ELSE s.started_at END"
 	"  FROM unnest($1, $2, $3, $4, $5) AS u(id, status, wake_at, attempt, error)"
@@ -214,17 +229,18 @@ static const char *const plan_sql[P_COUNT] = {
 
 	[P_NEXT_TIMER] =
 	"SELECT pg_catalog.min(wake_at) FROM orch.steps"
-	" WHERE status IN ('ready', 'waiting', 'retrying')",
+	" WHERE status IN ('ready', 'waiting', 'retrying', 'running')",
 };
 
 static const int plan_nargs[P_COUNT] = {
-	[P_CLAIM] = 1,[P_FINISH] = 6,[P_DEFER] = 6,[P_ATTEMPT] = 13,
+	[P_CLAIM] = 1,[P_TASK_BY_TOKEN] = 1,[P_FINISH] = 6,[P_DEFER] = 6,[P_ATTEMPT] = 13,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,[P_NEXT_TIMER] = 0,
 };
 
 static const Oid plan_argtypes[P_COUNT][13] = {
 	[P_CLAIM] = {INT4OID},
+	[P_TASK_BY_TOKEN] = {UUIDOID},
 	[P_FINISH] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, JSONBARRAYOID, INT4ARRAYOID,
 	TIMESTAMPTZOID},
 	[P_DEFER] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, JSONBARRAYOID,
@@ -467,15 +483,16 @@ get_copy(HeapTuple tup, TupleDesc desc, int col, bool *isnull)
 	return datumCopy(d, att->attbyval, att->attlen);
 }
 
+/* Run a STEP_SELECT statement and copy its rows out of SPI memory into cxt. */
 static int
-claim_steps(int max_steps, MemoryContext cxt, ClaimedStep **steps_out)
+fetch_steps(int plan, Datum arg, MemoryContext cxt, ClaimedStep **steps_out)
 {
-	Datum		args[1] = {Int32GetDatum(max_steps)};
+	Datum		args[1] = {arg};
 	ClaimedStep *steps;
 	uint64		n;
 	MemoryContext oldcxt;
 
-	exec_plan(P_CLAIM, args, NULL, SPI_OK_SELECT);
+	exec_plan(plan, args, NULL, SPI_OK_SELECT);
 	n = SPI_processed;
 
 	oldcxt = MemoryContextSwitchTo(cxt);
@@ -521,6 +538,9 @@ claim_steps(int max_steps, MemoryContext cxt, ClaimedStep **steps_out)
 		s->attempt_base = DatumGetInt32(SPI_getbinval(tup, desc, 27, &isnull));
 		d = SPI_getbinval(tup, desc, 28, &isnull);
 		s->started_at = isnull ? 0 : DatumGetTimestampTz(d);
+		d = SPI_getbinval(tup, desc, 29, &isnull);
+		s->attempt_started_at = isnull ? 0 : DatumGetTimestampTz(d);
+		s->worker = get_text(tup, desc, 30);
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_freetuptable(SPI_tuptable);
@@ -864,6 +884,7 @@ defer_step(ClaimedStep *s, const char *status, TimestampTz wake_at, int attempt,
 	v[0] = Int64GetDatum(s->step_id);
 	v[1] = CStringGetTextDatum(status);
 	v[2] = TimestampTzGetDatum(wake_at);
+	n[2] = wake_at == 0;		/* no timer: a task waiting for a worker */
 	v[3] = Int32GetDatum(attempt);
 	v[4] = error;
 	n[4] = error == (Datum) 0;
@@ -1012,31 +1033,15 @@ advance_sleep(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResu
 	/* the wake-up for an "until" already past is the next batch */
 }
 
+/*
+ * Attempt number attempt of the step failed with an error of this class
+ * (already recorded): retry it, give up, or hand it to a human.
+ */
 static void
-advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+handle_failure(ClaimedStep *s, int attempt, TimestampTz started, ErrorData *edata,
+			   const char *class, TimestampTz now, OrchBatchResult *result)
 {
-	int			attempt;
-	TimestampTz started;
-	Datum		output;
-	ErrorData  *edata = NULL;
-	const char *class;
 	const char *gave_up;
-
-	if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
-		return;
-
-	attempt = s->attempt + 1;
-	started = GetCurrentTimestamp();
-	result->executed++;
-	if (run_in_subxact(call_step_function, s, NULL, &output, &edata))
-	{
-		record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), NULL, NULL);
-		finish_step(s, "succeeded", output, attempt);
-		return;
-	}
-
-	class = error_class_of(edata->sqlerrcode);
-	record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), edata, class);
 
 	if (strcmp(class, "unknown_outcome") == 0)
 	{
@@ -1046,7 +1051,7 @@ advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 		 */
 		Datum		rv[1] = {s->run_id};
 
-		defer_step(s, "needs_human", DT_NOEND, attempt,
+		defer_step(s, "needs_human", 0, attempt,
 				   error_json(s, attempt, edata, class, "the outcome is unknown"));
 		run_step_done(s, 0);
 		flush_all(now, result);
@@ -1074,6 +1079,66 @@ advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 		}
 	}
 	fail_step(s, error_json(s, attempt, edata, class, gave_up), attempt, now, result);
+}
+
+static void
+advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+{
+	int			attempt;
+	TimestampTz started;
+	Datum		output;
+	ErrorData  *edata = NULL;
+	const char *class;
+
+	if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
+		return;
+
+	attempt = s->attempt + 1;
+	started = GetCurrentTimestamp();
+	result->executed++;
+	if (run_in_subxact(call_step_function, s, NULL, &output, &edata))
+	{
+		record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), NULL, NULL);
+		finish_step(s, "succeeded", output, attempt);
+		return;
+	}
+
+	class = error_class_of(edata->sqlerrcode);
+	record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), edata, class);
+	handle_failure(s, attempt, started, edata, class, now, result);
+}
+
+/*
+ * A task step is done by an external worker.  The engine queues it when it
+ * is ready (or due again after a failed attempt), and looks at it again only
+ * when its lease expires: a worker that claimed the task and went silent may
+ * have done the work, so the outcome is unknown.
+ */
+static void
+advance_task(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+{
+	if (strcmp(s->status, "running") == 0)
+	{
+		ErrorData	e;
+		char		msg[256];
+
+		memset(&e, 0, sizeof(e));
+		snprintf(msg, sizeof(msg), "the lease of worker \"%s\" on task \"%s\" expired",
+				 s->worker ? s->worker : "?", s->name);
+		e.sqlerrcode = ERRCODE_ORCH_UNKNOWN_OUTCOME;
+		e.message = msg;
+		record_attempt(s, s->attempt, s->worker ? s->worker : worker,
+					   s->attempt_started_at, GetCurrentTimestamp(), &e, "unknown_outcome");
+		handle_failure(s, s->attempt, s->attempt_started_at, &e, "unknown_outcome", now, result);
+		return;
+	}
+	if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
+		return;
+
+	/* ready, or retrying and due: into the queue, with no timer */
+	defer_step(s, "waiting", 0, s->attempt, (Datum) 0);
+	run_step_done(s, 0);
+	result->tasks_queued++;
 }
 
 static bool
@@ -1104,8 +1169,36 @@ advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 		advance_sql(s, worker, now, result);
 	else if (strcmp(s->kind, "sleep") == 0)
 		advance_sleep(s, worker, now, result);
+	else if (strcmp(s->kind, "task") == 0)
+		advance_task(s, worker, now, result);
 	else
 		elog(ERROR, "unknown step kind \"%s\"", s->kind);
+}
+
+/* The batch-scoped state, for one batch or one task verdict. */
+static MemoryContext
+batch_begin(void)
+{
+	if (batch_cxt != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("orchestrator functions cannot be called from inside a step")));
+	batch_cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator batch",
+									  ALLOCSET_DEFAULT_SIZES);
+	rows_cxt = AllocSetContextCreate(batch_cxt, "orchestrator rows", ALLOCSET_DEFAULT_SIZES);
+	failed_runs = NIL;
+	buffers_reset();
+	return batch_cxt;
+}
+
+/* On error too; the context itself goes with its parent's memory then. */
+static void
+batch_end(void)
+{
+	batch_cxt = NULL;
+	rows_cxt = NULL;
+	failed_runs = NIL;
+	buffers_reset();
 }
 
 /*
@@ -1120,18 +1213,8 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 	MemoryContext oldcxt;
 	TimestampTz now = GetCurrentTimestamp();
 
-	if (batch_cxt != NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("orch.tick cannot be called from inside a step")));
-
-	cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator batch",
-								ALLOCSET_DEFAULT_SIZES);
+	cxt = batch_begin();
 	step_cxt = AllocSetContextCreate(cxt, "orchestrator step", ALLOCSET_DEFAULT_SIZES);
-	rows_cxt = AllocSetContextCreate(cxt, "orchestrator rows", ALLOCSET_DEFAULT_SIZES);
-	batch_cxt = cxt;
-	buffers_reset();
-	failed_runs = NIL;
 
 	PG_TRY();
 	{
@@ -1143,7 +1226,8 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 			bool		made_ready_before = result->made_ready;
 
 			result->made_ready = false;
-			n = claim_steps(max_steps - result->claimed, batch_cxt, &steps);
+			n = fetch_steps(P_CLAIM, Int32GetDatum(max_steps - result->claimed), batch_cxt,
+							&steps);
 			result->claimed += n;
 			for (int i = 0; i < n; i++)
 			{
@@ -1163,17 +1247,79 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 	}
 	PG_FINALLY();
 	{
-		/* on error the context goes with its parent's memory */
-		batch_cxt = NULL;
-		rows_cxt = NULL;
-		failed_runs = NIL;
-		buffers_reset();
+		batch_end();
 	}
 	PG_END_TRY();
 	MemoryContextDelete(cxt);
 
 	if (result->made_ready)
 		orch_wake_engines_at_end();
+}
+
+/*
+ * A worker's verdict on the task it holds the lease token of: output on
+ * success, else the error and its class.  The lease must still be valid: a
+ * token from an expired lease, or of a task claimed again since, changes
+ * nothing (fencing).
+ */
+void
+orch_finish_task(Datum token, Datum output, const char *error, const char *error_class,
+				 const char *detail)
+{
+	MemoryContext cxt;
+	OrchBatchResult result;
+	TimestampTz now = GetCurrentTimestamp();
+
+	memset(&result, 0, sizeof(result));
+	cxt = batch_begin();
+	PG_TRY();
+	{
+		ClaimedStep *steps;
+		ClaimedStep *s;
+		int			n = fetch_steps(P_TASK_BY_TOKEN, token, cxt, &steps);
+
+		s = n > 0 ? &steps[0] : NULL;
+		if (s == NULL || strcmp(s->status, "running") != 0 || s->wake_at <= now)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("task lease is not valid"),
+					 s == NULL ?
+					 errdetail("No task holds lease %s: it expired and the task went on, or the token is wrong.",
+							   DatumGetCString(DirectFunctionCall1(uuid_out, token))) :
+					 strcmp(s->status, "running") != 0 ?
+					 errdetail("Task \"%s\" is %s.", s->name, s->status) :
+					 errdetail("The lease on task \"%s\" has expired.", s->name),
+					 errhint("Nothing was changed.  Claim the task again with orch.claim_tasks.")));
+
+		if (error == NULL)
+		{
+			record_attempt(s, s->attempt, s->worker, s->attempt_started_at, now, NULL, NULL);
+			finish_step(s, "succeeded", output, s->attempt);
+		}
+		else
+		{
+			ErrorData	e;
+
+			memset(&e, 0, sizeof(e));
+			e.sqlerrcode = strcmp(error_class, "transient") == 0 ? ERRCODE_ORCH_TRANSIENT :
+				strcmp(error_class, "permanent") == 0 ? ERRCODE_ORCH_PERMANENT :
+				ERRCODE_ORCH_UNKNOWN_OUTCOME;
+			e.message = (char *) error;
+			e.detail = (char *) detail;
+			record_attempt(s, s->attempt, s->worker, s->attempt_started_at, now, &e, error_class);
+			handle_failure(s, s->attempt, s->attempt_started_at, &e, error_class, now, &result);
+		}
+		flush_all(now, &result);
+	}
+	PG_FINALLY();
+	{
+		batch_end();
+	}
+	PG_END_TRY();
+	MemoryContextDelete(cxt);
+
+	/* the next steps may be ready, the run may have finished */
+	orch_wake_engines_at_end();
 }
 
 /*

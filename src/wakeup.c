@@ -30,8 +30,9 @@ orch_xact_callback(XactEvent event, void *arg)
 			if (wake_engines_at_end && OrchShared != NULL)
 			{
 				orch_wake_engines(MyDatabaseId);
-				/* a committed change may have finished runs that someone waits for */
+				/* a committed change may have finished runs or queued tasks */
 				ConditionVariableBroadcast(&OrchShared->run_finished);
+				ConditionVariableBroadcast(&OrchShared->tasks_ready);
 			}
 			if (wake_launcher_at_commit && OrchShared != NULL)
 				orch_wake_launcher();

@@ -1,0 +1,97 @@
+-- External task workers: claim, heartbeat, complete, fail; leases and fencing.
+\set SHOW_CONTEXT never
+
+SELECT orch.define_workflow('crm_sync', '{"steps": [
+  {"name": "prep", "kind": "sql", "function": "app.record"},
+  {"name": "push", "kind": "task", "queue": "crm", "needs": ["prep"],
+   "retry": {"max_attempts": 3, "initial_interval": "10ms", "non_retryable": ["permanent"]}},
+  {"name": "done", "kind": "sql", "function": "app.record", "needs": ["push"]}]}');
+
+-- A task step needs a queue.
+SELECT app.show_error($$SELECT orch.define_workflow('noqueue', '{"steps": [{"name": "t", "kind": "task"}]}')$$);
+
+-- A worker role reaches tasks only through the task functions.
+CREATE ROLE crm_worker IN ROLE orch_worker;
+SET ROLE crm_worker;
+SELECT app.show_error('SELECT count(*) FROM orch.steps');
+
+-- The engine queues the task once "prep" is done; a waiting claim is woken by
+-- that commit.  The lease comes with a token, a stable idempotency key and a
+-- W3C traceparent; the input is the run context.
+RESET ROLE;
+SELECT orch.start_run('crm_sync', '{"customer": 7}') AS run \gset
+SET ROLE crm_worker;
+SELECT token, attempt, idempotency_key AS first_key, traceparent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-01$' AS w3c,
+	   input->'input' AS input, input->'steps'->'prep'->'step' AS saw_prep,
+	   lease_expires_at > now() AS leased
+  FROM orch.claim_tasks('crm', 'worker-1', 1, '30s', wait => '10s') \gset
+SELECT :attempt AS attempt, :'w3c' AS w3c, :'input' AS input, :'saw_prep' AS saw_prep, :'leased' AS leased;
+SELECT :'first_key' = :'run' || '/push' AS key_names_run_and_step;
+RESET ROLE;
+SELECT name, status, worker FROM orch.steps WHERE run_id = :'run' ORDER BY step_id;
+SET ROLE crm_worker;
+
+-- Nothing else to claim; a second claim of the same task gets nothing.
+SELECT count(*) FROM orch.claim_tasks('crm', 'worker-2', 5, '30s');
+
+-- A heartbeat renews the lease and records progress.
+SELECT orch.heartbeat_task(:'token', '{"pushed": 10}');
+
+-- A transient failure: the task is queued again, and the next worker gets
+-- the same idempotency key.
+SELECT orch.fail_task(:'token', 'CRM answered 503', 'transient', 'retry later');
+SELECT token AS token2, attempt, idempotency_key = :'first_key' AS same_key
+  FROM orch.claim_tasks('crm', 'worker-2', 1, '30s', wait => '10s') \gset
+SELECT :attempt AS attempt, :'same_key' AS same_key;
+
+-- Fencing: the first token is dead, and its verdict changes nothing.
+SELECT app.show_error(format('SELECT orch.complete_task(%L, %L)', :'token', '{"late": true}'));
+SELECT orch.heartbeat_task(:'token');
+
+-- The holder of the lease completes the task; the run goes on.
+SELECT orch.complete_task(:'token2', '{"crm_id": 42}');
+RESET ROLE;
+SELECT orch.wait_run(:'run', '30s');
+SELECT name, status, attempt, output, progress FROM orch.steps WHERE run_id = :'run' ORDER BY step_id;
+SELECT a.attempt, a.worker, outcome, error_class, message, detail
+  FROM orch.attempts a JOIN orch.steps s USING (step_id)
+ WHERE s.run_id = :'run' AND s.name = 'push' ORDER BY a.attempt;
+
+-- A permanent failure listed as non-retryable fails the run.
+SELECT orch.start_run('crm_sync', '{"customer": 8}') AS run2 \gset
+SET ROLE crm_worker;
+SELECT token AS token3 FROM orch.claim_tasks('crm', 'worker-1', 1, '30s', wait => '10s') \gset
+SELECT orch.fail_task(:'token3', 'customer 8 does not exist in the CRM', 'permanent');
+RESET ROLE;
+SELECT orch.wait_run(:'run2', '30s');
+SELECT error->>'step' AS step, error->>'class' AS class, error->>'gave_up' AS gave_up
+  FROM orch.runs WHERE run_id = :'run2';
+
+-- A lease that expires: the worker may have done the work, so the outcome is
+-- unknown and a human decides; the late verdict is refused.
+SELECT orch.start_run('crm_sync', '{"customer": 9}') AS run3 \gset
+SET ROLE crm_worker;
+SELECT token AS token4 FROM orch.claim_tasks('crm', 'worker-3', 1, '100ms', wait => '10s') \gset
+RESET ROLE;
+SELECT orch.wait_run(:'run3', '1s');
+SELECT name, status, error->>'class' AS class FROM orch.steps WHERE run_id = :'run3' ORDER BY step_id;
+SELECT outcome, error_class, message FROM orch.attempts a JOIN orch.steps s USING (step_id)
+ WHERE s.run_id = :'run3' AND s.name = 'push';
+SET ROLE crm_worker;
+SELECT app.show_error(format('SELECT orch.complete_task(%L, %L)', :'token4', '{}'));
+RESET ROLE;
+-- After checking, an operator redrives it; a worker finishes it.
+SELECT orch.retry_run(:'run3', 'the CRM has no record of it');
+SET ROLE crm_worker;
+SELECT orch.complete_task(token, '{"crm_id": 43}') FROM orch.claim_tasks('crm', 'worker-1', 1, '30s', wait => '10s');
+RESET ROLE;
+SELECT orch.wait_run(:'run3', '30s');
+
+-- Bad calls.
+SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', 'w', 0)$$);
+SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', '', 1)$$);
+SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', 'w', 1, '-1s')$$);
+SELECT app.show_error($$SELECT orch.fail_task(gen_random_uuid(), 'x', 'sometimes')$$);
+SELECT app.show_error($$SELECT orch.complete_task(gen_random_uuid(), NULL)$$);
+
+DROP ROLE crm_worker;

@@ -1,0 +1,205 @@
+/*-------------------------------------------------------------------------
+ * api_tasks.c
+ *	  External task workers: orch.claim_tasks, orch.complete_task and
+ *	  orch.fail_task.  A claim gives a lease with a token; the token fences
+ *	  the verdict, which goes through the engine's own state machine
+ *	  (steps.c), so a task's completion commits with the readiness of the
+ *	  steps after it.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "orchestrator.h"
+
+#define CLAIM_TASKS_SQL \
+	"WITH c AS (" \
+	"  SELECT s.step_id FROM orch.steps s JOIN orch.runs r ON r.run_id = s.run_id" \
+	"   WHERE s.queue = $1 AND s.status = 'waiting' AND r.status IN ('pending', 'running')" \
+	"   ORDER BY s.queue, s.step_id LIMIT $3" \
+	"   FOR UPDATE OF s SKIP LOCKED)," \
+	" u AS (" \
+	"  UPDATE orch.steps s" \
+	"     SET status = 'running', attempt = s.attempt + 1," \
+	"         lease_token = pg_catalog.gen_random_uuid(), lease = $4, worker = $2," \
+	"         attempt_started_at = pg_catalog.clock_timestamp()," \
+	"         started_at = COALESCE(s.started_at, pg_catalog.clock_timestamp())," \
+	"         wake_at = pg_catalog.clock_timestamp() + $4" \
+	"    FROM c WHERE s.step_id = c.step_id" \
+	"  RETURNING s.step_id, s.run_id, s.name, s.attempt, s.lease_token, s.wake_at)" \
+	"SELECT u.lease_token, u.run_id, u.name," \
+	"       pg_catalog.jsonb_build_object(" \
+	"         'run_id', r.run_id, 'workflow', r.workflow, 'version', r.version," \
+	"         'step', u.name, 'attempt', u.attempt, 'input', r.input," \
+	"         'business_key', r.business_key," \
+	"         'steps', (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
+	"                     FROM orch.steps p" \
+	"                    WHERE p.run_id = u.run_id AND p.status = 'succeeded'))," \
+	"       u.attempt, u.run_id::text || '/' || u.name," \
+	"       '00-' || pg_catalog.encode(r.trace_id, 'hex') || '-'" \
+	"         || pg_catalog.lpad(pg_catalog.to_hex(u.step_id), 16, '0') || '-01'," \
+	"       u.wake_at" \
+	"  FROM u JOIN orch.runs r ON r.run_id = u.run_id" \
+	" ORDER BY u.step_id"
+
+static int64
+interval_to_usecs(const Interval *iv)
+{
+	return iv->time + (int64) iv->day * USECS_PER_DAY +
+		(int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
+}
+
+/*
+ * orch.claim_tasks(queue, worker, max, lease, wait): lease up to max waiting
+ * tasks of the queue.  With nothing to claim, wait up to `wait` for a commit
+ * that queues tasks (a condition variable, not polling).
+ */
+PG_FUNCTION_INFO_V1(orch_claim_tasks);
+Datum
+orch_claim_tasks(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	text	   *queue = PG_GETARG_TEXT_PP(0);
+	text	   *worker = PG_GETARG_TEXT_PP(1);
+	int32		max = PG_GETARG_INT32(2);
+	Interval   *lease = PG_GETARG_INTERVAL_P(3);
+	Interval   *wait = PG_GETARG_INTERVAL_P(4);
+	Oid			argtypes[4] = {TEXTOID, TEXTOID, INT4OID, INTERVALOID};
+	Datum		args[4];
+	SPIPlanPtr	plan;
+	TimestampTz deadline;
+	int64		lease_us = interval_to_usecs(lease);
+
+	if (max < 1 || max > 10000)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("max must be between 1 and 10000, not %d", max)));
+	if (lease_us <= 0 || lease_us > USECS_PER_DAY * 7)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("lease must be positive and at most 7 days"),
+				 errhint("Renew a long lease with orch.heartbeat_task instead.")));
+	if (VARSIZE_ANY_EXHDR(worker) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("worker must name the worker"),
+				 errhint("Attempts record it: use something an operator can find, such as host:pid.")));
+	if (IsolationUsesXactSnapshot() && interval_to_usecs(wait) > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("orch.claim_tasks cannot wait inside a REPEATABLE READ or SERIALIZABLE transaction")));
+	if (OrchShared == NULL && interval_to_usecs(wait) > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("orch.claim_tasks can wait only with orchestrator in shared_preload_libraries")));
+
+	InitMaterializedSRF(fcinfo, 0);
+	deadline = GetCurrentTimestamp() + Max(interval_to_usecs(wait), 0);
+
+	args[0] = PointerGetDatum(queue);
+	args[1] = PointerGetDatum(worker);
+	args[2] = Int32GetDatum(max);
+	args[3] = IntervalPGetDatum(lease);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	plan = SPI_prepare(CLAIM_TASKS_SQL, 4, argtypes);
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+
+	for (;;)
+	{
+		long		remaining_ms;
+
+		if (OrchShared != NULL)
+			ConditionVariablePrepareToSleep(&OrchShared->tasks_ready);
+		/* not read-only: a new snapshot each time, to see newly queued tasks */
+		if (SPI_execute_plan(plan, args, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not claim tasks");
+		if (SPI_processed > 0)
+			break;
+		remaining_ms = (long) ((deadline - GetCurrentTimestamp()) / 1000);
+		if (remaining_ms <= 0)
+			break;
+		(void) ConditionVariableTimedSleep(&OrchShared->tasks_ready, remaining_ms,
+										   PG_WAIT_EXTENSION);
+	}
+	if (OrchShared != NULL)
+		ConditionVariableCancelSleep();
+
+	/* the engine must now also wake when these leases expire */
+	if (SPI_processed > 0)
+		orch_wake_engines_at_end();
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		Datum		values[8];
+		bool		nulls[8];
+
+		for (int c = 0; c < 8; c++)
+			values[c] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, c + 1,
+									  &nulls[c]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	SPI_finish();
+	return (Datum) 0;
+}
+
+/* orch.complete_task(token, output) */
+PG_FUNCTION_INFO_V1(orch_complete_task);
+Datum
+orch_complete_task(PG_FUNCTION_ARGS)
+{
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("the lease token must not be NULL")));
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("the output of a task must not be NULL"),
+				 errhint("Complete with '{}' when there is nothing to report.")));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	orch_finish_task(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1), NULL, NULL, NULL);
+	SPI_finish();
+	PG_RETURN_VOID();
+}
+
+/* orch.fail_task(token, error, error_class, detail) */
+PG_FUNCTION_INFO_V1(orch_fail_task);
+Datum
+orch_fail_task(PG_FUNCTION_ARGS)
+{
+	char	   *error;
+	char	   *class;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("the lease token, the error and its class must not be NULL")));
+	error = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	class = text_to_cstring(PG_GETARG_TEXT_PP(2));
+	if (strcmp(class, "transient") != 0 && strcmp(class, "permanent") != 0 &&
+		strcmp(class, "unknown_outcome") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unknown error class \"%s\"", class),
+				 errhint("Error classes are transient, permanent and unknown_outcome.")));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	orch_finish_task(PG_GETARG_DATUM(0), (Datum) 0, error, class,
+					 PG_ARGISNULL(3) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(3)));
+	SPI_finish();
+	PG_RETURN_VOID();
+}
