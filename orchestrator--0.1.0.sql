@@ -71,6 +71,21 @@ CREATE TABLE orch.retry_policies (
 	updated_by	name		NOT NULL
 );
 
+-- Circuit breakers, one per named target that steps call ("circuit" in a
+-- step).  closed: steps run; open: steps wait, status blocked, burning no
+-- attempt, until the cooldown has passed; half_open: one probe runs, and
+-- its outcome closes or opens the circuit again.
+CREATE TABLE orch.circuits (
+	name		text		PRIMARY KEY,
+	state		text		NOT NULL DEFAULT 'closed'
+							CHECK (state IN ('closed', 'open', 'half_open')),
+	failures	int			NOT NULL DEFAULT 0,	-- consecutive
+	threshold	int			NOT NULL DEFAULT 5 CHECK (threshold > 0),
+	cooldown	interval	NOT NULL DEFAULT '30 seconds' CHECK (cooldown > '0'),
+	opened_at	timestamptz,
+	changed_at	timestamptz	NOT NULL DEFAULT pg_catalog.now()
+);
+
 -- The compiled form of each step of each version: what the engine reads.
 CREATE TABLE orch.workflow_steps (
 	workflow		text		NOT NULL,
@@ -86,6 +101,7 @@ CREATE TABLE orch.workflow_steps (
 	sleep_for		interval,
 	sleep_until		jsonpath,
 	queue			text,
+	circuit			text,
 	max_attempts	int			NOT NULL DEFAULT 3,
 	initial_interval interval	NOT NULL DEFAULT '1 second',
 	backoff_coefficient float8	NOT NULL DEFAULT 2.0,
@@ -153,6 +169,7 @@ CREATE TABLE orch.steps (
 	error			jsonb,
 	started_at		timestamptz,
 	finished_at		timestamptz,
+	circuit			text,
 	-- task steps: the queue, and the current lease of an external worker
 	queue			text,
 	lease_token		uuid,
@@ -165,11 +182,13 @@ CREATE TABLE orch.steps (
 -- The engine's work queue: due steps, and leases of running tasks (wake_at
 -- is the lease's expiry).
 CREATE INDEX steps_due ON orch.steps (wake_at)
-	WHERE status IN ('ready', 'waiting', 'retrying', 'running');
+	WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked');
 -- The external workers' queues: tasks waiting for a worker.
 CREATE INDEX steps_task_queue ON orch.steps (queue, step_id)
 	WHERE status = 'waiting' AND queue IS NOT NULL;
 CREATE UNIQUE INDEX steps_lease_token ON orch.steps (lease_token) WHERE lease_token IS NOT NULL;
+-- Steps waiting for their circuit to close.
+CREATE INDEX steps_blocked ON orch.steps (circuit) WHERE status = 'blocked';
 
 -- One row per try of a step.  Written only by the engine, in the transaction
 -- that updates the step, so no foreign key (whose check would be a query per
@@ -194,6 +213,7 @@ CREATE INDEX attempts_run ON orch.attempts (run_id);
 
 SELECT pg_catalog.pg_extension_config_dump('orch.workflows', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.retry_policies', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.circuits', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.workflow_steps', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.steps', '');
@@ -495,7 +515,10 @@ DECLARE
 	c_stc		interval[] := '{}';
 	c_policy	text[] := '{}';
 	obj			text;
-	common_keys	text[] := ARRAY['name', 'kind', 'needs', 'when', 'description', 'retry', 'timeout'];
+	common_keys	text[] := ARRAY['name', 'kind', 'needs', 'when', 'description', 'retry', 'timeout',
+								'circuit'];
+	v_circuit	text;
+	c_circuit	text[] := '{}';
 	-- cycle detection
 	indeg		int[];
 	queue		int[];
@@ -681,6 +704,22 @@ BEGIN
 			v_queue := step ->> 'queue';
 		END IF;
 
+		-- circuit: the named target the step calls
+		v_circuit := NULL;
+		IF step ? 'circuit' THEN
+			IF kind = 'sleep' THEN
+				PERFORM orch._definition_error('22023', obj, path || '.circuit',
+					format('sleep step "%s" calls nothing a circuit could guard', sname));
+			END IF;
+			IF jsonb_typeof(step -> 'circuit') IS DISTINCT FROM 'string'
+			   OR (step ->> 'circuit') !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
+				PERFORM orch._definition_error('22023', obj, path || '.circuit',
+					'expected the name of a circuit',
+					hint => 'A circuit name has 1 to 63 letters, digits, underscores, dots, colons or hyphens.');
+			END IF;
+			v_circuit := step ->> 'circuit';
+		END IF;
+
 		-- sleep
 		v_for := NULL;
 		v_until := NULL;
@@ -737,6 +776,7 @@ BEGIN
 		c_nonretry := c_nonretry || v_nonretry;
 		c_stc := c_stc || v_stc;
 		c_queue := c_queue || v_queue;
+		c_circuit := c_circuit || v_circuit;
 		c_policy := c_policy || (v_retry ->> 'policy');
 	END LOOP;
 
@@ -789,10 +829,15 @@ BEGIN
 	INSERT INTO orch.workflows (name, version, definition, created_by)
 	VALUES (wf, v_version, def, orch._caller());
 
+	-- circuits named for the first time start closed, with the defaults
+	INSERT INTO orch.circuits (name)
+	SELECT DISTINCT c FROM unnest(c_circuit) c WHERE c IS NOT NULL
+	ON CONFLICT (name) DO NOTHING;
+
 	INSERT INTO orch.workflow_steps (workflow, version, name, ordinal, kind, needs, dependents,
 		guard, function_name, function, sleep_for, sleep_until, max_attempts, initial_interval,
 		backoff_coefficient, max_interval, jitter, non_retryable, schedule_to_close,
-		retry_policy, timeout, queue)
+		retry_policy, timeout, queue, circuit)
 	SELECT wf, v_version, names[k], k, c_kind[k],
 		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
 		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
@@ -801,7 +846,7 @@ BEGIN
 		   c_init[k], c_coef[k], c_maxint[k], c_jitter[k],
 		   CASE WHEN c_nonretry[k] IS NOT NULL
 				THEN ARRAY(SELECT jsonb_array_elements_text(c_nonretry[k])) END,
-		   c_stc[k], c_policy[k], c_timeout[k], c_queue[k]
+		   c_stc[k], c_policy[k], c_timeout[k], c_queue[k], c_circuit[k]
 	  FROM generate_series(1, cardinality(names)) k;
 
 	RETURN v_version;
@@ -900,8 +945,8 @@ BEGIN
 		RETURN existing.run_id;
 	END IF;
 
-	INSERT INTO orch.steps (run_id, name, queue, status, pending_needs, wake_at)
-	SELECT v_run, ws.name, ws.queue,
+	INSERT INTO orch.steps (run_id, name, queue, circuit, status, pending_needs, wake_at)
+	SELECT v_run, ws.name, ws.queue, ws.circuit,
 		   CASE WHEN cardinality(ws.needs) = 0 THEN 'ready' ELSE 'pending' END::orch.step_status,
 		   cardinality(ws.needs),
 		   CASE WHEN cardinality(ws.needs) = 0 THEN now() END
@@ -1008,7 +1053,7 @@ BEGIN
 		   reason = resume_run.reason
 	 WHERE orch.runs.run_id = r.run_id;
 	UPDATE orch.steps s SET wake_at = now()
-	 WHERE s.run_id = r.run_id AND s.status IN ('ready', 'waiting', 'retrying')
+	 WHERE s.run_id = r.run_id AND s.status IN ('ready', 'waiting', 'retrying', 'blocked')
 	   AND s.wake_at = 'infinity';
 END
 $$;
@@ -1083,6 +1128,39 @@ CREATE FUNCTION orch.tick(max_steps int DEFAULT 100) RETURNS int
 	SET search_path = pg_catalog, pg_temp
 	AS 'MODULE_PATHNAME', 'orch_tick';
 
+/*
+ * Configure a circuit: consecutive failures that open it, and how long it
+ * stays open before a probe.  Steps name circuits with "circuit"; a circuit
+ * first named by a workflow starts with the defaults (5, 30 seconds).
+ */
+CREATE FUNCTION orch.define_circuit(name text, threshold int DEFAULT 5,
+									cooldown interval DEFAULT '30 seconds') RETURNS void
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+	IF define_circuit.name IS NULL OR define_circuit.name !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
+		RAISE EXCEPTION USING ERRCODE = '22023',
+			MESSAGE = format('invalid circuit name "%s"', coalesce(define_circuit.name, 'NULL')),
+			HINT = 'A circuit name has 1 to 63 letters, digits, underscores, dots, colons or hyphens.';
+	END IF;
+	IF threshold IS NULL OR threshold < 1 THEN
+		RAISE EXCEPTION USING ERRCODE = '22023',
+			MESSAGE = format('threshold of circuit "%s" must be at least 1', define_circuit.name);
+	END IF;
+	IF cooldown IS NULL OR cooldown <= interval '0' THEN
+		RAISE EXCEPTION USING ERRCODE = '22023',
+			MESSAGE = format('cooldown of circuit "%s" must be positive', define_circuit.name);
+	END IF;
+	INSERT INTO orch.circuits AS c (name, threshold, cooldown)
+	VALUES (define_circuit.name, threshold, cooldown)
+	ON CONFLICT (name) DO UPDATE
+	   SET threshold = excluded.threshold, cooldown = excluded.cooldown, changed_at = now();
+END
+$$;
+
 /* ------------------------------------------------------------------------
  * External task workers
  * ------------------------------------------------------------------------ */
@@ -1145,6 +1223,16 @@ CREATE FUNCTION orch._engine_workers(OUT database oid, OUT pid int, OUT started_
 	RETURNS SETOF record
 	LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'orch_engine_workers';
 
+-- Each circuit: its state, when an open one lets a probe through, and the
+-- steps waiting for it.
+CREATE VIEW orch.circuit_status AS
+	SELECT c.name, c.state, c.failures, c.threshold, c.cooldown, c.opened_at,
+		   CASE WHEN c.state = 'open' THEN c.opened_at + c.cooldown END AS probe_after,
+		   (SELECT pg_catalog.count(*) FROM orch.steps s
+			 WHERE s.status = 'blocked' AND s.circuit = c.name) AS blocked_steps,
+		   c.changed_at
+	  FROM orch.circuits c;
+
 CREATE VIEW orch.engine_workers AS
 	SELECT d.datname AS database, w.pid, w.started_at, w.last_batch_at, w.steps_done
 	  FROM orch._engine_workers() w
@@ -1156,11 +1244,11 @@ CREATE VIEW orch.engine_workers AS
 REVOKE ALL ON ALL TABLES IN SCHEMA orch FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA orch FROM PUBLIC;
 GRANT USAGE ON SCHEMA orch TO orch_reader, orch_worker;
-GRANT SELECT ON orch.workflows, orch.workflow_steps, orch.retry_policies, orch.runs,
-	orch.steps, orch.attempts,
+GRANT SELECT ON orch.workflows, orch.workflow_steps, orch.retry_policies, orch.circuits,
+	orch.circuit_status, orch.runs, orch.steps, orch.attempts,
 	orch.engine_workers TO orch_reader;
 GRANT EXECUTE ON FUNCTION orch.define_workflow(text, jsonb),
-	orch.define_retry_policy(text, jsonb) TO orch_admin;
+	orch.define_retry_policy(text, jsonb), orch.define_circuit(text, int, interval) TO orch_admin;
 GRANT EXECUTE ON FUNCTION orch.start_run(text, jsonb, text, text, int, timestamptz, text),
 	orch.cancel_run(uuid, text), orch.pause_run(uuid, text), orch.resume_run(uuid, text),
 	orch.retry_run(uuid, text),

@@ -166,7 +166,10 @@ orch_engine_main(Datum main_arg)
 		{
 			long		until_next = (long) ((next_timer - GetCurrentTimestamp()) / 1000) + 1;
 
-			sleep_ms = Min(sleep_ms, Max(until_next, LOCKED_RETRY_MS));
+			/* a timer already due means its steps were locked: look again soon */
+			if (until_next <= 0)
+				until_next = LOCKED_RETRY_MS;
+			sleep_ms = Min(sleep_ms, until_next);
 		}
 		if (sleep_ms > 0)
 		{

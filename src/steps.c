@@ -76,6 +76,10 @@ typedef struct ClaimedStep
 	TimestampTz started_at;		/* first attempt of this series, or 0 */
 	TimestampTz attempt_started_at; /* a task's current lease began, or 0 */
 	char	   *worker;			/* a task's current worker, or NULL */
+	char	   *circuit;		/* the circuit guarding the step, or NULL */
+	char	   *circuit_state;	/* closed, open, half_open (at claim time) */
+	int			circuit_failures;
+	TimestampTz circuit_probe_after;	/* when an open circuit lets a probe through */
 	Datum		non_retryable;	/* text[], or 0 */
 	Datum		dependents;		/* text[] */
 	char	   *run_status;
@@ -97,6 +101,9 @@ enum
 	P_RUN_FAIL,
 	P_RUN_CANCEL_STEPS,
 	P_RUN_NEEDS_HUMAN,
+	P_CIRCUIT_PROBE,
+	P_CIRCUIT_CLOSE,
+	P_CIRCUIT_FAIL,
 	P_NEXT_TIMER,
 	P_COUNT
 };
@@ -108,6 +115,17 @@ static SPIPlanPtr plans[P_COUNT];
  * were cancelled with them and must not be advanced.  Batch-scoped.
  */
 static List *failed_runs = NIL;
+
+/*
+ * Circuits that opened during the current batch, with when they let a probe
+ * through: steps claimed before that must not run.  Batch-scoped.
+ */
+typedef struct OpenedCircuit
+{
+	char	   *name;
+	TimestampTz probe_after;
+} OpenedCircuit;
+static List *opened_circuits = NIL;
 static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 
 /*
@@ -133,16 +151,18 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"                      WHERE p.run_id = s.run_id AND p.status = 'succeeded'))" \
 	"       END," \
 	"       s.wake_at, ws.schedule_to_close, s.attempt_base, s.started_at," \
-	"       s.attempt_started_at, s.worker" \
+	"       s.attempt_started_at, s.worker, ws.circuit, c.state, c.failures," \
+	"       c.opened_at + c.cooldown" \
 	"  FROM orch.steps s" \
 	"  JOIN orch.runs r ON r.run_id = s.run_id" \
 	"  JOIN orch.workflow_steps ws" \
-	"    ON ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name"
+	"    ON ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name" \
+	"  LEFT JOIN orch.circuits c ON c.name = ws.circuit"
 
 static const char *const plan_sql[P_COUNT] = {
 	[P_CLAIM] =
 	STEP_SELECT
-	" WHERE s.status IN ('ready', 'waiting', 'retrying', 'running')"
+	" WHERE s.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')"
 	"   AND s.wake_at <= pg_catalog.now()"
 	" ORDER BY s.wake_at"
 	" LIMIT $1"
@@ -227,15 +247,42 @@ static const char *const plan_sql[P_COUNT] = {
 	"UPDATE orch.runs SET status = 'needs_human'"
 	" WHERE run_id = $1 AND status IN ('pending', 'running')",
 
+	/* $1 circuit: take the probe of an open circuit whose cooldown passed */
+	[P_CIRCUIT_PROBE] =
+	"UPDATE orch.circuits SET state = 'half_open', changed_at = pg_catalog.now()"
+	" WHERE name = $1 AND state = 'open' AND opened_at + cooldown <= pg_catalog.now()"
+	" RETURNING 1",
+
+	/* $1 circuit: a call went through; wake the steps that waited for it */
+	[P_CIRCUIT_CLOSE] =
+	"WITH c AS (UPDATE orch.circuits SET state = 'closed', failures = 0, opened_at = NULL,"
+	"                  changed_at = pg_catalog.now()"
+	"            WHERE name = $1 AND (state <> 'closed' OR failures > 0) RETURNING name)"
+	"UPDATE orch.steps s SET wake_at = pg_catalog.now()"
+	"  FROM c WHERE s.circuit = c.name AND s.status = 'blocked' AND s.wake_at > pg_catalog.now()",
+
+	/* $1 circuit: a call failed; open at the threshold, or when the probe failed */
+	[P_CIRCUIT_FAIL] =
+	"UPDATE orch.circuits"
+	"   SET failures = failures + 1,"
+	"       state = CASE WHEN state = 'half_open' OR failures + 1 >= threshold THEN 'open'"
+	"                    ELSE state END,"
+	"       opened_at = CASE WHEN state = 'half_open' OR failures + 1 >= threshold"
+	"                        THEN pg_catalog.now() ELSE opened_at END,"
+	"       changed_at = pg_catalog.now()"
+	" WHERE name = $1"
+	" RETURNING state = 'open', opened_at + cooldown",
+
 	[P_NEXT_TIMER] =
 	"SELECT pg_catalog.min(wake_at) FROM orch.steps"
-	" WHERE status IN ('ready', 'waiting', 'retrying', 'running')",
+	" WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')",
 };
 
 static const int plan_nargs[P_COUNT] = {
 	[P_CLAIM] = 1,[P_TASK_BY_TOKEN] = 1,[P_FINISH] = 6,[P_DEFER] = 6,[P_ATTEMPT] = 13,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
-	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,[P_NEXT_TIMER] = 0,
+	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
+	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_NEXT_TIMER] = 0,
 };
 
 static const Oid plan_argtypes[P_COUNT][13] = {
@@ -253,6 +300,9 @@ static const Oid plan_argtypes[P_COUNT][13] = {
 	[P_RUN_FAIL] = {UUIDOID, JSONBOID, TIMESTAMPTZOID},
 	[P_RUN_CANCEL_STEPS] = {UUIDOID, TIMESTAMPTZOID},
 	[P_RUN_NEEDS_HUMAN] = {UUIDOID},
+	[P_CIRCUIT_PROBE] = {TEXTOID},
+	[P_CIRCUIT_CLOSE] = {TEXTOID},
+	[P_CIRCUIT_FAIL] = {TEXTOID},
 };
 
 /* ------------------------------------------------------------------------
@@ -541,6 +591,12 @@ fetch_steps(int plan, Datum arg, MemoryContext cxt, ClaimedStep **steps_out)
 		d = SPI_getbinval(tup, desc, 29, &isnull);
 		s->attempt_started_at = isnull ? 0 : DatumGetTimestampTz(d);
 		s->worker = get_text(tup, desc, 30);
+		s->circuit = get_text(tup, desc, 31);
+		s->circuit_state = get_text(tup, desc, 32);
+		d = SPI_getbinval(tup, desc, 33, &isnull);
+		s->circuit_failures = isnull ? 0 : DatumGetInt32(d);
+		d = SPI_getbinval(tup, desc, 34, &isnull);
+		s->circuit_probe_after = isnull ? 0 : DatumGetTimestampTz(d);
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_freetuptable(SPI_tuptable);
@@ -1033,6 +1089,104 @@ advance_sleep(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResu
 	/* the wake-up for an "until" already past is the next batch */
 }
 
+/* ------------------------------------------------------------------------
+ * Circuit breakers
+ * ------------------------------------------------------------------------ */
+
+static OpenedCircuit *
+opened_in_batch(const char *name)
+{
+	ListCell   *lc;
+
+	foreach(lc, opened_circuits)
+	{
+		OpenedCircuit *oc = lfirst(lc);
+
+		if (strcmp(oc->name, name) == 0)
+			return oc;
+	}
+	return NULL;
+}
+
+/*
+ * May the step call its target now?  A closed circuit lets it; an open one
+ * whose cooldown has passed lets one step through as the probe; otherwise
+ * the step waits, blocked, without burning an attempt.
+ */
+static bool
+circuit_admits(ClaimedStep *s, TimestampTz now)
+{
+	OpenedCircuit *oc;
+	TimestampTz wake;
+	Datum		arg;
+
+	if (s->circuit == NULL)
+		return true;
+	oc = opened_in_batch(s->circuit);
+	if (oc == NULL && strcmp(s->circuit_state, "closed") == 0)
+		return true;
+
+	wake = oc ? oc->probe_after : s->circuit_probe_after;
+	if (oc == NULL && strcmp(s->circuit_state, "open") == 0 && wake <= now)
+	{
+		arg = CStringGetTextDatum(s->circuit);
+		exec_plan(P_CIRCUIT_PROBE, &arg, NULL, SPI_OK_UPDATE_RETURNING);
+		if (SPI_processed > 0)
+			return true;		/* this step is the probe */
+	}
+	/* half open (a probe is out), or still cooling down */
+	if (wake <= now)
+		wake = now + USECS_PER_SEC;
+	defer_step(s, "blocked", wake, s->attempt, (Datum) 0);
+	run_step_done(s, 0);
+	return false;
+}
+
+/* The step's call went through, or failed with an error of this class. */
+static void
+circuit_record(ClaimedStep *s, const char *class)
+{
+	Datum		arg;
+
+	if (s->circuit == NULL)
+		return;
+	arg = CStringGetTextDatum(s->circuit);
+	if (class == NULL)
+	{
+		/* a healthy closed circuit is not written to */
+		if (strcmp(s->circuit_state, "closed") != 0 || s->circuit_failures > 0 ||
+			opened_in_batch(s->circuit) != NULL)
+		{
+			exec_plan(P_CIRCUIT_CLOSE, &arg, NULL, SPI_OK_UPDATE);
+			opened_circuits = list_delete_ptr(opened_circuits, opened_in_batch(s->circuit));
+		}
+		return;
+	}
+	/* a permanent error says nothing about the target's health */
+	if (strcmp(class, "permanent") == 0)
+		return;
+	exec_plan(P_CIRCUIT_FAIL, &arg, NULL, SPI_OK_UPDATE_RETURNING);
+	if (SPI_processed > 0)
+	{
+		bool		isnull;
+		bool		opened = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+														SPI_tuptable->tupdesc, 1, &isnull));
+
+		if (opened && opened_in_batch(s->circuit) == NULL)
+		{
+			MemoryContext oldcxt = MemoryContextSwitchTo(batch_cxt);
+			OpenedCircuit *oc = palloc(sizeof(OpenedCircuit));
+
+			oc->name = pstrdup(s->circuit);
+			oc->probe_after = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+																SPI_tuptable->tupdesc, 2,
+																&isnull));
+			opened_circuits = lappend(opened_circuits, oc);
+			MemoryContextSwitchTo(oldcxt);
+		}
+	}
+}
+
 /*
  * Attempt number attempt of the step failed with an error of this class
  * (already recorded): retry it, give up, or hand it to a human.
@@ -1093,6 +1247,9 @@ advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 	if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
 		return;
 
+	if (!circuit_admits(s, now))
+		return;
+
 	attempt = s->attempt + 1;
 	started = GetCurrentTimestamp();
 	result->executed++;
@@ -1100,11 +1257,13 @@ advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 	{
 		record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), NULL, NULL);
 		finish_step(s, "succeeded", output, attempt);
+		circuit_record(s, NULL);
 		return;
 	}
 
 	class = error_class_of(edata->sqlerrcode);
 	record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), edata, class);
+	circuit_record(s, class);
 	handle_failure(s, attempt, started, edata, class, now, result);
 }
 
@@ -1129,10 +1288,13 @@ advance_task(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 		e.message = msg;
 		record_attempt(s, s->attempt, s->worker ? s->worker : worker,
 					   s->attempt_started_at, GetCurrentTimestamp(), &e, "unknown_outcome");
+		circuit_record(s, "unknown_outcome");
 		handle_failure(s, s->attempt, s->attempt_started_at, &e, "unknown_outcome", now, result);
 		return;
 	}
 	if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
+		return;
+	if (!circuit_admits(s, now))
 		return;
 
 	/* ready, or retrying and due: into the queue, with no timer */
@@ -1187,6 +1349,7 @@ batch_begin(void)
 									  ALLOCSET_DEFAULT_SIZES);
 	rows_cxt = AllocSetContextCreate(batch_cxt, "orchestrator rows", ALLOCSET_DEFAULT_SIZES);
 	failed_runs = NIL;
+	opened_circuits = NIL;
 	buffers_reset();
 	return batch_cxt;
 }
@@ -1198,6 +1361,7 @@ batch_end(void)
 	batch_cxt = NULL;
 	rows_cxt = NULL;
 	failed_runs = NIL;
+	opened_circuits = NIL;
 	buffers_reset();
 }
 
@@ -1295,6 +1459,7 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 		{
 			record_attempt(s, s->attempt, s->worker, s->attempt_started_at, now, NULL, NULL);
 			finish_step(s, "succeeded", output, s->attempt);
+			circuit_record(s, NULL);
 		}
 		else
 		{
@@ -1307,6 +1472,7 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 			e.message = (char *) error;
 			e.detail = (char *) detail;
 			record_attempt(s, s->attempt, s->worker, s->attempt_started_at, now, &e, error_class);
+			circuit_record(s, error_class);
 			handle_failure(s, s->attempt, s->attempt_started_at, &e, error_class, now, &result);
 		}
 		flush_all(now, &result);
