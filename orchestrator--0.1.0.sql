@@ -143,6 +143,9 @@ CREATE UNIQUE INDEX runs_idempotency_key ON orch.runs (workflow, idempotency_key
 CREATE INDEX runs_active ON orch.runs (created_at)
 	WHERE status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out');
 CREATE INDEX runs_business_key ON orch.runs (business_key) WHERE business_key IS NOT NULL;
+-- The engine's deadline timers.
+CREATE INDEX runs_deadline ON orch.runs (deadline)
+	WHERE deadline IS NOT NULL AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out');
 
 /*
  * Steps.  `pending_needs` counts the needs not yet finished, `needs_ok` the

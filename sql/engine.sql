@@ -125,6 +125,18 @@ SELECT count(*) AS consistent_runs
 SELECT orch.start_run('flaky') AS after_run \gset
 SELECT orch.wait_run(:'after_run', '30s') AS later_run;
 
+-- A run past its deadline is timed out by the engine, on its own timer, and
+-- its unfinished steps are cancelled.
+SELECT orch.define_workflow('slow_nap', '{"steps": [
+  {"name": "nap", "kind": "sleep", "duration": "1h"},
+  {"name": "after", "kind": "sql", "function": "app.record", "needs": ["nap"]}]}');
+SELECT orch.start_run('slow_nap', deadline => clock_timestamp() + interval '300ms') AS late_run \gset
+SELECT orch.wait_run(:'late_run', '30s');
+SELECT error->>'message' AS message, (error->>'steps_cancelled')::int AS steps_cancelled,
+	   finished_at >= deadline AS after_deadline
+  FROM orch.runs WHERE run_id = :'late_run';
+SELECT name, status FROM orch.steps WHERE run_id = :'late_run' ORDER BY step_id;
+
 -- The engine worker of this database, from shared memory.
 SELECT database = current_database() AS this_database, pid > 0 AS has_pid, steps_done > 0 AS did_work
   FROM orch.engine_workers;

@@ -104,6 +104,7 @@ enum
 	P_CIRCUIT_PROBE,
 	P_CIRCUIT_CLOSE,
 	P_CIRCUIT_FAIL,
+	P_DEADLINES,
 	P_NEXT_TIMER,
 	P_COUNT
 };
@@ -273,16 +274,45 @@ static const char *const plan_sql[P_COUNT] = {
 	" WHERE name = $1"
 	" RETURNING state = 'open', opened_at + cooldown",
 
+	/* runs past their deadline: timed out, their unfinished steps cancelled */
+	[P_DEADLINES] =
+	"WITH due AS ("
+	"  SELECT run_id FROM orch.runs"
+	"   WHERE deadline <= pg_catalog.now()"
+	"     AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')"
+	"   ORDER BY deadline LIMIT 100"
+	"   FOR UPDATE SKIP LOCKED),"
+	" cancelled AS ("
+	"  UPDATE orch.steps st"
+	"     SET status = 'cancelled', finished_at = pg_catalog.now(), wake_at = NULL,"
+	"         lease_token = NULL"
+	"    FROM due"
+	"   WHERE st.run_id = due.run_id"
+	"     AND st.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated')"
+	"  RETURNING 1)"
+	"UPDATE orch.runs r"
+	"   SET status = 'timed_out', finished_at = pg_catalog.now(), steps_left = 0,"
+	"       started_at = COALESCE(r.started_at, pg_catalog.now()),"
+	"       error = pg_catalog.jsonb_build_object('message', 'the run passed its deadline',"
+	"                                             'deadline', r.deadline,"
+	"                                             'steps_cancelled', (SELECT pg_catalog.count(*) FROM cancelled))"
+	"  FROM due WHERE r.run_id = due.run_id",
+
 	[P_NEXT_TIMER] =
-	"SELECT pg_catalog.min(wake_at) FROM orch.steps"
-	" WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')",
+	"SELECT LEAST("
+	"  (SELECT pg_catalog.min(wake_at) FROM orch.steps"
+	"    WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')),"
+	"  (SELECT pg_catalog.min(deadline) FROM orch.runs"
+	"    WHERE deadline IS NOT NULL"
+	"      AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')))",
 };
 
 static const int plan_nargs[P_COUNT] = {
 	[P_CLAIM] = 1,[P_TASK_BY_TOKEN] = 1,[P_FINISH] = 6,[P_DEFER] = 6,[P_ATTEMPT] = 13,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
-	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_NEXT_TIMER] = 0,
+	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
+	[P_NEXT_TIMER] = 0,
 };
 
 static const Oid plan_argtypes[P_COUNT][13] = {
@@ -1382,6 +1412,11 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 
 	PG_TRY();
 	{
+		/* runs past their deadline first: their steps must not run */
+		exec_plan(P_DEADLINES, NULL, NULL, SPI_OK_UPDATE);
+		result->runs_finished += SPI_processed;
+		result->claimed += SPI_processed;
+
 		/* claim rounds: each sees the steps the previous round made ready */
 		while (result->claimed < max_steps)
 		{
