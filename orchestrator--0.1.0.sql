@@ -102,6 +102,8 @@ CREATE TABLE orch.workflow_steps (
 	sleep_until		jsonpath,
 	queue			text,
 	circuit			text,
+	schedule_to_start interval,
+	heartbeat_timeout interval,
 	max_attempts	int			NOT NULL DEFAULT 3,
 	initial_interval interval	NOT NULL DEFAULT '1 second',
 	backoff_coefficient float8	NOT NULL DEFAULT 2.0,
@@ -515,6 +517,10 @@ DECLARE
 	v_stc		interval;
 	v_queue		text;
 	c_queue		text[] := '{}';
+	v_sts		interval;
+	v_hbt		interval;
+	c_sts		interval[] := '{}';
+	c_hbt		interval[] := '{}';
 	c_stc		interval[] := '{}';
 	c_policy	text[] := '{}';
 	obj			text;
@@ -601,7 +607,7 @@ BEGIN
 		END IF;
 		PERFORM orch._check_keys(step,
 			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function']
-									 WHEN 'task' THEN ARRAY['queue']
+									 WHEN 'task' THEN ARRAY['queue', 'schedule_to_start', 'heartbeat_timeout']
 									 ELSE ARRAY['duration', 'until'] END,
 			obj, path, format('a step of kind "%s"', kind));
 
@@ -697,6 +703,8 @@ BEGIN
 
 		-- task
 		v_queue := NULL;
+		v_sts := NULL;
+		v_hbt := NULL;
 		IF kind = 'task' THEN
 			IF jsonb_typeof(step -> 'queue') IS DISTINCT FROM 'string'
 			   OR (step ->> 'queue') !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
@@ -705,6 +713,12 @@ BEGIN
 					hint => 'A queue name has 1 to 63 letters, digits, underscores, dots, colons or hyphens; workers claim from it with orch.claim_tasks.');
 			END IF;
 			v_queue := step ->> 'queue';
+			IF step ? 'schedule_to_start' THEN
+				v_sts := orch._duration(step -> 'schedule_to_start', obj, path || '.schedule_to_start');
+			END IF;
+			IF step ? 'heartbeat_timeout' THEN
+				v_hbt := orch._duration(step -> 'heartbeat_timeout', obj, path || '.heartbeat_timeout');
+			END IF;
 		END IF;
 
 		-- circuit: the named target the step calls
@@ -779,6 +793,8 @@ BEGIN
 		c_nonretry := c_nonretry || v_nonretry;
 		c_stc := c_stc || v_stc;
 		c_queue := c_queue || v_queue;
+		c_sts := c_sts || v_sts;
+		c_hbt := c_hbt || v_hbt;
 		c_circuit := c_circuit || v_circuit;
 		c_policy := c_policy || (v_retry ->> 'policy');
 	END LOOP;
@@ -840,7 +856,7 @@ BEGIN
 	INSERT INTO orch.workflow_steps (workflow, version, name, ordinal, kind, needs, dependents,
 		guard, function_name, function, sleep_for, sleep_until, max_attempts, initial_interval,
 		backoff_coefficient, max_interval, jitter, non_retryable, schedule_to_close,
-		retry_policy, timeout, queue, circuit)
+		retry_policy, timeout, queue, circuit, schedule_to_start, heartbeat_timeout)
 	SELECT wf, v_version, names[k], k, c_kind[k],
 		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
 		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
@@ -849,7 +865,7 @@ BEGIN
 		   c_init[k], c_coef[k], c_maxint[k], c_jitter[k],
 		   CASE WHEN c_nonretry[k] IS NOT NULL
 				THEN ARRAY(SELECT jsonb_array_elements_text(c_nonretry[k])) END,
-		   c_stc[k], c_policy[k], c_timeout[k], c_queue[k], c_circuit[k]
+		   c_stc[k], c_policy[k], c_timeout[k], c_queue[k], c_circuit[k], c_sts[k], c_hbt[k]
 	  FROM generate_series(1, cardinality(names)) k;
 
 	RETURN v_version;

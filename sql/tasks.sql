@@ -87,6 +87,24 @@ SELECT orch.complete_task(token, '{"crm_id": 43}') FROM orch.claim_tasks('crm', 
 RESET ROLE;
 SELECT orch.wait_run(:'run3', '30s');
 
+-- A step's timeout and heartbeat_timeout cap the lease a worker asks for.
+SELECT orch.define_workflow('capped', '{"steps": [
+  {"name": "t", "kind": "task", "queue": "capped", "timeout": "1h", "heartbeat_timeout": "5s"}]}');
+SELECT orch.start_run('capped') AS capped_run \gset
+SELECT lease_expires_at <= clock_timestamp() + interval '5s' AS capped_to_heartbeat_timeout
+  FROM orch.claim_tasks('capped', 'worker-1', 1, '30 minutes', wait => '10s');
+
+-- schedule_to_start: a task no worker claims in time fails its attempt
+-- (transient) and follows its retry policy; here it gives up after two.
+SELECT orch.define_workflow('unclaimed', '{"steps": [
+  {"name": "t", "kind": "task", "queue": "nobody_listens", "schedule_to_start": "100ms",
+   "retry": {"max_attempts": 2, "initial_interval": "10ms"}}]}');
+SELECT orch.start_run('unclaimed') AS unclaimed_run \gset
+SELECT orch.wait_run(:'unclaimed_run', '30s');
+SELECT a.attempt, a.worker LIKE 'engine:%' AS by_engine, error_class, message
+  FROM orch.attempts a WHERE a.run_id = :'unclaimed_run' ORDER BY a.attempt;
+SELECT error->>'gave_up' AS gave_up FROM orch.runs WHERE run_id = :'unclaimed_run';
+
 -- Bad calls.
 SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', 'w', 0)$$);
 SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', '', 1)$$);

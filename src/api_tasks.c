@@ -29,11 +29,14 @@
 	" u AS (" \
 	"  UPDATE orch.steps s" \
 	"     SET status = 'running', attempt = s.attempt + 1," \
-	"         lease_token = pg_catalog.gen_random_uuid(), lease = $4, worker = $2," \
+	"         lease_token = pg_catalog.gen_random_uuid(), worker = $2," \
+	"         lease = LEAST($4, ws.timeout, ws.heartbeat_timeout)," \
 	"         attempt_started_at = pg_catalog.clock_timestamp()," \
 	"         started_at = COALESCE(s.started_at, pg_catalog.clock_timestamp())," \
-	"         wake_at = pg_catalog.clock_timestamp() + $4" \
-	"    FROM c WHERE s.step_id = c.step_id" \
+	"         wake_at = pg_catalog.clock_timestamp() + LEAST($4, ws.timeout, ws.heartbeat_timeout)" \
+	"    FROM c, orch.runs r, orch.workflow_steps ws" \
+	"   WHERE s.step_id = c.step_id AND r.run_id = s.run_id" \
+	"     AND ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name" \
 	"  RETURNING s.step_id, s.run_id, s.name, s.attempt, s.lease_token, s.wake_at)" \
 	"SELECT u.lease_token, u.run_id, u.name," \
 	"       pg_catalog.jsonb_build_object(" \
@@ -59,7 +62,8 @@ interval_to_usecs(const Interval *iv)
 
 /*
  * orch.claim_tasks(queue, worker, max, lease, wait): lease up to max waiting
- * tasks of the queue.  With nothing to claim, wait up to `wait` for a commit
+ * tasks of the queue.  The step's timeout and heartbeat_timeout cap the
+ * lease.  With nothing to claim, wait up to `wait` for a commit
  * that queues tasks (a condition variable, not polling).
  */
 PG_FUNCTION_INFO_V1(orch_claim_tasks);

@@ -80,6 +80,7 @@ typedef struct ClaimedStep
 	char	   *circuit_state;	/* closed, open, half_open (at claim time) */
 	int			circuit_failures;
 	TimestampTz circuit_probe_after;	/* when an open circuit lets a probe through */
+	Interval   *schedule_to_start;	/* a task's longest wait in its queue, or NULL */
 	Datum		non_retryable;	/* text[], or 0 */
 	Datum		dependents;		/* text[] */
 	char	   *run_status;
@@ -153,7 +154,7 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"       END," \
 	"       s.wake_at, ws.schedule_to_close, s.attempt_base, s.started_at," \
 	"       s.attempt_started_at, s.worker, ws.circuit, c.state, c.failures," \
-	"       c.opened_at + c.cooldown" \
+	"       c.opened_at + c.cooldown, ws.schedule_to_start" \
 	"  FROM orch.steps s" \
 	"  JOIN orch.runs r ON r.run_id = s.run_id" \
 	"  JOIN orch.workflow_steps ws" \
@@ -627,6 +628,8 @@ fetch_steps(int plan, Datum arg, MemoryContext cxt, ClaimedStep **steps_out)
 		s->circuit_failures = isnull ? 0 : DatumGetInt32(d);
 		d = SPI_getbinval(tup, desc, 34, &isnull);
 		s->circuit_probe_after = isnull ? 0 : DatumGetTimestampTz(d);
+		d = get_copy(tup, desc, 35, &isnull);
+		s->schedule_to_start = isnull ? NULL : DatumGetIntervalP(d);
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_freetuptable(SPI_tuptable);
@@ -1322,13 +1325,32 @@ advance_task(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 		handle_failure(s, s->attempt, s->attempt_started_at, &e, "unknown_outcome", now, result);
 		return;
 	}
+	if (strcmp(s->status, "waiting") == 0)
+	{
+		/* queued, and no worker claimed it in time */
+		ErrorData	e;
+		char		msg[256];
+		int			attempt = s->attempt + 1;
+
+		memset(&e, 0, sizeof(e));
+		snprintf(msg, sizeof(msg), "no worker claimed task \"%s\" within its schedule_to_start",
+				 s->name);
+		e.sqlerrcode = ERRCODE_ORCH_TRANSIENT;
+		e.message = msg;
+		record_attempt(s, attempt, worker, s->wake_at - interval_usecs(s->schedule_to_start),
+					   GetCurrentTimestamp(), &e, "transient");
+		handle_failure(s, attempt, s->wake_at, &e, "transient", now, result);
+		return;
+	}
 	if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
 		return;
 	if (!circuit_admits(s, now))
 		return;
 
-	/* ready, or retrying and due: into the queue, with no timer */
-	defer_step(s, "waiting", 0, s->attempt, (Datum) 0);
+	/* ready, or retrying and due: into the queue, timed by schedule_to_start */
+	defer_step(s, "waiting",
+			   s->schedule_to_start ? now + interval_usecs(s->schedule_to_start) : 0,
+			   s->attempt, (Datum) 0);
 	run_step_done(s, 0);
 	result->tasks_queued++;
 }
