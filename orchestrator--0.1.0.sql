@@ -71,6 +71,14 @@ CREATE TABLE orch.retry_policies (
 	updated_by	name		NOT NULL
 );
 
+-- Task queues with a limit on the tasks leased at once.  A queue without a
+-- row here has no limit.
+CREATE TABLE orch.queues (
+	name		text		PRIMARY KEY,
+	max_running	int			CHECK (max_running > 0),
+	changed_at	timestamptz	NOT NULL DEFAULT pg_catalog.now()
+);
+
 -- Circuit breakers, one per named target that steps call ("circuit" in a
 -- step).  closed: steps run; open: steps wait, status blocked, burning no
 -- attempt, until the cooldown has passed; half_open: one probe runs, and
@@ -177,6 +185,7 @@ CREATE TABLE orch.steps (
 	circuit			text,
 	-- task steps: the queue, and the current lease of an external worker
 	queue			text,
+	priority		int			NOT NULL DEFAULT 0,	-- the run's
 	lease_token		uuid,
 	lease			interval,
 	worker			text,
@@ -189,8 +198,11 @@ CREATE TABLE orch.steps (
 CREATE INDEX steps_due ON orch.steps (wake_at)
 	WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked');
 -- The external workers' queues: tasks waiting for a worker.
-CREATE INDEX steps_task_queue ON orch.steps (queue, step_id)
+CREATE INDEX steps_task_queue ON orch.steps (queue, priority DESC, step_id)
 	WHERE status = 'waiting' AND queue IS NOT NULL;
+-- Leased tasks per queue, for concurrency limits.
+CREATE INDEX steps_task_running ON orch.steps (queue)
+	WHERE status = 'running' AND queue IS NOT NULL;
 CREATE UNIQUE INDEX steps_lease_token ON orch.steps (lease_token) WHERE lease_token IS NOT NULL;
 -- Steps waiting for their circuit to close.
 CREATE INDEX steps_blocked ON orch.steps (circuit) WHERE status = 'blocked';
@@ -219,6 +231,7 @@ CREATE INDEX attempts_run ON orch.attempts (run_id);
 SELECT pg_catalog.pg_extension_config_dump('orch.workflows', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.retry_policies', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.circuits', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.queues', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.workflow_steps', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.steps', '');
@@ -964,8 +977,8 @@ BEGIN
 		RETURN existing.run_id;
 	END IF;
 
-	INSERT INTO orch.steps (run_id, name, queue, circuit, status, pending_needs, wake_at)
-	SELECT v_run, ws.name, ws.queue, ws.circuit,
+	INSERT INTO orch.steps (run_id, name, queue, priority, circuit, status, pending_needs, wake_at)
+	SELECT v_run, ws.name, ws.queue, start_run.priority, ws.circuit,
 		   CASE WHEN cardinality(ws.needs) = 0 THEN 'ready' ELSE 'pending' END::orch.step_status,
 		   cardinality(ws.needs),
 		   CASE WHEN cardinality(ws.needs) = 0 THEN now() END
@@ -1184,6 +1197,39 @@ $$;
  * External task workers
  * ------------------------------------------------------------------------ */
 
+-- Limit the tasks of a queue leased at once (NULL: no limit).
+CREATE FUNCTION orch.define_queue(name text, max_running int DEFAULT NULL) RETURNS void
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+	IF define_queue.name IS NULL OR define_queue.name !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
+		RAISE EXCEPTION USING ERRCODE = '22023',
+			MESSAGE = format('invalid queue name "%s"', coalesce(define_queue.name, 'NULL')),
+			HINT = 'A queue name has 1 to 63 letters, digits, underscores, dots, colons or hyphens.';
+	END IF;
+	IF max_running < 1 THEN
+		RAISE EXCEPTION USING ERRCODE = '22023',
+			MESSAGE = format('max_running of queue "%s" must be at least 1, or NULL for no limit',
+							 define_queue.name);
+	END IF;
+	INSERT INTO orch.queues AS q (name, max_running) VALUES (define_queue.name, max_running)
+	ON CONFLICT (name) DO UPDATE SET max_running = excluded.max_running, changed_at = now();
+END
+$$;
+
+-- Each queue: tasks waiting, leased, and the limit.
+CREATE VIEW orch.queue_status AS
+	SELECT q.queue AS name,
+		   pg_catalog.count(*) FILTER (WHERE q.status = 'waiting') AS waiting,
+		   pg_catalog.count(*) FILTER (WHERE q.status = 'running') AS running,
+		   (SELECT l.max_running FROM orch.queues l WHERE l.name = q.queue) AS max_running
+	  FROM orch.steps q
+	 WHERE q.queue IS NOT NULL AND q.status IN ('waiting', 'running')
+	 GROUP BY q.queue;
+
 /*
  * Lease up to max waiting tasks of a queue.  The token fences the worker's
  * verdict; idempotency_key is the same for every attempt of the step, and
@@ -1264,10 +1310,11 @@ REVOKE ALL ON ALL TABLES IN SCHEMA orch FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA orch FROM PUBLIC;
 GRANT USAGE ON SCHEMA orch TO orch_reader, orch_worker;
 GRANT SELECT ON orch.workflows, orch.workflow_steps, orch.retry_policies, orch.circuits,
-	orch.circuit_status, orch.runs, orch.steps, orch.attempts,
+	orch.circuit_status, orch.queues, orch.queue_status, orch.runs, orch.steps, orch.attempts,
 	orch.engine_workers TO orch_reader;
 GRANT EXECUTE ON FUNCTION orch.define_workflow(text, jsonb),
-	orch.define_retry_policy(text, jsonb), orch.define_circuit(text, int, interval) TO orch_admin;
+	orch.define_retry_policy(text, jsonb), orch.define_circuit(text, int, interval),
+	orch.define_queue(text, int) TO orch_admin;
 GRANT EXECUTE ON FUNCTION orch.start_run(text, jsonb, text, text, int, timestamptz, text),
 	orch.cancel_run(uuid, text), orch.pause_run(uuid, text), orch.resume_run(uuid, text),
 	orch.retry_run(uuid, text),

@@ -1,6 +1,19 @@
 -- External task workers: claim, heartbeat, complete, fail; leases and fencing.
 \set SHOW_CONTEXT never
 
+-- Waits (up to 30 s) until n tasks of a queue wait for a worker.
+CREATE FUNCTION pg_temp.await_queued(q text, n int) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+	FOR i IN 1 .. 3000 LOOP
+		IF (SELECT count(*) FROM orch.steps WHERE queue = q AND status = 'waiting') >= n THEN
+			RETURN true;
+		END IF;
+		PERFORM pg_sleep(0.01);
+	END LOOP;
+	RETURN false;
+END
+$$;
+
 SELECT orch.define_workflow('crm_sync', '{"steps": [
   {"name": "prep", "kind": "sql", "function": "app.record"},
   {"name": "push", "kind": "task", "queue": "crm", "needs": ["prep"],
@@ -104,6 +117,22 @@ SELECT orch.wait_run(:'unclaimed_run', '30s');
 SELECT a.attempt, a.worker LIKE 'engine:%' AS by_engine, error_class, message
   FROM orch.attempts a WHERE a.run_id = :'unclaimed_run' ORDER BY a.attempt;
 SELECT error->>'gave_up' AS gave_up FROM orch.runs WHERE run_id = :'unclaimed_run';
+
+-- Priorities: the task of the run started with the higher priority is
+-- claimed first.  A queue limit caps the tasks leased at once.
+SELECT orch.define_workflow('ranked', '{"steps": [{"name": "t", "kind": "task", "queue": "ranked"}]}');
+SELECT orch.start_run('ranked', '{"n": "low"}', priority => 1) AS low_run \gset
+SELECT orch.start_run('ranked', '{"n": "high"}', priority => 9) AS high_run \gset
+SELECT orch.start_run('ranked', '{"n": "mid"}', priority => 5) AS mid_run \gset
+SELECT orch.define_queue('ranked', max_running => 2);
+SELECT pg_temp.await_queued('ranked', 3);
+SELECT input->'input'->>'n' AS claimed FROM orch.claim_tasks('ranked', 'worker-1', 10, '30s');
+SELECT name, waiting, running, max_running FROM orch.queue_status WHERE name = 'ranked';
+-- At the limit, a claim gets nothing until a lease ends.
+SELECT count(*) FROM orch.claim_tasks('ranked', 'worker-2', 10, '30s');
+SELECT orch.complete_task(lease_token, '{}') FROM orch.steps WHERE run_id = :'high_run';
+SELECT input->'input'->>'n' AS claimed FROM orch.claim_tasks('ranked', 'worker-2', 10, '30s');
+SELECT app.show_error($$SELECT orch.define_queue('ranked', max_running => 0)$$);
 
 -- Bad calls.
 SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', 'w', 0)$$);

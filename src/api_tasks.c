@@ -20,11 +20,32 @@
 
 #include "orchestrator.h"
 
+/*
+ * A queue with a limit is locked while claiming from it, so that concurrent
+ * claims cannot together exceed it; a queue without one is not.  The lock is
+ * taken by a statement of its own: the claim after it then counts the leased
+ * tasks with a snapshot that includes the claims it waited for.
+ */
+#define LOCK_QUEUE_SQL \
+	"SELECT 1 FROM orch.queues WHERE name = $1 AND max_running IS NOT NULL FOR UPDATE"
+
+/* Could a claim from this limited queue get anything now?  NULL: no limit. */
+#define QUEUE_ROOM_SQL \
+	"SELECT q.max_running > (SELECT pg_catalog.count(*) FROM orch.steps x" \
+	"                         WHERE x.queue = $1 AND x.status = 'running')" \
+	"   AND EXISTS (SELECT FROM orch.steps w WHERE w.queue = $1 AND w.status = 'waiting')" \
+	"  FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL"
+
 #define CLAIM_TASKS_SQL \
-	"WITH c AS (" \
+	"WITH lim AS (" \
+	"  SELECT q.max_running - (SELECT pg_catalog.count(*) FROM orch.steps x" \
+	"                           WHERE x.queue = $1 AND x.status = 'running') AS free" \
+	"    FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL)," \
+	" c AS (" \
 	"  SELECT s.step_id FROM orch.steps s JOIN orch.runs r ON r.run_id = s.run_id" \
 	"   WHERE s.queue = $1 AND s.status = 'waiting' AND r.status IN ('pending', 'running')" \
-	"   ORDER BY s.queue, s.step_id LIMIT $3" \
+	"   ORDER BY s.queue, s.priority DESC, s.step_id" \
+	"   LIMIT LEAST($3, COALESCE((SELECT GREATEST(free, 0) FROM lim), $3))" \
 	"   FOR UPDATE OF s SKIP LOCKED)," \
 	" u AS (" \
 	"  UPDATE orch.steps s" \
@@ -51,7 +72,7 @@
 	"         || pg_catalog.lpad(pg_catalog.to_hex(u.step_id), 16, '0') || '-01'," \
 	"       u.wake_at" \
 	"  FROM u JOIN orch.runs r ON r.run_id = u.run_id" \
-	" ORDER BY u.step_id"
+	" ORDER BY r.priority DESC, u.step_id"
 
 static int64
 interval_to_usecs(const Interval *iv)
@@ -81,6 +102,8 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 	SPIPlanPtr	plan;
 	TimestampTz deadline;
 	int64		lease_us = interval_to_usecs(lease);
+	SPITupleTable *claimed = NULL;
+	uint64		nclaimed = 0;
 
 	if (max < 1 || max > 10000)
 		ereport(ERROR,
@@ -123,13 +146,39 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 	{
 		long		remaining_ms;
 
+		bool		limited;
+		bool		room = true;
+
 		if (OrchShared != NULL)
 			ConditionVariablePrepareToSleep(&OrchShared->tasks_ready);
-		/* not read-only: a new snapshot each time, to see newly queued tasks */
-		if (SPI_execute_plan(plan, args, NULL, false, 0) != SPI_OK_SELECT)
-			elog(ERROR, "could not claim tasks");
-		if (SPI_processed > 0)
-			break;
+
+		/*
+		 * A limited queue's lock is held until commit: never sleep holding
+		 * it.  Wait for room without it, then lock and claim once.
+		 */
+		if (SPI_execute_with_args(QUEUE_ROOM_SQL, 1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "could not read queue");
+		limited = SPI_processed > 0;
+		if (limited)
+		{
+			bool		isnull;
+
+			room = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+											  &isnull));
+		}
+		if (room)
+		{
+			if (limited &&
+				SPI_execute_with_args(LOCK_QUEUE_SQL, 1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
+				elog(ERROR, "could not lock queue");
+			/* not read-only: a new snapshot, including the claims waited for */
+			if (SPI_execute_plan(plan, args, NULL, false, 0) != SPI_OK_SELECT)
+				elog(ERROR, "could not claim tasks");
+			claimed = SPI_tuptable;
+			nclaimed = SPI_processed;
+			if (nclaimed > 0 || limited)
+				break;
+		}
 		remaining_ms = (long) ((deadline - GetCurrentTimestamp()) / 1000);
 		if (remaining_ms <= 0)
 			break;
@@ -140,17 +189,16 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 		ConditionVariableCancelSleep();
 
 	/* the engine must now also wake when these leases expire */
-	if (SPI_processed > 0)
+	if (nclaimed > 0)
 		orch_wake_engines_at_end();
 
-	for (uint64 i = 0; i < SPI_processed; i++)
+	for (uint64 i = 0; i < nclaimed; i++)
 	{
 		Datum		values[8];
 		bool		nulls[8];
 
 		for (int c = 0; c < 8; c++)
-			values[c] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, c + 1,
-									  &nulls[c]);
+			values[c] = SPI_getbinval(claimed->vals[i], claimed->tupdesc, c + 1, &nulls[c]);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	SPI_finish();
