@@ -487,7 +487,6 @@ DECLARE
 	def			jsonb := define_workflow.definition;
 	steps		jsonb;
 	step		jsonb;
-	retry		jsonb;
 	i			int;
 	j			int;
 	path		text;

@@ -2,22 +2,6 @@
 -- burning attempts, let one probe through after the cooldown, close on success.
 \set SHOW_CONTEXT never
 
--- Waits (up to 30 s) until a query returns true: the engine works on its own time.
-CREATE FUNCTION pg_temp.await(query text) RETURNS boolean LANGUAGE plpgsql AS $$
-DECLARE
-	ok boolean;
-BEGIN
-	FOR i IN 1 .. 3000 LOOP
-		EXECUTE query INTO ok;
-		IF ok THEN
-			RETURN true;
-		END IF;
-		PERFORM pg_sleep(0.01);
-	END LOOP;
-	RETURN false;
-END
-$$;
-
 SELECT orch.define_circuit('payments_api', threshold => 2, cooldown => '2s');
 SELECT app.show_error($$SELECT orch.define_circuit('payments api')$$);
 SELECT app.show_error($$SELECT orch.define_circuit('x', threshold => 0)$$);
@@ -48,12 +32,12 @@ SELECT app.show_error($$SELECT orch.define_workflow('nap', '{"steps": [
 
 -- Two failures open the circuit; the run's step then waits, blocked.
 SELECT orch.start_run('pay') AS run \gset
-SELECT pg_temp.await(format('SELECT status = %L FROM orch.steps WHERE run_id = %L', 'blocked', :'run'));
+SELECT app.await(format('SELECT status = %L FROM orch.steps WHERE run_id = %L', 'blocked', :'run'));
 SELECT name, state, failures, blocked_steps FROM orch.circuit_status WHERE name = 'payments_api';
 SELECT status FROM orch.steps WHERE run_id = :'run';
 -- While it is open, a new run's step does not call the target at all.
 SELECT orch.start_run('pay') AS run2 \gset
-SELECT pg_temp.await(format('SELECT status = %L FROM orch.steps WHERE run_id = %L', 'blocked', :'run2'));
+SELECT app.await(format('SELECT status = %L FROM orch.steps WHERE run_id = %L', 'blocked', :'run2'));
 SELECT status, attempt FROM orch.steps WHERE run_id = :'run2';
 SELECT count(*) AS calls_of_second_run FROM app.effects WHERE run_id = :'run2';
 

@@ -74,3 +74,19 @@ EXCEPTION WHEN OTHERS THEN
 						  '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<run>', 'g');
 END
 $$;
+
+-- Waits (up to 30 s) until a query returns true: the engine works on its own time.
+CREATE FUNCTION app.await(query text) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+	ok boolean;
+BEGIN
+	FOR i IN 1 .. 3000 LOOP
+		EXECUTE query INTO ok;
+		IF ok THEN
+			RETURN true;
+		END IF;
+		PERFORM pg_sleep(0.01);
+	END LOOP;
+	RETURN false;
+END
+$$;

@@ -1,19 +1,6 @@
 -- External task workers: claim, heartbeat, complete, fail; leases and fencing.
 \set SHOW_CONTEXT never
 
--- Waits (up to 30 s) until n tasks of a queue wait for a worker.
-CREATE FUNCTION pg_temp.await_queued(q text, n int) RETURNS boolean LANGUAGE plpgsql AS $$
-BEGIN
-	FOR i IN 1 .. 3000 LOOP
-		IF (SELECT count(*) FROM orch.steps WHERE queue = q AND status = 'waiting') >= n THEN
-			RETURN true;
-		END IF;
-		PERFORM pg_sleep(0.01);
-	END LOOP;
-	RETURN false;
-END
-$$;
-
 SELECT orch.define_workflow('crm_sync', '{"steps": [
   {"name": "prep", "kind": "sql", "function": "app.record"},
   {"name": "push", "kind": "task", "queue": "crm", "needs": ["prep"],
@@ -125,7 +112,7 @@ SELECT orch.start_run('ranked', '{"n": "low"}', priority => 1) AS low_run \gset
 SELECT orch.start_run('ranked', '{"n": "high"}', priority => 9) AS high_run \gset
 SELECT orch.start_run('ranked', '{"n": "mid"}', priority => 5) AS mid_run \gset
 SELECT orch.define_queue('ranked', max_running => 2);
-SELECT pg_temp.await_queued('ranked', 3);
+SELECT app.await($$SELECT count(*) = 3 FROM orch.steps WHERE queue = 'ranked' AND status = 'waiting'$$);
 SELECT input->'input'->>'n' AS claimed FROM orch.claim_tasks('ranked', 'worker-1', 10, '30s');
 SELECT name, waiting, running, max_running FROM orch.queue_status WHERE name = 'ranked';
 -- At the limit, a claim gets nothing until a lease ends.
