@@ -78,7 +78,7 @@ SELECT orch.define_workflow('call_api', '{"steps": [
   {"name": "call", "kind": "sql", "function": "app.switched", "retry": "api"},
   {"name": "after", "kind": "sql", "function": "app.record", "needs": ["call"]}]}');
 SELECT orch.start_run('call_api') AS call_run \gset
-SELECT orch.wait_run(:'call_run', '1s');
+SELECT app.await(format('SELECT status = %L FROM orch.runs WHERE run_id = %L', 'needs_human', :'call_run'));
 SELECT name, status, error->>'class' AS class, error->>'gave_up' AS gave_up
   FROM orch.steps WHERE run_id = :'call_run' ORDER BY step_id;
 SELECT count(*) AS attempts FROM orch.attempts WHERE run_id = :'call_run';
@@ -90,8 +90,9 @@ SELECT count(*) AS attempts FROM orch.attempts WHERE run_id = :'call_run' AND st
 	(SELECT step_id FROM orch.steps WHERE run_id = :'call_run' AND name = 'call');
 
 -- schedule_to_close caps the time over all attempts: with unlimited attempts
--- 100 ms apart, the step gives up once the next attempt would start after
--- 250 ms, and no attempt starts later than that.
+-- 100 ms apart, the step gives up once the next attempt would start more
+-- than 250 ms after the first: two or three attempts, never more (fewer if
+-- the machine is slow, since the cap counts from the first attempt).
 SELECT orch.define_workflow('flapping', '{"steps": [
   {"name": "flap", "kind": "sql", "function": "app.switched",
    "retry": {"max_attempts": 0, "initial_interval": "100ms", "backoff_coefficient": 1,
@@ -99,6 +100,5 @@ SELECT orch.define_workflow('flapping', '{"steps": [
 SELECT orch.start_run('flapping') AS flap_run \gset
 SELECT orch.wait_run(:'flap_run', '30s');
 SELECT error->>'class' AS class, error->>'gave_up' AS gave_up FROM orch.runs WHERE run_id = :'flap_run';
-SELECT count(*) >= 2 AS retried,
-	   max(started_at) - min(started_at) <= interval '250ms' AS within_schedule_to_close
+SELECT count(*) BETWEEN 2 AND 3 AS attempts_within_schedule_to_close
   FROM orch.attempts WHERE run_id = :'flap_run';

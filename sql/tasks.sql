@@ -73,7 +73,7 @@ SELECT orch.start_run('crm_sync', '{"customer": 9}') AS run3 \gset
 SET ROLE crm_worker;
 SELECT token AS token4 FROM orch.claim_tasks('crm', 'worker-3', 1, '100ms', wait => '10s') \gset
 RESET ROLE;
-SELECT orch.wait_run(:'run3', '1s');
+SELECT app.await(format('SELECT status = %L FROM orch.runs WHERE run_id = %L', 'needs_human', :'run3'));
 SELECT name, status, error->>'class' AS class FROM orch.steps WHERE run_id = :'run3' ORDER BY step_id;
 SELECT outcome, error_class, message FROM orch.attempts a JOIN orch.steps s USING (step_id)
  WHERE s.run_id = :'run3' AND s.name = 'push';
