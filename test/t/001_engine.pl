@@ -14,10 +14,11 @@ use OrchTest;
 my $node = orch_node('engine');
 orch_install_app($node, 'postgres');
 
-# Start runs, disconnect, and let time pass without any client.
+# Start runs and disconnect: only read-only observers connect from here on.
 $node->safe_psql('postgres',
 	"SELECT orch.start_run('chain3', jsonb_build_object('i', g)) FROM generate_series(1, 50) g");
-sleep(2);
+$node->poll_query_until('postgres',
+	"SELECT count(*) = 50 FROM orch.runs WHERE status = 'succeeded'");
 is($node->safe_psql('postgres',
 	"SELECT count(*) FILTER (WHERE status = 'succeeded') || '/' || count(*) FROM orch.runs"),
 	'50/50', 'runs finished with no client connected');
