@@ -188,9 +188,15 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 	if (OrchShared != NULL)
 		ConditionVariableCancelSleep();
 
-	/* the engine must now also wake when these leases expire */
+	/* the engine must also wake when these leases expire */
 	if (nclaimed > 0)
-		orch_wake_engines_at_end();
+	{
+		bool		isnull;
+
+		/* rows come ordered by priority, not expiry: the first is close enough */
+		orch_wake_engines_for_timer_at_end(
+			DatumGetTimestampTz(SPI_getbinval(claimed->vals[0], claimed->tupdesc, 8, &isnull)));
+	}
 
 	for (uint64 i = 0; i < nclaimed; i++)
 	{

@@ -173,8 +173,11 @@ orch_engine_main(Datum main_arg)
 		}
 		if (sleep_ms > 0)
 		{
+			orch_engine_sleeping(my_slotno,
+								 TimestampTzPlusMilliseconds(GetCurrentTimestamp(), sleep_ms));
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 sleep_ms, PG_WAIT_EXTENSION);
+			orch_engine_sleeping(my_slotno, 0);
 			ResetLatch(MyLatch);
 		}
 	}

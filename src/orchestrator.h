@@ -46,6 +46,7 @@ typedef struct OrchEngineSlot
 	TimestampTz started_at;
 	TimestampTz last_batch_at;
 	uint64		steps_done;
+	TimestampTz sleep_until;	/* while asleep: its next timer; 0 while busy */
 } OrchEngineSlot;
 
 typedef struct OrchSharedState
@@ -73,6 +74,9 @@ extern void orch_stop_engines_for_database(Oid dboid);
 /* wakeup.c */
 extern void orch_register_xact_callback(void);
 extern void orch_wake_engines_at_end(void);
+extern void orch_wake_engines_for_timer_at_end(TimestampTz timer);
+extern void orch_broadcast_runs_at_end(void);
+extern void orch_engine_sleeping(int slotno, TimestampTz until);
 extern void orch_wake_engines(Oid dboid);
 extern void orch_wake_launcher(void);
 

@@ -128,6 +128,9 @@ typedef struct OpenedCircuit
 	TimestampTz probe_after;
 } OpenedCircuit;
 static List *opened_circuits = NIL;
+
+/* the earliest timer the current batch set (0: none) */
+static TimestampTz batch_min_timer = 0;
 static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 
 /*
@@ -974,6 +977,9 @@ defer_step(ClaimedStep *s, const char *status, TimestampTz wake_at, int attempt,
 	v[1] = CStringGetTextDatum(status);
 	v[2] = TimestampTzGetDatum(wake_at);
 	n[2] = wake_at == 0;		/* no timer: a task waiting for a worker */
+	if (wake_at != 0 && wake_at != DT_NOEND &&
+		(batch_min_timer == 0 || wake_at < batch_min_timer))
+		batch_min_timer = wake_at;
 	v[3] = Int32GetDatum(attempt);
 	v[4] = error;
 	n[4] = error == (Datum) 0;
@@ -1402,6 +1408,7 @@ batch_begin(void)
 	rows_cxt = AllocSetContextCreate(batch_cxt, "orchestrator rows", ALLOCSET_DEFAULT_SIZES);
 	failed_runs = NIL;
 	opened_circuits = NIL;
+	batch_min_timer = 0;
 	buffers_reset();
 	return batch_cxt;
 }
@@ -1541,8 +1548,12 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 	PG_END_TRY();
 	MemoryContextDelete(cxt);
 
-	/* the next steps may be ready, the run may have finished */
-	orch_wake_engines_at_end();
+	/* the engine is needed only if steps became ready or timers were set */
+	if (result.made_ready || result.tasks_queued > 0)
+		orch_wake_engines_at_end();
+	else if (batch_min_timer != 0)
+		orch_wake_engines_for_timer_at_end(batch_min_timer);
+	orch_broadcast_runs_at_end();
 }
 
 /*

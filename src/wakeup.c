@@ -19,6 +19,10 @@
 
 static bool wake_engines_at_end = false;
 static bool wake_launcher_at_commit = false;
+static bool broadcast_runs_at_commit = false;
+static TimestampTz new_timer_at = 0;	/* earliest timer this transaction set */
+
+static void wake_engines_before(Oid dboid, TimestampTz timer);
 
 static void
 orch_xact_callback(XactEvent event, void *arg)
@@ -34,10 +38,22 @@ orch_xact_callback(XactEvent event, void *arg)
 				ConditionVariableBroadcast(&OrchShared->run_finished);
 				ConditionVariableBroadcast(&OrchShared->tasks_ready);
 			}
+			else if (OrchShared != NULL)
+			{
+				if (new_timer_at != 0)
+					wake_engines_before(MyDatabaseId, new_timer_at);
+				if (broadcast_runs_at_commit)
+				{
+					ConditionVariableBroadcast(&OrchShared->run_finished);
+					ConditionVariableBroadcast(&OrchShared->tasks_ready);
+				}
+			}
 			if (wake_launcher_at_commit && OrchShared != NULL)
 				orch_wake_launcher();
 			wake_engines_at_end = false;
 			wake_launcher_at_commit = false;
+			broadcast_runs_at_commit = false;
+			new_timer_at = 0;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
@@ -45,6 +61,8 @@ orch_xact_callback(XactEvent event, void *arg)
 				orch_wake_engines(MyDatabaseId);
 			wake_engines_at_end = false;
 			wake_launcher_at_commit = false;
+			broadcast_runs_at_commit = false;
+			new_timer_at = 0;
 			break;
 		default:
 			break;
@@ -61,6 +79,58 @@ void
 orch_wake_engines_at_end(void)
 {
 	wake_engines_at_end = true;
+}
+
+/*
+ * Wake the engines of a database that sleep past timer, and those that are
+ * busy: a busy engine may have taken the snapshot for its next timer before
+ * this commit.  An engine asleep with an earlier timer will see this one in
+ * time.
+ */
+static void
+wake_engines_before(Oid dboid, TimestampTz timer)
+{
+	Latch	   *latches[ORCH_MAX_WORKERS_PER_DB * 4];
+	int			n = 0;
+
+	SpinLockAcquire(&OrchShared->mutex);
+	for (int i = 0; i < OrchShared->nslots && n < (int) lengthof(latches); i++)
+	{
+		OrchEngineSlot *slot = &OrchShared->slots[i];
+
+		if (slot->state == ORCH_SLOT_RUNNING && slot->dboid == dboid &&
+			slot->latch != NULL && slot->pid != MyProcPid &&
+			(slot->sleep_until == 0 || slot->sleep_until > timer))
+			latches[n++] = slot->latch;
+	}
+	SpinLockRelease(&OrchShared->mutex);
+
+	for (int i = 0; i < n; i++)
+		SetLatch(latches[i]);
+}
+
+/* A new timer (a lease's expiry) at the end of this transaction. */
+void
+orch_wake_engines_for_timer_at_end(TimestampTz timer)
+{
+	if (new_timer_at == 0 || timer < new_timer_at)
+		new_timer_at = timer;
+}
+
+/* Runs may finish, or tasks be queued, when this transaction commits. */
+void
+orch_broadcast_runs_at_end(void)
+{
+	broadcast_runs_at_commit = true;
+}
+
+/* The engine's slot tells committers when it will next wake on its own. */
+void
+orch_engine_sleeping(int slotno, TimestampTz until)
+{
+	SpinLockAcquire(&OrchShared->mutex);
+	OrchShared->slots[slotno].sleep_until = until;
+	SpinLockRelease(&OrchShared->mutex);
 }
 
 void
