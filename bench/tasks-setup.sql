@@ -40,16 +40,18 @@ BEGIN
 			PERFORM pg_stat_clear_snapshot();
 			SELECT string_agg(format('%s %s', status, c), ', ' ORDER BY status) INTO steps
 			  FROM (SELECT status, count(*) AS c FROM orch.steps GROUP BY 1) x;
-			SELECT string_agg(format('pid %s: %s steps done, last batch %s ms ago, %s%s',
+			SELECT string_agg(format('pid %s: %s steps done, last batch %s, %s%s',
 									 w.pid, w.steps_done,
-									 round(extract(epoch FROM clock_timestamp() - w.last_batch_at) * 1000),
+									 coalesce(round(extract(epoch FROM clock_timestamp() - w.last_batch_at) * 1000)
+											  || ' ms ago', 'never'),
 									 coalesce(a.state, '?'),
 									 coalesce(' waiting on ' || a.wait_event_type || '/' || a.wait_event, '')),
 							  '; ' ORDER BY w.pid) INTO engines
 			  FROM orch.engine_workers w LEFT JOIN pg_stat_activity a ON a.pid = w.pid
 			 WHERE w.database = current_database();
 			RAISE NOTICE 'bench: after % s, % of % tasks queued; steps: %; engines: %',
-				round(extract(epoch FROM clock_timestamp() - t_start)::numeric, 1), k, n, steps, engines;
+				round(extract(epoch FROM clock_timestamp() - t_start)::numeric, 1), k, n,
+				coalesce(steps, 'none'), coalesce(engines, 'none');
 		END IF;
 		IF k <> k_last THEN
 			k_last := k;
