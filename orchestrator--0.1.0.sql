@@ -41,6 +41,8 @@ CREATE TYPE orch.step_status AS ENUM
 
 CREATE TYPE orch.attempt_outcome AS ENUM ('succeeded', 'failed');
 
+CREATE TYPE orch.attempt_kind AS ENUM ('run', 'verify', 'compensate');
+
 CREATE DOMAIN orch.counter AS int CHECK (VALUE >= 0);
 
 -- A W3C trace id: 16 bytes.
@@ -121,6 +123,14 @@ CREATE TABLE orch.workflow_steps (
 	schedule_to_close interval,
 	retry_policy	text,
 	timeout			interval,
+	idempotent		boolean		NOT NULL DEFAULT false,	-- a task safe to redo
+	verify_name		text,		-- decides unknown outcomes
+	verify			regprocedure,
+	compensate_name	text,		-- undoes the step when its run fails
+	compensate		regprocedure,
+	on_error		jsonb,		-- [{"errors": [...] or null, "goto": step}]
+	routes			text[]		NOT NULL DEFAULT '{}',	-- the steps on_error goes to
+	route_target	boolean		NOT NULL DEFAULT false,	-- runs only when routed to
 	PRIMARY KEY (workflow, version, name),
 	FOREIGN KEY (workflow, version) REFERENCES orch.workflows ON DELETE CASCADE
 );
@@ -191,6 +201,11 @@ CREATE TABLE orch.steps (
 	worker			text,
 	attempt_started_at timestamptz,
 	progress		jsonb,
+	-- what the engine does when the step comes due: NULL run it, 'verify'
+	-- decide an unknown outcome, 'compensate' undo it
+	phase			text,
+	cause			jsonb,		-- the error that routed the run to this step
+	compensations	int			NOT NULL DEFAULT 0,	-- tries of its compensation
 	UNIQUE (run_id, name)
 );
 -- The engine's work queue: due steps, and leases of running tasks (wake_at
@@ -213,6 +228,9 @@ CREATE INDEX steps_blocked ON orch.steps (circuit) WHERE status = 'blocked';
 CREATE TABLE orch.attempts (
 	step_id		bigint		NOT NULL,
 	attempt		int			NOT NULL,
+	-- run: a try of the step; verify: the verification of attempt `attempt`'s
+	-- unknown outcome; compensate: try `attempt` of undoing the step
+	kind		orch.attempt_kind NOT NULL DEFAULT 'run',
 	run_id		uuid		NOT NULL,
 	worker		text		NOT NULL,
 	started_at	timestamptz	NOT NULL,
@@ -224,7 +242,7 @@ CREATE TABLE orch.attempts (
 	detail		text,
 	hint		text,
 	context		text,
-	PRIMARY KEY (step_id, attempt)
+	PRIMARY KEY (step_id, attempt, kind)
 );
 CREATE INDEX attempts_run ON orch.attempts (run_id);
 
@@ -476,6 +494,131 @@ $$;
  * Validate a workflow definition completely and store it as a new version
  * (or return the current version when the definition is unchanged).
  */
+/*
+ * A function a step calls, fn(ctx jsonb) returns jsonb, named by a
+ * schema-qualified string at path.  of: whose function it is ('step "x"');
+ * what: what calls it, for the hints ('A sql step').
+ */
+CREATE FUNCTION orch._step_function(val jsonb, obj text, path text, of text, what text)
+	RETURNS regprocedure
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	fn_text	text := val #>> '{}';
+	proc	regprocedure;
+	rec		record;
+BEGIN
+	IF jsonb_typeof(val) IS DISTINCT FROM 'string' THEN
+		PERFORM orch._definition_error('22023', obj, path,
+			format('expected a function name, got %s', coalesce(jsonb_typeof(val), 'nothing')),
+			hint => format('%s calls schema.fn(ctx jsonb) returns jsonb.', what));
+	END IF;
+	IF fn_text !~ '^\s*("[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)\s*\.\s*("[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)\s*$' THEN
+		PERFORM orch._definition_error('22023', obj, path,
+			format('function name "%s" of %s is not schema-qualified', fn_text, of),
+			hint => 'Write the function as schema.name, for example app.classify_ticket.');
+	END IF;
+	proc := to_regprocedure(fn_text || '(jsonb)');
+	IF proc IS NULL THEN
+		IF to_regproc(fn_text) IS NOT NULL
+		   OR EXISTS (SELECT FROM pg_proc p
+					  WHERE p.oid::regproc::text = fn_text
+						 OR (p.pronamespace::regnamespace::text || '.' || p.proname) = fn_text) THEN
+			PERFORM orch._definition_error('42804', obj, path,
+				format('function %s of %s does not take a single jsonb argument', fn_text, of),
+				hint => format('%s calls fn(ctx jsonb) returns jsonb.', what));
+		END IF;
+		PERFORM orch._definition_error('42883', obj, path,
+			format('function %s(jsonb) of %s does not exist', fn_text, of),
+			hint => 'Create the function before defining the workflow.');
+	END IF;
+	SELECT p.prorettype, p.proretset, p.prokind INTO rec FROM pg_proc p WHERE p.oid = proc;
+	IF rec.prokind <> 'f' THEN
+		PERFORM orch._definition_error('42804', obj, path,
+			format('%s of %s is not a plain function', proc, of),
+			hint => format('%s calls fn(ctx jsonb) returns jsonb; procedures and aggregates cannot be called.', what));
+	END IF;
+	IF rec.prorettype <> 'jsonb'::regtype OR rec.proretset THEN
+		PERFORM orch._definition_error('42804', obj, path,
+			format('function %s of %s returns %s%s, not jsonb', proc, of,
+				   CASE WHEN rec.proretset THEN 'setof ' ELSE '' END, rec.prorettype::regtype),
+			hint => format('%s calls fn(ctx jsonb) returns jsonb.', what));
+	END IF;
+	RETURN proc;
+END
+$$;
+
+/*
+ * on_error: a non-empty array of rules {"errors": [...], "goto": "step"}.
+ * errors lists error classes or SQLSTATEs; without it a rule matches every
+ * error.  Returns the rules normalized (errors always present, or null).
+ */
+CREATE FUNCTION orch._compile_on_error(val jsonb, names text[], sname text, obj text, path text)
+	RETURNS jsonb
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	rule	jsonb;
+	e		jsonb;
+	i		int;
+	j		int;
+	rpath	text;
+	target	text;
+	result	jsonb := '[]';
+BEGIN
+	IF jsonb_typeof(val) IS DISTINCT FROM 'array' OR jsonb_array_length(val) = 0 THEN
+		PERFORM orch._definition_error('22023', obj, path, 'expected a non-empty array of rules',
+			hint => 'A rule is {"errors": ["permanent"], "goto": "step"}; errors name error classes or SQLSTATEs.');
+	END IF;
+	FOR i IN 0 .. jsonb_array_length(val) - 1 LOOP
+		rule := val -> i;
+		rpath := format('%s[%s]', path, i);
+		IF jsonb_typeof(rule) <> 'object' THEN
+			PERFORM orch._definition_error('22023', obj, rpath,
+				format('expected a rule object, got %s', jsonb_typeof(rule)),
+				hint => 'A rule is {"errors": ["permanent"], "goto": "step"}.');
+		END IF;
+		PERFORM orch._check_keys(rule, ARRAY['errors', 'goto'], obj, rpath, 'an on_error rule');
+		IF jsonb_typeof(rule -> 'goto') IS DISTINCT FROM 'string' THEN
+			PERFORM orch._definition_error('22023', obj, rpath || '.goto',
+				'every rule needs a "goto" step name');
+		END IF;
+		target := rule ->> 'goto';
+		IF NOT target = ANY (names) THEN
+			PERFORM orch._definition_error('22023', obj, rpath || '.goto',
+				format('on_error of step "%s" goes to unknown step "%s"', sname, target),
+				format('Steps defined: %s.', array_to_string(names, ', ')));
+		END IF;
+		IF target = sname THEN
+			PERFORM orch._definition_error('22023', obj, rpath || '.goto',
+				format('on_error of step "%s" goes to the step itself', sname),
+				hint => 'Retries are the retry policy''s business; on_error goes to another step.');
+		END IF;
+		IF rule ? 'errors' THEN
+			IF jsonb_typeof(rule -> 'errors') <> 'array' OR jsonb_array_length(rule -> 'errors') = 0 THEN
+				PERFORM orch._definition_error('22023', obj, rpath || '.errors',
+					'expected a non-empty array of error classes or SQLSTATEs',
+					hint => 'Leave "errors" out to match every error.');
+			END IF;
+			FOR j IN 0 .. jsonb_array_length(rule -> 'errors') - 1 LOOP
+				e := rule -> 'errors' -> j;
+				IF jsonb_typeof(e) <> 'string'
+				   OR NOT ((e #>> '{}') IN ('transient', 'permanent', 'unknown_outcome')
+						   OR (e #>> '{}') ~ '^[0-9A-Z]{5}$') THEN
+					PERFORM orch._definition_error('22023', obj, format('%s.errors[%s]', rpath, j),
+						format('%s is neither an error class nor a SQLSTATE', e),
+						hint => 'Error classes are transient, permanent and unknown_outcome; a SQLSTATE has five digits or capital letters, such as 23505.');
+				END IF;
+			END LOOP;
+		END IF;
+		result := result || jsonb_build_array(jsonb_build_object('errors', rule -> 'errors', 'goto', target));
+	END LOOP;
+	RETURN result;
+END
+$$;
+
 CREATE FUNCTION orch.define_workflow(name text, definition jsonb) RETURNS int
 	LANGUAGE plpgsql
 	SECURITY DEFINER
@@ -537,7 +680,17 @@ DECLARE
 	c_policy	text[] := '{}';
 	obj			text;
 	common_keys	text[] := ARRAY['name', 'kind', 'needs', 'when', 'description', 'retry', 'timeout',
-								'circuit'];
+								'circuit', 'on_error'];
+	v_verify	regprocedure;
+	v_comp		regprocedure;
+	v_idem		boolean;
+	v_on_error	jsonb;
+	c_verify	regprocedure[] := '{}';
+	c_comp		regprocedure[] := '{}';
+	c_idem		boolean[] := '{}';
+	c_on_error	jsonb[] := '{}';
+	c_target	boolean[];
+	c_explicit	boolean[] := '{}';
 	v_circuit	text;
 	c_circuit	text[] := '{}';
 	-- cycle detection
@@ -618,8 +771,9 @@ BEGIN
 				hint => 'Kinds are: sql, sleep, task.');
 		END IF;
 		PERFORM orch._check_keys(step,
-			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function']
-									 WHEN 'task' THEN ARRAY['queue', 'schedule_to_start', 'heartbeat_timeout']
+			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function', 'verify', 'compensate']
+									 WHEN 'task' THEN ARRAY['queue', 'schedule_to_start', 'heartbeat_timeout',
+															'idempotent', 'verify', 'compensate']
 									 ELSE ARRAY['duration', 'until'] END,
 			obj, path, format('a step of kind "%s"', kind));
 
@@ -680,37 +834,37 @@ BEGIN
 					hint => 'Name a function schema.fn(ctx jsonb) returns jsonb.');
 			END IF;
 			fn_text := step ->> 'function';
-			IF fn_text !~ '^\s*("[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)\s*\.\s*("[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)\s*$' THEN
-				PERFORM orch._definition_error('22023', obj, path || '.function',
-					format('function name "%s" of step "%s" is not schema-qualified', fn_text, sname),
-					hint => 'Write the function as schema.name, for example app.classify_ticket.');
+			proc := orch._step_function(step -> 'function', obj, path || '.function',
+										format('step "%s"', sname), 'A sql step');
+		END IF;
+
+		-- verify: decides what an unknown outcome was; compensate: undoes the step
+		v_verify := NULL;
+		v_comp := NULL;
+		IF step ? 'verify' THEN
+			v_verify := orch._step_function(step -> 'verify', obj, path || '.verify',
+											format('"verify" of step "%s"', sname), 'The engine');
+		END IF;
+		IF step ? 'compensate' THEN
+			v_comp := orch._step_function(step -> 'compensate', obj, path || '.compensate',
+										  format('"compensate" of step "%s"', sname), 'The engine');
+		END IF;
+
+		-- idempotent: a task whose worker may be asked to do it twice
+		v_idem := false;
+		IF step ? 'idempotent' THEN
+			IF jsonb_typeof(step -> 'idempotent') <> 'boolean' THEN
+				PERFORM orch._definition_error('22023', obj, path || '.idempotent',
+					'expected true or false',
+					hint => 'true tells the engine that a lost lease may be retried: the worker makes doing the task twice harmless, e.g. with the idempotency key.');
 			END IF;
-			proc := to_regprocedure(fn_text || '(jsonb)');
-			IF proc IS NULL THEN
-				IF to_regproc(fn_text) IS NOT NULL
-				   OR EXISTS (SELECT FROM pg_proc p
-							  WHERE p.oid::regproc::text = fn_text
-								 OR (p.pronamespace::regnamespace::text || '.' || p.proname) = fn_text) THEN
-					PERFORM orch._definition_error('42804', obj, path || '.function',
-						format('function %s of step "%s" does not take a single jsonb argument', fn_text, sname),
-						hint => 'A sql step calls fn(ctx jsonb) returns jsonb.');
-				END IF;
-				PERFORM orch._definition_error('42883', obj, path || '.function',
-					format('function %s(jsonb) of step "%s" does not exist', fn_text, sname),
-					hint => 'Create the function before defining the workflow.');
-			END IF;
-			SELECT p.prorettype, p.proretset, p.prokind INTO rec FROM pg_proc p WHERE p.oid = proc;
-			IF rec.prokind <> 'f' THEN
-				PERFORM orch._definition_error('42804', obj, path || '.function',
-					format('%s of step "%s" is not a plain function', proc, sname),
-					hint => 'A sql step calls fn(ctx jsonb) returns jsonb; procedures and aggregates cannot be steps.');
-			END IF;
-			IF rec.prorettype <> 'jsonb'::regtype OR rec.proretset THEN
-				PERFORM orch._definition_error('42804', obj, path || '.function',
-					format('function %s of step "%s" returns %s%s, not jsonb', proc, sname,
-						   CASE WHEN rec.proretset THEN 'setof ' ELSE '' END, rec.prorettype::regtype),
-					hint => 'A sql step calls fn(ctx jsonb) returns jsonb.');
-			END IF;
+			v_idem := (step -> 'idempotent')::boolean;
+		END IF;
+
+		-- on_error: routes to other steps, tried in order
+		v_on_error := NULL;
+		IF step ? 'on_error' THEN
+			v_on_error := orch._compile_on_error(step -> 'on_error', names, sname, obj, path || '.on_error');
 		END IF;
 
 		-- task
@@ -809,6 +963,34 @@ BEGIN
 		c_hbt := c_hbt || v_hbt;
 		c_circuit := c_circuit || v_circuit;
 		c_policy := c_policy || (v_retry ->> 'policy');
+		c_verify := c_verify || v_verify;
+		c_comp := c_comp || v_comp;
+		c_idem := c_idem || v_idem;
+		c_on_error := c_on_error || v_on_error;
+		c_explicit := c_explicit || (step ? 'needs');
+	END LOOP;
+
+	/*
+	 * Route targets run only when a step's on_error sends the run there: the
+	 * steps that may route to one are its needs, and it runs if one of them
+	 * did (or is skipped once all have finished otherwise).
+	 */
+	c_target := array_fill(false, ARRAY[cardinality(names)]);
+	FOR i IN 1 .. cardinality(names) LOOP
+		FOR sname IN SELECT DISTINCT r ->> 'goto' FROM jsonb_array_elements(c_on_error[i]) r LOOP
+			j := array_position(names, sname);
+			IF c_explicit[j] THEN
+				PERFORM orch._definition_error('22023', obj, format('$.steps[%s].needs', j - 1),
+					format('step "%s" is where on_error of step "%s" goes, so it cannot have needs',
+						   sname, names[i]),
+					hint => 'A step that on_error goes to runs only when the run is routed there; the steps that route to it are its needs.');
+			END IF;
+			IF NOT c_target[j] THEN
+				c_needs[j] := '[]';
+				c_target[j] := true;
+			END IF;
+			c_needs[j] := c_needs[j] || to_jsonb(names[i]);
+		END LOOP;
 	END LOOP;
 
 	-- Cycles: Kahn's algorithm; whatever cannot be ordered lies on or behind a cycle.
@@ -845,7 +1027,7 @@ BEGIN
 		PERFORM orch._definition_error('22023', obj,
 			format('$.steps[%s].needs', array_position(names, cycle[1]) - 1),
 			format('dependency cycle: %s', array_to_string(cycle, ' -> ')),
-			'A step runs after all of its needs, so needs must not form a cycle.');
+			'A step runs after all of its needs, and a step that on_error goes to after the steps that route to it, so these must not form a cycle.');
 	END IF;
 
 	-- Store: the same definition again keeps its version.
@@ -868,7 +1050,8 @@ BEGIN
 	INSERT INTO orch.workflow_steps (workflow, version, name, ordinal, kind, needs, dependents,
 		guard, function_name, function, sleep_for, sleep_until, max_attempts, initial_interval,
 		backoff_coefficient, max_interval, jitter, non_retryable, schedule_to_close,
-		retry_policy, timeout, queue, circuit, schedule_to_start, heartbeat_timeout)
+		retry_policy, timeout, queue, circuit, schedule_to_start, heartbeat_timeout,
+		idempotent, verify_name, verify, compensate_name, compensate, on_error, routes, route_target)
 	SELECT wf, v_version, names[k], k, c_kind[k],
 		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
 		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
@@ -877,7 +1060,11 @@ BEGIN
 		   c_init[k], c_coef[k], c_maxint[k], c_jitter[k],
 		   CASE WHEN c_nonretry[k] IS NOT NULL
 				THEN ARRAY(SELECT jsonb_array_elements_text(c_nonretry[k])) END,
-		   c_stc[k], c_policy[k], c_timeout[k], c_queue[k], c_circuit[k], c_sts[k], c_hbt[k]
+		   c_stc[k], c_policy[k], c_timeout[k], c_queue[k], c_circuit[k], c_sts[k], c_hbt[k],
+		   c_idem[k], steps -> (k - 1) ->> 'verify', c_verify[k],
+		   steps -> (k - 1) ->> 'compensate', c_comp[k], c_on_error[k],
+		   ARRAY(SELECT DISTINCT r ->> 'goto' FROM jsonb_array_elements(c_on_error[k]) r ORDER BY 1),
+		   c_target[k]
 	  FROM generate_series(1, cardinality(names)) k;
 
 	RETURN v_version;
@@ -1010,8 +1197,36 @@ BEGIN
 END
 $$;
 
--- Cancel a run: every step not yet finished is cancelled.  Returns false when
--- the run had already finished.
+/*
+ * Compensation (sagas): when a run fails, is cancelled or passes its
+ * deadline, the steps that succeeded and have a compensate function are
+ * undone one at a time, latest finished first.  This arms the next one: the
+ * engine calls its compensate function, records the try as an attempt of
+ * kind compensate, marks the step compensated and arms the one before it.
+ */
+CREATE FUNCTION orch._compensate_next(run_id uuid) RETURNS boolean
+	LANGUAGE sql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH next AS (
+		SELECT s.step_id
+		  FROM orch.steps s
+		  JOIN orch.runs r ON r.run_id = s.run_id
+		  JOIN orch.workflow_steps ws
+			ON ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name
+		 WHERE s.run_id = $1 AND s.status = 'succeeded' AND ws.compensate IS NOT NULL
+		 ORDER BY s.finished_at DESC, s.step_id DESC
+		 LIMIT 1),
+	armed AS (
+		UPDATE orch.steps s
+		   SET status = 'ready', phase = 'compensate', wake_at = now(), error = NULL
+		  FROM next WHERE s.step_id = next.step_id
+		RETURNING 1)
+	SELECT EXISTS (SELECT FROM armed)
+$$;
+
+-- Cancel a run: every step not yet finished is cancelled, and the steps that
+-- succeeded are compensated.  Returns false when the run had already finished.
 CREATE FUNCTION orch.cancel_run(run_id uuid, reason text DEFAULT NULL) RETURNS boolean
 	LANGUAGE plpgsql
 	SECURITY DEFINER
@@ -1035,6 +1250,7 @@ BEGIN
 		   reason = cancel_run.reason,
 		   error = jsonb_build_object('cancelled_by', orch._caller(), 'reason', cancel_run.reason)
 	 WHERE orch.runs.run_id = r.run_id;
+	PERFORM orch._compensate_next(r.run_id);
 	RETURN true;
 END
 $$;
@@ -1110,12 +1326,20 @@ BEGIN
 			MESSAGE = format('run %s cannot be retried: its status is %s', r.run_id, r.status),
 			HINT = 'Only failed runs, and runs waiting for a human after an unknown outcome, are retried.';
 	END IF;
+	IF EXISTS (SELECT FROM orch.steps s
+			   WHERE s.run_id = r.run_id AND (s.status = 'compensated' OR s.phase = 'compensate')) THEN
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('run %s cannot be retried: its steps are being or have been compensated', r.run_id),
+			HINT = 'What the run did is undone; start a new run.';
+	END IF;
 
-	-- the steps that failed, or whose outcome is unknown, go again
+	-- the steps that failed (unless on_error routed the run on), or whose
+	-- outcome is unknown, go again
 	UPDATE orch.steps s
 	   SET status = 'ready', wake_at = now(), attempt_base = s.attempt, error = NULL,
-		   started_at = NULL, finished_at = NULL
-	 WHERE s.run_id = r.run_id AND s.status IN ('failed', 'needs_human');
+		   started_at = NULL, finished_at = NULL, phase = NULL
+	 WHERE s.run_id = r.run_id
+	   AND (s.status = 'needs_human' OR (s.status = 'failed' AND NOT coalesce(s.error ? 'routed_to', false)));
 
 	-- the steps cancelled with the failure wait for their unfinished needs
 	UPDATE orch.steps s
@@ -1124,8 +1348,11 @@ BEGIN
 		   wake_at = CASE WHEN n.pending = 0 THEN now() END,
 		   finished_at = NULL
 	  FROM (SELECT c.step_id,
-				   count(*) FILTER (WHERE d.status NOT IN ('succeeded', 'skipped'))::int AS pending,
-				   count(*) FILTER (WHERE d.status = 'succeeded')::int AS ok
+				   count(*) FILTER (WHERE NOT (d.status IN ('succeeded', 'skipped')
+											   OR coalesce(d.status = 'failed' AND d.error ? 'routed_to', false)))::int AS pending,
+				   count(*) FILTER (WHERE CASE WHEN ws.route_target
+											   THEN coalesce(d.error ->> 'routed_to' = c.name, false)
+											   ELSE d.status = 'succeeded' END)::int AS ok
 			  FROM orch.steps c
 			  JOIN orch.runs rr ON rr.run_id = c.run_id
 			  JOIN orch.workflow_steps ws
@@ -1139,7 +1366,8 @@ BEGIN
 	   SET status = 'running', error = NULL, output = NULL, finished_at = NULL,
 		   reason = retry_run.reason,
 		   steps_left = (SELECT count(*) FROM orch.steps s
-						  WHERE s.run_id = r.run_id AND s.status NOT IN ('succeeded', 'skipped'))
+						  WHERE s.run_id = r.run_id AND s.status NOT IN ('succeeded', 'skipped')
+							AND NOT (s.status = 'failed' AND coalesce(s.error ? 'routed_to', false)))
 	 WHERE orch.runs.run_id = r.run_id;
 END
 $$;

@@ -36,6 +36,13 @@
 	"   AND EXISTS (SELECT FROM orch.steps w WHERE w.queue = $1 AND w.status = 'waiting')" \
 	"  FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL"
 
+/*
+ * Lease up to $3 waiting tasks of queue $1 to worker $2 for $4.  The claimed
+ * steps are updated by primary key (= ANY of an array, which the planner
+ * takes for a handful of rows), and the run's columns come back through the
+ * UPDATE's RETURNING: however many tasks wait in the queue, a claim reads
+ * only the rows it leases.
+ */
 #define CLAIM_TASKS_SQL \
 	"WITH lim AS (" \
 	"  SELECT q.max_running - (SELECT pg_catalog.count(*) FROM orch.steps x" \
@@ -55,24 +62,59 @@
 	"         attempt_started_at = pg_catalog.clock_timestamp()," \
 	"         started_at = COALESCE(s.started_at, pg_catalog.clock_timestamp())," \
 	"         wake_at = pg_catalog.clock_timestamp() + LEAST($4, ws.timeout, ws.heartbeat_timeout)" \
-	"    FROM c, orch.runs r, orch.workflow_steps ws" \
-	"   WHERE s.step_id = c.step_id AND r.run_id = s.run_id" \
+	"    FROM orch.runs r, orch.workflow_steps ws" \
+	"   WHERE s.step_id = ANY (ARRAY(SELECT c.step_id FROM c))" \
+	"     AND r.run_id = s.run_id" \
 	"     AND ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name" \
-	"  RETURNING s.step_id, s.run_id, s.name, s.attempt, s.lease_token, s.wake_at)" \
+	"  RETURNING s.step_id, s.run_id, s.name, s.attempt, s.lease_token, s.wake_at," \
+	"            r.workflow, r.version, r.input, r.business_key, r.trace_id, r.priority)" \
 	"SELECT u.lease_token, u.run_id, u.name," \
 	"       pg_catalog.jsonb_build_object(" \
-	"         'run_id', r.run_id, 'workflow', r.workflow, 'version', r.version," \
-	"         'step', u.name, 'attempt', u.attempt, 'input', r.input," \
-	"         'business_key', r.business_key," \
+	"         'run_id', u.run_id, 'workflow', u.workflow, 'version', u.version," \
+	"         'step', u.name, 'attempt', u.attempt, 'input', u.input," \
+	"         'business_key', u.business_key," \
 	"         'steps', (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
 	"                     FROM orch.steps p" \
 	"                    WHERE p.run_id = u.run_id AND p.status = 'succeeded'))," \
 	"       u.attempt, u.run_id::text || '/' || u.name," \
-	"       '00-' || pg_catalog.encode(r.trace_id, 'hex') || '-'" \
+	"       '00-' || pg_catalog.encode(u.trace_id, 'hex') || '-'" \
 	"         || pg_catalog.lpad(pg_catalog.to_hex(u.step_id), 16, '0') || '-01'," \
 	"       u.wake_at" \
-	"  FROM u JOIN orch.runs r ON r.run_id = u.run_id" \
-	" ORDER BY r.priority DESC, u.step_id"
+	"  FROM u" \
+	" ORDER BY u.priority DESC, u.step_id"
+
+/* The statements above, prepared once per session. */
+enum
+{
+	T_LOCK_QUEUE,
+	T_QUEUE_ROOM,
+	T_CLAIM,
+	T_COUNT
+};
+static SPIPlanPtr task_plans[T_COUNT];
+static const char *const task_sql[T_COUNT] = {
+	[T_LOCK_QUEUE] = LOCK_QUEUE_SQL,
+	[T_QUEUE_ROOM] = QUEUE_ROOM_SQL,
+	[T_CLAIM] = CLAIM_TASKS_SQL,
+};
+
+static SPIPlanPtr
+task_plan(int which)
+{
+	static Oid	argtypes[4] = {TEXTOID, TEXTOID, INT4OID, INTERVALOID};
+
+	if (task_plans[which] == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(task_sql[which], which == T_CLAIM ? 4 : 1, argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		task_plans[which] = plan;
+	}
+	return task_plans[which];
+}
 
 static int64
 interval_to_usecs(const Interval *iv)
@@ -97,9 +139,7 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 	int32		max = PG_GETARG_INT32(2);
 	Interval   *lease = PG_GETARG_INTERVAL_P(3);
 	Interval   *wait = PG_GETARG_INTERVAL_P(4);
-	Oid			argtypes[4] = {TEXTOID, TEXTOID, INT4OID, INTERVALOID};
 	Datum		args[4];
-	SPIPlanPtr	plan;
 	TimestampTz deadline;
 	int64		lease_us = interval_to_usecs(lease);
 	SPITupleTable *claimed = NULL;
@@ -138,9 +178,6 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	plan = SPI_prepare(CLAIM_TASKS_SQL, 4, argtypes);
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 
 	for (;;)
 	{
@@ -156,7 +193,7 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 		 * A limited queue's lock is held until commit: never sleep holding
 		 * it.  Wait for room without it, then lock and claim once.
 		 */
-		if (SPI_execute_with_args(QUEUE_ROOM_SQL, 1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
+		if (SPI_execute_plan(task_plan(T_QUEUE_ROOM), args, NULL, false, 1) != SPI_OK_SELECT)
 			elog(ERROR, "could not read queue");
 		limited = SPI_processed > 0;
 		if (limited)
@@ -169,10 +206,10 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 		if (room)
 		{
 			if (limited &&
-				SPI_execute_with_args(LOCK_QUEUE_SQL, 1, argtypes, args, NULL, false, 1) != SPI_OK_SELECT)
+				SPI_execute_plan(task_plan(T_LOCK_QUEUE), args, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not lock queue");
 			/* not read-only: a new snapshot, including the claims waited for */
-			if (SPI_execute_plan(plan, args, NULL, false, 0) != SPI_OK_SELECT)
+			if (SPI_execute_plan(task_plan(T_CLAIM), args, NULL, false, 0) != SPI_OK_SELECT)
 				elog(ERROR, "could not claim tasks");
 			claimed = SPI_tuptable;
 			nclaimed = SPI_processed;

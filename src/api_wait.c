@@ -1,6 +1,7 @@
 /*-------------------------------------------------------------------------
  * api_wait.c
- *	  orch.wait_run(run_id, timeout): block until a run has finished.
+ *	  orch.wait_run(run_id, timeout): block until a run has finished, and
+ *	  the compensations that its end started have run.
  *
  *	  The caller sleeps on a condition variable in shared memory that is
  *	  broadcast after every commit that may have finished a run (an engine
@@ -56,13 +57,19 @@ orch_wait_run(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	plan = SPI_prepare("SELECT status, xmin FROM orch.runs WHERE run_id = $1", 1, argtypes);
+	plan = SPI_prepare("SELECT r.status, r.xmin,"
+					   "       EXISTS (SELECT FROM orch.steps s"
+					   "                WHERE s.run_id = r.run_id AND s.phase = 'compensate'"
+					   "                  AND s.status IN ('ready', 'retrying'))"
+					   "  FROM orch.runs r WHERE r.run_id = $1", 1, argtypes);
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 
 	for (;;)
 	{
 		long		remaining_ms;
+		bool		isnull;
+		bool		done;
 
 		/* on the wait list before looking, so no broadcast is missed */
 		ConditionVariablePrepareToSleep(&OrchShared->run_finished);
@@ -76,10 +83,10 @@ orch_wait_run(PG_FUNCTION_ARGS)
 					 errmsg("run %s does not exist",
 							DatumGetCString(DirectFunctionCall1(uuid_out, run_id)))));
 		status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-		if (!is_final(status))
-		{
-			bool		isnull;
-			TransactionId xmin = DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[0],
+		done = is_final(status) &&
+			!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
+		if (!done)
+		{			TransactionId xmin = DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[0],
 																	 SPI_tuptable->tupdesc, 2,
 																	 &isnull));
 
@@ -93,7 +100,7 @@ orch_wait_run(PG_FUNCTION_ARGS)
 						 errhint("Commit first: call orch.start_run and orch.wait_run in separate transactions.")));
 		}
 		SPI_freetuptable(SPI_tuptable);
-		if (is_final(status))
+		if (done)
 			break;
 
 		remaining_ms = (long) ((deadline - GetCurrentTimestamp()) / 1000);

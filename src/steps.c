@@ -25,6 +25,7 @@
 #include <math.h>
 
 #include "access/xact.h"
+#include "catalog/pg_collation.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "common/pg_prng.h"
@@ -87,7 +88,25 @@ typedef struct ClaimedStep
 	char	   *owner;
 	Datum		ctx;			/* jsonb, or 0 */
 	TimestampTz wake_at;
+	char	   *phase;			/* NULL: run the step; "verify"; "compensate" */
+	bool		idempotent;		/* a task whose lost lease may be retried */
+	Oid			verify;			/* decides an unknown outcome, or InvalidOid */
+	char	   *verify_name;
+	Oid			compensate;		/* undoes the step, or InvalidOid */
+	char	   *compensate_name;
+	Datum		on_error;		/* jsonb rules, or 0 */
+	Datum		routes;			/* text[]: the steps on_error goes to */
+	bool		route_target;	/* runs only when the run is routed to it */
+	int			compensations;	/* tries of its compensation so far */
 } ClaimedStep;
+
+/* A function the engine calls for a step: the step's own, verify, compensate. */
+typedef struct StepCall
+{
+	Oid			fn;
+	const char *fn_name;
+	const char *role;			/* "function", "verify", "compensate" */
+} StepCall;
 
 /* saved plans, prepared once per process */
 enum
@@ -107,6 +126,10 @@ enum
 	P_CIRCUIT_FAIL,
 	P_DEADLINES,
 	P_NEXT_TIMER,
+	P_ROUTE,
+	P_SET_CAUSE,
+	P_STEP_SET,
+	P_COMPENSATE_NEXT,
 	P_COUNT
 };
 
@@ -146,18 +169,29 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"       ws.function_name, ws.guard, ws.sleep_for, ws.sleep_until, ws.max_attempts," \
 	"       ws.initial_interval, ws.backoff_coefficient, ws.max_interval, ws.jitter," \
 	"       ws.timeout, ws.non_retryable, ws.dependents, r.status, r.owner," \
-	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL THEN" \
+	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL" \
+	"              OR s.phase IS NOT NULL THEN" \
 	"         pg_catalog.jsonb_build_object(" \
 	"           'run_id', r.run_id, 'workflow', r.workflow, 'version', r.version," \
-	"           'step', s.name, 'attempt', s.attempt + 1, 'input', r.input," \
-	"           'business_key', r.business_key," \
+	"           'step', s.name," \
+	"           'attempt', CASE s.phase WHEN 'verify' THEN s.attempt" \
+	"                                   WHEN 'compensate' THEN s.compensations + 1" \
+	"                                   ELSE s.attempt + 1 END," \
+	"           'input', r.input, 'business_key', r.business_key," \
 	"           'steps', (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
 	"                       FROM orch.steps p" \
 	"                      WHERE p.run_id = s.run_id AND p.status = 'succeeded'))" \
+	"         || CASE WHEN s.phase = 'verify' THEN pg_catalog.jsonb_build_object('error', s.error)" \
+	"                 WHEN s.phase = 'compensate' THEN pg_catalog.jsonb_build_object(" \
+	"                   'output', s.output, 'run_status', r.status, 'run_error', r.error)" \
+	"                 WHEN s.cause IS NOT NULL THEN pg_catalog.jsonb_build_object('error', s.cause)" \
+	"                 ELSE '{}'::pg_catalog.jsonb END" \
 	"       END," \
 	"       s.wake_at, ws.schedule_to_close, s.attempt_base, s.started_at," \
 	"       s.attempt_started_at, s.worker, ws.circuit, c.state, c.failures," \
-	"       c.opened_at + c.cooldown, ws.schedule_to_start" \
+	"       c.opened_at + c.cooldown, ws.schedule_to_start, s.phase, ws.idempotent," \
+	"       ws.verify::pg_catalog.oid, ws.verify_name, ws.compensate::pg_catalog.oid," \
+	"       ws.compensate_name, ws.on_error, ws.routes, ws.route_target, s.compensations" \
 	"  FROM orch.steps s" \
 	"  JOIN orch.runs r ON r.run_id = s.run_id" \
 	"  JOIN orch.workflow_steps ws" \
@@ -183,30 +217,31 @@ static const char *const plan_sql[P_COUNT] = {
 	[P_FINISH] =
 	"UPDATE orch.steps s"
 	"   SET status = u.status::orch.step_status, output = u.output, error = u.error,"
-	"       attempt = u.attempt, started_at = COALESCE(s.started_at, $6), finished_at = $6,"
-	"       wake_at = NULL, lease_token = NULL"
-	"  FROM unnest($1, $2, $3, $4, $5) AS u(id, status, output, error, attempt)"
+	"       attempt = u.attempt, started_at = COALESCE(s.started_at, $7),"
+	"       finished_at = u.finished_at, wake_at = NULL, lease_token = NULL, phase = NULL"
+	"  FROM unnest($1, $2, $3, $4, $5, $6) AS u(id, status, output, error, attempt, finished_at)"
 	" WHERE s.step_id = u.id",
 
 	/* steps that wait for a time: sleeping, retrying, parked */
 	[P_DEFER] =
 	"UPDATE orch.steps s"
 	"   SET status = u.status::orch.step_status, wake_at = u.wake_at, attempt = u.attempt,"
-	"       error = COALESCE(u.error, s.error), lease_token = NULL,"
+	"       error = COALESCE(u.error, s.error), lease_token = NULL, phase = u.phase,"
 	"       started_at = CASE WHEN u.status IN ('waiting', 'retrying', 'needs_human')"
-	"                         THEN COALESCE(s.started_at, $6) ELSE s.started_at END"
-	"  FROM unnest($1, $2, $3, $4, $5) AS u(id, status, wake_at, attempt, error)"
+	"                         THEN COALESCE(s.started_at, $7) ELSE s.started_at END"
+	"  FROM unnest($1, $2, $3, $4, $5, $6) AS u(id, status, wake_at, attempt, error, phase)"
 	" WHERE s.step_id = u.id",
 
 	[P_ATTEMPT] =
 	"INSERT INTO orch.attempts (step_id, attempt, run_id, worker, started_at, finished_at,"
-	"                           outcome, error_class, sqlstate, message, detail, hint, context)"
+	"                           outcome, error_class, sqlstate, message, detail, hint, context,"
+	"                           kind)"
 	"SELECT u.step_id, u.attempt, u.run_id, u.worker, u.started_at, u.finished_at,"
 	"       u.outcome::orch.attempt_outcome, u.error_class, u.sqlstate, u.message, u.detail,"
-	"       u.hint, u.context"
-	"  FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+	"       u.hint, u.context, u.kind::orch.attempt_kind"
+	"  FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 	"    AS u(step_id, attempt, run_id, worker, started_at, finished_at, outcome,"
-	"         error_class, sqlstate, message, detail, hint, context)",
+	"         error_class, sqlstate, message, detail, hint, context, kind)",
 
 	/* a need of (run, step) finished; ok is 1 if it succeeded */
 	[P_PROPAGATE] =
@@ -300,7 +335,8 @@ static const char *const plan_sql[P_COUNT] = {
 	"       error = pg_catalog.jsonb_build_object('message', 'the run passed its deadline',"
 	"                                             'deadline', r.deadline,"
 	"                                             'steps_cancelled', (SELECT pg_catalog.count(*) FROM cancelled))"
-	"  FROM due WHERE r.run_id = due.run_id",
+	"  FROM due WHERE r.run_id = due.run_id"
+	" RETURNING r.run_id",
 
 	[P_NEXT_TIMER] =
 	"SELECT LEAST("
@@ -309,26 +345,50 @@ static const char *const plan_sql[P_COUNT] = {
 	"  (SELECT pg_catalog.min(deadline) FROM orch.runs"
 	"    WHERE deadline IS NOT NULL"
 	"      AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')))",
+
+	/* $1 on_error rules, $2 class, $3 SQLSTATE: the step the first match goes to */
+	[P_ROUTE] =
+	"SELECT e.rule OPERATOR(pg_catalog.->>) 'goto'"
+	"  FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(rule, i)"
+	" WHERE pg_catalog.jsonb_typeof(e.rule OPERATOR(pg_catalog.->) 'errors') = 'null'"
+	"    OR e.rule OPERATOR(pg_catalog.->) 'errors' OPERATOR(pg_catalog.?) $2"
+	"    OR e.rule OPERATOR(pg_catalog.->) 'errors' OPERATOR(pg_catalog.?) $3"
+	" ORDER BY e.i LIMIT 1",
+
+	/* $1 run, $2 step, $3 the error that routes the run there */
+	[P_SET_CAUSE] =
+	"UPDATE orch.steps SET cause = $3 WHERE run_id = $1 AND name = $2",
+
+	/* $1 step: the rare writes of verifications and compensations */
+	[P_STEP_SET] =
+	"UPDATE orch.steps"
+	"   SET status = $2::orch.step_status, wake_at = $3, error = $4, phase = $5,"
+	"       compensations = $6"
+	" WHERE step_id = $1",
+
+	/* $1 run: arm the compensation of its latest finished step that has one */
+	[P_COMPENSATE_NEXT] =
+	"SELECT orch._compensate_next($1)",
 };
 
 static const int plan_nargs[P_COUNT] = {
-	[P_CLAIM] = 1,[P_TASK_BY_TOKEN] = 1,[P_FINISH] = 6,[P_DEFER] = 6,[P_ATTEMPT] = 13,
+	[P_CLAIM] = 1,[P_TASK_BY_TOKEN] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
 	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
-	[P_NEXT_TIMER] = 0,
+	[P_NEXT_TIMER] = 0,[P_ROUTE] = 3,[P_SET_CAUSE] = 3,[P_STEP_SET] = 6,[P_COMPENSATE_NEXT] = 1,
 };
 
-static const Oid plan_argtypes[P_COUNT][13] = {
+static const Oid plan_argtypes[P_COUNT][14] = {
 	[P_CLAIM] = {INT4OID},
 	[P_TASK_BY_TOKEN] = {UUIDOID},
 	[P_FINISH] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, JSONBARRAYOID, INT4ARRAYOID,
-	TIMESTAMPTZOID},
+	TIMESTAMPTZARRAYOID, TIMESTAMPTZOID},
 	[P_DEFER] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, JSONBARRAYOID,
-	TIMESTAMPTZOID},
+	TEXTARRAYOID, TIMESTAMPTZOID},
 	[P_ATTEMPT] = {INT8ARRAYOID, INT4ARRAYOID, UUIDARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID,
 		TIMESTAMPTZARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
-	TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID},
+	TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID},
 	[P_PROPAGATE] = {UUIDARRAYOID, TEXTARRAYOID, INT4ARRAYOID},
 	[P_RUNS] = {UUIDARRAYOID, INT4ARRAYOID, TIMESTAMPTZOID},
 	[P_RUN_FAIL] = {UUIDOID, JSONBOID, TIMESTAMPTZOID},
@@ -337,6 +397,10 @@ static const Oid plan_argtypes[P_COUNT][13] = {
 	[P_CIRCUIT_PROBE] = {TEXTOID},
 	[P_CIRCUIT_CLOSE] = {TEXTOID},
 	[P_CIRCUIT_FAIL] = {TEXTOID},
+	[P_ROUTE] = {JSONBOID, TEXTOID, TEXTOID},
+	[P_SET_CAUSE] = {UUIDOID, TEXTOID, JSONBOID},
+	[P_STEP_SET] = {INT8OID, TEXTOID, TIMESTAMPTZOID, JSONBOID, TEXTOID, INT4OID},
+	[P_COMPENSATE_NEXT] = {UUIDOID},
 };
 
 /* ------------------------------------------------------------------------
@@ -344,7 +408,7 @@ static const Oid plan_argtypes[P_COUNT][13] = {
  * parameter.  Their memory lives in rows_cxt, emptied after each flush.
  * ------------------------------------------------------------------------ */
 
-#define MAX_COLS 13
+#define MAX_COLS 14
 
 typedef struct RowBuffer
 {
@@ -357,11 +421,13 @@ typedef struct RowBuffer
 	bool	   *nulls[MAX_COLS];
 } RowBuffer;
 
-static RowBuffer finish_rows = {P_FINISH, 5, {INT8OID, TEXTOID, JSONBOID, JSONBOID, INT4OID}};
-static RowBuffer defer_rows = {P_DEFER, 5, {INT8OID, TEXTOID, TIMESTAMPTZOID, INT4OID, JSONBOID}};
-static RowBuffer attempt_rows = {P_ATTEMPT, 13,
+static RowBuffer finish_rows = {P_FINISH, 6,
+{INT8OID, TEXTOID, JSONBOID, JSONBOID, INT4OID, TIMESTAMPTZOID}};
+static RowBuffer defer_rows = {P_DEFER, 6,
+{INT8OID, TEXTOID, TIMESTAMPTZOID, INT4OID, JSONBOID, TEXTOID}};
+static RowBuffer attempt_rows = {P_ATTEMPT, 14,
 	{INT8OID, INT4OID, UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID,
-TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID}};
+TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID}};
 static RowBuffer propagate_rows = {P_PROPAGATE, 3, {UUIDOID, TEXTOID, INT4OID}};
 static RowBuffer run_rows = {P_RUNS, 2, {UUIDOID, INT4OID}};
 
@@ -633,6 +699,18 @@ fetch_steps(int plan, Datum arg, MemoryContext cxt, ClaimedStep **steps_out)
 		s->circuit_probe_after = isnull ? 0 : DatumGetTimestampTz(d);
 		d = get_copy(tup, desc, 35, &isnull);
 		s->schedule_to_start = isnull ? NULL : DatumGetIntervalP(d);
+		s->phase = get_text(tup, desc, 36);
+		s->idempotent = DatumGetBool(SPI_getbinval(tup, desc, 37, &isnull));
+		d = SPI_getbinval(tup, desc, 38, &isnull);
+		s->verify = isnull ? InvalidOid : DatumGetObjectId(d);
+		s->verify_name = get_text(tup, desc, 39);
+		d = SPI_getbinval(tup, desc, 40, &isnull);
+		s->compensate = isnull ? InvalidOid : DatumGetObjectId(d);
+		s->compensate_name = get_text(tup, desc, 41);
+		s->on_error = get_copy(tup, desc, 42, &isnull);
+		s->routes = get_copy(tup, desc, 43, &isnull);
+		s->route_target = DatumGetBool(SPI_getbinval(tup, desc, 44, &isnull));
+		s->compensations = DatumGetInt32(SPI_getbinval(tup, desc, 45, &isnull));
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_freetuptable(SPI_tuptable);
@@ -757,8 +835,8 @@ interval_usecs(const Interval *iv)
 }
 
 /*
- * Call the step's function as the run's owner, with the step's timeout as
- * statement timeout.
+ * Call a function of the step (arg: a StepCall; NULL for the step's own) as
+ * the run's owner, with the step's timeout as statement timeout.
  */
 static Datum
 call_step_function(ClaimedStep *s, void *arg)
@@ -770,28 +848,30 @@ call_step_function(ClaimedStep *s, void *arg)
 	int			save_sec_context;
 	AclResult	aclresult;
 	Datum		result;
+	StepCall	own = {s->function, s->function_name, "function"};
+	StepCall   *call = arg ? (StepCall *) arg : &own;
 
 	owner = get_role_oid(s->owner, true);
 	if (!OidIsValid(owner))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("role \"%s\", owner of the run, no longer exists", s->owner)));
-	if (!OidIsValid(s->function) ||
-		!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(s->function)))
+	if (!OidIsValid(call->fn) ||
+		!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(call->fn)))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_FUNCTION),
-				 errmsg("function %s(jsonb) of step \"%s\" no longer exists",
-						s->function_name, s->name),
+				 errmsg("%s %s(jsonb) of step \"%s\" no longer exists",
+						call->role, call->fn_name, s->name),
 				 errhint("Define the workflow again after creating the function.")));
-	aclresult = pg_proc_aclcheck(s->function, owner, ACL_EXECUTE);
+	aclresult = pg_proc_aclcheck(call->fn, owner, ACL_EXECUTE);
 	if (aclresult != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("role \"%s\" may not execute function %s of step \"%s\"",
-						s->owner, s->function_name, s->name),
+				 errmsg("role \"%s\" may not execute %s %s of step \"%s\"",
+						s->owner, call->role, call->fn_name, s->name),
 				 errhint("GRANT EXECUTE on the function to the role that starts the runs.")));
 
-	fmgr_info(s->function, &flinfo);
+	fmgr_info(call->fn, &flinfo);
 
 	GetUserIdAndSecContext(&save_userid, &save_sec_context);
 	SetUserIdAndSecContext(owner, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
@@ -810,7 +890,7 @@ call_step_function(ClaimedStep *s, void *arg)
 	if (fcinfo->isnull)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("function %s of step \"%s\" returned NULL", s->function_name, s->name),
+				 errmsg("%s %s of step \"%s\" returned NULL", call->role, call->fn_name, s->name),
 				 errhint("Return a jsonb value, such as '{}', for a step with nothing to report.")));
 	/* the result may point into memory that the subtransaction frees */
 	result = PointerGetDatum(PG_DETOAST_DATUM_COPY(result));
@@ -879,7 +959,8 @@ error_class_of(int sqlerrcode)
 }
 
 static Datum
-error_json(ClaimedStep *s, int attempt, ErrorData *e, const char *class, const char *gave_up)
+error_json_routed(ClaimedStep *s, int attempt, ErrorData *e, const char *class,
+				  const char *gave_up, const char *routed_to)
 {
 	StringInfoData buf;
 	bool		first = true;
@@ -895,16 +976,25 @@ error_json(ClaimedStep *s, int attempt, ErrorData *e, const char *class, const c
 	json_add_field(&buf, "hint", e->hint, &first);
 	json_add_field(&buf, "context", e->context, &first);
 	json_add_field(&buf, "gave_up", gave_up, &first);
+	json_add_field(&buf, "routed_to", routed_to, &first);
 	appendStringInfoChar(&buf, '}');
 	return jsonb_from_cstring(buf.data);
 }
 
-static void
-record_attempt(ClaimedStep *s, int attempt, const char *worker, TimestampTz started,
-			   TimestampTz finished, ErrorData *e, const char *class)
+/* The error of a step's attempt, as steps.error and the run's error record it. */
+static Datum
+error_json(ClaimedStep *s, int attempt, ErrorData *e, const char *class, const char *gave_up)
 {
-	Datum		v[13];
-	bool		n[13] = {0};
+	return error_json_routed(s, attempt, e, class, gave_up, NULL);
+}
+
+static void
+record_attempt_kind(ClaimedStep *s, const char *kind, int attempt, const char *worker,
+					TimestampTz started, TimestampTz finished, bool ok, ErrorData *e,
+					const char *class)
+{
+	Datum		v[14];
+	bool		n[14] = {0};
 
 	v[0] = Int64GetDatum(s->step_id);
 	v[1] = Int32GetDatum(attempt);
@@ -912,13 +1002,15 @@ record_attempt(ClaimedStep *s, int attempt, const char *worker, TimestampTz star
 	v[3] = CStringGetTextDatum(worker);
 	v[4] = TimestampTzGetDatum(started);
 	v[5] = TimestampTzGetDatum(finished);
-	v[6] = CStringGetTextDatum(e ? "failed" : "succeeded");
+	v[6] = CStringGetTextDatum(ok ? "succeeded" : "failed");
 	if (e == NULL)
 		memset(n + 7, true, 6);
 	else
 	{
-		const char *texts[6] = {class, unpack_sql_state(e->sqlerrcode), e->message,
-		e->detail, e->hint, e->context};
+		/* a verdict without an error (ok) is recorded by its message alone */
+		const char *texts[6] = {class,
+			e->sqlerrcode != 0 ? unpack_sql_state(e->sqlerrcode) : NULL,
+		e->message, e->detail, e->hint, e->context};
 
 		for (int i = 0; i < 6; i++)
 		{
@@ -926,7 +1018,16 @@ record_attempt(ClaimedStep *s, int attempt, const char *worker, TimestampTz star
 			n[7 + i] = texts[i] == NULL;
 		}
 	}
+	v[13] = CStringGetTextDatum(kind);
 	buffer_add(&attempt_rows, v, n);
+}
+
+/* A try of the step itself. */
+static void
+record_attempt(ClaimedStep *s, int attempt, const char *worker, TimestampTz started,
+			   TimestampTz finished, ErrorData *e, const char *class)
+{
+	record_attempt_kind(s, "run", attempt, worker, started, finished, e == NULL, e, class);
 }
 
 /* The run has moved: one step fewer to go if finished is 1. */
@@ -938,12 +1039,37 @@ run_step_done(ClaimedStep *s, int finished)
 	buffer_add(&run_rows, v, NULL);
 }
 
-/* A step finished with succeeded or skipped: its dependents may be ready. */
-static void
-finish_step(ClaimedStep *s, const char *status, Datum output, int attempt)
+/* Is name one of the steps the step's on_error goes to? */
+static bool
+is_route(ClaimedStep *s, Datum name)
 {
-	Datum		v[5];
-	bool		n[5] = {0};
+	Datum	   *elems;
+	int			nelems;
+
+	if (s->routes == (Datum) 0)
+		return false;
+	deconstruct_array(DatumGetArrayTypeP(s->routes), TEXTOID, -1, false,
+					  TYPALIGN_INT, &elems, NULL, &nelems);
+	for (int i = 0; i < nelems; i++)
+	{
+		if (DatumGetBool(DirectFunctionCall2Coll(texteq, C_COLLATION_OID, elems[i], name)))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * A step finished: succeeded, skipped, or failed and routed to route_to.
+ * Its dependents may be ready.  A dependent counts it as succeeded only if
+ * it did; the step that on_error routes to counts it as succeeded only if
+ * the run was routed there, so that it runs then and is skipped otherwise.
+ */
+static void
+finish_step_routed(ClaimedStep *s, const char *status, Datum output, Datum error,
+				   int attempt, const char *route_to)
+{
+	Datum		v[6];
+	bool		n[6] = {0};
 	bool		succeeded = strcmp(status, "succeeded") == 0;
 	Datum	   *deps;
 	int			ndeps;
@@ -952,26 +1078,44 @@ finish_step(ClaimedStep *s, const char *status, Datum output, int attempt)
 	v[1] = CStringGetTextDatum(status);
 	v[2] = output;
 	n[2] = output == (Datum) 0;
-	n[3] = true;
+	v[3] = error;
+	n[3] = error == (Datum) 0;
 	v[4] = Int32GetDatum(attempt);
+	v[5] = TimestampTzGetDatum(GetCurrentTimestamp());
 	buffer_add(&finish_rows, v, n);
 
 	deconstruct_array(DatumGetArrayTypeP(s->dependents), TEXTOID, -1, false,
 					  TYPALIGN_INT, &deps, NULL, &ndeps);
 	for (int i = 0; i < ndeps; i++)
 	{
-		Datum		pv[3] = {s->run_id, deps[i], Int32GetDatum(succeeded ? 1 : 0)};
+		int			ok;
+		Datum		pv[3];
 
+		if (route_to != NULL)
+			ok = strcmp(TextDatumGetCString(deps[i]), route_to) == 0;
+		else
+			ok = succeeded && !is_route(s, deps[i]);
+		pv[0] = s->run_id;
+		pv[1] = deps[i];
+		pv[2] = Int32GetDatum(ok);
 		buffer_add(&propagate_rows, pv, NULL);
 	}
 	run_step_done(s, 1);
 }
 
+/* A step finished with succeeded or skipped: its dependents may be ready. */
 static void
-defer_step(ClaimedStep *s, const char *status, TimestampTz wake_at, int attempt, Datum error)
+finish_step(ClaimedStep *s, const char *status, Datum output, int attempt)
 {
-	Datum		v[5];
-	bool		n[5] = {0};
+	finish_step_routed(s, status, output, (Datum) 0, attempt, NULL);
+}
+
+static void
+defer_step_phase(ClaimedStep *s, const char *status, TimestampTz wake_at, int attempt,
+				 Datum error, const char *phase)
+{
+	Datum		v[6];
+	bool		n[6] = {0};
 
 	v[0] = Int64GetDatum(s->step_id);
 	v[1] = CStringGetTextDatum(status);
@@ -983,7 +1127,61 @@ defer_step(ClaimedStep *s, const char *status, TimestampTz wake_at, int attempt,
 	v[3] = Int32GetDatum(attempt);
 	v[4] = error;
 	n[4] = error == (Datum) 0;
+	v[5] = phase ? CStringGetTextDatum(phase) : (Datum) 0;
+	n[5] = phase == NULL;
 	buffer_add(&defer_rows, v, n);
+}
+
+/* The step waits, for a time or for someone; it is run (again) when due. */
+static void
+defer_step(ClaimedStep *s, const char *status, TimestampTz wake_at, int attempt, Datum error)
+{
+	defer_step_phase(s, status, wake_at, attempt, error, NULL);
+}
+
+/*
+ * The run ended without succeeding: arm the compensation of the latest
+ * finished step that has one, so that compensations run one at a time in
+ * reverse completion order.  Returns false when none is left.
+ */
+static bool
+compensate_next(Datum run_id, OrchBatchResult *result)
+{
+	bool		isnull;
+	bool		armed;
+
+	exec_plan(P_COMPENSATE_NEXT, &run_id, NULL, SPI_OK_SELECT);
+	armed = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+									   &isnull));
+	SPI_freetuptable(SPI_tuptable);
+	if (armed)
+		result->made_ready = true;
+	return armed;
+}
+
+/* The rare single-step writes of verifications and compensations. */
+static void
+step_set(ClaimedStep *s, const char *status, TimestampTz wake_at, Datum error,
+		 const char *phase, int compensations)
+{
+	Datum		v[6];
+	char		n[7] = "      ";
+
+	v[0] = Int64GetDatum(s->step_id);
+	v[1] = CStringGetTextDatum(status);
+	v[2] = TimestampTzGetDatum(wake_at);
+	if (wake_at == 0)
+		n[2] = 'n';
+	else if (batch_min_timer == 0 || wake_at < batch_min_timer)
+		batch_min_timer = wake_at;
+	v[3] = error;
+	if (error == (Datum) 0)
+		n[3] = 'n';
+	v[4] = phase ? CStringGetTextDatum(phase) : (Datum) 0;
+	if (phase == NULL)
+		n[4] = 'n';
+	v[5] = Int32GetDatum(compensations);
+	exec_plan(P_STEP_SET, v, n, SPI_OK_UPDATE);
 }
 
 /*
@@ -994,8 +1192,8 @@ defer_step(ClaimedStep *s, const char *status, TimestampTz wake_at, int attempt,
 static void
 fail_step(ClaimedStep *s, Datum error, int attempt, TimestampTz now, OrchBatchResult *result)
 {
-	Datum		v[5];
-	bool		n[5] = {0};
+	Datum		v[6];
+	bool		n[6] = {0};
 	Datum		rv[3] = {s->run_id, error, TimestampTzGetDatum(now)};
 	Datum		cv[2] = {s->run_id, TimestampTzGetDatum(now)};
 	MemoryContext oldcxt;
@@ -1005,15 +1203,80 @@ fail_step(ClaimedStep *s, Datum error, int attempt, TimestampTz now, OrchBatchRe
 	n[2] = true;
 	v[3] = error;
 	v[4] = Int32GetDatum(attempt);
+	v[5] = TimestampTzGetDatum(GetCurrentTimestamp());
 	buffer_add(&finish_rows, v, n);
 	flush_all(now, result);
 
 	exec_plan(P_RUN_CANCEL_STEPS, cv, NULL, SPI_OK_UPDATE);
 	exec_plan(P_RUN_FAIL, rv, NULL, SPI_OK_UPDATE);
 	result->runs_finished++;
+	compensate_next(s->run_id, result);
 	oldcxt = MemoryContextSwitchTo(batch_cxt);
 	failed_runs = lappend(failed_runs, DatumGetUUIDP(s->run_id));
 	MemoryContextSwitchTo(oldcxt);
+}
+
+/* The step its on_error rules send an error of this class and SQLSTATE to, or NULL. */
+static char *
+match_route(ClaimedStep *s, const char *class, int sqlerrcode)
+{
+	Datum		v[3];
+	char	   *target = NULL;
+
+	if (s->on_error == (Datum) 0)
+		return NULL;
+	v[0] = s->on_error;
+	v[1] = CStringGetTextDatum(class);
+	v[2] = CStringGetTextDatum(unpack_sql_state(sqlerrcode));
+	exec_plan(P_ROUTE, v, NULL, SPI_OK_SELECT);
+	if (SPI_processed > 0)
+		target = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	SPI_freetuptable(SPI_tuptable);
+	return target;
+}
+
+/*
+ * If an on_error rule matches, the step fails, the run goes on at the rule's
+ * step, which finds the error in its context, and true is returned.
+ */
+static bool
+route_failure(ClaimedStep *s, int attempt, ErrorData *e, const char *class,
+			  const char *gave_up)
+{
+	char	   *target = match_route(s, class, e->sqlerrcode);
+	Datum		error;
+	Datum		cv[3];
+
+	if (target == NULL)
+		return false;
+	error = error_json_routed(s, attempt, e, class, gave_up, target);
+	cv[0] = s->run_id;
+	cv[1] = CStringGetTextDatum(target);
+	cv[2] = error;
+	exec_plan(P_SET_CAUSE, cv, NULL, SPI_OK_UPDATE);
+	finish_step_routed(s, "failed", (Datum) 0, error, attempt, target);
+	return true;
+}
+
+/* The step failed for good: routed by on_error, or failing its run. */
+static void
+give_up(ClaimedStep *s, int attempt, ErrorData *e, const char *class, const char *gave_up,
+		TimestampTz now, OrchBatchResult *result)
+{
+	if (!route_failure(s, attempt, e, class, gave_up))
+		fail_step(s, error_json(s, attempt, e, class, gave_up), attempt, now, result);
+}
+
+/* Nobody can tell what happened, or what to do next: a human decides. */
+static void
+to_human(ClaimedStep *s, int attempt, Datum error, TimestampTz now, OrchBatchResult *result)
+{
+	Datum		rv[1] = {s->run_id};
+
+	defer_step(s, "needs_human", 0, attempt, error);
+	run_step_done(s, 0);
+	flush_all(now, result);
+	exec_plan(P_RUN_NEEDS_HUMAN, rv, NULL, SPI_OK_UPDATE);
 }
 
 /* Does the retry policy list this error's class or SQLSTATE as final? */
@@ -1068,7 +1331,9 @@ maybe_skip(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult 
 	if (s->n_needs > 0 && s->needs_ok == 0)
 	{
 		finish_step(s, "skipped",
-					jsonb_from_cstring("{\"skipped\": \"every step it needs was skipped\"}"),
+					jsonb_from_cstring(s->route_target ?
+									   "{\"skipped\": \"no on_error rule routed the run to it\"}" :
+									   "{\"skipped\": \"every step it needs was skipped\"}"),
 					s->attempt);
 		return true;
 	}
@@ -1078,7 +1343,7 @@ maybe_skip(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult 
 	{
 		/* a guard that cannot be evaluated is a permanent error of the step */
 		record_attempt(s, s->attempt + 1, worker, now, GetCurrentTimestamp(), edata, "permanent");
-		fail_step(s, error_json(s, s->attempt + 1, edata, "permanent", NULL), s->attempt + 1, now, result);
+		give_up(s, s->attempt + 1, edata, "permanent", NULL, now, result);
 		return true;
 	}
 	if (!DatumGetBool(guard_result))
@@ -1119,7 +1384,7 @@ advance_sleep(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResu
 	else
 	{
 		record_attempt(s, s->attempt + 1, worker, now, GetCurrentTimestamp(), edata, "permanent");
-		fail_step(s, error_json(s, s->attempt + 1, edata, "permanent", NULL), s->attempt + 1, now, result);
+		give_up(s, s->attempt + 1, edata, "permanent", NULL, now, result);
 		return;
 	}
 
@@ -1240,15 +1505,21 @@ handle_failure(ClaimedStep *s, int attempt, TimestampTz started, ErrorData *edat
 	{
 		/*
 		 * The step may or may not have had its effect: never run it again
-		 * blindly.  A human (or orch.retry_run) decides.
+		 * blindly.  Its verify function finds out, at once, in the engine;
+		 * without one an on_error rule may route the run on, or else a
+		 * human (or orch.retry_run) decides.
 		 */
-		Datum		rv[1] = {s->run_id};
-
-		defer_step(s, "needs_human", 0, attempt,
-				   error_json(s, attempt, edata, class, "the outcome is unknown"));
-		run_step_done(s, 0);
-		flush_all(now, result);
-		exec_plan(P_RUN_NEEDS_HUMAN, rv, NULL, SPI_OK_UPDATE);
+		if (OidIsValid(s->verify))
+		{
+			defer_step_phase(s, "retrying", GetCurrentTimestamp(), attempt,
+							 error_json(s, attempt, edata, class, NULL), "verify");
+			run_step_done(s, 0);
+			return;
+		}
+		if (route_failure(s, attempt, edata, class, "the outcome is unknown"))
+			return;
+		to_human(s, attempt, error_json(s, attempt, edata, class, "the outcome is unknown"),
+				 now, result);
 		return;
 	}
 
@@ -1271,7 +1542,123 @@ handle_failure(ClaimedStep *s, int attempt, TimestampTz started, ErrorData *edat
 			return;
 		}
 	}
-	fail_step(s, error_json(s, attempt, edata, class, gave_up), attempt, now, result);
+	give_up(s, attempt, edata, class, gave_up, now, result);
+}
+
+/*
+ * Attempt s->attempt ended with an unknown outcome: the step's verify
+ * function reads back the state the step would have changed and answers
+ * {"applied": true, "output": ...} (the step succeeded), {"applied": false}
+ * (it did not happen: a transient failure, retried by the policy), or
+ * anything else (a human decides).  Recorded as an attempt of kind verify.
+ */
+static void
+advance_verify(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+{
+	StepCall	call = {s->verify, s->verify_name, "verify function"};
+	TimestampTz started = GetCurrentTimestamp();
+	Datum		answer;
+	ErrorData  *edata = NULL;
+	ErrorData	verdict;
+	Jsonb	   *jb;
+	JsonbValue *applied = NULL;
+
+	if (!run_in_subxact(call_step_function, s, &call, &answer, &edata))
+	{
+		const char *class = error_class_of(edata->sqlerrcode);
+
+		record_attempt_kind(s, "verify", s->attempt, worker, started, GetCurrentTimestamp(),
+							false, edata, class);
+		to_human(s, s->attempt,
+				 error_json(s, s->attempt, edata, class, "its verify function failed"),
+				 now, result);
+		return;
+	}
+
+	jb = DatumGetJsonbP(answer);
+	if (JB_ROOT_IS_OBJECT(jb))
+		applied = getKeyJsonValueFromContainer(&jb->root, "applied", 7, NULL);
+
+	memset(&verdict, 0, sizeof(verdict));
+	if (applied != NULL && applied->type == jbvBool && applied->val.boolean)
+	{
+		JsonbValue *out = getKeyJsonValueFromContainer(&jb->root, "output", 6, NULL);
+
+		verdict.message = "verified: the attempt took effect";
+		record_attempt_kind(s, "verify", s->attempt, worker, started, GetCurrentTimestamp(),
+							true, &verdict, NULL);
+		finish_step(s, "succeeded",
+					out ? JsonbPGetDatum(JsonbValueToJsonb(out)) : jsonb_from_cstring("{}"),
+					s->attempt);
+		return;
+	}
+	if (applied != NULL && applied->type == jbvBool)
+	{
+		ErrorData	e;
+
+		verdict.message = "verified: the attempt did not take effect";
+		record_attempt_kind(s, "verify", s->attempt, worker, started, GetCurrentTimestamp(),
+							true, &verdict, NULL);
+		memset(&e, 0, sizeof(e));
+		e.sqlerrcode = ERRCODE_ORCH_TRANSIENT;
+		e.message = psprintf("attempt %d of step \"%s\" did not take effect (verified by %s)",
+							 s->attempt, s->name, s->verify_name);
+		handle_failure(s, s->attempt, s->started_at != 0 ? s->started_at : started, &e,
+					   "transient", now, result);
+		return;
+	}
+
+	verdict.sqlerrcode = ERRCODE_ORCH_UNKNOWN_OUTCOME;
+	verdict.message = psprintf("verify function %s did not decide: it answered %s",
+							   s->verify_name, JsonbToCString(NULL, &jb->root, VARSIZE(jb)));
+	verdict.hint = "Answer {\"applied\": true, \"output\": {...}} or {\"applied\": false}.";
+	record_attempt_kind(s, "verify", s->attempt, worker, started, GetCurrentTimestamp(),
+						false, &verdict, "unknown_outcome");
+	to_human(s, s->attempt,
+			 error_json(s, s->attempt, &verdict, "unknown_outcome", "its verify function did not decide"),
+			 now, result);
+}
+
+/*
+ * Undo a step of a run that failed, was cancelled or timed out, with its
+ * compensate function; then arm the one before it.  A transient error is
+ * retried by the step's retry policy; any other, or running out of
+ * attempts, stops the compensation there for a human (step needs_human).
+ */
+static void
+advance_compensation(ClaimedStep *s, const char *worker, TimestampTz now,
+					 OrchBatchResult *result)
+{
+	StepCall	call = {s->compensate, s->compensate_name, "compensate function"};
+	int			try = s->compensations + 1;
+	TimestampTz started = GetCurrentTimestamp();
+	Datum		out;
+	ErrorData  *edata = NULL;
+	const char *class;
+
+	if (run_in_subxact(call_step_function, s, &call, &out, &edata))
+	{
+		record_attempt_kind(s, "compensate", try, worker, started, GetCurrentTimestamp(),
+							true, NULL, NULL);
+		step_set(s, "compensated", 0, (Datum) 0, NULL, try);
+		if (!compensate_next(s->run_id, result))
+			result->runs_finished++;	/* compensated: wake wait_run */
+		return;
+	}
+
+	class = error_class_of(edata->sqlerrcode);
+	record_attempt_kind(s, "compensate", try, worker, started, GetCurrentTimestamp(),
+						false, edata, class);
+	if (strcmp(class, "transient") == 0 && !is_non_retryable(s, class, edata->sqlerrcode) &&
+		(s->max_attempts == 0 || try < s->max_attempts))
+	{
+		step_set(s, "retrying", GetCurrentTimestamp() + retry_delay_usecs(s, try),
+				 error_json(s, try, edata, class, NULL), "compensate", try);
+		return;
+	}
+	step_set(s, "needs_human", 0,
+			 error_json(s, try, edata, class, "its compensation failed"), "compensate", try);
+	result->runs_finished++;	/* nothing more will happen by itself: wake wait_run */
 }
 
 static void
@@ -1320,15 +1707,21 @@ advance_task(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 		ErrorData	e;
 		char		msg[256];
 
+		/*
+		 * The worker may have done the work: only a task declared idempotent
+		 * may simply be done again.
+		 */
+		const char *class = s->idempotent ? "transient" : "unknown_outcome";
+
 		memset(&e, 0, sizeof(e));
 		snprintf(msg, sizeof(msg), "the lease of worker \"%s\" on task \"%s\" expired",
 				 s->worker ? s->worker : "?", s->name);
-		e.sqlerrcode = ERRCODE_ORCH_UNKNOWN_OUTCOME;
+		e.sqlerrcode = s->idempotent ? ERRCODE_ORCH_TRANSIENT : ERRCODE_ORCH_UNKNOWN_OUTCOME;
 		e.message = msg;
 		record_attempt(s, s->attempt, s->worker ? s->worker : worker,
-					   s->attempt_started_at, GetCurrentTimestamp(), &e, "unknown_outcome");
-		circuit_record(s, "unknown_outcome");
-		handle_failure(s, s->attempt, s->attempt_started_at, &e, "unknown_outcome", now, result);
+					   s->attempt_started_at, GetCurrentTimestamp(), &e, class);
+		circuit_record(s, class);
+		handle_failure(s, s->attempt, s->attempt_started_at, &e, class, now, result);
 		return;
 	}
 	if (strcmp(s->status, "waiting") == 0)
@@ -1377,15 +1770,23 @@ run_failed_in_batch(ClaimedStep *s)
 static void
 advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
 {
+	if (s->phase != NULL && strcmp(s->phase, "compensate") == 0)
+	{
+		/* its run has ended: compensations are all that is left of it */
+		advance_compensation(s, worker, now, result);
+		return;
+	}
 	if (run_failed_in_batch(s))
 		return;					/* cancelled along with its failed run */
 	if (strcmp(s->run_status, "paused") == 0)
 	{
 		/* park until resume_run */
-		defer_step(s, s->status, DT_NOEND, s->attempt, (Datum) 0);
+		defer_step_phase(s, s->status, DT_NOEND, s->attempt, (Datum) 0, s->phase);
 		return;
 	}
-	if (strcmp(s->kind, "sql") == 0)
+	if (s->phase != NULL && strcmp(s->phase, "verify") == 0)
+		advance_verify(s, worker, now, result);
+	else if (strcmp(s->kind, "sql") == 0)
 		advance_sql(s, worker, now, result);
 	else if (strcmp(s->kind, "sleep") == 0)
 		advance_sleep(s, worker, now, result);
@@ -1442,9 +1843,21 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 	PG_TRY();
 	{
 		/* runs past their deadline first: their steps must not run */
-		exec_plan(P_DEADLINES, NULL, NULL, SPI_OK_UPDATE);
-		result->runs_finished += SPI_processed;
-		result->claimed += SPI_processed;
+		exec_plan(P_DEADLINES, NULL, NULL, SPI_OK_UPDATE_RETURNING);
+		if (SPI_processed > 0)
+		{
+			uint64		ntimed = SPI_processed;
+			Datum	   *timed_out = palloc(sizeof(Datum) * ntimed);
+			bool		isnull;
+
+			for (uint64 i = 0; i < ntimed; i++)
+				timed_out[i] = get_copy(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
+			SPI_freetuptable(SPI_tuptable);
+			result->runs_finished += ntimed;
+			result->claimed += ntimed;
+			for (uint64 i = 0; i < ntimed; i++)
+				(void) compensate_next(timed_out[i], result);
+		}
 
 		/* claim rounds: each sees the steps the previous round made ready */
 		while (result->claimed < max_steps)

@@ -38,6 +38,23 @@ is($node->safe_psql('api_md', q{
 is($node->safe_psql('api_md', 'SELECT count(*) FROM shop.refunds WHERE order_id = 7'), '1',
 	'the refund was written once');
 
+# What the workflows.md trip example promises.
+is($node->safe_psql('workflows_md', q{
+	SELECT string_agg(status::text, ',' ORDER BY created_at) FROM orch.runs}),
+	'succeeded,failed', 'the trips ended as the text says');
+is($node->safe_psql('workflows_md', q{
+	SELECT string_agg(a.attempt || ':' || a.kind || ':' || a.outcome, ' ' ORDER BY a.finished_at)
+	  FROM orch.attempts a JOIN orch.steps s ON s.step_id = a.step_id JOIN orch.runs r ON r.run_id = s.run_id
+	 WHERE s.name = 'charge' AND r.input->>'name' = 'Ada'}),
+	'1:run:failed 1:verify:succeeded 2:run:succeeded',
+	'the unknown outcome was verified before the charge ran again');
+is($node->safe_psql('workflows_md', q{
+	SELECT string_agg(b.item || ':' || b.status, ' ' ORDER BY b.item)
+	  FROM trips.bookings b JOIN orch.runs r USING (run_id) WHERE r.input->>'name' = 'Bob'}),
+	'flight:cancelled hotel:cancelled', 'the declined trip was compensated');
+is($node->safe_psql('workflows_md', 'SELECT count(*) FROM trips.payments'), '1',
+	'one payment, for the trip that was charged');
+
 $node->safe_psql('api_md', 'DROP OWNED BY shop_app; DROP ROLE shop_app');
 $node->stop;
 done_testing();
