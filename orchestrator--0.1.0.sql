@@ -210,7 +210,7 @@ CREATE TABLE orch.steps (
 );
 -- The engine's work queue: due steps, and leases of running tasks (wake_at
 -- is the lease's expiry).
-CREATE INDEX steps_due ON orch.steps (wake_at)
+CREATE INDEX steps_due ON orch.steps (wake_at, step_id)
 	WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked');
 -- The external workers' queues: tasks waiting for a worker.
 CREATE INDEX steps_task_queue ON orch.steps (queue, priority DESC, step_id)

@@ -259,3 +259,17 @@ SELECT count(*) AS undone FROM app.undone WHERE run_id = :'c4';
 
 SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
   {"name": "a", "kind": "sql", "function": "app.record", "compensate": 7}]}')$$);
+
+-- A run that fails cancels all its unfinished steps, a task leased to a
+-- worker too: the worker's late verdict changes nothing.
+SELECT orch.define_workflow('race', '{"steps": [
+  {"name": "remote", "kind": "task", "queue": "race"},
+  {"name": "local", "kind": "sql", "function": "app.act", "needs": ["gate"], "retry": {"max_attempts": 1}},
+  {"name": "gate", "kind": "sleep", "duration": "200ms"}]}');
+INSERT INTO app.outcomes VALUES ('local', 'permanent');
+SELECT orch.start_run('race') AS f1 \gset
+SELECT app.await($$SELECT count(*) = 1 FROM orch.steps WHERE queue = 'race' AND status = 'waiting'$$);
+SELECT token AS late_token FROM orch.claim_tasks('race', 'slow-worker', 1, '1 min') \gset
+SELECT orch.wait_run(:'f1');
+SELECT name, status FROM orch.steps WHERE run_id = :'f1' ORDER BY step_id;
+SELECT app.show_error(format($$SELECT orch.complete_task(%L, '{}')$$, :'late_token'));

@@ -112,6 +112,7 @@ typedef struct StepCall
 enum
 {
 	P_CLAIM,
+	P_CLAIM_AFTER,
 	P_TASK_BY_TOKEN,
 	P_FINISH,
 	P_DEFER,
@@ -203,7 +204,17 @@ static const char *const plan_sql[P_COUNT] = {
 	STEP_SELECT
 	" WHERE s.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')"
 	"   AND s.wake_at <= pg_catalog.now()"
-	" ORDER BY s.wake_at"
+	" ORDER BY s.wake_at, s.step_id"
+	" LIMIT $1"
+	" FOR UPDATE OF s, r SKIP LOCKED",
+
+	/* the same, resuming after the last step the previous claim took */
+	[P_CLAIM_AFTER] =
+	STEP_SELECT
+	" WHERE s.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')"
+	"   AND s.wake_at <= pg_catalog.now()"
+	"   AND (s.wake_at, s.step_id) > ($2, $3)"
+	" ORDER BY s.wake_at, s.step_id"
 	" LIMIT $1"
 	" FOR UPDATE OF s, r SKIP LOCKED",
 
@@ -277,10 +288,15 @@ static const char *const plan_sql[P_COUNT] = {
 	"       started_at = COALESCE(started_at, $3)"
 	" WHERE run_id = $1",
 
-	/* $1 run, $2 time */
+	/*
+	 * $1 run, $2 time: everything unfinished, leased tasks and blocked steps
+	 * too.  A leased task keeps its token, so that its worker's late verdict
+	 * is told the task was cancelled.
+	 */
 	[P_RUN_CANCEL_STEPS] =
 	"UPDATE orch.steps SET status = 'cancelled', finished_at = $2, wake_at = NULL"
-	" WHERE run_id = $1 AND status IN ('pending', 'ready', 'waiting', 'retrying')",
+	" WHERE run_id = $1"
+	"   AND status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated')",
 
 	/* $1 run */
 	[P_RUN_NEEDS_HUMAN] =
@@ -372,7 +388,7 @@ static const char *const plan_sql[P_COUNT] = {
 };
 
 static const int plan_nargs[P_COUNT] = {
-	[P_CLAIM] = 1,[P_TASK_BY_TOKEN] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
+	[P_CLAIM] = 1,[P_CLAIM_AFTER] = 3,[P_TASK_BY_TOKEN] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
 	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
@@ -381,6 +397,7 @@ static const int plan_nargs[P_COUNT] = {
 
 static const Oid plan_argtypes[P_COUNT][14] = {
 	[P_CLAIM] = {INT4OID},
+	[P_CLAIM_AFTER] = {INT4OID, TIMESTAMPTZOID, INT8OID},
 	[P_TASK_BY_TOKEN] = {UUIDOID},
 	[P_FINISH] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, JSONBARRAYOID, INT4ARRAYOID,
 	TIMESTAMPTZARRAYOID, TIMESTAMPTZOID},
@@ -635,9 +652,8 @@ get_copy(HeapTuple tup, TupleDesc desc, int col, bool *isnull)
 
 /* Run a STEP_SELECT statement and copy its rows out of SPI memory into cxt. */
 static int
-fetch_steps(int plan, Datum arg, MemoryContext cxt, ClaimedStep **steps_out)
+fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
 {
-	Datum		args[1] = {arg};
 	ClaimedStep *steps;
 	uint64		n;
 	MemoryContext oldcxt;
@@ -1826,6 +1842,50 @@ batch_end(void)
 }
 
 /*
+ * Claiming resumes after the last step the previous claim took while there
+ * is a backlog.  Due steps are claimed in (wake_at, step_id) order, and
+ * each claim changes the rows it takes, leaving their old index entries
+ * behind until no snapshot can see them.  A claim that started from the
+ * low end every time would step over all of them again, and while a long
+ * transaction anywhere holds back the xmin horizon (another engine's batch
+ * will do) that costs each claim as much as the whole backlog so far.  A
+ * claim that comes back short, and one claim a second, start from the low
+ * end again: steps that became due behind the resume point (a transaction
+ * that committed late with an early now()) are not left waiting.
+ */
+static bool claim_resume = false;
+static TimestampTz claim_after_at;
+static int64 claim_after_id;
+static TimestampTz last_full_claim = 0;
+
+static int
+claim_steps(int max, TimestampTz now, ClaimedStep **steps)
+{
+	Datum		args[3];
+	int			n;
+
+	args[0] = Int32GetDatum(max);
+	if (claim_resume && now - last_full_claim < USECS_PER_SEC)
+	{
+		args[1] = TimestampTzGetDatum(claim_after_at);
+		args[2] = Int64GetDatum(claim_after_id);
+		n = fetch_steps(P_CLAIM_AFTER, args, batch_cxt, steps);
+	}
+	else
+	{
+		last_full_claim = now;
+		n = fetch_steps(P_CLAIM, args, batch_cxt, steps);
+	}
+	claim_resume = n == max;
+	if (claim_resume)
+	{
+		claim_after_at = (*steps)[n - 1].wake_at;
+		claim_after_id = (*steps)[n - 1].step_id;
+	}
+	return n;
+}
+
+/*
  * One batch: claim up to max_steps due steps and advance each.  Runs inside
  * the caller's transaction and SPI connection.
  */
@@ -1867,8 +1927,7 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 			bool		made_ready_before = result->made_ready;
 
 			result->made_ready = false;
-			n = fetch_steps(P_CLAIM, Int32GetDatum(max_steps - result->claimed), batch_cxt,
-							&steps);
+			n = claim_steps(max_steps - result->claimed, now, &steps);
 			result->claimed += n;
 			for (int i = 0; i < n; i++)
 			{
@@ -1917,7 +1976,7 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 	{
 		ClaimedStep *steps;
 		ClaimedStep *s;
-		int			n = fetch_steps(P_TASK_BY_TOKEN, token, cxt, &steps);
+		int			n = fetch_steps(P_TASK_BY_TOKEN, &token, cxt, &steps);
 
 		s = n > 0 ? &steps[0] : NULL;
 		if (s == NULL || strcmp(s->status, "running") != 0 || s->wake_at <= now)
@@ -1930,6 +1989,8 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 					 strcmp(s->status, "running") != 0 ?
 					 errdetail("Task \"%s\" is %s.", s->name, s->status) :
 					 errdetail("The lease on task \"%s\" has expired.", s->name),
+					 s != NULL && strcmp(s->status, "cancelled") == 0 ?
+					 errhint("Nothing was changed: the task's run ended without it.") :
 					 errhint("Nothing was changed.  Claim the task again with orch.claim_tasks.")));
 
 		if (error == NULL)
