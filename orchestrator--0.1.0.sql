@@ -1498,6 +1498,17 @@ CREATE FUNCTION orch.complete_task(token uuid, output jsonb) RETURNS void
 	SET search_path = pg_catalog, pg_temp
 	AS 'MODULE_PATHNAME', 'orch_complete_task';
 
+-- Several successes at once: outputs[i] for the task leased with tokens[i].
+-- A token whose lease is no longer valid is reported and changes nothing;
+-- the others complete together.
+CREATE FUNCTION orch.complete_tasks(tokens uuid[], outputs jsonb[],
+									OUT token uuid, OUT completed boolean, OUT detail text)
+	RETURNS SETOF record
+	LANGUAGE c STRICT
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_complete_tasks_sql';
+
 CREATE FUNCTION orch.fail_task(token uuid, error text, error_class text DEFAULT 'transient',
 							   detail text DEFAULT NULL) RETURNS void
 	LANGUAGE c
@@ -1549,7 +1560,7 @@ GRANT EXECUTE ON FUNCTION orch.start_run(text, jsonb, text, text, int, timestamp
 GRANT EXECUTE ON FUNCTION orch.tick(int) TO orch_admin;
 GRANT EXECUTE ON FUNCTION orch.claim_tasks(text, text, int, interval, interval),
 	orch.heartbeat_task(uuid, jsonb), orch.complete_task(uuid, jsonb),
-	orch.fail_task(uuid, text, text, text) TO orch_worker;
+	orch.complete_tasks(uuid[], jsonb[]), orch.fail_task(uuid, text, text, text) TO orch_worker;
 GRANT EXECUTE ON FUNCTION orch._engine_workers() TO orch_reader;
 
 -- Let the launcher start this database's engine as soon as we commit.

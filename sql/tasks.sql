@@ -129,3 +129,24 @@ SELECT app.show_error($$SELECT orch.fail_task(gen_random_uuid(), 'x', 'sometimes
 SELECT app.show_error($$SELECT orch.complete_task(gen_random_uuid(), NULL)$$);
 
 DROP ROLE crm_worker;
+
+-- Several verdicts at once: orch.complete_tasks.  A token that holds no
+-- lease, or comes twice, is reported and changes nothing; the rest complete.
+SELECT orch.define_workflow('bulk', '{"steps": [{"name": "item", "kind": "task", "queue": "bulk"}]}');
+SELECT count(orch.start_run('bulk', jsonb_build_object('n', g))) FROM generate_series(1, 3) g;
+SELECT app.await($$SELECT count(*) = 3 FROM orch.steps WHERE queue = 'bulk' AND status = 'waiting'$$);
+CREATE TEMP TABLE bulk_claim AS SELECT * FROM orch.claim_tasks('bulk', 'bulk-worker', 10, '1 min');
+SELECT count(*) FROM bulk_claim;
+SELECT c.ord, c.completed, c.detail
+  FROM orch.complete_tasks(
+		 (SELECT array_agg(token ORDER BY run_id) FROM bulk_claim)
+		   || '00000000-0000-0000-0000-000000000000'::uuid
+		   || (SELECT min(token::text)::uuid FROM bulk_claim),
+		 (SELECT array_agg(jsonb_build_object('n', input->'input'->'n') ORDER BY run_id) FROM bulk_claim)
+		   || '{}'::jsonb || '{}'::jsonb) WITH ORDINALITY AS c(token, completed, detail, ord)
+ ORDER BY c.ord;
+SELECT count(*) FILTER (WHERE r.status = 'succeeded') AS succeeded,
+	   count(*) FILTER (WHERE r.output->'item' = jsonb_build_object('n', r.input->'n')) AS with_their_output
+  FROM orch.runs r WHERE r.workflow = 'bulk';
+SELECT app.show_error($$SELECT count(*) FROM orch.complete_tasks(ARRAY[gen_random_uuid()], '{}')$$);
+SELECT app.show_error($$SELECT count(*) FROM orch.complete_tasks(ARRAY[NULL::uuid], ARRAY['{}'::jsonb])$$);

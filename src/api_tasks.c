@@ -15,8 +15,11 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/latch.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
+#include "utils/uuid.h"
 
 #include "orchestrator.h"
 
@@ -219,6 +222,15 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 		remaining_ms = (long) ((deadline - GetCurrentTimestamp()) / 1000);
 		if (remaining_ms <= 0)
 			break;
+
+		/*
+		 * A broadcast that came while we looked took us off the wait list
+		 * and set our latch, but a lock wait inside the claim may have
+		 * reset the latch since; the sleep would then last the whole
+		 * timeout.  With the latch set, the sleep first checks whether we
+		 * are still on the list, and returns at once if not.
+		 */
+		SetLatch(MyLatch);
 		(void) ConditionVariableTimedSleep(&OrchShared->tasks_ready, remaining_ms,
 										   PG_WAIT_EXTENSION);
 	}
@@ -268,6 +280,72 @@ orch_complete_task(PG_FUNCTION_ARGS)
 	orch_finish_task(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1), NULL, NULL, NULL);
 	SPI_finish();
 	PG_RETURN_VOID();
+}
+
+/*
+ * orch.complete_tasks(tokens, outputs): returns (token, completed, detail)
+ * for each token, in the order given.
+ */
+PG_FUNCTION_INFO_V1(orch_complete_tasks_sql);
+Datum
+orch_complete_tasks_sql(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	ArrayType  *tokens_arr = PG_GETARG_ARRAYTYPE_P(0);
+	ArrayType  *outputs_arr = PG_GETARG_ARRAYTYPE_P(1);
+	Datum	   *tokens;
+	Datum	   *outputs;
+	bool	   *tnulls;
+	bool	   *onulls;
+	int			n;
+	int			nout;
+	bool	   *accepted;
+	char	  **why;
+
+	if (ARR_NDIM(tokens_arr) > 1 || ARR_NDIM(outputs_arr) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("tokens and outputs must be one-dimensional arrays")));
+	deconstruct_array(tokens_arr, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR, &tokens, &tnulls, &n);
+	deconstruct_array(outputs_arr, JSONBOID, -1, false, TYPALIGN_INT, &outputs, &onulls, &nout);
+	if (n != nout)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("tokens has %d elements but outputs has %d", n, nout),
+				 errhint("outputs[i] is the output of the task leased with tokens[i].")));
+	if (n > 10000)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("at most 10000 tasks can be completed at once, not %d", n)));
+	for (int i = 0; i < n; i++)
+		if (tnulls[i] || onulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("%s %d is NULL", tnulls[i] ? "token" : "output", i + 1),
+					 tnulls[i] ? 0 : errhint("Complete with '{}' when there is nothing to report.")));
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (n == 0)
+		return (Datum) 0;
+	accepted = palloc(sizeof(bool) * n);
+	why = palloc(sizeof(char *) * n);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	orch_complete_tasks(n, PointerGetDatum(tokens_arr), tokens, outputs, accepted, why);
+	SPI_finish();
+
+	for (int i = 0; i < n; i++)
+	{
+		Datum		values[3];
+		bool		nulls[3] = {false, false, why[i] == NULL};
+
+		values[0] = tokens[i];
+		values[1] = BoolGetDatum(accepted[i]);
+		values[2] = why[i] ? CStringGetTextDatum(why[i]) : (Datum) 0;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }
 
 /* orch.fail_task(token, error, error_class, detail) */

@@ -16,6 +16,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/latch.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -106,6 +107,8 @@ orch_wait_run(PG_FUNCTION_ARGS)
 		remaining_ms = (long) ((deadline - GetCurrentTimestamp()) / 1000);
 		if (remaining_ms <= 0)
 			break;
+		/* as in orch.claim_tasks: a latch reset while we looked is not lost */
+		SetLatch(MyLatch);
 		(void) ConditionVariableTimedSleep(&OrchShared->run_finished, remaining_ms,
 										   PG_WAIT_EXTENSION);
 	}

@@ -33,6 +33,13 @@
 
 static int	my_slotno = -1;
 
+/*
+ * After a batch failed outside any step's subtransaction, the engine
+ * advances one step per batch for a while, so that the step behind the
+ * error is found (and set aside) while the others go on.
+ */
+static int	single_step_batches = 0;
+
 static void
 engine_detach(int code, Datum arg)
 {
@@ -58,6 +65,101 @@ slot_update_after_batch(int steps)
 	OrchShared->slots[my_slotno].last_batch_at = GetCurrentTimestamp();
 	OrchShared->slots[my_slotno].steps_done += steps;
 	SpinLockRelease(&OrchShared->mutex);
+}
+
+/*
+ * One batch in a transaction of its own.  Returns false if it failed: the
+ * error is logged, the transaction rolled back, and the following batches
+ * advance one step each until one fails again, whose step is then set
+ * aside for a human (orch_quarantine_step) instead of stopping the engine
+ * over and over.
+ */
+static bool
+run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_cxt,
+		  TimestampTz *next_timer)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ErrorData  *edata;
+	int64		blamed;
+	bool		single = single_step_batches > 0;
+
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		if (!extension_present())
+		{
+			/* DROP EXTENSION: leave; the launcher looks again later */
+			PopActiveSnapshot();
+			CommitTransactionCommand();
+			SpinLockAcquire(&OrchShared->mutex);
+			OrchShared->slots[my_slotno].state = ORCH_SLOT_NO_EXTENSION;
+			SpinLockRelease(&OrchShared->mutex);
+			proc_exit(0);
+		}
+		pgstat_report_activity(STATE_RUNNING, "orchestrator: advancing runs");
+		MemoryContextSwitchTo(loop_cxt);
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		orch_process_batch(single ? 1 : orch_batch_size, worker_name, result);
+		if (result->claimed == 0)
+			*next_timer = orch_next_timer();
+		SPI_finish();
+		MemoryContextSwitchTo(oldcxt);
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+		pgstat_report_stat(false);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		MemoryContextReset(loop_cxt);
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(TopMemoryContext);
+		edata = CopyErrorData();
+		EmitErrorReport();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextReset(loop_cxt);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		RESUME_INTERRUPTS();
+
+		blamed = orch_last_step_id;
+		if (single && blamed != 0 && !orch_error_is_transient(edata->sqlerrcode))
+		{
+			/* a batch of one step: that step is the cause */
+			StartTransactionCommand();
+			PushActiveSnapshot(GetTransactionSnapshot());
+			if (SPI_connect() != SPI_OK_CONNECT)
+				elog(ERROR, "SPI_connect failed");
+			orch_quarantine_step(blamed, edata);
+			SPI_finish();
+			PopActiveSnapshot();
+			CommitTransactionCommand();
+			ereport(WARNING,
+					(errmsg("orchestrator set step %lld aside for a human after an error in its batch: %s",
+							(long long) blamed, edata->message),
+					 errhint("The step and its run are in needs_human; orch.retry_run runs it again once the cause is fixed.")));
+			single_step_batches = 0;
+		}
+		else
+		{
+			/* look for the step behind it, one step per batch, after a pause */
+			single_step_batches = Max(orch_batch_size, 10);
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 single ? 1000L : 100L, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
+		FreeErrorData(edata);
+		MemoryContextSwitchTo(oldcxt);
+		return false;
+	}
+	PG_END_TRY();
+
+	if (single && (--single_step_batches == 0 || result->claimed == 0))
+		single_step_batches = 0;
+	return true;
 }
 
 void
@@ -118,38 +220,13 @@ orch_engine_main(Datum main_arg)
 		}
 
 		memset(&result, 0, sizeof(result));
+		if (orch_enabled && !run_batch(&result, worker_name, loop_cxt, &next_timer))
+		{
+			/* the batch failed and was rolled back; see run_batch */
+			continue;
+		}
 		if (orch_enabled)
 		{
-			MemoryContext oldcxt;
-
-			SetCurrentStatementStartTimestamp();
-			StartTransactionCommand();
-			PushActiveSnapshot(GetTransactionSnapshot());
-			if (!extension_present())
-			{
-				/* DROP EXTENSION: leave; the launcher looks again later */
-				PopActiveSnapshot();
-				CommitTransactionCommand();
-				SpinLockAcquire(&OrchShared->mutex);
-				OrchShared->slots[my_slotno].state = ORCH_SLOT_NO_EXTENSION;
-				SpinLockRelease(&OrchShared->mutex);
-				proc_exit(0);
-			}
-			pgstat_report_activity(STATE_RUNNING, "orchestrator: advancing runs");
-			oldcxt = MemoryContextSwitchTo(loop_cxt);
-			if (SPI_connect() != SPI_OK_CONNECT)
-				elog(ERROR, "SPI_connect failed");
-			orch_process_batch(orch_batch_size, worker_name, &result);
-			if (result.claimed == 0)
-				next_timer = orch_next_timer();
-			SPI_finish();
-			MemoryContextSwitchTo(oldcxt);
-			PopActiveSnapshot();
-			CommitTransactionCommand();
-			pgstat_report_stat(false);
-			pgstat_report_activity(STATE_IDLE, NULL);
-			MemoryContextReset(loop_cxt);
-
 			if (result.runs_finished > 0)
 				ConditionVariableBroadcast(&OrchShared->run_finished);
 			if (result.tasks_queued > 0)
@@ -160,7 +237,6 @@ orch_engine_main(Datum main_arg)
 			if (result.claimed > 0)
 				continue;
 		}
-
 		sleep_ms = orch_max_sleep_ms;
 		if (orch_enabled && next_timer != DT_NOEND)
 		{
@@ -173,10 +249,15 @@ orch_engine_main(Datum main_arg)
 		}
 		if (sleep_ms > 0)
 		{
-			orch_engine_sleeping(my_slotno,
-								 TimestampTzPlusMilliseconds(GetCurrentTimestamp(), sleep_ms));
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 sleep_ms, PG_WAIT_EXTENSION);
+			TimestampTz now = GetCurrentTimestamp();
+			TimestampTz until = orch_engine_sleeping(my_slotno,
+													 TimestampTzPlusMilliseconds(now, sleep_ms));
+
+			/* a timer committed during the batch may come sooner */
+			sleep_ms = until > now ? (long) ((until - now) / 1000) + 1 : 0;
+			if (sleep_ms > 0)
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 sleep_ms, PG_WAIT_EXTENSION);
 			orch_engine_sleeping(my_slotno, 0);
 			ResetLatch(MyLatch);
 		}

@@ -47,6 +47,7 @@ typedef struct OrchEngineSlot
 	TimestampTz last_batch_at;
 	uint64		steps_done;
 	TimestampTz sleep_until;	/* while asleep: its next timer; 0 while busy */
+	TimestampTz wake_by;		/* while busy: the earliest timer committed since, or 0 */
 } OrchEngineSlot;
 
 typedef struct OrchSharedState
@@ -76,7 +77,7 @@ extern void orch_register_xact_callback(void);
 extern void orch_wake_engines_at_end(void);
 extern void orch_wake_engines_for_timer_at_end(TimestampTz timer);
 extern void orch_broadcast_runs_at_end(void);
-extern void orch_engine_sleeping(int slotno, TimestampTz until);
+extern TimestampTz orch_engine_sleeping(int slotno, TimestampTz until);
 extern void orch_wake_engines(Oid dboid);
 extern void orch_wake_launcher(void);
 
@@ -97,6 +98,11 @@ typedef struct OrchBatchResult
 
 extern void orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result);
 extern TimestampTz orch_next_timer(void);
+extern int64 orch_last_step_id;
+extern void orch_complete_tasks(int n, Datum tokens_array, Datum *tokens, Datum *outputs,
+								bool *accepted, char **why);
+extern bool orch_error_is_transient(int sqlerrcode);
+extern void orch_quarantine_step(int64 step_id, ErrorData *edata);
 extern void orch_finish_task(Datum token, Datum output, const char *error,
 							 const char *error_class, const char *detail);
 

@@ -98,6 +98,7 @@ typedef struct ClaimedStep
 	Datum		routes;			/* text[]: the steps on_error goes to */
 	bool		route_target;	/* runs only when the run is routed to it */
 	int			compensations;	/* tries of its compensation so far */
+	Datum		lease_token;	/* uuid, or 0 */
 } ClaimedStep;
 
 /* A function the engine calls for a step: the step's own, verify, compensate. */
@@ -114,6 +115,7 @@ enum
 	P_CLAIM,
 	P_CLAIM_AFTER,
 	P_TASK_BY_TOKEN,
+	P_TASKS_BY_TOKENS,
 	P_FINISH,
 	P_DEFER,
 	P_ATTEMPT,
@@ -152,6 +154,13 @@ typedef struct OpenedCircuit
 	TimestampTz probe_after;
 } OpenedCircuit;
 static List *opened_circuits = NIL;
+
+/*
+ * The step the current (or last) batch advanced last, or 0: when a batch
+ * fails outside any step's subtransaction, the engine blames this step if
+ * the batch had only one.
+ */
+int64		orch_last_step_id = 0;
 
 /* the earliest timer the current batch set (0: none) */
 static TimestampTz batch_min_timer = 0;
@@ -192,7 +201,8 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"       s.attempt_started_at, s.worker, ws.circuit, c.state, c.failures," \
 	"       c.opened_at + c.cooldown, ws.schedule_to_start, s.phase, ws.idempotent," \
 	"       ws.verify::pg_catalog.oid, ws.verify_name, ws.compensate::pg_catalog.oid," \
-	"       ws.compensate_name, ws.on_error, ws.routes, ws.route_target, s.compensations" \
+	"       ws.compensate_name, ws.on_error, ws.routes, ws.route_target, s.compensations," \
+	"       s.lease_token" \
 	"  FROM orch.steps s" \
 	"  JOIN orch.runs r ON r.run_id = s.run_id" \
 	"  JOIN orch.workflow_steps ws" \
@@ -222,6 +232,13 @@ static const char *const plan_sql[P_COUNT] = {
 	[P_TASK_BY_TOKEN] =
 	STEP_SELECT
 	" WHERE s.lease_token = $1"
+	" FOR UPDATE OF s, r",
+
+	/* tasks by their lease tokens, locked in one order */
+	[P_TASKS_BY_TOKENS] =
+	STEP_SELECT
+	" WHERE s.lease_token = ANY ($1)"
+	" ORDER BY s.step_id"
 	" FOR UPDATE OF s, r",
 
 	/* steps that finished: succeeded, skipped, failed */
@@ -388,7 +405,7 @@ static const char *const plan_sql[P_COUNT] = {
 };
 
 static const int plan_nargs[P_COUNT] = {
-	[P_CLAIM] = 1,[P_CLAIM_AFTER] = 3,[P_TASK_BY_TOKEN] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
+	[P_CLAIM] = 1,[P_CLAIM_AFTER] = 3,[P_TASK_BY_TOKEN] = 1,[P_TASKS_BY_TOKENS] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
 	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
@@ -399,6 +416,7 @@ static const Oid plan_argtypes[P_COUNT][14] = {
 	[P_CLAIM] = {INT4OID},
 	[P_CLAIM_AFTER] = {INT4OID, TIMESTAMPTZOID, INT8OID},
 	[P_TASK_BY_TOKEN] = {UUIDOID},
+	[P_TASKS_BY_TOKENS] = {UUIDARRAYOID},
 	[P_FINISH] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, JSONBARRAYOID, INT4ARRAYOID,
 	TIMESTAMPTZARRAYOID, TIMESTAMPTZOID},
 	[P_DEFER] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, JSONBARRAYOID,
@@ -619,8 +637,13 @@ exec_plan(int which, Datum *values, const char *nulls, int expected)
 	int			rc;
 
 	for (int i = 0; i < (int) lengthof(engine_planner_off); i++)
+	{
+		/* tasks by token: a few rows found by index, sorted to lock them in order */
+		if (which == P_TASKS_BY_TOKENS && strcmp(engine_planner_off[i], "enable_sort") == 0)
+			continue;
 		(void) set_config_option(engine_planner_off[i], "off", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
+	}
 	rc = SPI_execute_plan(get_plan(which), values, nulls, false, 0);
 	AtEOXact_GUC(true, nest_level);
 
@@ -727,6 +750,7 @@ fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
 		s->routes = get_copy(tup, desc, 43, &isnull);
 		s->route_target = DatumGetBool(SPI_getbinval(tup, desc, 44, &isnull));
 		s->compensations = DatumGetInt32(SPI_getbinval(tup, desc, 45, &isnull));
+		s->lease_token = get_copy(tup, desc, 46, &isnull);
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_freetuptable(SPI_tuptable);
@@ -972,6 +996,13 @@ error_class_of(int sqlerrcode)
 	if (sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE)	/* 55P03 */
 		return "transient";
 	return "permanent";
+}
+
+/* Might an error of this SQLSTATE go away on its own (a deadlock, a cancel)? */
+bool
+orch_error_is_transient(int sqlerrcode)
+{
+	return strcmp(error_class_of(sqlerrcode), "transient") == 0;
 }
 
 static Datum
@@ -1826,6 +1857,7 @@ batch_begin(void)
 	failed_runs = NIL;
 	opened_circuits = NIL;
 	batch_min_timer = 0;
+	orch_last_step_id = 0;
 	buffers_reset();
 	return batch_cxt;
 }
@@ -1932,6 +1964,7 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 			for (int i = 0; i < n; i++)
 			{
 				CHECK_FOR_INTERRUPTS();
+				orch_last_step_id = steps[i].step_id;
 				oldcxt = MemoryContextSwitchTo(step_cxt);
 				advance_step(&steps[i], worker, now, result);
 				MemoryContextSwitchTo(oldcxt);
@@ -2031,6 +2064,79 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 }
 
 /*
+ * Successful verdicts on n tasks at once: outputs[i] is the output of the
+ * task leased with tokens[i].  A token whose lease is not valid changes
+ * nothing and is reported (accepted[i] false, with why[i], allocated in the
+ * caller's memory context); the others complete together, with one write of
+ * each kind for all of them.
+ */
+void
+orch_complete_tasks(int n, Datum tokens_array, Datum *tokens, Datum *outputs,
+					bool *accepted, char **why)
+{
+	MemoryContext callercxt = CurrentMemoryContext;
+	MemoryContext cxt;
+	OrchBatchResult result;
+	TimestampTz now = GetCurrentTimestamp();
+
+	for (int i = 0; i < n; i++)
+	{
+		accepted[i] = false;
+		why[i] = "No task holds this lease: it expired and the task went on, or the token is wrong.";
+	}
+	memset(&result, 0, sizeof(result));
+	cxt = batch_begin();
+	PG_TRY();
+	{
+		ClaimedStep *steps;
+		int			nfound = fetch_steps(P_TASKS_BY_TOKENS, &tokens_array, cxt, &steps);
+
+		for (int k = 0; k < nfound; k++)
+		{
+			ClaimedStep *s = &steps[k];
+			int			i;
+
+			/* the first mention of the token wins; a repetition is refused */
+			for (i = 0; i < n; i++)
+				if (memcmp(DatumGetUUIDP(tokens[i]), DatumGetUUIDP(s->lease_token), UUID_LEN) == 0)
+					break;
+			if (i == n)
+				continue;
+			if (strcmp(s->status, "running") != 0)
+			{
+				why[i] = MemoryContextStrdup(callercxt, psprintf("Task \"%s\" is %s.", s->name, s->status));
+				continue;
+			}
+			if (s->wake_at <= now)
+			{
+				why[i] = MemoryContextStrdup(callercxt,
+											 psprintf("The lease on task \"%s\" has expired.", s->name));
+				continue;
+			}
+			accepted[i] = true;
+			why[i] = NULL;
+			for (int j = i + 1; j < n; j++)
+				if (memcmp(DatumGetUUIDP(tokens[i]), DatumGetUUIDP(tokens[j]), UUID_LEN) == 0)
+					why[j] = "The same token came earlier in this call.";
+			record_attempt(s, s->attempt, s->worker, s->attempt_started_at, now, NULL, NULL);
+			finish_step(s, "succeeded", outputs[i], s->attempt);
+			circuit_record(s, NULL);
+		}
+		flush_all(now, &result);
+	}
+	PG_FINALLY();
+	{
+		batch_end();
+	}
+	PG_END_TRY();
+	MemoryContextDelete(cxt);
+
+	if (result.made_ready || result.tasks_queued > 0)
+		orch_wake_engines_at_end();
+	orch_broadcast_runs_at_end();
+}
+
+/*
  * When the earliest step comes due, or DT_NOEND.  After a batch that claimed
  * nothing, a time already past means due steps were skipped as locked.
  */
@@ -2043,4 +2149,43 @@ orch_next_timer(void)
 	exec_plan(P_NEXT_TIMER, NULL, NULL, SPI_OK_SELECT);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	return isnull ? DT_NOEND : DatumGetTimestampTz(d);
+}
+
+/*
+ * A batch of one step failed outside the step's own code (an engine bug, a
+ * trigger on the orchestrator's tables, a corrupt row): set the step aside
+ * for a human, with the error, so that it cannot stop every other run of
+ * the database.  Runs in a transaction of its own.
+ */
+void
+orch_quarantine_step(int64 step_id, ErrorData *edata)
+{
+	Datum		args[2];
+	StringInfoData buf;
+	bool		first = true;
+
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	json_add_field(&buf, "class", "internal", &first);
+	json_add_field(&buf, "sqlstate", unpack_sql_state(edata->sqlerrcode), &first);
+	json_add_field(&buf, "message", edata->message, &first);
+	json_add_field(&buf, "detail", edata->detail, &first);
+	json_add_field(&buf, "hint", edata->hint, &first);
+	json_add_field(&buf, "context", edata->context, &first);
+	json_add_field(&buf, "gave_up", "the engine failed while advancing the step", &first);
+	appendStringInfoChar(&buf, '}');
+
+	args[0] = Int64GetDatum(step_id);
+	args[1] = jsonb_from_cstring(buf.data);
+	if (SPI_execute_with_args(
+			"WITH s AS ("
+			"  UPDATE orch.steps SET status = 'needs_human', wake_at = NULL,"
+			"         error = $2 OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('step', name)"
+			"   WHERE step_id = $1"
+			"     AND status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated')"
+			"  RETURNING run_id)"
+			"UPDATE orch.runs r SET status = 'needs_human'"
+			"  FROM s WHERE r.run_id = s.run_id AND r.status IN ('pending', 'running')",
+			2, (Oid[]) {INT8OID, JSONBOID}, args, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "could not set step " INT64_FORMAT " aside", step_id);
 }

@@ -82,10 +82,11 @@ orch_wake_engines_at_end(void)
 }
 
 /*
- * Wake the engines of a database that sleep past timer, and those that are
- * busy: a busy engine may have taken the snapshot for its next timer before
- * this commit.  An engine asleep with an earlier timer will see this one in
- * time.
+ * Wake the engines of a database that sleep past timer.  A busy engine may
+ * have taken the snapshot for its next timer before this commit: the timer
+ * is left in its slot, and it sleeps no longer than that (setting its latch
+ * instead would keep an engine busy for as long as claims stream in).  An
+ * engine asleep with an earlier timer will see this one in time.
  */
 static void
 wake_engines_before(Oid dboid, TimestampTz timer)
@@ -98,9 +99,15 @@ wake_engines_before(Oid dboid, TimestampTz timer)
 	{
 		OrchEngineSlot *slot = &OrchShared->slots[i];
 
-		if (slot->state == ORCH_SLOT_RUNNING && slot->dboid == dboid &&
-			slot->latch != NULL && slot->pid != MyProcPid &&
-			(slot->sleep_until == 0 || slot->sleep_until > timer))
+		if (slot->state != ORCH_SLOT_RUNNING || slot->dboid != dboid ||
+			slot->latch == NULL || slot->pid == MyProcPid)
+			continue;
+		if (slot->sleep_until == 0)
+		{
+			if (slot->wake_by == 0 || timer < slot->wake_by)
+				slot->wake_by = timer;
+		}
+		else if (slot->sleep_until > timer)
 			latches[n++] = slot->latch;
 	}
 	SpinLockRelease(&OrchShared->mutex);
@@ -124,13 +131,26 @@ orch_broadcast_runs_at_end(void)
 	broadcast_runs_at_commit = true;
 }
 
-/* The engine's slot tells committers when it will next wake on its own. */
-void
+/*
+ * The engine's slot tells committers when it will next wake on its own (0:
+ * it is busy).  Going to sleep, it takes in the timers committed while it was
+ * busy and returns when it must wake, at the latest.
+ */
+TimestampTz
 orch_engine_sleeping(int slotno, TimestampTz until)
 {
+	OrchEngineSlot *slot = &OrchShared->slots[slotno];
+
 	SpinLockAcquire(&OrchShared->mutex);
-	OrchShared->slots[slotno].sleep_until = until;
+	if (until != 0 && slot->wake_by != 0)
+	{
+		if (slot->wake_by < until)
+			until = slot->wake_by;
+		slot->wake_by = 0;
+	}
+	slot->sleep_until = until;
 	SpinLockRelease(&OrchShared->mutex);
+	return until;
 }
 
 void
