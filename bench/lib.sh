@@ -224,8 +224,17 @@ diagnose() {
 	echo "--- engine workers" >&2
 	q "SELECT * FROM orch.engine_workers" >&2 || true
 	echo "--- sessions" >&2
-	q "SELECT pid, backend_type, state, wait_event_type, wait_event, left(query, 60)
+	q "SELECT pid, backend_type, state, wait_event_type, wait_event, now() - xact_start AS in_xact,
+	          backend_xmin, left(query, 60)
 	     FROM pg_stat_activity WHERE datname = 'bench'" >&2 || true
+	# Where the engine workers are, if gdb is there to tell.
+	if command -v gdb >/dev/null; then
+		local pid
+		for pid in $(q "SELECT pid FROM orch.engine_workers" 2>/dev/null); do
+			echo "--- stack of engine worker $pid" >&2
+			timeout 20 gdb -p "$pid" -batch -ex bt 2>/dev/null | grep -E '^#' | head -30 >&2 || true
+		done
+	fi
 }
 
 # Checkpoint and settle before a measurement, so that none starts mid-way.

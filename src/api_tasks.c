@@ -32,6 +32,13 @@
 #define LOCK_QUEUE_SQL \
 	"SELECT 1 FROM orch.queues WHERE name = $1 AND max_running IS NOT NULL FOR UPDATE"
 
+/*
+ * Does the queue hold waiting tasks (that a claim skipped because another
+ * transaction had them locked)?
+ */
+#define ANY_WAITING_SQL \
+	"SELECT EXISTS (SELECT FROM orch.steps w WHERE w.queue = $1 AND w.status = 'waiting')"
+
 /* Could a claim from this limited queue get anything now?  NULL: no limit. */
 #define QUEUE_ROOM_SQL \
 	"SELECT q.max_running > (SELECT pg_catalog.count(*) FROM orch.steps x" \
@@ -92,6 +99,7 @@ enum
 	T_LOCK_QUEUE,
 	T_QUEUE_ROOM,
 	T_CLAIM,
+	T_ANY_WAITING,
 	T_COUNT
 };
 static SPIPlanPtr task_plans[T_COUNT];
@@ -99,6 +107,7 @@ static const char *const task_sql[T_COUNT] = {
 	[T_LOCK_QUEUE] = LOCK_QUEUE_SQL,
 	[T_QUEUE_ROOM] = QUEUE_ROOM_SQL,
 	[T_CLAIM] = CLAIM_TASKS_SQL,
+	[T_ANY_WAITING] = ANY_WAITING_SQL,
 };
 
 static SPIPlanPtr
@@ -118,6 +127,9 @@ task_plan(int which)
 	}
 	return task_plans[which];
 }
+
+/* how soon a waiting claim that found the queue's tasks locked looks again */
+#define LOCKED_OUT_RETRY_MS		10
 
 static int64
 interval_to_usecs(const Interval *iv)
@@ -146,6 +158,7 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 	TimestampTz deadline;
 	int64		lease_us = interval_to_usecs(lease);
 	SPITupleTable *claimed = NULL;
+	bool		may_wait;
 	uint64		nclaimed = 0;
 
 	if (max < 1 || max > 10000)
@@ -173,6 +186,7 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 
 	InitMaterializedSRF(fcinfo, 0);
 	deadline = GetCurrentTimestamp() + Max(interval_to_usecs(wait), 0);
+	may_wait = interval_to_usecs(wait) > 0 && OrchShared != NULL;
 
 	args[0] = PointerGetDatum(queue);
 	args[1] = PointerGetDatum(worker);
@@ -185,6 +199,7 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 	for (;;)
 	{
 		long		remaining_ms;
+		bool		locked_out = false;
 
 		bool		limited;
 		bool		room = true;
@@ -194,21 +209,32 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 
 		/*
 		 * A limited queue's lock is held until commit: never sleep holding
-		 * it.  Wait for room without it, then lock and claim once.
+		 * it.  A claim that may wait looks for room without it, then locks
+		 * and claims once; one that does not wait locks (if the queue has a
+		 * limit) and claims at once.
 		 */
-		if (SPI_execute_plan(task_plan(T_QUEUE_ROOM), args, NULL, false, 1) != SPI_OK_SELECT)
-			elog(ERROR, "could not read queue");
-		limited = SPI_processed > 0;
-		if (limited)
+		if (!may_wait)
 		{
-			bool		isnull;
+			if (SPI_execute_plan(task_plan(T_LOCK_QUEUE), args, NULL, false, 1) != SPI_OK_SELECT)
+				elog(ERROR, "could not lock queue");
+			limited = true;		/* claim once, whatever the queue */
+		}
+		else
+		{
+			if (SPI_execute_plan(task_plan(T_QUEUE_ROOM), args, NULL, false, 1) != SPI_OK_SELECT)
+				elog(ERROR, "could not read queue");
+			limited = SPI_processed > 0;
+			if (limited)
+			{
+				bool		isnull;
 
-			room = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
-											  &isnull));
+				room = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+												  &isnull));
+			}
 		}
 		if (room)
 		{
-			if (limited &&
+			if (may_wait && limited &&
 				SPI_execute_plan(task_plan(T_LOCK_QUEUE), args, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not lock queue");
 			/* not read-only: a new snapshot, including the claims waited for */
@@ -218,10 +244,28 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 			nclaimed = SPI_processed;
 			if (nclaimed > 0 || limited)
 				break;
+
+			/*
+			 * Nothing claimed, though tasks may wait: locked by a claim that
+			 * has not committed yet, or by an engine batch whose claim locked
+			 * a task it then found already queued (a row lock taken before a
+			 * recheck outlives it).  That batch's commit wakes no one, so do
+			 * not wait for a wake-up: look again shortly.
+			 */
+			if (SPI_execute_plan(task_plan(T_ANY_WAITING), args, NULL, false, 1) != SPI_OK_SELECT)
+				elog(ERROR, "could not read queue");
+			{
+				bool		isnull;
+
+				locked_out = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+														SPI_tuptable->tupdesc, 1, &isnull));
+			}
 		}
 		remaining_ms = (long) ((deadline - GetCurrentTimestamp()) / 1000);
 		if (remaining_ms <= 0)
 			break;
+		if (locked_out)
+			remaining_ms = Min(remaining_ms, LOCKED_OUT_RETRY_MS);
 
 		/*
 		 * A broadcast that came while we looked took us off the wait list

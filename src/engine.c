@@ -125,6 +125,7 @@ run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_c
 		pgstat_report_activity(STATE_IDLE, NULL);
 		RESUME_INTERRUPTS();
 
+		orch_forget_claim_position();
 		blamed = orch_last_step_id;
 		if (single && blamed != 0 && !orch_error_is_transient(edata->sqlerrcode))
 		{

@@ -1890,6 +1890,13 @@ static TimestampTz claim_after_at;
 static int64 claim_after_id;
 static TimestampTz last_full_claim = 0;
 
+/* A batch was rolled back: the steps it claimed are due again, behind the resume point. */
+void
+orch_forget_claim_position(void)
+{
+	claim_resume = false;
+}
+
 static int
 claim_steps(int max, TimestampTz now, ClaimedStep **steps)
 {
@@ -1908,7 +1915,8 @@ claim_steps(int max, TimestampTz now, ClaimedStep **steps)
 		last_full_claim = now;
 		n = fetch_steps(P_CLAIM, args, batch_cxt, steps);
 	}
-	claim_resume = n == max;
+	/* only the engine worker resumes: orch.tick() claims as it is told */
+	claim_resume = n == max && IsBackgroundWorker;
 	if (claim_resume)
 	{
 		claim_after_at = (*steps)[n - 1].wake_at;
