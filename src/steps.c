@@ -112,8 +112,9 @@ typedef struct StepCall
 /* saved plans, prepared once per process */
 enum
 {
+	P_CANDIDATES,
+	P_CANDIDATES_AFTER,
 	P_CLAIM,
-	P_CLAIM_AFTER,
 	P_TASK_BY_TOKEN,
 	P_TASKS_BY_TOKENS,
 	P_FINISH,
@@ -173,7 +174,8 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
  * run failing).  Executor start-up is then paid per round, not per step.
  */
 /* what the state machine needs of a step, its run and its definition */
-#define STEP_SELECT \
+#define STEP_SELECT(first) STEP_COLUMNS STEP_FROM(first)
+#define STEP_COLUMNS \
 	"SELECT s.step_id, s.run_id, s.name, s.status, s.attempt, s.needs_ok," \
 	"       pg_catalog.cardinality(ws.needs), ws.kind, ws.function::pg_catalog.oid," \
 	"       ws.function_name, ws.guard, ws.sleep_for, ws.sleep_until, ws.max_attempts," \
@@ -189,8 +191,9 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"                                   ELSE s.attempt + 1 END," \
 	"           'input', r.input, 'business_key', r.business_key," \
 	"           'steps', (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
-	"                       FROM orch.steps p" \
-	"                      WHERE p.run_id = s.run_id AND p.status = 'succeeded'))" \
+	"                       FROM (SELECT p0.name, p0.output FROM orch.steps p0" \
+	"                              WHERE p0.run_id = s.run_id AND p0.status = 'succeeded'" \
+	"                              ORDER BY p0.run_id, p0.name OFFSET 0) p))" \
 	"         || CASE WHEN s.phase = 'verify' THEN pg_catalog.jsonb_build_object('error', s.error)" \
 	"                 WHEN s.phase = 'compensate' THEN pg_catalog.jsonb_build_object(" \
 	"                   'output', s.output, 'run_status', r.status, 'run_error', r.error)" \
@@ -202,43 +205,76 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"       c.opened_at + c.cooldown, ws.schedule_to_start, s.phase, ws.idempotent," \
 	"       ws.verify::pg_catalog.oid, ws.verify_name, ws.compensate::pg_catalog.oid," \
 	"       ws.compensate_name, ws.on_error, ws.routes, ws.route_target, s.compensations," \
-	"       s.lease_token" \
-	"  FROM orch.steps s" \
-	"  JOIN orch.runs r ON r.run_id = s.run_id" \
-	"  JOIN orch.workflow_steps ws" \
-	"    ON ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name" \
-	"  LEFT JOIN orch.circuits c ON c.name = ws.circuit"
+	"       s.lease_token"
+
+/*
+ * The steps (first: how they are found), then for each its run, definition
+ * and circuit, looked up by primary key.  Each lookup is a LATERAL subquery
+ * ordered by its key, which fixes the plan whatever the statistics say: the
+ * tables change completely within seconds, and an ANALYZE that ran while a
+ * big start_run transaction was open describes orch.steps as empty.  A
+ * lookup by key is then the only plan without a sort (sorts are off for the
+ * engine's statements), and the LATERAL reference fixes the join order.
+ * FOR UPDATE OF s, r reaches the tables inside the subqueries.
+ */
+#define STEP_FROM(first) \
+	first \
+	"  CROSS JOIN LATERAL (SELECT * FROM orch.runs r0 WHERE r0.run_id = s.run_id" \
+	"                       ORDER BY r0.run_id OFFSET 0) r" \
+	"  CROSS JOIN LATERAL (SELECT * FROM orch.workflow_steps w0" \
+	"                       WHERE w0.workflow = r.workflow AND w0.version = r.version" \
+	"                         AND w0.name = s.name" \
+	"                       ORDER BY w0.workflow, w0.version, w0.name OFFSET 0) ws" \
+	"  LEFT JOIN LATERAL (SELECT * FROM orch.circuits c0 WHERE c0.name = ws.circuit" \
+	"                      ORDER BY c0.name OFFSET 0) c ON true"
+
+/* steps by a key: an array of ids or tokens, in the array's order */
+#define STEPS_BY(array, column) \
+	" FROM pg_catalog.unnest(" array ") AS k(key)" \
+	"  CROSS JOIN LATERAL (SELECT * FROM orch.steps s0 WHERE s0." column " = k.key" \
+	"                       ORDER BY s0." column " OFFSET 0) s"
 
 static const char *const plan_sql[P_COUNT] = {
-	[P_CLAIM] =
-	STEP_SELECT
-	" WHERE s.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')"
-	"   AND s.wake_at <= pg_catalog.now()"
-	" ORDER BY s.wake_at, s.step_id"
-	" LIMIT $1"
-	" FOR UPDATE OF s, r SKIP LOCKED",
+	/*
+	 * Claiming due steps takes two statements.  The first picks candidates,
+	 * the first $1 due steps (after ($2, $3) when resuming), without locks:
+	 * an index-only scan of steps_due.  The second locks up to $2 of the
+	 * candidates $1 by key, skipping those locked by others, and returns
+	 * their current rows; the caller drops those no longer due.  A locking
+	 * scan of the queue itself would take a row lock on every step that
+	 * another batch changed since its snapshot (the recheck that skips such
+	 * a row keeps its lock) and step over all of them, each time; and its
+	 * plan would depend on the statistics of a table whose contents change
+	 * completely within seconds.
+	 */
+	[P_CANDIDATES] =
+	"SELECT pg_catalog.array_agg(d.step_id) FROM ("
+	"  SELECT d.step_id FROM orch.steps d"
+	"   WHERE d.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')"
+	"     AND d.wake_at <= pg_catalog.now()"
+	"   ORDER BY d.wake_at, d.step_id LIMIT $1) d",
 
-	/* the same, resuming after the last step the previous claim took */
-	[P_CLAIM_AFTER] =
-	STEP_SELECT
-	" WHERE s.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')"
-	"   AND s.wake_at <= pg_catalog.now()"
-	"   AND (s.wake_at, s.step_id) > ($2, $3)"
-	" ORDER BY s.wake_at, s.step_id"
-	" LIMIT $1"
+	[P_CANDIDATES_AFTER] =
+	"SELECT pg_catalog.array_agg(d.step_id) FROM ("
+	"  SELECT d.step_id FROM orch.steps d"
+	"   WHERE d.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')"
+	"     AND d.wake_at <= pg_catalog.now()"
+	"     AND (d.wake_at, d.step_id) > ($2, $3)"
+	"   ORDER BY d.wake_at, d.step_id LIMIT $1) d",
+
+	[P_CLAIM] =
+	STEP_SELECT(STEPS_BY("$1", "step_id"))
+	" LIMIT $2"
 	" FOR UPDATE OF s, r SKIP LOCKED",
 
 	/* a task by its lease token, for its worker's verdict */
 	[P_TASK_BY_TOKEN] =
-	STEP_SELECT
-	" WHERE s.lease_token = $1"
+	STEP_SELECT(STEPS_BY("ARRAY[$1]", "lease_token"))
 	" FOR UPDATE OF s, r",
 
-	/* tasks by their lease tokens, locked in one order */
+	/* tasks by their lease tokens (sorted by the caller: one locking order) */
 	[P_TASKS_BY_TOKENS] =
-	STEP_SELECT
-	" WHERE s.lease_token = ANY ($1)"
-	" ORDER BY s.step_id"
+	STEP_SELECT(STEPS_BY("$1", "lease_token"))
 	" FOR UPDATE OF s, r",
 
 	/* steps that finished: succeeded, skipped, failed */
@@ -293,7 +329,9 @@ static const char *const plan_sql[P_COUNT] = {
 	"       finished_at = CASE WHEN r.steps_left - d.n = 0 THEN $3 END,"
 	"       output = CASE WHEN r.steps_left - d.n = 0 THEN"
 	"         (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')"
-	"            FROM orch.steps p WHERE p.run_id = r.run_id AND p.status = 'succeeded') END"
+	"            FROM (SELECT p0.name, p0.output FROM orch.steps p0"
+	"                   WHERE p0.run_id = r.run_id AND p0.status = 'succeeded'"
+	"                   ORDER BY p0.run_id, p0.name OFFSET 0) p) END"
 	"  FROM (SELECT u.run_id, pg_catalog.sum(u.n)::int AS n"
 	"          FROM unnest($1, $2) AS u(run_id, n) GROUP BY 1) d"
 	" WHERE r.run_id = d.run_id"
@@ -405,7 +443,7 @@ static const char *const plan_sql[P_COUNT] = {
 };
 
 static const int plan_nargs[P_COUNT] = {
-	[P_CLAIM] = 1,[P_CLAIM_AFTER] = 3,[P_TASK_BY_TOKEN] = 1,[P_TASKS_BY_TOKENS] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
+	[P_CANDIDATES] = 1,[P_CANDIDATES_AFTER] = 3,[P_CLAIM] = 2,[P_TASK_BY_TOKEN] = 1,[P_TASKS_BY_TOKENS] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
 	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
@@ -413,8 +451,9 @@ static const int plan_nargs[P_COUNT] = {
 };
 
 static const Oid plan_argtypes[P_COUNT][14] = {
-	[P_CLAIM] = {INT4OID},
-	[P_CLAIM_AFTER] = {INT4OID, TIMESTAMPTZOID, INT8OID},
+	[P_CANDIDATES] = {INT4OID},
+	[P_CANDIDATES_AFTER] = {INT4OID, TIMESTAMPTZOID, INT8OID},
+	[P_CLAIM] = {INT8ARRAYOID, INT4OID},
 	[P_TASK_BY_TOKEN] = {UUIDOID},
 	[P_TASKS_BY_TOKENS] = {UUIDARRAYOID},
 	[P_FINISH] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, JSONBARRAYOID, INT4ARRAYOID,
@@ -625,8 +664,11 @@ get_plan(int which)
  * Applied like a function's SET clause, around each statement only, so step
  * functions plan as usual.
  */
-static const char *const engine_planner_off[] = {
-	"enable_seqscan", "enable_bitmapscan", "enable_hashjoin", "enable_mergejoin", "enable_sort"
+static const char *const engine_planner_settings[][2] = {
+	{"enable_seqscan", "off"}, {"enable_bitmapscan", "off"}, {"enable_hashjoin", "off"},
+	{"enable_mergejoin", "off"}, {"enable_sort", "off"},
+	/* explicit JOINs in the order written: the first relation drives */
+	{"join_collapse_limit", "1"}
 };
 
 /* Run a saved statement; nulls are given as a string of ' ' and 'n'. */
@@ -636,12 +678,10 @@ exec_plan(int which, Datum *values, const char *nulls, int expected)
 	int			nest_level = NewGUCNestLevel();
 	int			rc;
 
-	for (int i = 0; i < (int) lengthof(engine_planner_off); i++)
+	for (int i = 0; i < (int) lengthof(engine_planner_settings); i++)
 	{
-		/* tasks by token: a few rows found by index, sorted to lock them in order */
-		if (which == P_TASKS_BY_TOKENS && strcmp(engine_planner_off[i], "enable_sort") == 0)
-			continue;
-		(void) set_config_option(engine_planner_off[i], "off", PGC_USERSET, PGC_S_SESSION,
+		(void) set_config_option(engine_planner_settings[i][0], engine_planner_settings[i][1],
+								 PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
 	}
 	rc = SPI_execute_plan(get_plan(which), values, nulls, false, 0);
@@ -1897,32 +1937,68 @@ orch_forget_claim_position(void)
 	claim_resume = false;
 }
 
+static bool
+is_due_status(const char *status)
+{
+	return strcmp(status, "ready") == 0 || strcmp(status, "waiting") == 0 ||
+		strcmp(status, "retrying") == 0 || strcmp(status, "running") == 0 ||
+		strcmp(status, "blocked") == 0;
+}
+
 static int
 claim_steps(int max, TimestampTz now, ClaimedStep **steps)
 {
 	Datum		args[3];
+	Datum		candidates;
+	bool		isnull;
+	TimestampTz xact_now = GetCurrentTransactionStartTimestamp();
 	int			n;
+	int			kept;
 
-	args[0] = Int32GetDatum(max);
+	/* room to pass over the steps other workers have locked */
+	args[0] = Int32GetDatum(max * Max(orch_workers_per_database, 1) + max);
 	if (claim_resume && now - last_full_claim < USECS_PER_SEC)
 	{
 		args[1] = TimestampTzGetDatum(claim_after_at);
 		args[2] = Int64GetDatum(claim_after_id);
-		n = fetch_steps(P_CLAIM_AFTER, args, batch_cxt, steps);
+		exec_plan(P_CANDIDATES_AFTER, args, NULL, SPI_OK_SELECT);
 	}
 	else
 	{
 		last_full_claim = now;
-		n = fetch_steps(P_CLAIM, args, batch_cxt, steps);
+		exec_plan(P_CANDIDATES, args, NULL, SPI_OK_SELECT);
 	}
+	candidates = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (isnull)
+	{
+		SPI_freetuptable(SPI_tuptable);
+		claim_resume = false;
+		*steps = NULL;
+		return 0;
+	}
+	args[0] = datumCopy(candidates, false, -1);
+	args[1] = Int32GetDatum(max);
+	SPI_freetuptable(SPI_tuptable);
+	n = fetch_steps(P_CLAIM, args, batch_cxt, steps);
+
 	/* only the engine worker resumes: orch.tick() claims as it is told */
 	claim_resume = n == max && IsBackgroundWorker;
-	if (claim_resume)
+	if (n > 0)
 	{
 		claim_after_at = (*steps)[n - 1].wake_at;
 		claim_after_id = (*steps)[n - 1].step_id;
 	}
-	return n;
+
+	/* drop what changed since the candidates were picked */
+	kept = 0;
+	for (int i = 0; i < n; i++)
+	{
+		ClaimedStep *s = &(*steps)[i];
+
+		if (is_due_status(s->status) && s->wake_at != 0 && s->wake_at <= xact_now)
+			(*steps)[kept++] = *s;
+	}
+	return kept;
 }
 
 /*
@@ -2071,6 +2147,13 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 	orch_broadcast_runs_at_end();
 }
 
+static int
+uuid_datum_cmp(const void *a, const void *b)
+{
+	return memcmp(DatumGetUUIDP(*(const Datum *) a), DatumGetUUIDP(*(const Datum *) b),
+				  UUID_LEN);
+}
+
 /*
  * Successful verdicts on n tasks at once: outputs[i] is the output of the
  * task leased with tokens[i].  A token whose lease is not valid changes
@@ -2097,7 +2180,21 @@ orch_complete_tasks(int n, Datum tokens_array, Datum *tokens, Datum *outputs,
 	PG_TRY();
 	{
 		ClaimedStep *steps;
-		int			nfound = fetch_steps(P_TASKS_BY_TOKENS, &tokens_array, cxt, &steps);
+		int			nfound;
+		Datum	   *sorted = palloc(sizeof(Datum) * n);
+		Datum		sorted_array;
+
+		/* locked in token order: concurrent calls cannot deadlock */
+		int			nsorted = 0;
+
+		memcpy(sorted, tokens, sizeof(Datum) * n);
+		qsort(sorted, n, sizeof(Datum), uuid_datum_cmp);
+		for (int i = 0; i < n; i++)
+			if (nsorted == 0 || uuid_datum_cmp(&sorted[nsorted - 1], &sorted[i]) != 0)
+				sorted[nsorted++] = sorted[i];
+		sorted_array = PointerGetDatum(construct_array(sorted, nsorted, UUIDOID, UUID_LEN, false,
+													   TYPALIGN_CHAR));
+		nfound = fetch_steps(P_TASKS_BY_TOKENS, &sorted_array, cxt, &steps);
 
 		for (int k = 0; k < nfound; k++)
 		{
