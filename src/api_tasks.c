@@ -376,7 +376,7 @@ orch_complete_tasks_sql(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	orch_complete_tasks(n, PointerGetDatum(tokens_arr), tokens, outputs, accepted, why);
+	orch_complete_tasks(n, tokens, outputs, accepted, why);
 	SPI_finish();
 
 	for (int i = 0; i < n; i++)

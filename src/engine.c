@@ -20,7 +20,11 @@
 #include "storage/ipc.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/syscache.h"
 #include "utils/snapmgr.h"
 
 #include "orchestrator.h"
@@ -68,6 +72,57 @@ slot_update_after_batch(int steps)
 }
 
 /*
+ * Statistics of the queue tables that describe them as empty while they have
+ * pages come from an ANALYZE that ran while a big transaction was filling
+ * them (its rows were not live yet).  Every plan made from them would join
+ * by full scans.  The engine's own statements are written to be planned
+ * alike whatever the statistics say, but the workers' claims and the
+ * applications' queries are not: refresh them, at most every 10 seconds.
+ */
+#define STATS_REFRESH_INTERVAL_US	(10 * USECS_PER_SEC)
+
+static void
+refresh_misleading_statistics(void)
+{
+	static TimestampTz last_refresh = 0;
+	static const char *const tables[] = {"steps", "runs"};
+	Oid			nsp;
+	bool		misleading = false;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (last_refresh != 0 && now - last_refresh < STATS_REFRESH_INTERVAL_US)
+		return;
+	nsp = get_namespace_oid("orch", true);
+	if (!OidIsValid(nsp))
+		return;
+	for (int i = 0; i < (int) lengthof(tables) && !misleading; i++)
+	{
+		Oid			relid = get_relname_relid(tables[i], nsp);
+		HeapTuple	tup;
+
+		if (!OidIsValid(relid))
+			continue;
+		tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+		if (!HeapTupleIsValid(tup))
+			continue;
+		{
+			Form_pg_class rel = (Form_pg_class) GETSTRUCT(tup);
+
+			/* fewer than one row per page of a table of some size */
+			misleading = rel->relpages > 100 && rel->reltuples >= 0 &&
+				rel->reltuples < rel->relpages;
+		}
+		ReleaseSysCache(tup);
+	}
+	if (!misleading)
+		return;
+	last_refresh = now;
+	elog(LOG, "orchestrator: refreshing the statistics of orch.steps and orch.runs, which describe them as (almost) empty");
+	if (SPI_execute("ANALYZE orch.steps, orch.runs", false, 0) != SPI_OK_UTILITY)
+		elog(ERROR, "could not analyze orch.steps and orch.runs");
+}
+
+/*
  * One batch in a transaction of its own.  Returns false if it failed: the
  * error is logged, the transaction rolled back, and the following batches
  * advance one step each until one fails again, whose step is then set
@@ -102,6 +157,7 @@ run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_c
 		MemoryContextSwitchTo(loop_cxt);
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
+		refresh_misleading_statistics();
 		orch_process_batch(single ? 1 : orch_batch_size, worker_name, result);
 		if (result->claimed == 0)
 			*next_timer = orch_next_timer();

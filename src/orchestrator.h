@@ -100,7 +100,7 @@ extern void orch_process_batch(int max_steps, const char *worker, OrchBatchResul
 extern TimestampTz orch_next_timer(void);
 extern int64 orch_last_step_id;
 extern void orch_forget_claim_position(void);
-extern void orch_complete_tasks(int n, Datum tokens_array, Datum *tokens, Datum *outputs,
+extern void orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 								bool *accepted, char **why);
 extern bool orch_error_is_transient(int sqlerrcode);
 extern void orch_quarantine_step(int64 step_id, ErrorData *edata);

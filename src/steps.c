@@ -2162,7 +2162,7 @@ uuid_datum_cmp(const void *a, const void *b)
  * each kind for all of them.
  */
 void
-orch_complete_tasks(int n, Datum tokens_array, Datum *tokens, Datum *outputs,
+orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 					bool *accepted, char **why)
 {
 	MemoryContext callercxt = CurrentMemoryContext;
