@@ -668,7 +668,15 @@ static const char *const engine_planner_settings[][2] = {
 	{"enable_seqscan", "off"}, {"enable_bitmapscan", "off"}, {"enable_hashjoin", "off"},
 	{"enable_mergejoin", "off"}, {"enable_sort", "off"},
 	/* explicit JOINs in the order written: the first relation drives */
-	{"join_collapse_limit", "1"}
+	{"join_collapse_limit", "1"},
+
+	/*
+	 * A plan that needs a disabled node (a sort) costs 1e10 and more, far
+	 * above jit_above_cost: JIT compilation would cost a tenth of a second
+	 * at every execution of a statement that runs in well under a
+	 * millisecond.
+	 */
+	{"jit", "off"}
 };
 
 /* Run a saved statement; nulls are given as a string of ' ' and 'n'. */

@@ -1,5 +1,6 @@
 # Crash safety: kill -9 of an engine worker, and an immediate stop of the
-# whole server, in the middle of a load.  Every run still finishes, each sql
+# whole server, in the middle of a load, and kill -9 in the middle of
+# compensations.  Every run still finishes, each sql
 # step's effect is written exactly once (it commits with the step's state),
 # and nothing is left running.
 use strict;
@@ -88,6 +89,48 @@ $node->stop('immediate');
 cmp_ok($done, '<', 6000, 'the stop came in the middle of the load');
 $node->start;
 check_load('immediate', 2000);
+
+# 3. kill -9 in the middle of compensations: the batch that was undoing
+#    steps rolls back with its effects, and after the restart every step is
+#    undone exactly once, latest first, each a committed attempt.
+$node->safe_psql('postgres', q{
+CREATE TABLE app.undone (run_id uuid, step text, n bigserial);
+CREATE FUNCTION app.undo_slowly(ctx jsonb) RETURNS jsonb LANGUAGE sql AS $$
+	SELECT pg_sleep(0.05);
+	INSERT INTO app.undone (run_id, step) VALUES ((ctx->>'run_id')::uuid, ctx->>'step');
+	SELECT '{}'::jsonb
+$$;
+SELECT orch.define_workflow('saga', '{"steps": [
+  {"name": "book", "kind": "sql", "function": "app.record", "compensate": "app.undo_slowly"},
+  {"name": "ship", "kind": "sql", "function": "app.record", "compensate": "app.undo_slowly",
+   "needs": ["book"]},
+  {"name": "pay", "kind": "sql", "function": "app.fail", "needs": ["ship"],
+   "retry": {"max_attempts": 1}}]}');
+SELECT count(orch.start_run('saga', jsonb_build_object('load', 'saga', 'i', g)))
+  FROM generate_series(1, 100) g;
+});
+$node->poll_query_until('postgres', q{
+	SELECT count(*) > 0 FROM pg_stat_activity
+	 WHERE backend_type = 'orchestrator engine' AND wait_event = 'PgSleep'})
+  or die 'no compensation seen running';
+$pid = $node->safe_psql('postgres', 'SELECT pid FROM orch.engine_workers');
+ok(kill('KILL', $pid), "sent SIGKILL to engine worker $pid while it compensated");
+ok($node->poll_query_until('postgres', q{
+	SELECT count(*) = 200 FROM orch.steps s JOIN orch.runs r USING (run_id)
+	 WHERE r.input->>'load' = 'saga' AND s.status = 'compensated'}),
+	'saga: every booked and shipped step was compensated after the restart');
+is($node->safe_psql('postgres', q{
+	SELECT count(*) || ' undone, ' || count(DISTINCT (run_id, step)) || ' distinct' FROM app.undone}),
+	'200 undone, 200 distinct', 'saga: each compensation took effect exactly once');
+is($node->safe_psql('postgres', q{
+	SELECT count(*) FROM app.undone u
+	  JOIN app.undone b ON b.run_id = u.run_id AND b.step = 'book' AND u.step = 'ship'
+	 WHERE u.n > b.n}),
+	'0', 'saga: within each run, ship was undone before book');
+is($node->safe_psql('postgres', q{
+	SELECT count(*) FROM orch.attempts a JOIN orch.runs r USING (run_id)
+	 WHERE r.input->>'load' = 'saga' AND a.kind = 'compensate' AND a.outcome = 'succeeded'}),
+	'200', 'saga: one committed compensate attempt per step');
 
 ok($node->log_contains('orchestrator launcher started'), 'the launcher logged its start');
 
