@@ -1309,7 +1309,9 @@ $$;
  * Redrive a failed run, or one that waits for a human after an unknown
  * outcome: its failed steps run again with a fresh attempt budget, the steps
  * cancelled by the failure wait for their needs again, and every step that
- * succeeded keeps its result and is not run again.
+ * succeeded keeps its result and is not run again.  For a run whose
+ * compensation stopped at a step for a human, that compensation is tried
+ * again instead, and the saga goes on from there.
  */
 CREATE FUNCTION orch.retry_run(run_id uuid, reason text DEFAULT NULL) RETURNS void
 	LANGUAGE plpgsql
@@ -1321,6 +1323,17 @@ DECLARE
 	r orch.runs;
 BEGIN
 	r := orch._lock_run(retry_run.run_id);
+
+	-- a compensation that stopped for a human goes on from where it stopped
+	IF r.status IN ('failed', 'cancelled', 'timed_out') AND EXISTS (
+		SELECT FROM orch.steps s
+		 WHERE s.run_id = r.run_id AND s.phase = 'compensate' AND s.status = 'needs_human') THEN
+		UPDATE orch.steps s SET status = 'ready', wake_at = now(), error = NULL
+		 WHERE s.run_id = r.run_id AND s.phase = 'compensate' AND s.status = 'needs_human';
+		UPDATE orch.runs SET reason = retry_run.reason WHERE orch.runs.run_id = r.run_id;
+		RETURN;
+	END IF;
+
 	IF r.status NOT IN ('failed', 'needs_human') THEN
 		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
 			MESSAGE = format('run %s cannot be retried: its status is %s', r.run_id, r.status),

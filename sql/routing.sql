@@ -256,6 +256,12 @@ SELECT orch.wait_run(:'c4');
 SELECT name, status, phase, error->>'gave_up' AS gave_up, error->>'message' AS message
   FROM orch.steps WHERE run_id = :'c4' ORDER BY step_id;
 SELECT count(*) AS undone FROM app.undone WHERE run_id = :'c4';
+-- Once the cause is fixed, retry_run goes on with the compensation.
+DELETE FROM app.outcomes WHERE step = 'undo_hotel';
+SELECT orch.retry_run(:'c4', 'hotel cancelled by phone');
+SELECT orch.wait_run(:'c4');
+SELECT step FROM app.undone WHERE run_id = :'c4' ORDER BY n;
+SELECT name, status, compensations FROM orch.steps WHERE run_id = :'c4' ORDER BY step_id;
 
 SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
   {"name": "a", "kind": "sql", "function": "app.record", "compensate": 7}]}')$$);

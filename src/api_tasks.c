@@ -37,7 +37,9 @@
  * transaction had them locked)?
  */
 #define ANY_WAITING_SQL \
-	"SELECT EXISTS (SELECT FROM orch.steps w WHERE w.queue = $1 AND w.status = 'waiting')"
+	"SELECT EXISTS (SELECT FROM orch.steps w JOIN orch.runs r ON r.run_id = w.run_id" \
+	"                WHERE w.queue = $1 AND w.status = 'waiting'" \
+	"                  AND r.status IN ('pending', 'running'))"
 
 /* Could a claim from this limited queue get anything now?  NULL: no limit. */
 #define QUEUE_ROOM_SQL \
@@ -76,7 +78,7 @@
 	"   WHERE s.step_id = ANY (ARRAY(SELECT c.step_id FROM c))" \
 	"     AND r.run_id = s.run_id" \
 	"     AND ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name" \
-	"  RETURNING s.step_id, s.run_id, s.name, s.attempt, s.lease_token, s.wake_at," \
+	"  RETURNING s.step_id, s.run_id, s.name, s.attempt, s.lease_token, s.wake_at, s.cause," \
 	"            r.workflow, r.version, r.input, r.business_key, r.trace_id, r.priority)" \
 	"SELECT u.lease_token, u.run_id, u.name," \
 	"       pg_catalog.jsonb_build_object(" \
@@ -85,7 +87,10 @@
 	"         'business_key', u.business_key," \
 	"         'steps', (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
 	"                     FROM orch.steps p" \
-	"                    WHERE p.run_id = u.run_id AND p.status = 'succeeded'))," \
+	"                    WHERE p.run_id = u.run_id AND p.status = 'succeeded'))" \
+	"         || CASE WHEN u.cause IS NOT NULL" \
+	"                 THEN pg_catalog.jsonb_build_object('error', u.cause)" \
+	"                 ELSE '{}'::pg_catalog.jsonb END," \
 	"       u.attempt, u.run_id::text || '/' || u.name," \
 	"       '00-' || pg_catalog.encode(u.trace_id, 'hex') || '-'" \
 	"         || pg_catalog.lpad(pg_catalog.to_hex(u.step_id), 16, '0') || '-01'," \
@@ -231,6 +236,7 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 				room = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
 												  &isnull));
 			}
+			SPI_freetuptable(SPI_tuptable);
 		}
 		if (room)
 		{
@@ -259,7 +265,10 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 
 				locked_out = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
 														SPI_tuptable->tupdesc, 1, &isnull));
+				SPI_freetuptable(SPI_tuptable);
 			}
+			SPI_freetuptable(claimed);	/* empty */
+			claimed = NULL;
 		}
 		remaining_ms = (long) ((deadline - GetCurrentTimestamp()) / 1000);
 		if (remaining_ms <= 0)
@@ -345,6 +354,7 @@ orch_complete_tasks_sql(PG_FUNCTION_ARGS)
 	int			nout;
 	bool	   *accepted;
 	char	  **why;
+	MemoryContext callercxt;
 
 	if (ARR_NDIM(tokens_arr) > 1 || ARR_NDIM(outputs_arr) > 1)
 		ereport(ERROR,
@@ -374,9 +384,10 @@ orch_complete_tasks_sql(PG_FUNCTION_ARGS)
 	accepted = palloc(sizeof(bool) * n);
 	why = palloc(sizeof(char *) * n);
 
+	callercxt = CurrentMemoryContext;	/* the reasons must outlive SPI */
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	orch_complete_tasks(n, tokens, outputs, accepted, why);
+	orch_complete_tasks(n, tokens, outputs, accepted, why, callercxt);
 	SPI_finish();
 
 	for (int i = 0; i < n; i++)

@@ -72,54 +72,82 @@ slot_update_after_batch(int steps)
 }
 
 /*
- * Statistics of the queue tables that describe them as empty while they have
- * pages come from an ANALYZE that ran while a big transaction was filling
- * them (its rows were not live yet).  Every plan made from them would join
- * by full scans.  The engine's own statements are written to be planned
- * alike whatever the statistics say, but the workers' claims and the
- * applications' queries are not: refresh them, at most every 10 seconds.
+ * Statistics of the queue tables that describe them as nearly empty while
+ * they hold many live rows come from an ANALYZE that ran while a big
+ * transaction was filling them (its rows were not live yet).  Every plan
+ * made from them would join by full scans.  The engine's own statements are
+ * written to be planned alike whatever the statistics say, but the workers'
+ * claims and the applications' queries are not: refresh them.  Looked at
+ * once a second, refreshed at most every 10 seconds, without waiting for a
+ * lock (an autovacuum may be at it already).
  */
+#define STATS_CHECK_INTERVAL_US		USECS_PER_SEC
 #define STATS_REFRESH_INTERVAL_US	(10 * USECS_PER_SEC)
 
 static void
 refresh_misleading_statistics(void)
 {
+	static TimestampTz last_check = 0;
 	static TimestampTz last_refresh = 0;
-	static const char *const tables[] = {"steps", "runs"};
-	Oid			nsp;
-	bool		misleading = false;
 	TimestampTz now = GetCurrentTimestamp();
+	bool		isnull;
+	bool		misleading;
 
-	if (last_refresh != 0 && now - last_refresh < STATS_REFRESH_INTERVAL_US)
+	if (now - last_check < STATS_CHECK_INTERVAL_US ||
+		(last_refresh != 0 && now - last_refresh < STATS_REFRESH_INTERVAL_US))
 		return;
-	nsp = get_namespace_oid("orch", true);
-	if (!OidIsValid(nsp))
-		return;
-	for (int i = 0; i < (int) lengthof(tables) && !misleading; i++)
-	{
-		Oid			relid = get_relname_relid(tables[i], nsp);
-		HeapTuple	tup;
-
-		if (!OidIsValid(relid))
-			continue;
-		tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
-		if (!HeapTupleIsValid(tup))
-			continue;
-		{
-			Form_pg_class rel = (Form_pg_class) GETSTRUCT(tup);
-
-			/* fewer than one row per page of a table of some size */
-			misleading = rel->relpages > 100 && rel->reltuples >= 0 &&
-				rel->reltuples < rel->relpages;
-		}
-		ReleaseSysCache(tup);
-	}
+	last_check = now;
+	if (SPI_execute("SELECT EXISTS (SELECT FROM pg_catalog.pg_class c"
+					"  WHERE c.oid IN ('orch.steps'::pg_catalog.regclass, 'orch.runs'::pg_catalog.regclass)"
+					"    AND c.reltuples >= 0"
+					"    AND pg_catalog.pg_stat_get_live_tuples(c.oid) > 10 * (c.reltuples + 100))",
+					true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the statistics of orch.steps and orch.runs");
+	misleading = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+											&isnull));
+	SPI_freetuptable(SPI_tuptable);
 	if (!misleading)
 		return;
 	last_refresh = now;
 	elog(LOG, "orchestrator: refreshing the statistics of orch.steps and orch.runs, which describe them as (almost) empty");
-	if (SPI_execute("ANALYZE orch.steps, orch.runs", false, 0) != SPI_OK_UTILITY)
+	if (SPI_execute("ANALYZE (SKIP_LOCKED) orch.steps, orch.runs", false, 0) != SPI_OK_UTILITY)
 		elog(ERROR, "could not analyze orch.steps and orch.runs");
+}
+
+/*
+ * Set a step aside in a transaction of its own; false (logged) if that
+ * failed too, for instance because the cause lies in orch.steps itself.
+ */
+static bool
+quarantine(int64 step_id, ErrorData *cause)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		orch_quarantine_step(step_id, cause);
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(oldcxt);
+		EmitErrorReport();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		RESUME_INTERRUPTS();
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(oldcxt);
+	return ok;
 }
 
 /*
@@ -138,6 +166,7 @@ run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_c
 	int64		blamed;
 	bool		single = single_step_batches > 0;
 
+	orch_last_step_id = 0;		/* only a step this batch advances can be blamed */
 	PG_TRY();
 	{
 		SetCurrentStatementStartTimestamp();
@@ -183,17 +212,10 @@ run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_c
 
 		orch_forget_claim_position();
 		blamed = orch_last_step_id;
-		if (single && blamed != 0 && !orch_error_is_transient(edata->sqlerrcode))
+		if (single && blamed != 0 && !orch_error_is_transient(edata->sqlerrcode) &&
+			quarantine(blamed, edata))
 		{
-			/* a batch of one step: that step is the cause */
-			StartTransactionCommand();
-			PushActiveSnapshot(GetTransactionSnapshot());
-			if (SPI_connect() != SPI_OK_CONNECT)
-				elog(ERROR, "SPI_connect failed");
-			orch_quarantine_step(blamed, edata);
-			SPI_finish();
-			PopActiveSnapshot();
-			CommitTransactionCommand();
+			/* a batch of one step: that step was the cause, and is set aside */
 			ereport(WARNING,
 					(errmsg("orchestrator set step %lld aside for a human after an error in its batch: %s",
 							(long long) blamed, edata->message),

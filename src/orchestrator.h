@@ -101,7 +101,7 @@ extern TimestampTz orch_next_timer(void);
 extern int64 orch_last_step_id;
 extern void orch_forget_claim_position(void);
 extern void orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
-								bool *accepted, char **why);
+								bool *accepted, char **why, MemoryContext callercxt);
 extern bool orch_error_is_transient(int sqlerrcode);
 extern void orch_quarantine_step(int64 step_id, ErrorData *edata);
 extern void orch_finish_task(Datum token, Datum output, const char *error,

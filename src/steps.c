@@ -117,6 +117,7 @@ enum
 	P_CLAIM,
 	P_TASK_BY_TOKEN,
 	P_TASKS_BY_TOKENS,
+	P_LOCK_RUNS_OF_TOKENS,
 	P_FINISH,
 	P_DEFER,
 	P_ATTEMPT,
@@ -276,6 +277,18 @@ static const char *const plan_sql[P_COUNT] = {
 	[P_TASKS_BY_TOKENS] =
 	STEP_SELECT(STEPS_BY("$1", "lease_token"))
 	" FOR UPDATE OF s, r",
+
+	/*
+	 * The runs of those tasks, locked first and in run_id order, so that
+	 * two calls whose tasks belong to the same runs cannot deadlock.
+	 */
+	[P_LOCK_RUNS_OF_TOKENS] =
+	"SELECT 1"
+	"  FROM (SELECT DISTINCT s.run_id" STEPS_BY("$1", "lease_token") ") d"
+	"  CROSS JOIN LATERAL (SELECT r0.run_id FROM orch.runs r0 WHERE r0.run_id = d.run_id"
+	"                       ORDER BY r0.run_id OFFSET 0) r"
+	" ORDER BY d.run_id"
+	" FOR UPDATE OF r",
 
 	/* steps that finished: succeeded, skipped, failed */
 	[P_FINISH] =
@@ -443,7 +456,7 @@ static const char *const plan_sql[P_COUNT] = {
 };
 
 static const int plan_nargs[P_COUNT] = {
-	[P_CANDIDATES] = 1,[P_CANDIDATES_AFTER] = 3,[P_CLAIM] = 2,[P_TASK_BY_TOKEN] = 1,[P_TASKS_BY_TOKENS] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
+	[P_CANDIDATES] = 1,[P_CANDIDATES_AFTER] = 3,[P_CLAIM] = 2,[P_TASK_BY_TOKEN] = 1,[P_TASKS_BY_TOKENS] = 1,[P_LOCK_RUNS_OF_TOKENS] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
 	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
@@ -456,6 +469,7 @@ static const Oid plan_argtypes[P_COUNT][14] = {
 	[P_CLAIM] = {INT8ARRAYOID, INT4OID},
 	[P_TASK_BY_TOKEN] = {UUIDOID},
 	[P_TASKS_BY_TOKENS] = {UUIDARRAYOID},
+	[P_LOCK_RUNS_OF_TOKENS] = {UUIDARRAYOID},
 	[P_FINISH] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, JSONBARRAYOID, INT4ARRAYOID,
 	TIMESTAMPTZARRAYOID, TIMESTAMPTZOID},
 	[P_DEFER] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, JSONBARRAYOID,
@@ -2171,9 +2185,8 @@ uuid_datum_cmp(const void *a, const void *b)
  */
 void
 orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
-					bool *accepted, char **why)
+					bool *accepted, char **why, MemoryContext callercxt)
 {
-	MemoryContext callercxt = CurrentMemoryContext;
 	MemoryContext cxt;
 	OrchBatchResult result;
 	TimestampTz now = GetCurrentTimestamp();
@@ -2192,7 +2205,7 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 		Datum	   *sorted = palloc(sizeof(Datum) * n);
 		Datum		sorted_array;
 
-		/* locked in token order: concurrent calls cannot deadlock */
+		/* runs in run_id order, then tasks in token order: no deadlock between calls */
 		int			nsorted = 0;
 
 		memcpy(sorted, tokens, sizeof(Datum) * n);
@@ -2202,6 +2215,8 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 				sorted[nsorted++] = sorted[i];
 		sorted_array = PointerGetDatum(construct_array(sorted, nsorted, UUIDOID, UUID_LEN, false,
 													   TYPALIGN_CHAR));
+		exec_plan(P_LOCK_RUNS_OF_TOKENS, &sorted_array, NULL, SPI_OK_SELECT);
+		SPI_freetuptable(SPI_tuptable);
 		nfound = fetch_steps(P_TASKS_BY_TOKENS, &sorted_array, cxt, &steps);
 
 		for (int k = 0; k < nfound; k++)
