@@ -356,6 +356,15 @@ BEGIN
 END
 $$;
 
+-- Does a retry policy or an on_error rule name errors with this: an error
+-- class, or a SQLSTATE?
+CREATE FUNCTION orch._is_error_name(name text) RETURNS boolean
+	LANGUAGE sql IMMUTABLE STRICT
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT $1 IN ('transient', 'permanent', 'unknown_outcome') OR $1 ~ '^[0-9A-Z]{5}$'
+$$;
+
 CREATE FUNCTION orch._check_keys(obj jsonb, allowed text[], workflow text, path text, what text)
 	RETURNS void
 	LANGUAGE plpgsql
@@ -461,8 +470,7 @@ BEGIN
 					'expected an array of error classes or SQLSTATE codes');
 			END IF;
 			FOR j IN 0 .. jsonb_array_length(retry -> 'non_retryable') - 1 LOOP
-				IF NOT ((retry -> 'non_retryable' ->> j) IN ('transient', 'permanent', 'unknown_outcome')
-						OR (retry -> 'non_retryable' ->> j) ~ '^[0-9A-Z]{5}$') THEN
+				IF NOT orch._is_error_name(retry -> 'non_retryable' ->> j) THEN
 					PERFORM orch._definition_error('22023', obj,
 						format('%s.non_retryable[%s]', path, j),
 						format('"%s" is neither an error class nor a SQLSTATE', retry -> 'non_retryable' ->> j),
@@ -605,8 +613,7 @@ BEGIN
 			FOR j IN 0 .. jsonb_array_length(rule -> 'errors') - 1 LOOP
 				e := rule -> 'errors' -> j;
 				IF jsonb_typeof(e) <> 'string'
-				   OR NOT ((e #>> '{}') IN ('transient', 'permanent', 'unknown_outcome')
-						   OR (e #>> '{}') ~ '^[0-9A-Z]{5}$') THEN
+				   OR NOT orch._is_error_name(e #>> '{}') THEN
 					PERFORM orch._definition_error('22023', obj, format('%s.errors[%s]', rpath, j),
 						format('%s is neither an error class nor a SQLSTATE', e),
 						hint => 'Error classes are transient, permanent and unknown_outcome; a SQLSTATE has five digits or capital letters, such as 23505.');

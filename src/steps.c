@@ -2095,6 +2095,40 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 		orch_wake_engines_at_end();
 }
 
+/* Why a task's lease no longer admits a verdict, or NULL if it does. */
+static char *
+lease_invalid(ClaimedStep *s, TimestampTz now)
+{
+	if (strcmp(s->status, "running") != 0)
+		return psprintf("Task \"%s\" is %s.", s->name, s->status);
+	if (s->wake_at <= now)
+		return psprintf("The lease on task \"%s\" has expired.", s->name);
+	return NULL;
+}
+
+/* The worker holding the task's lease reports success. */
+static void
+task_succeeded(ClaimedStep *s, Datum output, TimestampTz now)
+{
+	record_attempt(s, s->attempt, s->worker, s->attempt_started_at, now, NULL, NULL);
+	finish_step(s, "succeeded", output, s->attempt);
+	circuit_record(s, NULL);
+}
+
+/*
+ * After verdicts: the engine is needed only if steps became ready or timers
+ * were set; runs may have finished.
+ */
+static void
+wake_after_verdicts(OrchBatchResult *result)
+{
+	if (result->made_ready || result->tasks_queued > 0)
+		orch_wake_engines_at_end();
+	else if (batch_min_timer != 0)
+		orch_wake_engines_for_timer_at_end(batch_min_timer);
+	orch_broadcast_runs_at_end();
+}
+
 /*
  * A worker's verdict on the task it holds the lease token of: output on
  * success, else the error and its class.  The lease must still be valid: a
@@ -2117,27 +2151,24 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 		ClaimedStep *s;
 		int			n = fetch_steps(P_TASK_BY_TOKEN, &token, cxt, &steps);
 
+		char	   *invalid;
+
 		s = n > 0 ? &steps[0] : NULL;
-		if (s == NULL || strcmp(s->status, "running") != 0 || s->wake_at <= now)
+		invalid = s != NULL ? lease_invalid(s, now) : NULL;
+		if (s == NULL || invalid != NULL)
 			ereport(ERROR,
 					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 					 errmsg("task lease is not valid"),
 					 s == NULL ?
 					 errdetail("No task holds lease %s: it expired and the task went on, or the token is wrong.",
 							   DatumGetCString(DirectFunctionCall1(uuid_out, token))) :
-					 strcmp(s->status, "running") != 0 ?
-					 errdetail("Task \"%s\" is %s.", s->name, s->status) :
-					 errdetail("The lease on task \"%s\" has expired.", s->name),
+					 errdetail("%s", invalid),
 					 s != NULL && strcmp(s->status, "cancelled") == 0 ?
 					 errhint("Nothing was changed: the task's run ended without it.") :
 					 errhint("Nothing was changed.  Claim the task again with orch.claim_tasks.")));
 
 		if (error == NULL)
-		{
-			record_attempt(s, s->attempt, s->worker, s->attempt_started_at, now, NULL, NULL);
-			finish_step(s, "succeeded", output, s->attempt);
-			circuit_record(s, NULL);
-		}
+			task_succeeded(s, output, now);
 		else
 		{
 			ErrorData	e;
@@ -2160,20 +2191,33 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 	}
 	PG_END_TRY();
 	MemoryContextDelete(cxt);
-
-	/* the engine is needed only if steps became ready or timers were set */
-	if (result.made_ready || result.tasks_queued > 0)
-		orch_wake_engines_at_end();
-	else if (batch_min_timer != 0)
-		orch_wake_engines_for_timer_at_end(batch_min_timer);
-	orch_broadcast_runs_at_end();
+	wake_after_verdicts(&result);
 }
 
-static int
-uuid_datum_cmp(const void *a, const void *b)
+/* A token of a batch of verdicts, and where it first came in the batch. */
+typedef struct TokenPos
 {
-	return memcmp(DatumGetUUIDP(*(const Datum *) a), DatumGetUUIDP(*(const Datum *) b),
-				  UUID_LEN);
+	Datum		token;
+	int			pos;
+} TokenPos;
+
+/* By token, then by position: the first mention of a token comes first. */
+static int
+token_pos_cmp(const void *a, const void *b)
+{
+	const TokenPos *x = a;
+	const TokenPos *y = b;
+	int			c = memcmp(DatumGetUUIDP(x->token), DatumGetUUIDP(y->token), UUID_LEN);
+
+	return c != 0 ? c : (x->pos > y->pos) - (x->pos < y->pos);
+}
+
+/* By token alone, to find a token among the distinct ones. */
+static int
+token_cmp(const void *a, const void *b)
+{
+	return memcmp(DatumGetUUIDP(((const TokenPos *) a)->token),
+				  DatumGetUUIDP(((const TokenPos *) b)->token), UUID_LEN);
 }
 
 /*
@@ -2202,53 +2246,61 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 	{
 		ClaimedStep *steps;
 		int			nfound;
-		Datum	   *sorted = palloc(sizeof(Datum) * n);
-		Datum		sorted_array;
+		TokenPos   *all = palloc(sizeof(TokenPos) * n);
+		TokenPos   *first = palloc(sizeof(TokenPos) * n);	/* distinct tokens */
+		Datum	   *distinct = palloc(sizeof(Datum) * n);
+		int			ndistinct = 0;
+		Datum		distinct_array;
+
+		for (int i = 0; i < n; i++)
+		{
+			all[i].token = tokens[i];
+			all[i].pos = i;
+		}
+		qsort(all, n, sizeof(TokenPos), token_pos_cmp);
+		for (int i = 0; i < n; i++)
+		{
+			if (ndistinct > 0 && token_cmp(&first[ndistinct - 1], &all[i]) == 0)
+				continue;
+			first[ndistinct] = all[i];
+			distinct[ndistinct++] = all[i].token;
+		}
 
 		/* runs in run_id order, then tasks in token order: no deadlock between calls */
-		int			nsorted = 0;
-
-		memcpy(sorted, tokens, sizeof(Datum) * n);
-		qsort(sorted, n, sizeof(Datum), uuid_datum_cmp);
-		for (int i = 0; i < n; i++)
-			if (nsorted == 0 || uuid_datum_cmp(&sorted[nsorted - 1], &sorted[i]) != 0)
-				sorted[nsorted++] = sorted[i];
-		sorted_array = PointerGetDatum(construct_array(sorted, nsorted, UUIDOID, UUID_LEN, false,
-													   TYPALIGN_CHAR));
-		exec_plan(P_LOCK_RUNS_OF_TOKENS, &sorted_array, NULL, SPI_OK_SELECT);
+		distinct_array = PointerGetDatum(construct_array(distinct, ndistinct, UUIDOID, UUID_LEN,
+														 false, TYPALIGN_CHAR));
+		exec_plan(P_LOCK_RUNS_OF_TOKENS, &distinct_array, NULL, SPI_OK_SELECT);
 		SPI_freetuptable(SPI_tuptable);
-		nfound = fetch_steps(P_TASKS_BY_TOKENS, &sorted_array, cxt, &steps);
+		nfound = fetch_steps(P_TASKS_BY_TOKENS, &distinct_array, cxt, &steps);
 
 		for (int k = 0; k < nfound; k++)
 		{
 			ClaimedStep *s = &steps[k];
-			int			i;
+			TokenPos	key = {s->lease_token, 0};
+			TokenPos   *found = bsearch(&key, first, ndistinct, sizeof(TokenPos), token_cmp);
+			char	   *invalid;
 
-			/* the first mention of the token wins; a repetition is refused */
-			for (i = 0; i < n; i++)
-				if (memcmp(DatumGetUUIDP(tokens[i]), DatumGetUUIDP(s->lease_token), UUID_LEN) == 0)
-					break;
-			if (i == n)
+			if (found == NULL)
 				continue;
-			if (strcmp(s->status, "running") != 0)
+			/* the first mention of the token is answered */
+			invalid = lease_invalid(s, now);
+			if (invalid != NULL)
 			{
-				why[i] = MemoryContextStrdup(callercxt, psprintf("Task \"%s\" is %s.", s->name, s->status));
+				why[found->pos] = MemoryContextStrdup(callercxt, invalid);
 				continue;
 			}
-			if (s->wake_at <= now)
-			{
-				why[i] = MemoryContextStrdup(callercxt,
-											 psprintf("The lease on task \"%s\" has expired.", s->name));
-				continue;
-			}
-			accepted[i] = true;
-			why[i] = NULL;
-			for (int j = i + 1; j < n; j++)
-				if (memcmp(DatumGetUUIDP(tokens[i]), DatumGetUUIDP(tokens[j]), UUID_LEN) == 0)
-					why[j] = "The same token came earlier in this call.";
-			record_attempt(s, s->attempt, s->worker, s->attempt_started_at, now, NULL, NULL);
-			finish_step(s, "succeeded", outputs[i], s->attempt);
-			circuit_record(s, NULL);
+			accepted[found->pos] = true;
+			why[found->pos] = NULL;
+			task_succeeded(s, outputs[found->pos], now);
+		}
+
+		/* a repetition of a token that was accepted is refused */
+		for (int i = 1, g = 0; i < n; i++)
+		{
+			if (token_cmp(&all[g], &all[i]) != 0)
+				g = i;			/* the first mention of the next token */
+			else if (accepted[all[g].pos])
+				why[all[i].pos] = "The same token came earlier in this call.";
 		}
 		flush_all(now, &result);
 	}
@@ -2258,10 +2310,7 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 	}
 	PG_END_TRY();
 	MemoryContextDelete(cxt);
-
-	if (result.made_ready || result.tasks_queued > 0)
-		orch_wake_engines_at_end();
-	orch_broadcast_runs_at_end();
+	wake_after_verdicts(&result);
 }
 
 /*
