@@ -213,7 +213,10 @@ CREATE TABLE orch.steps (
 CREATE INDEX steps_due ON orch.steps (wake_at, step_id)
 	WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked');
 -- The external workers' queues: tasks waiting for a worker.
-CREATE INDEX steps_task_queue ON orch.steps (queue, priority DESC, step_id)
+-- In claim order: higher priority first, then in step order.  The priority is
+-- negated (as bigint, which holds the negation of every int) so that every
+-- column ascends, and a claim can resume after a task with a row comparison.
+CREATE INDEX steps_task_queue ON orch.steps (queue, (- priority::bigint), step_id)
 	WHERE status = 'waiting' AND queue IS NOT NULL;
 -- Leased tasks per queue, for concurrency limits.
 CREATE INDEX steps_task_running ON orch.steps (queue)

@@ -150,3 +150,33 @@ SELECT count(*) FILTER (WHERE r.status = 'succeeded') AS succeeded,
   FROM orch.runs r WHERE r.workflow = 'bulk';
 SELECT app.show_error($$SELECT count(*) FROM orch.complete_tasks(ARRAY[gen_random_uuid()], '{}')$$);
 SELECT app.show_error($$SELECT count(*) FROM orch.complete_tasks(ARRAY[NULL::uuid], ARRAY['{}'::jsonb])$$);
+
+-- While a queue has a backlog, a session's claims resume after the task it
+-- claimed last.  A claim that finds nothing after that point looks from the
+-- head of the queue, so a task queued again behind it (here a retry) is not
+-- left behind.
+SELECT orch.define_workflow('resumed', '{"steps": [{"name": "t", "kind": "task", "queue": "resumed",
+  "retry": {"max_attempts": 2, "initial_interval": "10ms"}}]}');
+SELECT count(orch.start_run('resumed', jsonb_build_object('n', g))) FROM generate_series(1, 3) g;
+SELECT app.await($$SELECT count(*) = 3 FROM orch.steps WHERE queue = 'resumed' AND status = 'waiting'$$);
+CREATE TEMP TABLE resumed_claims (n int, attempt int, token uuid);
+INSERT INTO resumed_claims
+SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('resumed', 'w', 1, '1 min');
+SELECT orch.fail_task(token, 'try again', 'transient') FROM resumed_claims;
+SELECT app.await($$SELECT count(*) = 3 FROM orch.steps WHERE queue = 'resumed' AND status = 'waiting'$$);
+INSERT INTO resumed_claims
+SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('resumed', 'w', 1, '1 min');
+INSERT INTO resumed_claims
+SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('resumed', 'w', 1, '1 min');
+INSERT INTO resumed_claims
+SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('resumed', 'w', 1, '1 min');
+SELECT n, attempt FROM resumed_claims ORDER BY n, attempt;
+SELECT count(*) AS left_over FROM orch.claim_tasks('resumed', 'w', 1, '1 min');
+
+-- The tasks of a paused run wait in their queue unclaimed until it resumes.
+SELECT orch.start_run('resumed', '{"n": 4}') AS held_run \gset
+SELECT app.await(format($$SELECT status = 'waiting' FROM orch.steps WHERE run_id = %L$$, :'held_run'));
+SELECT orch.pause_run(:'held_run', 'hold on');
+SELECT count(*) AS claimed_while_paused FROM orch.claim_tasks('resumed', 'w', 1, '1 min');
+SELECT orch.resume_run(:'held_run');
+SELECT input->'input'->>'n' AS claimed_after_resume FROM orch.claim_tasks('resumed', 'w', 1, '1 min');

@@ -18,6 +18,7 @@
 #include "storage/latch.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -55,7 +56,7 @@
  * UPDATE's RETURNING: however many tasks wait in the queue, a claim reads
  * only the rows it leases.
  */
-#define CLAIM_TASKS_SQL \
+#define CLAIM_TASKS_SQL(after) \
 	"WITH lim AS (" \
 	"  SELECT q.max_running - (SELECT pg_catalog.count(*) FROM orch.steps x" \
 	"                           WHERE x.queue = $1 AND x.status = 'running') AS free" \
@@ -63,7 +64,8 @@
 	" c AS (" \
 	"  SELECT s.step_id FROM orch.steps s JOIN orch.runs r ON r.run_id = s.run_id" \
 	"   WHERE s.queue = $1 AND s.status = 'waiting' AND r.status IN ('pending', 'running')" \
-	"   ORDER BY s.queue, s.priority DESC, s.step_id" \
+	after \
+	"   ORDER BY s.queue, - s.priority::pg_catalog.int8, s.step_id" \
 	"   LIMIT LEAST($3, COALESCE((SELECT GREATEST(free, 0) FROM lim), $3))" \
 	"   FOR UPDATE OF s SKIP LOCKED)," \
 	" u AS (" \
@@ -79,7 +81,7 @@
 	"     AND r.run_id = s.run_id" \
 	"     AND ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name" \
 	"  RETURNING s.step_id, s.run_id, s.name, s.attempt, s.lease_token, s.wake_at, s.cause," \
-	"            r.workflow, r.version, r.input, r.business_key, r.trace_id, r.priority)" \
+	"            s.priority, r.workflow, r.version, r.input, r.business_key, r.trace_id)" \
 	"SELECT u.lease_token, u.run_id, u.name," \
 	"       pg_catalog.jsonb_build_object(" \
 	"         'run_id', u.run_id, 'workflow', u.workflow, 'version', u.version," \
@@ -94,9 +96,17 @@
 	"       u.attempt, u.run_id::text || '/' || u.name," \
 	"       '00-' || pg_catalog.encode(u.trace_id, 'hex') || '-'" \
 	"         || pg_catalog.lpad(pg_catalog.to_hex(u.step_id), 16, '0') || '-01'," \
-	"       u.wake_at" \
+	"       u.wake_at, u.priority, u.step_id" \
 	"  FROM u" \
 	" ORDER BY u.priority DESC, u.step_id"
+
+/*
+ * A claim that resumes after the task its session claimed last, in the
+ * queue's order: $5 is its negated priority, $6 its step.  Only the queue's
+ * index can serve the row comparison, whatever the statistics say.
+ */
+#define CLAIM_AFTER \
+	"     AND (- s.priority::pg_catalog.int8, s.step_id) > ($5, $6)"
 
 /* The statements above, prepared once per session. */
 enum
@@ -104,6 +114,7 @@ enum
 	T_LOCK_QUEUE,
 	T_QUEUE_ROOM,
 	T_CLAIM,
+	T_CLAIM_AFTER,
 	T_ANY_WAITING,
 	T_COUNT
 };
@@ -111,18 +122,20 @@ static SPIPlanPtr task_plans[T_COUNT];
 static const char *const task_sql[T_COUNT] = {
 	[T_LOCK_QUEUE] = LOCK_QUEUE_SQL,
 	[T_QUEUE_ROOM] = QUEUE_ROOM_SQL,
-	[T_CLAIM] = CLAIM_TASKS_SQL,
+	[T_CLAIM] = CLAIM_TASKS_SQL(""),
+	[T_CLAIM_AFTER] = CLAIM_TASKS_SQL(CLAIM_AFTER),
 	[T_ANY_WAITING] = ANY_WAITING_SQL,
 };
 
 static SPIPlanPtr
 task_plan(int which)
 {
-	static Oid	argtypes[4] = {TEXTOID, TEXTOID, INT4OID, INTERVALOID};
+	static Oid	argtypes[6] = {TEXTOID, TEXTOID, INT4OID, INTERVALOID, INT8OID, INT8OID};
 
 	if (task_plans[which] == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(task_sql[which], which == T_CLAIM ? 4 : 1, argtypes);
+		int			nargs = which == T_CLAIM ? 4 : which == T_CLAIM_AFTER ? 6 : 1;
+		SPIPlanPtr	plan = SPI_prepare(task_sql[which], nargs, argtypes);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -135,6 +148,43 @@ task_plan(int which)
 
 /* how soon a waiting claim that found the queue's tasks locked looks again */
 #define LOCKED_OUT_RETRY_MS		10
+
+/*
+ * While a queue has a backlog, a session's claims resume after the task it
+ * claimed last, in the queue's order.  Claimed tasks leave their entries at
+ * the head of the queue's index until vacuum removes them; a claim that
+ * started from the head every time would step over all of them (tens of
+ * index pages per claim after a few thousand tasks, read by every client at
+ * once).  A resumed claim that comes back short is completed from the head,
+ * and the head is looked at at least every CLAIM_HEAD_MS: a task that became
+ * claimable behind the resume point (a retry, or a run of higher priority)
+ * waits at most that long while the backlog lasts.
+ */
+#define CLAIM_HEAD_MS			100
+
+static struct
+{
+	bool		valid;
+	char		queue[NAMEDATALEN];
+	int64		neg_priority;	/* the key of the last task claimed */
+	int64		step_id;
+	TimestampTz head_at;		/* when a claim last started from the head */
+}			claim_cursor;
+
+/* The number of rows of a claim's result; columns 9, 10 are its key. */
+static void
+claim_cursor_set(const char *queue, SPITupleTable *last, uint64 n, bool full)
+{
+	bool		isnull;
+
+	claim_cursor.valid = full && n > 0 && strlen(queue) < NAMEDATALEN;
+	if (!claim_cursor.valid)
+		return;
+	strcpy(claim_cursor.queue, queue);
+	claim_cursor.neg_priority =
+		-(int64) DatumGetInt32(SPI_getbinval(last->vals[n - 1], last->tupdesc, 9, &isnull));
+	claim_cursor.step_id = DatumGetInt64(SPI_getbinval(last->vals[n - 1], last->tupdesc, 10, &isnull));
+}
 
 static int64
 interval_to_usecs(const Interval *iv)
@@ -159,12 +209,16 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 	int32		max = PG_GETARG_INT32(2);
 	Interval   *lease = PG_GETARG_INTERVAL_P(3);
 	Interval   *wait = PG_GETARG_INTERVAL_P(4);
-	Datum		args[4];
+	char	   *qname = text_to_cstring(queue);
+	Datum		args[6];
 	TimestampTz deadline;
 	int64		lease_us = interval_to_usecs(lease);
-	SPITupleTable *claimed = NULL;
+	SPITupleTable *claimed[2];	/* a resumed claim, and one from the head */
+	uint64		nrows[2];
+	int			nparts = 0;
 	bool		may_wait;
 	uint64		nclaimed = 0;
+	int			nest_level;
 
 	if (max < 1 || max > 10000)
 		ereport(ERROR,
@@ -200,6 +254,8 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
+	/* the engine's planner settings: plans that do not depend on statistics */
+	nest_level = orch_planner_settings_push();
 
 	for (;;)
 	{
@@ -244,10 +300,32 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 				SPI_execute_plan(task_plan(T_LOCK_QUEUE), args, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not lock queue");
 			/* not read-only: a new snapshot, including the claims waited for */
-			if (SPI_execute_plan(task_plan(T_CLAIM), args, NULL, false, 0) != SPI_OK_SELECT)
-				elog(ERROR, "could not claim tasks");
-			claimed = SPI_tuptable;
-			nclaimed = SPI_processed;
+			if (claim_cursor.valid && strcmp(claim_cursor.queue, qname) == 0 &&
+				GetCurrentTimestamp() - claim_cursor.head_at < CLAIM_HEAD_MS * INT64CONST(1000))
+			{
+				args[2] = Int32GetDatum(max);
+				args[4] = Int64GetDatum(claim_cursor.neg_priority);
+				args[5] = Int64GetDatum(claim_cursor.step_id);
+				if (SPI_execute_plan(task_plan(T_CLAIM_AFTER), args, NULL, false, 0) != SPI_OK_SELECT)
+					elog(ERROR, "could not claim tasks");
+				claimed[nparts] = SPI_tuptable;
+				nrows[nparts++] = SPI_processed;
+				nclaimed = SPI_processed;
+				claim_cursor_set(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) max);
+			}
+			if (nclaimed < (uint64) max)
+			{
+				int32		asked = max - (int32) nclaimed;
+
+				args[2] = Int32GetDatum(asked);
+				if (SPI_execute_plan(task_plan(T_CLAIM), args, NULL, false, 0) != SPI_OK_SELECT)
+					elog(ERROR, "could not claim tasks");
+				claimed[nparts] = SPI_tuptable;
+				nrows[nparts++] = SPI_processed;
+				nclaimed += SPI_processed;
+				claim_cursor_set(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) asked);
+				claim_cursor.head_at = GetCurrentTimestamp();
+			}
 			if (nclaimed > 0 || limited)
 				break;
 
@@ -267,8 +345,8 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 														SPI_tuptable->tupdesc, 1, &isnull));
 				SPI_freetuptable(SPI_tuptable);
 			}
-			SPI_freetuptable(claimed);	/* empty */
-			claimed = NULL;
+			while (nparts > 0)
+				SPI_freetuptable(claimed[--nparts]);	/* empty */
 		}
 		remaining_ms = (long) ((deadline - GetCurrentTimestamp()) / 1000);
 		if (remaining_ms <= 0)
@@ -289,25 +367,31 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 	}
 	if (OrchShared != NULL)
 		ConditionVariableCancelSleep();
+	AtEOXact_GUC(true, nest_level);
 
 	/* the engine must also wake when these leases expire */
 	if (nclaimed > 0)
 	{
 		bool		isnull;
 
+		SPITupleTable *first = nrows[0] > 0 ? claimed[0] : claimed[1];
+
 		/* rows come ordered by priority, not expiry: the first is close enough */
 		orch_wake_engines_for_timer_at_end(
-			DatumGetTimestampTz(SPI_getbinval(claimed->vals[0], claimed->tupdesc, 8, &isnull)));
+			DatumGetTimestampTz(SPI_getbinval(first->vals[0], first->tupdesc, 8, &isnull)));
 	}
 
-	for (uint64 i = 0; i < nclaimed; i++)
+	for (int p = 0; p < nparts; p++)
 	{
-		Datum		values[8];
-		bool		nulls[8];
+		for (uint64 i = 0; i < nrows[p]; i++)
+		{
+			Datum		values[8];
+			bool		nulls[8];
 
-		for (int c = 0; c < 8; c++)
-			values[c] = SPI_getbinval(claimed->vals[i], claimed->tupdesc, c + 1, &nulls[c]);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+			for (int c = 0; c < 8; c++)
+				values[c] = SPI_getbinval(claimed[p]->vals[i], claimed[p]->tupdesc, c + 1, &nulls[c]);
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		}
 	}
 	SPI_finish();
 	return (Datum) 0;

@@ -104,6 +104,7 @@ extern void orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 								bool *accepted, char **why, MemoryContext callercxt);
 extern bool orch_error_is_transient(int sqlerrcode);
 extern void orch_quarantine_step(int64 step_id, ErrorData *edata);
+extern int	orch_planner_settings_push(void);
 extern void orch_finish_task(Datum token, Datum output, const char *error,
 							 const char *error_class, const char *detail);
 

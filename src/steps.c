@@ -175,13 +175,27 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
  * run failing).  Executor start-up is then paid per round, not per step.
  */
 /* what the state machine needs of a step, its run and its definition */
-#define STEP_SELECT(first) STEP_COLUMNS STEP_FROM(first)
-#define STEP_COLUMNS \
+#define STEP_SELECT(first) STEP_COLUMNS(STEP_CONTEXT) STEP_FROM(first)
+/*
+ * The same for a worker's verdict on a task, which needs no context: the
+ * context's subquery would be set up at every execution, unused.
+ */
+#define VERDICT_SELECT(first) STEP_COLUMNS("NULL::pg_catalog.jsonb") STEP_FROM(first)
+#define STEP_COLUMNS(context) \
 	"SELECT s.step_id, s.run_id, s.name, s.status, s.attempt, s.needs_ok," \
 	"       pg_catalog.cardinality(ws.needs), ws.kind, ws.function::pg_catalog.oid," \
 	"       ws.function_name, ws.guard, ws.sleep_for, ws.sleep_until, ws.max_attempts," \
 	"       ws.initial_interval, ws.backoff_coefficient, ws.max_interval, ws.jitter," \
 	"       ws.timeout, ws.non_retryable, ws.dependents, r.status, r.owner," \
+	context "," \
+	"       s.wake_at, ws.schedule_to_close, s.attempt_base, s.started_at," \
+	"       s.attempt_started_at, s.worker, ws.circuit, c.state, c.failures," \
+	"       c.opened_at + c.cooldown, ws.schedule_to_start, s.phase, ws.idempotent," \
+	"       ws.verify::pg_catalog.oid, ws.verify_name, ws.compensate::pg_catalog.oid," \
+	"       ws.compensate_name, ws.on_error, ws.routes, ws.route_target, s.compensations," \
+	"       s.lease_token"
+/* the run context a step's function, guard or until sees */
+#define STEP_CONTEXT \
 	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL" \
 	"              OR s.phase IS NOT NULL THEN" \
 	"         pg_catalog.jsonb_build_object(" \
@@ -200,13 +214,7 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"                   'output', s.output, 'run_status', r.status, 'run_error', r.error)" \
 	"                 WHEN s.cause IS NOT NULL THEN pg_catalog.jsonb_build_object('error', s.cause)" \
 	"                 ELSE '{}'::pg_catalog.jsonb END" \
-	"       END," \
-	"       s.wake_at, ws.schedule_to_close, s.attempt_base, s.started_at," \
-	"       s.attempt_started_at, s.worker, ws.circuit, c.state, c.failures," \
-	"       c.opened_at + c.cooldown, ws.schedule_to_start, s.phase, ws.idempotent," \
-	"       ws.verify::pg_catalog.oid, ws.verify_name, ws.compensate::pg_catalog.oid," \
-	"       ws.compensate_name, ws.on_error, ws.routes, ws.route_target, s.compensations," \
-	"       s.lease_token"
+	"       END"
 
 /*
  * The steps (first: how they are found), then for each its run, definition
@@ -270,12 +278,12 @@ static const char *const plan_sql[P_COUNT] = {
 
 	/* a task by its lease token, for its worker's verdict */
 	[P_TASK_BY_TOKEN] =
-	STEP_SELECT(STEPS_BY("ARRAY[$1]", "lease_token"))
+	VERDICT_SELECT(STEPS_BY("ARRAY[$1]", "lease_token"))
 	" FOR UPDATE OF s, r",
 
 	/* tasks by their lease tokens (sorted by the caller: one locking order) */
 	[P_TASKS_BY_TOKENS] =
-	STEP_SELECT(STEPS_BY("$1", "lease_token"))
+	VERDICT_SELECT(STEPS_BY("$1", "lease_token"))
 	" FOR UPDATE OF s, r",
 
 	/*
@@ -676,7 +684,8 @@ get_plan(int which)
  * knows nothing of the tables (a new installation, before ANALYZE): with
  * default settings a plan made then sorts every due step for each claim.
  * Applied like a function's SET clause, around each statement only, so step
- * functions plan as usual.
+ * functions plan as usual; a task claim or verdict, which runs no code of
+ * its callers, applies them once around all its statements.
  */
 static const char *const engine_planner_settings[][2] = {
 	{"enable_seqscan", "off"}, {"enable_bitmapscan", "off"}, {"enable_hashjoin", "off"},
@@ -693,12 +702,20 @@ static const char *const engine_planner_settings[][2] = {
 	{"jit", "off"}
 };
 
-/* Run a saved statement; nulls are given as a string of ' ' and 'n'. */
-static int
-exec_plan(int which, Datum *values, const char *nulls, int expected)
+/*
+ * The GUC nest level of the planner settings while a task verdict holds
+ * them for all its statements (no user code runs in between), else 0.
+ */
+static int	settings_nest_level = 0;
+
+/*
+ * Apply the planner settings; returns the GUC nest level to restore with
+ * AtEOXact_GUC(true, level).  An error restores them by itself.
+ */
+int
+orch_planner_settings_push(void)
 {
 	int			nest_level = NewGUCNestLevel();
-	int			rc;
 
 	for (int i = 0; i < (int) lengthof(engine_planner_settings); i++)
 	{
@@ -706,8 +723,24 @@ exec_plan(int which, Datum *values, const char *nulls, int expected)
 								 PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
 	}
-	rc = SPI_execute_plan(get_plan(which), values, nulls, false, 0);
-	AtEOXact_GUC(true, nest_level);
+	return nest_level;
+}
+
+/* Run a saved statement; nulls are given as a string of ' ' and 'n'. */
+static int
+exec_plan(int which, Datum *values, const char *nulls, int expected)
+{
+	int			rc;
+
+	if (settings_nest_level > 0)
+		rc = SPI_execute_plan(get_plan(which), values, nulls, false, 0);
+	else
+	{
+		int			nest_level = orch_planner_settings_push();
+
+		rc = SPI_execute_plan(get_plan(which), values, nulls, false, 0);
+		AtEOXact_GUC(true, nest_level);
+	}
 
 	if (rc != expected)
 		elog(ERROR, "orchestrator statement %d failed: %s", which, SPI_result_code_string(rc));
@@ -1930,6 +1963,7 @@ batch_end(void)
 {
 	batch_cxt = NULL;
 	rows_cxt = NULL;
+	settings_nest_level = 0;	/* an error restores the settings itself */
 	failed_runs = NIL;
 	opened_circuits = NIL;
 	buffers_reset();
@@ -2149,10 +2183,11 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 	{
 		ClaimedStep *steps;
 		ClaimedStep *s;
-		int			n = fetch_steps(P_TASK_BY_TOKEN, &token, cxt, &steps);
-
+		int			n;
 		char	   *invalid;
 
+		settings_nest_level = orch_planner_settings_push();
+		n = fetch_steps(P_TASK_BY_TOKEN, &token, cxt, &steps);
 		s = n > 0 ? &steps[0] : NULL;
 		invalid = s != NULL ? lease_invalid(s, now) : NULL;
 		if (s == NULL || invalid != NULL)
@@ -2184,6 +2219,7 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 			handle_failure(s, s->attempt, s->attempt_started_at, &e, error_class, now, &result);
 		}
 		flush_all(now, &result);
+		AtEOXact_GUC(true, settings_nest_level);
 	}
 	PG_FINALLY();
 	{
@@ -2252,6 +2288,7 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 		int			ndistinct = 0;
 		Datum		distinct_array;
 
+		settings_nest_level = orch_planner_settings_push();
 		for (int i = 0; i < n; i++)
 		{
 			all[i].token = tokens[i];
@@ -2303,6 +2340,7 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 				why[all[i].pos] = "The same token came earlier in this call.";
 		}
 		flush_all(now, &result);
+		AtEOXact_GUC(true, settings_nest_level);
 	}
 	PG_FINALLY();
 	{
