@@ -10,12 +10,13 @@
 EXTENSION    = orchestrator
 MODULE_big   = orchestrator
 OBJS         = src/orchestrator.o src/shmem.o src/wakeup.o src/launcher.o \
-               src/engine.o src/steps.o src/api_wait.o src/api_tasks.o
+               src/engine.o src/steps.o src/api_wait.o src/api_tasks.o \
+               src/audit.o src/audit_seal.o
 DATA         = orchestrator--0.1.0.sql
 PG_CPPFLAGS  = -I$(srcdir)/src
 PG_CFLAGS    = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
 
-REGRESS      = setup define_workflow runs engine retry tasks circuits routing quarantine
+REGRESS      = setup define_workflow runs engine retry tasks circuits routing quarantine audit
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=$(srcdir)/test/regress.conf
 
 ISOLATION      = start_run_idempotency claim_race cancel_vs_complete task_lease cancel_vs_failure complete_tasks
@@ -34,6 +35,7 @@ include $(PGXS)
 
 # PGXS tracks no header dependencies: every object depends on the shared header.
 $(OBJS): src/orchestrator.h
+src/audit.o src/audit_seal.o src/orchestrator.o src/engine.o src/steps.o: src/audit.h
 
 .PHONY: test demo bench
 test:

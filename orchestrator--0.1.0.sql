@@ -1565,6 +1565,286 @@ CREATE VIEW orch.engine_workers AS
 	  LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database;
 
 /* ------------------------------------------------------------------------
+ * The audit trail (docs/audit.md)
+ * ------------------------------------------------------------------------ */
+
+-- One row per row changed in an audited table (and per audit event): who,
+-- what, when and why, and the SHA-256 of the row's canonical encoding.
+-- Append-only; the sealer chains finished rows into orch.audit_blocks.
+CREATE TABLE orch.audit_log (
+	audit_id		bigint		GENERATED ALWAYS AS IDENTITY (CACHE 64),
+	xid				xid8		NOT NULL,	-- the writing (top-level) transaction
+	at				timestamptz	NOT NULL,
+	table_name		text		NOT NULL,	-- schema-qualified
+	operation		text		NOT NULL,	-- INSERT UPDATE DELETE TRUNCATE, or an event
+	row_key			jsonb,					-- the primary key's columns
+	old_row			jsonb,					-- DELETE: the row; UPDATE: the changed columns before
+	new_row			jsonb,					-- INSERT: the row; UPDATE: the changed columns after
+	actor			text,					-- the application's actor
+	db_user			text		NOT NULL,	-- current_user
+	session_role	text		NOT NULL,	-- session_user
+	run_id			uuid,
+	step_id			bigint,
+	reason			text,
+	row_hash		bytea		NOT NULL,
+	-- the order in which the sealer takes rows: transaction, then id
+	PRIMARY KEY (xid, audit_id)
+);
+CREATE INDEX audit_log_run ON orch.audit_log (run_id) WHERE run_id IS NOT NULL;
+
+-- A block seals the rows of the transactions with xid_from <= xid < xid_to,
+-- all of which had ended when it was sealed.
+CREATE TABLE orch.audit_blocks (
+	block_id		bigint		PRIMARY KEY,
+	xid_from		xid8		NOT NULL,
+	xid_to			xid8		NOT NULL,
+	sealed_at		timestamptz	NOT NULL,
+	n_rows			bigint		NOT NULL,
+	audit_ids		bigint[]	NOT NULL,	-- the rows, in (xid, audit_id) order
+	leaves			bytea		NOT NULL,	-- their hashes, 32 bytes each, in that order
+	merkle_root		bytea		NOT NULL,	-- RFC 6962 over the leaves
+	system_identifier numeric	NOT NULL,	-- the cluster's, as pg_control_system() shows it
+	timeline		int			NOT NULL,
+	prev_hash		bytea		NOT NULL,	-- the block before's block_hash; 32 zero bytes for block 1
+	block_hash		bytea		NOT NULL
+);
+CREATE INDEX audit_blocks_xid ON orch.audit_blocks (xid_to);
+
+CREATE FUNCTION orch._audit() RETURNS trigger
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'orch_audit_trigger';
+
+CREATE FUNCTION orch._audit_append_only() RETURNS trigger
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'orch_audit_append_only';
+
+CREATE FUNCTION orch._audit_event(table_name text, operation text, detail jsonb) RETURNS void
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'orch_audit_event';
+
+-- UPDATE, DELETE and TRUNCATE of the audit tables are refused for every
+-- role, whatever session_replication_role says.
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON orch.audit_log
+	FOR EACH STATEMENT EXECUTE FUNCTION orch._audit_append_only();
+ALTER TABLE orch.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
+CREATE TRIGGER audit_blocks_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON orch.audit_blocks
+	FOR EACH STATEMENT EXECUTE FUNCTION orch._audit_append_only();
+ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
+
+-- The audit triggers of a table: one per operation, since a trigger with
+-- transition tables serves one event; they fire ALWAYS.
+CREATE FUNCTION orch._create_audit_triggers(tbl regclass, own boolean) RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	arg text := CASE WHEN own THEN '''own''' ELSE '' END;
+BEGIN
+	EXECUTE format('CREATE TRIGGER orch_audit_insert AFTER INSERT ON %s'
+				   ' REFERENCING NEW TABLE AS orch_audit_new'
+				   ' FOR EACH STATEMENT EXECUTE FUNCTION orch._audit(%s)', tbl, arg);
+	EXECUTE format('CREATE TRIGGER orch_audit_update AFTER UPDATE ON %s'
+				   ' REFERENCING OLD TABLE AS orch_audit_old NEW TABLE AS orch_audit_new'
+				   ' FOR EACH STATEMENT EXECUTE FUNCTION orch._audit(%s)', tbl, arg);
+	EXECUTE format('CREATE TRIGGER orch_audit_delete AFTER DELETE ON %s'
+				   ' REFERENCING OLD TABLE AS orch_audit_old'
+				   ' FOR EACH STATEMENT EXECUTE FUNCTION orch._audit(%s)', tbl, arg);
+	EXECUTE format('CREATE TRIGGER orch_audit_truncate AFTER TRUNCATE ON %s'
+				   ' FOR EACH STATEMENT EXECUTE FUNCTION orch._audit(%s)', tbl, arg);
+	EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER orch_audit_insert,'
+				   ' ENABLE ALWAYS TRIGGER orch_audit_update, ENABLE ALWAYS TRIGGER orch_audit_delete,'
+				   ' ENABLE ALWAYS TRIGGER orch_audit_truncate', tbl);
+END
+$$;
+
+-- The orchestrator's own tables are always audited.
+SELECT orch._create_audit_triggers(t, true)
+  FROM unnest(ARRAY['orch.workflows', 'orch.workflow_steps', 'orch.retry_policies',
+					'orch.queues', 'orch.circuits', 'orch.runs', 'orch.steps',
+					'orch.attempts']::regclass[]) t;
+
+-- A table's schema-qualified name, as audit rows name it.
+CREATE FUNCTION orch._table_name(tbl regclass) RETURNS text
+	LANGUAGE sql STABLE
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT format('%I.%I', n.nspname, c.relname)
+	  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+	 WHERE c.oid = tbl
+$$;
+
+-- Is the table given to orch.enable_audit or orch.disable_audit one whose
+-- audit the caller may change?  Raises if not.
+CREATE FUNCTION orch._check_audit_target(tbl regclass, what text) RETURNS void
+	LANGUAGE plpgsql STABLE
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	c record;
+BEGIN
+	SELECT r.relkind, n.nspname INTO c
+	  FROM pg_catalog.pg_class r JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
+	 WHERE r.oid = tbl;
+	IF c.nspname = 'orch' THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('%s is one of the orchestrator''s own tables, which are always audited',
+							 orch._table_name(tbl));
+	END IF;
+	IF c.relkind NOT IN ('r', 'p') THEN
+		RAISE EXCEPTION USING ERRCODE = 'wrong_object_type',
+			MESSAGE = format('cannot %s the audit of %s: it is not a table', what, orch._table_name(tbl)),
+			HINT = 'Only tables (plain or partitioned) are audited.';
+	END IF;
+	IF NOT pg_catalog.has_table_privilege(orch._caller(), tbl, 'TRIGGER') THEN
+		RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+			MESSAGE = format('permission denied to %s the audit of %s', what, orch._table_name(tbl)),
+			HINT = 'It takes the TRIGGER privilege on the table.';
+	END IF;
+END
+$$;
+
+-- Audit a business table: every INSERT, UPDATE, DELETE and TRUNCATE of it
+-- from now on is recorded; a change made by a sql step carries the step.
+CREATE FUNCTION orch.enable_audit(tbl regclass) RETURNS boolean
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	pk text[];
+BEGIN
+	PERFORM orch._check_audit_target(tbl, 'enable');
+	IF EXISTS (SELECT FROM pg_catalog.pg_trigger
+				WHERE tgrelid = tbl AND tgname = 'orch_audit_insert') THEN
+		RETURN false;	-- already audited
+	END IF;
+	SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.i) INTO pk
+	  FROM pg_catalog.pg_index x
+	  CROSS JOIN LATERAL pg_catalog.unnest(x.indkey) WITH ORDINALITY AS k(attnum, i)
+	  JOIN pg_catalog.pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
+	 WHERE x.indrelid = tbl AND x.indisprimary;
+	IF pk IS NULL THEN
+		RAISE WARNING '% has no primary key: its audit rows will have no row_key',
+			orch._table_name(tbl)
+			USING HINT = 'Without a key, the changes of a row can be told apart only by their old and new values.';
+	END IF;
+	PERFORM orch._create_audit_triggers(tbl, false);
+	PERFORM orch._audit_event(orch._table_name(tbl), 'ENABLE_AUDIT',
+							  pg_catalog.jsonb_build_object('primary_key', pk));
+	RETURN true;
+END
+$$;
+
+-- Stop auditing a business table; the stop is itself recorded.
+CREATE FUNCTION orch.disable_audit(tbl regclass) RETURNS boolean
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM orch._check_audit_target(tbl, 'disable');
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger
+					WHERE tgrelid = tbl AND tgname = 'orch_audit_insert') THEN
+		RETURN false;	-- not audited
+	END IF;
+	EXECUTE format('DROP TRIGGER orch_audit_insert ON %1$s; DROP TRIGGER orch_audit_update ON %1$s;'
+				   ' DROP TRIGGER orch_audit_delete ON %1$s; DROP TRIGGER orch_audit_truncate ON %1$s',
+				   tbl);
+	PERFORM orch._audit_event(orch._table_name(tbl), 'DISABLE_AUDIT', NULL);
+	RETURN true;
+END
+$$;
+
+-- The application's actor and reason for the changes of this transaction.
+CREATE FUNCTION orch.set_audit_context(actor text, reason text DEFAULT NULL) RETURNS void
+	LANGUAGE sql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT pg_catalog.set_config('orchestrator.audit_actor', COALESCE(actor, ''), true),
+		   pg_catalog.set_config('orchestrator.audit_reason', COALESCE(reason, ''), true);
+$$;
+
+CREATE FUNCTION orch.seal_audit(heartbeat boolean DEFAULT false) RETURNS bigint
+	LANGUAGE c STRICT
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_seal_audit';
+
+CREATE FUNCTION orch.verify_audit(digest jsonb DEFAULT NULL,
+								  OUT block_id bigint, OUT audit_id bigint, OUT finding text,
+								  OUT detail text)
+	RETURNS SETOF record
+	LANGUAGE c
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_verify_audit';
+
+CREATE FUNCTION orch.verify_run(run_id uuid,
+								OUT block_id bigint, OUT audit_id bigint, OUT finding text,
+								OUT detail text)
+	RETURNS SETOF record
+	LANGUAGE c STRICT
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_verify_run';
+
+CREATE FUNCTION orch.purge_audit(before timestamptz) RETURNS bigint
+	LANGUAGE c STRICT
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_purge_audit';
+
+-- The latest block, to keep outside the database: verify_audit(digest)
+-- then tells whether the chain still holds that block unchanged.
+CREATE FUNCTION orch.audit_digest() RETURNS jsonb
+	LANGUAGE sql STABLE
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT pg_catalog.jsonb_build_object(
+			 'database', pg_catalog.current_database(),
+			 'system_identifier', b.system_identifier::text,
+			 'timeline', b.timeline,
+			 'block_id', b.block_id,
+			 'xid_to', b.xid_to::text,
+			 'sealed_at', pg_catalog.to_char(b.sealed_at AT TIME ZONE 'UTC',
+											  'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+			 'block_hash', pg_catalog.encode(b.block_hash, 'hex'))
+	  FROM orch.audit_blocks b
+	 ORDER BY b.block_id DESC
+	 LIMIT 1
+$$;
+
+-- One row per audited change or event, who/what/when/why flattened, with
+-- the block that sealed it (NULL until sealed).
+CREATE VIEW orch.audit_events AS
+	SELECT l.audit_id, l.at, l.xid, l.table_name, l.operation, l.row_key,
+		   CASE WHEN l.operation = 'UPDATE'
+				THEN ARRAY(SELECT pg_catalog.jsonb_object_keys(l.new_row) ORDER BY 1) END
+			 AS changed_columns,
+		   l.old_row, l.new_row, l.actor, l.db_user, l.session_role, l.run_id, l.step_id,
+		   l.reason, b.block_id
+	  FROM orch.audit_log l
+	  LEFT JOIN LATERAL (SELECT b0.block_id FROM orch.audit_blocks b0
+						  WHERE b0.xid_to > l.xid AND b0.xid_from <= l.xid
+						  ORDER BY b0.xid_to LIMIT 1) b ON true;
+
+-- How far sealing has got: the last block, and the oldest row not sealed.
+CREATE VIEW orch.audit_seal_status AS
+	SELECT b.block_id AS last_block, b.sealed_at AS last_sealed_at,
+		   b.xid_to AS sealed_below_xid, u.unsealed_rows, u.oldest_unsealed_at,
+		   pg_catalog.now() - u.oldest_unsealed_at AS seal_lag
+	  FROM (SELECT NULL) dummy
+	  LEFT JOIN LATERAL (SELECT * FROM orch.audit_blocks ORDER BY block_id DESC LIMIT 1) b ON true
+	  CROSS JOIN LATERAL (
+		SELECT pg_catalog.count(*) AS unsealed_rows, pg_catalog.min(l.at) AS oldest_unsealed_at
+		  FROM orch.audit_log l
+		 WHERE l.xid >= COALESCE(b.xid_to, '0'::xid8)) u;
+
+SELECT pg_catalog.pg_extension_config_dump('orch.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.audit_blocks', '');
+
+/* ------------------------------------------------------------------------
  * Privileges
  * ------------------------------------------------------------------------ */
 REVOKE ALL ON ALL TABLES IN SCHEMA orch FROM PUBLIC;
@@ -1585,6 +1865,12 @@ GRANT EXECUTE ON FUNCTION orch.claim_tasks(text, text, int, interval, interval),
 	orch.heartbeat_task(uuid, jsonb), orch.complete_task(uuid, jsonb),
 	orch.complete_tasks(uuid[], jsonb[]), orch.fail_task(uuid, text, text, text) TO orch_worker;
 GRANT EXECUTE ON FUNCTION orch._engine_workers() TO orch_reader;
+GRANT SELECT ON orch.audit_events, orch.audit_blocks, orch.audit_seal_status TO orch_reader;
+GRANT EXECUTE ON FUNCTION orch.verify_audit(jsonb), orch.verify_run(uuid),
+	orch.audit_digest() TO orch_reader;
+GRANT EXECUTE ON FUNCTION orch.enable_audit(regclass), orch.disable_audit(regclass),
+	orch.seal_audit(boolean), orch.purge_audit(timestamptz) TO orch_admin;
+GRANT EXECUTE ON FUNCTION orch.set_audit_context(text, text) TO PUBLIC;
 
 -- Let the launcher start this database's engine as soon as we commit.
 SELECT orch._launcher_wake_on_commit();

@@ -28,6 +28,7 @@
 #include "utils/snapmgr.h"
 
 #include "orchestrator.h"
+#include "audit.h"
 
 /*
  * How soon to look again at due steps that a batch skipped because another
@@ -241,6 +242,45 @@ run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_c
 	return true;
 }
 
+/*
+ * Seal the audit trail (audit_seal.c), in a transaction of its own; the
+ * first engine worker of each database does it every
+ * orchestrator.audit_seal_interval.  An error is logged, and sealing is
+ * tried again at the next interval: nothing is lost, rows wait unsealed.
+ */
+static void
+seal_audit_trail(MemoryContext loop_cxt)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pgstat_report_activity(STATE_RUNNING, "orchestrator: sealing the audit trail");
+		MemoryContextSwitchTo(loop_cxt);
+		(void) orch_audit_seal(true);
+		MemoryContextSwitchTo(oldcxt);
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+		pgstat_report_activity(STATE_IDLE, NULL);
+		MemoryContextReset(loop_cxt);
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(oldcxt);
+		EmitErrorReport();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextReset(loop_cxt);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		RESUME_INTERRUPTS();
+	}
+	PG_END_TRY();
+}
+
 void
 orch_engine_main(Datum main_arg)
 {
@@ -248,6 +288,8 @@ orch_engine_main(Datum main_arg)
 	bool		present;
 	MemoryContext loop_cxt;
 	char		worker_name[64];
+	bool		sealer;
+	TimestampTz next_seal_at = 0;
 
 	my_slotno = DatumGetInt32(main_arg);
 
@@ -281,6 +323,7 @@ orch_engine_main(Datum main_arg)
 	OrchShared->slots[my_slotno].started_at = GetCurrentTimestamp();
 	SpinLockRelease(&OrchShared->mutex);
 
+	sealer = OrchShared->slots[my_slotno].worker_index == 0;
 	snprintf(worker_name, sizeof(worker_name), "engine:%d", MyProcPid);
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "orchestrator engine batch",
 									 ALLOCSET_DEFAULT_SIZES);
@@ -304,6 +347,12 @@ orch_engine_main(Datum main_arg)
 			/* the batch failed and was rolled back; see run_batch */
 			continue;
 		}
+		if (orch_enabled && sealer && GetCurrentTimestamp() >= next_seal_at)
+		{
+			seal_audit_trail(loop_cxt);
+			next_seal_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   orch_audit_seal_interval_ms);
+		}
 		if (orch_enabled)
 		{
 			if (result.runs_finished > 0)
@@ -326,6 +375,8 @@ orch_engine_main(Datum main_arg)
 				until_next = LOCKED_RETRY_MS;
 			sleep_ms = Min(sleep_ms, until_next);
 		}
+		if (orch_enabled && sealer)
+			sleep_ms = Min(sleep_ms, Max((long) ((next_seal_at - GetCurrentTimestamp()) / 1000) + 1, 1));
 		if (sleep_ms > 0)
 		{
 			TimestampTz now = GetCurrentTimestamp();

@@ -16,6 +16,7 @@
 #include "utils/guc.h"
 
 #include "orchestrator.h"
+#include "audit.h"
 
 PG_MODULE_MAGIC;
 
@@ -129,6 +130,24 @@ _PG_init(void)
 							"How often the launcher looks for databases that gained the extension.",
 							NULL,
 							&orch_launcher_naptime_s, 10, 1, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomStringVariable("orchestrator.audit_actor",
+							   "The application's actor, recorded with every audited change.",
+							   "Usually set for one transaction, with orch.set_audit_context().",
+							   &orch_audit_actor, "", PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("orchestrator.audit_reason",
+							   "Why the changes are made, recorded with every audited change.",
+							   "Usually set for one transaction, with orch.set_audit_context().",
+							   &orch_audit_reason, "", PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("orchestrator.audit_seal_interval",
+							"How often the engine seals finished audit rows into a block.",
+							NULL,
+							&orch_audit_seal_interval_ms, 500, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("orchestrator.audit_heartbeat",
+							"How often the engine seals an empty block when there is nothing to seal.",
+							"Empty blocks show that sealing is alive.",
+							&orch_audit_heartbeat_s, 60, 1, 86400,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	MarkGUCPrefixReserved("orchestrator");
 

@@ -49,6 +49,7 @@
 #include "utils/uuid.h"
 
 #include "orchestrator.h"
+#include "audit.h"
 
 /* A claimed step, copied out of SPI memory. */
 typedef struct ClaimedStep
@@ -888,6 +889,7 @@ run_in_subxact(StepCallback cb, ClaimedStep *s, void *arg, Datum *result, ErrorD
 		/* a step that failed before its timeout must not leave it armed */
 		if (get_timeout_active(STATEMENT_TIMEOUT))
 			disable_timeout(STATEMENT_TIMEOUT, false);
+		orch_audit_clear_step();
 		MemoryContextSwitchTo(oldcxt);
 		*edata = CopyErrorData();
 		FlushErrorState();
@@ -1021,7 +1023,10 @@ call_step_function(ClaimedStep *s, void *arg)
 	InitFunctionCallInfoData(*fcinfo, &flinfo, 1, InvalidOid, NULL, NULL);
 	fcinfo->args[0].value = s->ctx;
 	fcinfo->args[0].isnull = false;
+	/* the business-table changes it makes are audited with this step */
+	orch_audit_set_step(s->run_id, s->step_id);
 	result = FunctionCallInvoke(fcinfo);
+	orch_audit_clear_step();
 	if (fcinfo->isnull)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),

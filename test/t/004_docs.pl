@@ -44,6 +44,15 @@ is($node->safe_psql('api_md', q{
 is($node->safe_psql('api_md', 'SELECT count(*) FROM shop.refunds WHERE order_id = 7'), '1',
 	'the refund was written once');
 
+# What the audit.md examples promise.
+is($node->safe_psql('audit_md', 'SELECT count(*) FROM orch.verify_audit()'), '0',
+	'the audit trail of the examples verifies');
+is($node->safe_psql('audit_md', q{
+	SELECT string_agg(e.operation || ':' || s.name, ',')
+	  FROM orch.audit_events e JOIN orch.steps s ON s.step_id = e.step_id
+	 WHERE e.table_name = 'bank.accounts'}),
+	'UPDATE:pay', 'the step\'s change to the business table carries the step');
+
 # What the workflows.md trip example promises.
 is($node->safe_psql('workflows_md', q{
 	SELECT string_agg(status::text, ',' ORDER BY created_at) FROM orch.runs}),

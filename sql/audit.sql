@@ -1,0 +1,138 @@
+-- The audit trail: the trigger, context capture, append-only refusals,
+-- enable/disable, sealing and verification.
+\set SHOW_CONTEXT never
+
+CREATE TABLE app.accounts (id int PRIMARY KEY, owner text, balance numeric,
+						   opened_at timestamptz, tags text[]);
+
+-- The last audit rows of a table, in the order this session wrote them.
+CREATE FUNCTION app.audit_of(tbl text, n int DEFAULT 20)
+RETURNS TABLE (operation text, row_key jsonb, old_row jsonb, new_row jsonb, actor text,
+			   reason text, db_user text, with_run boolean, with_step boolean)
+LANGUAGE sql AS $$
+	SELECT operation, row_key, old_row, new_row, actor, reason, db_user,
+		   run_id IS NOT NULL, step_id IS NOT NULL
+	  FROM (SELECT * FROM orch.audit_log WHERE table_name = tbl ORDER BY audit_id DESC LIMIT n) l
+	 ORDER BY audit_id
+$$;
+
+-- Enabling the audit of a table is itself recorded.
+SELECT orch.enable_audit('app.accounts');
+SELECT orch.enable_audit('app.accounts') AS again;
+
+-- The application names its actor and reason for one transaction.  Values
+-- are rendered the same whatever the session's settings: timestamps in UTC.
+SET TimeZone = 'America/New_York';
+SET DateStyle = 'SQL, DMY';
+BEGIN;
+SELECT orch.set_audit_context('alice@example.com', 'ticket 4711: open accounts');
+INSERT INTO app.accounts VALUES
+	(1, 'Ada', 100.50, '2026-01-02 03:04:05.678901+01', '{vip}'),
+	(2, 'Bob', 20, NULL, '{}');
+COMMIT;
+RESET TimeZone;
+RESET DateStyle;
+
+-- An UPDATE records the columns it changed, before and after; the context
+-- was for that transaction only.
+UPDATE app.accounts SET balance = balance + 1, tags = '{vip,gold}' WHERE id = 1;
+UPDATE app.accounts SET owner = owner WHERE id = 2;
+DELETE FROM app.accounts WHERE id = 2;
+SELECT * FROM app.audit_of('app.accounts');
+
+-- A change a sql step makes carries its run and step, with no work by the
+-- step's author; the orchestrator's own rows carry them from their columns.
+CREATE FUNCTION app.credit(ctx jsonb) RETURNS jsonb LANGUAGE sql AS $$
+	UPDATE app.accounts SET balance = balance + (ctx->'input'->>'amount')::numeric WHERE id = 1;
+	SELECT '{"credited": true}'::jsonb
+$$;
+SELECT orch.define_workflow('credit', '{"steps": [{"name": "credit", "kind": "sql", "function": "app.credit"}]}');
+SELECT orch.start_run('credit', '{"amount": 5}') AS credit_run \gset
+SELECT orch.wait_run(:'credit_run');
+SELECT l.operation, l.old_row, l.new_row, l.run_id = :'credit_run' AS its_run,
+	   l.step_id = s.step_id AS its_step
+  FROM orch.audit_log l JOIN orch.steps s ON s.run_id = :'credit_run' AND s.name = 'credit'
+ WHERE l.table_name = 'app.accounts' AND l.operation = 'UPDATE' AND l.run_id IS NOT NULL;
+SELECT table_name, operation, count(*) AS rows, bool_and(run_id = :'credit_run') AS of_the_run
+  FROM orch.audit_log
+ WHERE run_id = :'credit_run'
+ GROUP BY 1, 2 ORDER BY 1, 2;
+
+-- TRUNCATE of an audited table is recorded as one event.
+CREATE TABLE app.scratch (k int PRIMARY KEY);
+SELECT orch.enable_audit('app.scratch');
+INSERT INTO app.scratch SELECT generate_series(1, 3);
+TRUNCATE app.scratch;
+SELECT operation, row_key FROM app.audit_of('app.scratch');
+
+-- Disabling is recorded too; later changes are not.
+SELECT orch.disable_audit('app.scratch');
+INSERT INTO app.scratch VALUES (4);
+SELECT operation, row_key, new_row FROM app.audit_of('app.scratch', 2);
+SELECT orch.disable_audit('app.scratch') AS again;
+
+-- Bad calls.
+CREATE VIEW app.accounts_view AS SELECT * FROM app.accounts;
+CREATE TABLE app.no_key (v text);
+CREATE ROLE audit_stranger;
+GRANT orch_admin TO audit_stranger;
+SELECT app.show_error($$SELECT orch.enable_audit('orch.runs')$$);
+SELECT app.show_error($$SELECT orch.enable_audit('app.accounts_view')$$);
+SELECT app.show_error($$SELECT orch.enable_audit('app.missing')$$);
+SET ROLE audit_stranger;
+SELECT app.show_error($$SELECT orch.disable_audit('app.accounts')$$);
+RESET ROLE;
+SELECT orch.enable_audit('app.no_key');
+INSERT INTO app.no_key VALUES ('x');
+SELECT operation, row_key, new_row FROM app.audit_of('app.no_key', 1);
+
+-- The audit tables are append-only, for their owner and superusers too.
+SELECT app.show_error($$UPDATE orch.audit_log SET reason = 'rewritten'$$);
+SELECT app.show_error($$DELETE FROM orch.audit_log$$);
+SELECT app.show_error($$TRUNCATE orch.audit_log$$);
+SELECT app.show_error($$DELETE FROM orch.audit_blocks$$);
+SET session_replication_role = replica;
+SELECT app.show_error($$DELETE FROM orch.audit_log$$);
+RESET session_replication_role;
+-- Nobody but the trigger writes to them.
+SET ROLE audit_stranger;
+SELECT app.show_error($$INSERT INTO orch.audit_log (xid, at, table_name, operation, db_user, session_role, row_hash)
+						VALUES ('1', now(), 'x', 'INSERT', 'x', 'x', '\x00')$$);
+RESET ROLE;
+
+-- Sealing takes every row of the transactions that have ended; the chain
+-- then verifies, and so does the run.
+SELECT orch.seal_audit() >= 0 AS sealed;
+SELECT last_block >= 1 AS has_blocks, unsealed_rows, seal_lag FROM orch.audit_seal_status;
+SELECT count(*) AS findings FROM orch.verify_audit();
+SELECT count(*) AS findings FROM orch.verify_run(:'credit_run');
+SELECT array(SELECT jsonb_object_keys(orch.audit_digest()) ORDER BY 1) AS digest_keys;
+SELECT count(*) AS findings FROM orch.verify_audit(orch.audit_digest());
+-- With nothing to seal, a heartbeat asked for is an empty block.
+SELECT orch.seal_audit(heartbeat => true) AS sealed_rows;
+SELECT n_rows, xid_from = xid_to AS covers_nothing
+  FROM orch.audit_blocks ORDER BY block_id DESC LIMIT 1;
+SELECT app.show_error($$SELECT count(*) FROM orch.verify_audit('{"block_id": 1}')$$);
+
+-- The BI view: one row per event, the block that sealed it.
+SELECT operation, changed_columns, actor, block_id IS NOT NULL AS sealed
+  FROM orch.audit_events
+ WHERE table_name = 'app.accounts' ORDER BY audit_id;
+
+-- A purge removes whole sealed ranges, keeps their blocks, and is recorded;
+-- the chain still verifies.
+SELECT orch.purge_audit(now() + interval '1 minute') > 0 AS purged;
+SELECT operation, new_row ? 'purged_through_block' AS says_how_far
+  FROM orch.audit_log WHERE table_name = 'orch.audit_log';
+SELECT count(*) AS rows_left_in_purged_blocks
+  FROM orch.audit_log l
+ WHERE l.xid < (SELECT b.xid_to FROM orch.audit_blocks b
+				 WHERE b.block_id = (SELECT (p.new_row->>'purged_through_block')::bigint
+									   FROM orch.audit_log p WHERE p.operation = 'PURGE'));
+SELECT orch.seal_audit() >= 0 AS sealed;
+SELECT block_id IS NOT NULL AS purge_sealed FROM orch.audit_events WHERE operation = 'PURGE';
+SELECT count(*) AS findings FROM orch.verify_audit();
+
+SELECT orch.disable_audit('app.accounts');
+SELECT orch.disable_audit('app.no_key');
+DROP ROLE audit_stranger;

@@ -1,0 +1,947 @@
+/*-------------------------------------------------------------------------
+ * audit_seal.c
+ *	  Sealing the audit trail into a chain of blocks, and verifying it.
+ *
+ *	  Every transaction id below a snapshot's xmin has ended, so the audit
+ *	  rows of those transactions can no longer change: the sealer takes the
+ *	  rows with xid in [previous block's xid_to, xmin), orders them by (xid,
+ *	  audit_id), and stores a block with their ids, their hashes (the Merkle
+ *	  tree's leaves), the Merkle root, the database's identity and the hash
+ *	  of the previous block.  Writers never wait for it, nor it for them.
+ *
+ *	  Verification recomputes every row's hash from its values, every
+ *	  block's Merkle root and hash, and follows the chain; each finding
+ *	  names the block and the row.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/transam.h"
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/lmgr.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/snapmgr.h"
+#include "utils/uuid.h"
+#include "utils/xid8.h"
+
+#include "orchestrator.h"
+#include "audit.h"
+
+int			orch_audit_seal_interval_ms = 500;
+int			orch_audit_heartbeat_s = 60;
+
+/* the most rows a block takes, unless one transaction wrote more */
+#define MAX_BLOCK_ROWS		100000
+/* rows fetched at a time while sealing or verifying */
+#define FETCH_ROWS			10000
+
+static Oid
+orch_relid(const char *name)
+{
+	Oid			relid = get_relname_relid(name, get_namespace_oid("orch", false));
+
+	if (!OidIsValid(relid))
+		elog(ERROR, "orch.%s is missing", name);
+	return relid;
+}
+
+static bytea *
+hash_bytea(const uint8 *h)
+{
+	bytea	   *b = palloc(VARHDRSZ + ORCH_HASH_LEN);
+
+	SET_VARSIZE(b, VARHDRSZ + ORCH_HASH_LEN);
+	memcpy(VARDATA(b), h, ORCH_HASH_LEN);
+	return b;
+}
+
+/* A stored hash: exactly 32 bytes, else false. */
+static bool
+get_hash(Datum d, uint8 *out)
+{
+	bytea	   *b = DatumGetByteaPP(d);
+
+	if (VARSIZE_ANY_EXHDR(b) != ORCH_HASH_LEN)
+		return false;
+	memcpy(out, VARDATA_ANY(b), ORCH_HASH_LEN);
+	return true;
+}
+
+static char *
+hex(const uint8 *h)
+{
+	static const char digits[] = "0123456789abcdef";
+	char	   *s = palloc(2 * ORCH_HASH_LEN + 1);
+
+	for (int i = 0; i < ORCH_HASH_LEN; i++)
+	{
+		s[2 * i] = digits[h[i] >> 4];
+		s[2 * i + 1] = digits[h[i] & 15];
+	}
+	s[2 * ORCH_HASH_LEN] = '\0';
+	return s;
+}
+
+static uint64
+xid8_value(Datum d)
+{
+	return U64FromFullTransactionId(DatumGetFullTransactionId(d));
+}
+
+/* ------------------------------------------------------------------------
+ * Sealing
+ * ------------------------------------------------------------------------ */
+
+#define LAST_BLOCK_SQL \
+	"SELECT block_id, xid_to, block_hash, sealed_at FROM orch.audit_blocks" \
+	" ORDER BY block_id DESC LIMIT 1"
+
+#define HORIZON_SQL "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())"
+
+#define ROWS_TO_SEAL_SQL \
+	"SELECT audit_id, xid, row_hash FROM orch.audit_log" \
+	" WHERE xid >= $1 AND xid < $2 ORDER BY xid, audit_id"
+
+#define INSERT_BLOCK_SQL \
+	"INSERT INTO orch.audit_blocks (block_id, xid_from, xid_to, sealed_at, n_rows, audit_ids," \
+	"                               leaves, merkle_root, system_identifier, timeline," \
+	"                               prev_hash, block_hash)" \
+	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+
+/*
+ * Seal the audit rows of every transaction that has ended since the last
+ * block into a new block; with heartbeat_due, write an empty block when
+ * there are none.  Returns the number of rows sealed, or -1 when another
+ * sealer holds the blocks (wait: false).  Needs a transaction; connects to
+ * SPI itself.
+ */
+static int64
+seal(bool heartbeat_due, bool wait)
+{
+	Oid			blocks = orch_relid("audit_blocks");
+	OrchAuditBlock blk;
+	uint64		horizon;
+	uint64		xid_to;
+	int64		n = 0;
+	int64		cap = 1024;
+	Datum	   *ids;
+	uint8	   *leaves;
+	Portal		portal;
+	bool		isnull;
+	uint8		block_hash[ORCH_HASH_LEN];
+	Datum		args[12];
+	Oid			types[2] = {XID8OID, XID8OID};
+	bool		more = true;
+	uint64		last_xid = 0;
+
+	/* one sealer at a time; writers of audit rows are not affected */
+	if (wait)
+		LockRelationOid(blocks, ShareRowExclusiveLock);
+	else if (!ConditionalLockRelationOid(blocks, ShareRowExclusiveLock))
+		return -1;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	memset(&blk, 0, sizeof(blk));
+	if (SPI_execute(LAST_BLOCK_SQL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the last audit block");
+	if (SPI_processed > 0)
+	{
+		HeapTuple	t = SPI_tuptable->vals[0];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		TimestampTz last_sealed;
+
+		blk.block_id = DatumGetInt64(SPI_getbinval(t, d, 1, &isnull)) + 1;
+		blk.xid_from = xid8_value(SPI_getbinval(t, d, 2, &isnull));
+		if (!get_hash(SPI_getbinval(t, d, 3, &isnull), blk.prev_hash))
+			elog(ERROR, "audit block %lld has a malformed hash", (long long) blk.block_id - 1);
+		last_sealed = DatumGetTimestampTz(SPI_getbinval(t, d, 4, &isnull));
+		heartbeat_due = heartbeat_due &&
+			GetCurrentTimestamp() - last_sealed >= (int64) orch_audit_heartbeat_s * USECS_PER_SEC;
+	}
+	else
+	{
+		/* the first block: from the first transaction id, after 32 zero bytes */
+		blk.block_id = 1;
+		blk.xid_from = 0;
+		memset(blk.prev_hash, 0, ORCH_HASH_LEN);
+	}
+
+	/* a new snapshot: every transaction below its xmin has ended */
+	if (SPI_execute(HORIZON_SQL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the snapshot's xmin");
+	horizon = xid8_value(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	xid_to = Max(horizon, blk.xid_from);
+
+	ids = palloc(sizeof(Datum) * cap);
+	leaves = palloc(ORCH_HASH_LEN * cap);
+	args[0] = FullTransactionIdGetDatum(FullTransactionIdFromU64(blk.xid_from));
+	args[1] = FullTransactionIdGetDatum(FullTransactionIdFromU64(xid_to));
+	/* a later statement, a later snapshot: it sees all those transactions' rows */
+	portal = SPI_cursor_open_with_args(NULL, ROWS_TO_SEAL_SQL, 2, types, args, NULL, false, 0);
+	while (more)
+	{
+		SPI_cursor_fetch(portal, true, FETCH_ROWS);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	t = SPI_tuptable->vals[i];
+			TupleDesc	d = SPI_tuptable->tupdesc;
+			uint64		xid = xid8_value(SPI_getbinval(t, d, 2, &isnull));
+
+			/* a full block ends where the next transaction's rows begin */
+			if (n >= MAX_BLOCK_ROWS && xid != last_xid)
+			{
+				xid_to = xid;
+				more = false;
+				break;
+			}
+			last_xid = xid;
+			if (n == cap)
+			{
+				cap *= 2;
+				ids = repalloc(ids, sizeof(Datum) * cap);
+				leaves = repalloc(leaves, ORCH_HASH_LEN * cap);
+			}
+			ids[n] = SPI_getbinval(t, d, 1, &isnull);
+			if (!get_hash(SPI_getbinval(t, d, 3, &isnull), leaves + n * ORCH_HASH_LEN))
+				elog(ERROR, "audit row %lld has a malformed hash", (long long) DatumGetInt64(ids[n]));
+			n++;
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+	SPI_cursor_close(portal);
+
+	if (n == 0 && !heartbeat_due)
+	{
+		SPI_finish();
+		return 0;
+	}
+	if (n == 0)
+		xid_to = blk.xid_from;	/* a heartbeat covers no transaction */
+
+	blk.xid_to = xid_to;
+	blk.sealed_at = GetCurrentTimestamp();
+	blk.n_rows = n;
+	orch_merkle_root(leaves, n, blk.merkle_root);
+	blk.system_identifier = GetSystemIdentifier();
+	blk.timeline = (int32) GetWALInsertionTimeLine();
+	orch_audit_block_hash(&blk, block_hash);
+
+	{
+		Oid			itypes[12] = {INT8OID, XID8OID, XID8OID, TIMESTAMPTZOID, INT8OID, INT8ARRAYOID,
+			BYTEAOID, BYTEAOID, NUMERICOID, INT4OID, BYTEAOID, BYTEAOID};
+		bytea	   *lv = palloc(VARHDRSZ + n * ORCH_HASH_LEN);
+		char		sysid[32];
+
+		SET_VARSIZE(lv, VARHDRSZ + n * ORCH_HASH_LEN);
+		if (n > 0)
+			memcpy(VARDATA(lv), leaves, n * ORCH_HASH_LEN);
+		snprintf(sysid, sizeof(sysid), UINT64_FORMAT, blk.system_identifier);
+		args[0] = Int64GetDatum(blk.block_id);
+		args[1] = FullTransactionIdGetDatum(FullTransactionIdFromU64(blk.xid_from));
+		args[2] = FullTransactionIdGetDatum(FullTransactionIdFromU64(blk.xid_to));
+		args[3] = TimestampTzGetDatum(blk.sealed_at);
+		args[4] = Int64GetDatum(n);
+		args[5] = PointerGetDatum(construct_array(ids, (int) n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		args[6] = PointerGetDatum(lv);
+		args[7] = PointerGetDatum(hash_bytea(blk.merkle_root));
+		args[8] = DirectFunctionCall3(numeric_in, CStringGetDatum(sysid),
+									  ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+		args[9] = Int32GetDatum(blk.timeline);
+		args[10] = PointerGetDatum(hash_bytea(blk.prev_hash));
+		args[11] = PointerGetDatum(hash_bytea(block_hash));
+		if (SPI_execute_with_args(INSERT_BLOCK_SQL, 12, itypes, args, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "could not write audit block %lld", (long long) blk.block_id);
+	}
+	SPI_finish();
+	return n;
+}
+
+int64
+orch_audit_seal(bool heartbeat_due)
+{
+	return seal(heartbeat_due, false);
+}
+
+/*
+ * orch.seal_audit(heartbeat): seal now, waiting for a sealer at work;
+ * returns the number of rows sealed.  With heartbeat, an empty block is
+ * written when there is nothing to seal.
+ */
+PG_FUNCTION_INFO_V1(orch_seal_audit);
+Datum
+orch_seal_audit(PG_FUNCTION_ARGS)
+{
+	bool		heartbeat = PG_GETARG_BOOL(0);
+	int			save_heartbeat_s = orch_audit_heartbeat_s;
+	int64		n;
+
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("the audit trail cannot be sealed during recovery"),
+				 errhint("The primary seals it; a standby receives its blocks.")));
+	orch_audit_heartbeat_s = 0;		/* asked for: due whatever the interval */
+	PG_TRY();
+	{
+		n = seal(heartbeat, true);
+	}
+	PG_FINALLY();
+	{
+		orch_audit_heartbeat_s = save_heartbeat_s;
+	}
+	PG_END_TRY();
+	PG_RETURN_INT64(n);
+}
+
+/* ------------------------------------------------------------------------
+ * Verification
+ * ------------------------------------------------------------------------ */
+
+typedef struct Verifier
+{
+	ReturnSetInfo *rsinfo;
+	int64		findings;
+} Verifier;
+
+static void
+report(Verifier *v, int64 block_id, int64 audit_id, const char *finding, const char *fmt,...)
+	pg_attribute_printf(5, 6);
+
+static void
+report(Verifier *v, int64 block_id, int64 audit_id, const char *finding, const char *fmt,...)
+{
+	Datum		values[4];
+	bool		nulls[4] = {block_id <= 0, audit_id <= 0, false, false};
+	StringInfoData buf;
+	va_list		ap;
+
+	initStringInfo(&buf);
+	for (;;)
+	{
+		int			needed;
+
+		va_start(ap, fmt);
+		needed = appendStringInfoVA(&buf, fmt, ap);
+		va_end(ap);
+		if (needed == 0)
+			break;
+		enlargeStringInfo(&buf, needed);
+	}
+	values[0] = Int64GetDatum(block_id);
+	values[1] = Int64GetDatum(audit_id);
+	values[2] = CStringGetTextDatum(finding);
+	values[3] = CStringGetTextDatum(buf.data);
+	tuplestore_putvalues(v->rsinfo->setResult, v->rsinfo->setDesc, values, nulls);
+	v->findings++;
+}
+
+/* The audit row's columns, in this order, as the verifier reads them. */
+#define AUDIT_COLUMNS \
+	"audit_id, xid, at, table_name, operation, row_key, old_row, new_row, actor, db_user," \
+	" session_role, run_id, step_id, reason, row_hash"
+
+static char *
+opt_text(HeapTuple t, TupleDesc d, int col)
+{
+	bool		isnull;
+	Datum		v = SPI_getbinval(t, d, col, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(v);
+}
+
+static Jsonb *
+opt_jsonb(HeapTuple t, TupleDesc d, int col)
+{
+	bool		isnull;
+	Datum		v = SPI_getbinval(t, d, col, &isnull);
+
+	return isnull ? NULL : DatumGetJsonbP(v);
+}
+
+/*
+ * Recompute a fetched audit row's hash; *stored_ok tells whether the stored
+ * row_hash matches it.
+ */
+static void
+row_hash_of(HeapTuple t, TupleDesc d, uint8 *out, bool *stored_ok, int64 *audit_id,
+			uint64 *xid)
+{
+	OrchAuditRow r;
+	bool		isnull;
+	Datum		v;
+	uint8		stored[ORCH_HASH_LEN];
+
+	memset(&r, 0, sizeof(r));
+	r.audit_id = DatumGetInt64(SPI_getbinval(t, d, 1, &isnull));
+	r.xid = xid8_value(SPI_getbinval(t, d, 2, &isnull));
+	r.at = DatumGetTimestampTz(SPI_getbinval(t, d, 3, &isnull));
+	r.table_name = opt_text(t, d, 4);
+	r.operation = opt_text(t, d, 5);
+	r.row_key = opt_jsonb(t, d, 6);
+	r.old_row = opt_jsonb(t, d, 7);
+	r.new_row = opt_jsonb(t, d, 8);
+	r.actor = opt_text(t, d, 9);
+	r.db_user = opt_text(t, d, 10);
+	r.session_role = opt_text(t, d, 11);
+	v = SPI_getbinval(t, d, 12, &isnull);
+	r.run_id = isnull ? NULL : DatumGetUUIDP(v);
+	v = SPI_getbinval(t, d, 13, &isnull);
+	r.has_step = !isnull;
+	r.step_id = isnull ? 0 : DatumGetInt64(v);
+	r.reason = opt_text(t, d, 14);
+	orch_audit_row_hash(&r, out);
+	v = SPI_getbinval(t, d, 15, &isnull);
+	*stored_ok = !isnull && get_hash(v, stored) && memcmp(stored, out, ORCH_HASH_LEN) == 0;
+	*audit_id = r.audit_id;
+	*xid = r.xid;
+}
+
+/* A block as read back, with its leaves and the ids they belong to. */
+typedef struct ReadBlock
+{
+	OrchAuditBlock b;
+	bool		valid;			/* every column well formed */
+	uint8		block_hash[ORCH_HASH_LEN];
+	int64	   *ids;
+	int			nids;
+	uint8	   *leaves;
+	int64		nleaves;
+} ReadBlock;
+
+#define BLOCK_COLUMNS \
+	"block_id, xid_from, xid_to, sealed_at, n_rows, audit_ids, leaves, merkle_root," \
+	" system_identifier::pg_catalog.text, timeline, prev_hash, block_hash"
+
+static void
+read_block(HeapTuple t, TupleDesc d, ReadBlock *rb)
+{
+	bool		isnull;
+	bytea	   *lv;
+	ArrayType  *arr;
+	Datum	   *elems;
+	bool	   *enulls;
+	char	   *sysid;
+
+	memset(rb, 0, sizeof(*rb));
+	rb->valid = true;
+	rb->b.block_id = DatumGetInt64(SPI_getbinval(t, d, 1, &isnull));
+	rb->b.xid_from = xid8_value(SPI_getbinval(t, d, 2, &isnull));
+	rb->b.xid_to = xid8_value(SPI_getbinval(t, d, 3, &isnull));
+	rb->b.sealed_at = DatumGetTimestampTz(SPI_getbinval(t, d, 4, &isnull));
+	rb->b.n_rows = DatumGetInt64(SPI_getbinval(t, d, 5, &isnull));
+	arr = DatumGetArrayTypeP(SPI_getbinval(t, d, 6, &isnull));
+	deconstruct_array(arr, INT8OID, 8, true, TYPALIGN_DOUBLE, &elems, &enulls, &rb->nids);
+	rb->ids = palloc(sizeof(int64) * Max(rb->nids, 1));
+	for (int i = 0; i < rb->nids; i++)
+		rb->ids[i] = enulls[i] ? 0 : DatumGetInt64(elems[i]);
+	lv = DatumGetByteaPP(SPI_getbinval(t, d, 7, &isnull));
+	rb->nleaves = VARSIZE_ANY_EXHDR(lv) / ORCH_HASH_LEN;
+	if (VARSIZE_ANY_EXHDR(lv) % ORCH_HASH_LEN != 0)
+		rb->valid = false;
+	rb->leaves = palloc(Max(VARSIZE_ANY_EXHDR(lv), 1));
+	memcpy(rb->leaves, VARDATA_ANY(lv), VARSIZE_ANY_EXHDR(lv));
+	if (!get_hash(SPI_getbinval(t, d, 8, &isnull), rb->b.merkle_root))
+		rb->valid = false;
+	sysid = TextDatumGetCString(SPI_getbinval(t, d, 9, &isnull));
+	rb->b.system_identifier = strtou64(sysid, NULL, 10);
+	rb->b.timeline = DatumGetInt32(SPI_getbinval(t, d, 10, &isnull));
+	if (!get_hash(SPI_getbinval(t, d, 11, &isnull), rb->b.prev_hash))
+		rb->valid = false;
+	if (!get_hash(SPI_getbinval(t, d, 12, &isnull), rb->block_hash))
+		rb->valid = false;
+}
+
+/* The block's own consistency: its hash, its Merkle root, its row count. */
+static void
+check_block(Verifier *v, ReadBlock *rb)
+{
+	uint8		h[ORCH_HASH_LEN];
+
+	if (!rb->valid)
+	{
+		report(v, rb->b.block_id, 0, "modified block", "a hash of the block is malformed");
+		return;
+	}
+	if (rb->nids != rb->nleaves || rb->b.n_rows != rb->nleaves)
+		report(v, rb->b.block_id, 0, "modified block",
+			   "the block lists %d row ids and %lld hashes for %lld rows",
+			   rb->nids, (long long) rb->nleaves, (long long) rb->b.n_rows);
+	orch_merkle_root(rb->leaves, rb->nleaves, h);
+	if (memcmp(h, rb->b.merkle_root, ORCH_HASH_LEN) != 0)
+		report(v, rb->b.block_id, 0, "modified block",
+			   "the Merkle root of its row hashes is %s, the block says %s",
+			   hex(h), hex(rb->b.merkle_root));
+	orch_audit_block_hash(&rb->b, h);
+	if (memcmp(h, rb->block_hash, ORCH_HASH_LEN) != 0)
+		report(v, rb->b.block_id, 0, "modified block",
+			   "its contents hash to %s, the block says %s", hex(h), hex(rb->block_hash));
+}
+
+/* Position of an id among a block's ids (sorted copy with positions). */
+typedef struct IdPos
+{
+	int64		id;
+	int			pos;
+} IdPos;
+
+static int
+idpos_cmp(const void *a, const void *b)
+{
+	int64		x = ((const IdPos *) a)->id;
+	int64		y = ((const IdPos *) b)->id;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/* Check the rows of a block's xid range against its ids and leaves. */
+static void
+check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
+{
+	IdPos	   *index = palloc(sizeof(IdPos) * Max(rb->nids, 1));
+	bool	   *seen = palloc0(sizeof(bool) * Max(rb->nids, 1));
+	Oid			types[2] = {XID8OID, XID8OID};
+	Datum		args[2];
+	Portal		portal;
+	bool		usable = rb->nids == rb->nleaves;
+
+	for (int i = 0; i < rb->nids; i++)
+	{
+		index[i].id = rb->ids[i];
+		index[i].pos = i;
+	}
+	qsort(index, rb->nids, sizeof(IdPos), idpos_cmp);
+
+	args[0] = FullTransactionIdGetDatum(FullTransactionIdFromU64(rb->b.xid_from));
+	args[1] = FullTransactionIdGetDatum(FullTransactionIdFromU64(rb->b.xid_to));
+	portal = SPI_cursor_open_with_args(NULL,
+									   "SELECT " AUDIT_COLUMNS " FROM orch.audit_log"
+									   " WHERE xid >= $1 AND xid < $2 ORDER BY xid, audit_id",
+									   2, types, args, NULL, true, 0);
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, FETCH_ROWS);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			uint8		h[ORCH_HASH_LEN];
+			bool		stored_ok;
+			int64		audit_id;
+			uint64		xid;
+			IdPos		key;
+			IdPos	   *found;
+
+			CHECK_FOR_INTERRUPTS();
+			row_hash_of(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, h, &stored_ok,
+						&audit_id, &xid);
+			if (purged)
+			{
+				report(v, rb->b.block_id, audit_id, "forged row",
+					   "the row is in a range that was purged");
+				continue;
+			}
+			key.id = audit_id;
+			found = bsearch(&key, index, rb->nids, sizeof(IdPos), idpos_cmp);
+			if (found == NULL || seen[found->pos])
+			{
+				report(v, rb->b.block_id, audit_id, "forged row",
+					   "transaction %llu is sealed in this block, which does not list the row",
+					   (unsigned long long) xid);
+				continue;
+			}
+			seen[found->pos] = true;
+			if (usable &&
+				memcmp(h, rb->leaves + (int64) found->pos * ORCH_HASH_LEN, ORCH_HASH_LEN) != 0)
+				report(v, rb->b.block_id, audit_id, "modified row",
+					   stored_ok ?
+					   "the row and its stored hash were both rewritten after sealing" :
+					   "the row's values do not match the hash sealed for it");
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+	SPI_cursor_close(portal);
+
+	if (!purged)
+		for (int i = 0; i < rb->nids; i++)
+			if (!seen[i])
+				report(v, rb->b.block_id, rb->ids[i], "deleted row",
+					   "the block lists the row, which is gone");
+	pfree(index);
+	pfree(seen);
+}
+
+/* The highest block whose rows a sealed purge removed, or 0. */
+static int64
+purged_through(void)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (SPI_execute("SELECT pg_catalog.max((new_row OPERATOR(pg_catalog.->>) 'purged_through_block')::bigint)"
+					"  FROM orch.audit_log l"
+					" WHERE l.table_name = 'orch.audit_log' AND l.operation = 'PURGE'"
+					"   AND l.xid < (SELECT pg_catalog.max(xid_to) FROM orch.audit_blocks)",
+					true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read audit purges");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetInt64(d);
+}
+
+/*
+ * orch.verify_audit(digest): every block, every row, the chain; and, given
+ * a digest exported earlier (orch.audit_digest), that its block is still
+ * there, unchanged.  Returns one row per finding.
+ */
+PG_FUNCTION_INFO_V1(orch_verify_audit);
+Datum
+orch_verify_audit(PG_FUNCTION_ARGS)
+{
+	Verifier	v;
+	Portal		portal;
+	int64		expect_id = 1;
+	uint8		prev_hash[ORCH_HASH_LEN];
+	uint64		prev_xid_to = 0;
+	bool		have_prev = false;
+	int64		purged;
+	Jsonb	   *digest = PG_ARGISNULL(0) ? NULL : PG_GETARG_JSONB_P(0);
+	int64		digest_block = 0;
+	uint8		digest_hash[ORCH_HASH_LEN];
+	bool		digest_seen = false;
+	MemoryContext blockcxt;
+
+	v.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	v.findings = 0;
+	InitMaterializedSRF(fcinfo, 0);
+
+	if (digest != NULL)
+	{
+		JsonbValue *jb = getKeyJsonValueFromContainer(&digest->root, "block_id", 8, NULL);
+		JsonbValue *jh = getKeyJsonValueFromContainer(&digest->root, "block_hash", 10, NULL);
+		bool		ok = jb != NULL && jh != NULL && jb->type == jbvNumeric && jh->type == jbvString &&
+			jh->val.string.len == 2 * ORCH_HASH_LEN;
+
+		if (ok)
+		{
+			digest_block = DatumGetInt64(DirectFunctionCall1(numeric_int8,
+															 NumericGetDatum(jb->val.numeric)));
+			for (int i = 0; i < ORCH_HASH_LEN && ok; i++)
+			{
+				char		byte[3] = {jh->val.string.val[2 * i], jh->val.string.val[2 * i + 1], 0};
+				char	   *end;
+
+				digest_hash[i] = (uint8) strtoul(byte, &end, 16);
+				ok = *end == '\0';
+			}
+		}
+		if (!ok)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("the digest must have \"block_id\" (a number) and \"block_hash\" (64 hexadecimal digits)"),
+					 errhint("Pass the document orch.audit_digest() returned.")));
+	}
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	purged = purged_through();
+	blockcxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator audit block",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	portal = SPI_cursor_open_with_args(NULL,
+									   "SELECT " BLOCK_COLUMNS " FROM orch.audit_blocks ORDER BY block_id",
+									   0, NULL, NULL, NULL, true, 0);
+	for (;;)
+	{
+		SPITupleTable *tt;
+
+		SPI_cursor_fetch(portal, true, 1);
+		if (SPI_processed == 0)
+			break;
+		tt = SPI_tuptable;
+		{
+			MemoryContext oldcxt = MemoryContextSwitchTo(blockcxt);
+			ReadBlock	rb;
+
+			read_block(tt->vals[0], tt->tupdesc, &rb);
+			for (; expect_id < rb.b.block_id; expect_id++)
+				report(&v, expect_id, 0, "missing block", "the chain has no block %lld",
+					   (long long) expect_id);
+			expect_id = rb.b.block_id + 1;
+			check_block(&v, &rb);
+			if (have_prev && rb.valid && memcmp(prev_hash, rb.b.prev_hash, ORCH_HASH_LEN) != 0)
+				report(&v, rb.b.block_id, 0, "broken link",
+					   "it follows a block whose hash is %s, not %s",
+					   hex(prev_hash), hex(rb.b.prev_hash));
+			if (!have_prev && rb.b.block_id == 1 && rb.valid)
+			{
+				static const uint8 zeros[ORCH_HASH_LEN] = {0};
+
+				if (memcmp(zeros, rb.b.prev_hash, ORCH_HASH_LEN) != 0)
+					report(&v, 1, 0, "broken link", "the first block must follow 32 zero bytes");
+			}
+			if (have_prev && rb.b.xid_from != prev_xid_to)
+				report(&v, rb.b.block_id, 0, "broken link",
+					   "it covers transactions from %llu, the block before it ended at %llu",
+					   (unsigned long long) rb.b.xid_from, (unsigned long long) prev_xid_to);
+			if (digest != NULL && rb.b.block_id == digest_block)
+			{
+				digest_seen = true;
+				if (memcmp(rb.block_hash, digest_hash, ORCH_HASH_LEN) != 0)
+					report(&v, rb.b.block_id, 0, "modified block",
+						   "the exported digest has hash %s for this block, the chain has %s",
+						   hex(digest_hash), hex(rb.block_hash));
+			}
+			check_block_rows(&v, &rb, rb.b.block_id <= purged);
+
+			memcpy(prev_hash, rb.block_hash, ORCH_HASH_LEN);
+			prev_xid_to = rb.b.xid_to;
+			have_prev = true;
+			MemoryContextSwitchTo(oldcxt);
+			MemoryContextReset(blockcxt);
+		}
+		SPI_freetuptable(tt);
+	}
+	SPI_cursor_close(portal);
+
+	if (digest != NULL && !digest_seen)
+	{
+		for (int64 id = expect_id; id <= digest_block; id++)
+			report(&v, id, 0, "missing block",
+				   "the exported digest names block %lld, and the chain ends before it",
+				   (long long) digest_block);
+	}
+
+	/* rows not sealed yet: their own hash only */
+	{
+		Oid			types[1] = {XID8OID};
+		Datum		args[1] = {FullTransactionIdGetDatum(FullTransactionIdFromU64(prev_xid_to))};
+
+		portal = SPI_cursor_open_with_args(NULL,
+										   "SELECT " AUDIT_COLUMNS " FROM orch.audit_log"
+										   " WHERE xid >= $1 ORDER BY xid, audit_id",
+										   1, types, args, NULL, true, 0);
+		for (;;)
+		{
+			SPI_cursor_fetch(portal, true, FETCH_ROWS);
+			if (SPI_processed == 0)
+				break;
+			for (uint64 i = 0; i < SPI_processed; i++)
+			{
+				uint8		h[ORCH_HASH_LEN];
+				bool		stored_ok;
+				int64		audit_id;
+				uint64		xid;
+
+				row_hash_of(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, h, &stored_ok,
+							&audit_id, &xid);
+				if (!stored_ok)
+					report(&v, 0, audit_id, "modified row",
+						   "the row's values do not match its hash (not sealed yet)");
+			}
+			SPI_freetuptable(SPI_tuptable);
+		}
+		SPI_cursor_close(portal);
+	}
+	SPI_finish();
+	return (Datum) 0;
+}
+
+/*
+ * orch.verify_run(run_id): the audit rows of one run, each against its
+ * stored hash and the block that sealed it, and those blocks against their
+ * own hash, their Merkle root and the block before them.
+ */
+PG_FUNCTION_INFO_V1(orch_verify_run);
+Datum
+orch_verify_run(PG_FUNCTION_ARGS)
+{
+	Datum		run_id = PG_GETARG_DATUM(0);
+	Verifier	v;
+	Portal		portal;
+	Oid			types[1] = {UUIDOID};
+	Datum		args[1] = {run_id};
+	ReadBlock	cur;
+	bool		have_block = false;
+	IdPos	   *index = NULL;
+	MemoryContext cxt = CurrentMemoryContext;
+
+	v.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	v.findings = 0;
+	InitMaterializedSRF(fcinfo, 0);
+	memset(&cur, 0, sizeof(cur));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	portal = SPI_cursor_open_with_args(NULL,
+									   "SELECT " AUDIT_COLUMNS " FROM orch.audit_log"
+									   " WHERE run_id = $1 ORDER BY xid, audit_id",
+									   1, types, args, NULL, true, 0);
+	for (;;)
+	{
+		SPITupleTable *rows;
+
+		SPI_cursor_fetch(portal, true, FETCH_ROWS);
+		if (SPI_processed == 0)
+			break;
+		rows = SPI_tuptable;
+		for (uint64 i = 0; i < rows->numvals; i++)
+		{
+			uint8		h[ORCH_HASH_LEN];
+			bool		stored_ok;
+			int64		audit_id;
+			uint64		xid;
+			IdPos		key;
+			IdPos	   *found;
+
+			row_hash_of(rows->vals[i], rows->tupdesc, h, &stored_ok, &audit_id, &xid);
+			if (!have_block || xid >= cur.b.xid_to || xid < cur.b.xid_from)
+			{
+				/* the block that sealed this row, and the one before it */
+				Oid			btypes[1] = {XID8OID};
+				Datum		bargs[1] = {FullTransactionIdGetDatum(FullTransactionIdFromU64(xid))};
+				MemoryContext oldcxt;
+
+				if (SPI_execute_with_args("SELECT " BLOCK_COLUMNS " FROM orch.audit_blocks"
+										  " WHERE xid_from <= $1 AND $1 < xid_to",
+										  1, btypes, bargs, NULL, true, 1) != SPI_OK_SELECT)
+					elog(ERROR, "could not read audit blocks");
+				have_block = SPI_processed > 0;
+				if (have_block)
+				{
+					oldcxt = MemoryContextSwitchTo(cxt);
+					read_block(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &cur);
+					index = palloc(sizeof(IdPos) * Max(cur.nids, 1));
+					for (int k = 0; k < cur.nids; k++)
+					{
+						index[k].id = cur.ids[k];
+						index[k].pos = k;
+					}
+					qsort(index, cur.nids, sizeof(IdPos), idpos_cmp);
+					MemoryContextSwitchTo(oldcxt);
+					check_block(&v, &cur);
+					if (cur.b.block_id > 1)
+					{
+						Datum		pargs[1] = {Int64GetDatum(cur.b.block_id - 1)};
+						Oid			ptypes[1] = {INT8OID};
+						uint8		ph[ORCH_HASH_LEN];
+						bool		isnull;
+
+						if (SPI_execute_with_args("SELECT block_hash FROM orch.audit_blocks WHERE block_id = $1",
+												  1, ptypes, pargs, NULL, true, 1) != SPI_OK_SELECT)
+							elog(ERROR, "could not read audit blocks");
+						if (SPI_processed == 0)
+							report(&v, cur.b.block_id - 1, 0, "missing block",
+								   "the block before block %lld is gone", (long long) cur.b.block_id);
+						else if (!get_hash(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull), ph) ||
+								 memcmp(ph, cur.b.prev_hash, ORCH_HASH_LEN) != 0)
+							report(&v, cur.b.block_id, 0, "broken link",
+								   "the block before it does not have the hash it follows");
+					}
+				}
+			}
+			if (!have_block)
+			{
+				if (!stored_ok)
+					report(&v, 0, audit_id, "modified row",
+						   "the row's values do not match its hash (not sealed yet)");
+				continue;
+			}
+			key.id = audit_id;
+			found = bsearch(&key, index, cur.nids, sizeof(IdPos), idpos_cmp);
+			if (found == NULL)
+				report(&v, cur.b.block_id, audit_id, "forged row",
+					   "transaction %llu is sealed in this block, which does not list the row",
+					   (unsigned long long) xid);
+			else if (cur.nids != cur.nleaves ||
+					 memcmp(h, cur.leaves + (int64) found->pos * ORCH_HASH_LEN, ORCH_HASH_LEN) != 0)
+				report(&v, cur.b.block_id, audit_id, "modified row",
+					   stored_ok ?
+					   "the row and its stored hash were both rewritten after sealing" :
+					   "the row's values do not match the hash sealed for it");
+		}
+		SPI_freetuptable(rows);
+	}
+	SPI_cursor_close(portal);
+	SPI_finish();
+	return (Datum) 0;
+}
+
+/*
+ * orch.purge_audit(before): remove the rows of the blocks sealed before
+ * `before`, whole blocks only; the blocks stay, so the chain still
+ * verifies.  The purge is recorded as an audit event.  Returns the number
+ * of rows removed.
+ */
+PG_FUNCTION_INFO_V1(orch_purge_audit);
+Datum
+orch_purge_audit(PG_FUNCTION_ARGS)
+{
+	TimestampTz before = PG_GETARG_TIMESTAMPTZ(0);
+	Datum		args[2];
+	Oid			types[2] = {TIMESTAMPTZOID, XID8OID};
+	bool		isnull;
+	int64		through;
+	uint64		xid_to;
+	int64		removed = 0;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	/* no sealer may add a block meanwhile: the range must stay whole */
+	LockRelationOid(orch_relid("audit_blocks"), ShareRowExclusiveLock);
+	args[0] = TimestampTzGetDatum(before);
+	if (SPI_execute_with_args("SELECT block_id, xid_to FROM orch.audit_blocks"
+							  " WHERE sealed_at < $1 ORDER BY block_id DESC LIMIT 1",
+							  1, types, args, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read audit blocks");
+	if (SPI_processed == 0)
+	{
+		SPI_finish();
+		PG_RETURN_INT64(0);
+	}
+	through = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	xid_to = xid8_value(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+
+	args[1] = FullTransactionIdGetDatum(FullTransactionIdFromU64(xid_to));
+	orch_audit_purging = true;
+	PG_TRY();
+	{
+		if (SPI_execute_with_args("DELETE FROM orch.audit_log WHERE xid < $2 AND $1 IS NOT NULL",
+								  2, types, args, NULL, false, 0) != SPI_OK_DELETE)
+			elog(ERROR, "could not purge audit rows");
+		removed = (int64) SPI_processed;
+	}
+	PG_FINALLY();
+	{
+		orch_audit_purging = false;
+	}
+	PG_END_TRY();
+	SPI_finish();
+
+	/* the purge itself, as an event of the audit trail */
+	{
+		Datum		eargs[3] = {Int64GetDatum(through), Int64GetDatum(removed), TimestampTzGetDatum(before)};
+		Oid			etypes[3] = {INT8OID, INT8OID, TIMESTAMPTZOID};
+
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		if (SPI_execute_with_args("SELECT orch._audit_event('orch.audit_log', 'PURGE',"
+								  "  pg_catalog.jsonb_build_object('purged_through_block', $1,"
+								  "                                'rows', $2, 'before', $3))",
+								  3, etypes, eargs, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not record the purge");
+		SPI_finish();
+	}
+	PG_RETURN_INT64(removed);
+}
