@@ -15,7 +15,10 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
 #include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/transam.h"
 #include "access/xact.h"
 #include "catalog/dependency.h"
@@ -26,6 +29,7 @@
 #include "commands/trigger.h"
 #include "common/cryptohash.h"
 #include "common/sha2.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "executor/tuptable.h"
 #include "funcapi.h"
@@ -36,7 +40,9 @@
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
+#include "utils/numeric.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
@@ -350,9 +356,25 @@ render_settings_push(void)
 }
 
 /* How to render the columns of one table: to_jsonb for each column's type. */
+typedef enum RenderKind
+{
+	RK_TO_JSONB,				/* to_jsonb, under render_settings */
+	RK_INTEGER,					/* int2, int4, int8: a number */
+	RK_NUMERIC,
+	RK_BOOL,
+	RK_TEXT,					/* text, varchar: a string of its bytes */
+	RK_OUTPUT,					/* uuid, enums: a string of their output */
+	RK_JSONB,
+	RK_TIMESTAMPTZ				/* ISO 8601 in UTC */
+} RenderKind;
+
 typedef struct RelRender
 {
 	TupleDesc	desc;
+	RenderKind *kind;			/* per attribute */
+	Oid		   *base_type;		/* per attribute: the type under any domain */
+	FmgrInfo   *output;			/* per attribute, for RK_OUTPUT */
+	int			settings_level; /* GUC nest level of render_settings, or 0 */
 	FmgrInfo   *to_jsonb;		/* per attribute; fn_oid InvalidOid if dropped */
 	Bitmapset  *key_attrs;		/* primary key attribute numbers */
 	AttrNumber	run_attr;		/* "run_id uuid", or 0 */
@@ -367,6 +389,10 @@ rel_render_init(RelRender *rr, Relation rel)
 	int			a;
 
 	rr->desc = desc;
+	rr->kind = palloc0(sizeof(RenderKind) * desc->natts);
+	rr->base_type = palloc0(sizeof(Oid) * desc->natts);
+	rr->output = palloc0(sizeof(FmgrInfo) * desc->natts);
+	rr->settings_level = 0;
 	rr->to_jsonb = palloc0(sizeof(FmgrInfo) * desc->natts);
 	rr->key_attrs = NULL;
 	rr->run_attr = 0;
@@ -375,8 +401,48 @@ rel_render_init(RelRender *rr, Relation rel)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, i);
 
+		Oid			base;
+
 		if (att->attisdropped)
 			continue;
+		/* the common types directly; the others as to_jsonb renders them */
+		base = getBaseType(att->atttypid);
+		rr->base_type[i] = base;
+		switch (base)
+		{
+			case INT2OID:
+			case INT4OID:
+			case INT8OID:
+				rr->kind[i] = RK_INTEGER;
+				break;
+			case NUMERICOID:
+				rr->kind[i] = RK_NUMERIC;
+				break;
+			case BOOLOID:
+				rr->kind[i] = RK_BOOL;
+				break;
+			case TEXTOID:
+			case VARCHAROID:
+				rr->kind[i] = RK_TEXT;
+				break;
+			case JSONBOID:
+				rr->kind[i] = RK_JSONB;
+				break;
+			case TIMESTAMPTZOID:
+				rr->kind[i] = RK_TIMESTAMPTZ;
+				break;
+			default:
+				rr->kind[i] = base == UUIDOID || type_is_enum(base) ? RK_OUTPUT : RK_TO_JSONB;
+				break;
+		}
+		if (rr->kind[i] == RK_OUTPUT)
+		{
+			Oid			outfn;
+			bool		varlena;
+
+			getTypeOutputInfo(base, &outfn, &varlena);
+			fmgr_info(outfn, &rr->output[i]);
+		}
 		/* to_jsonb(anyelement) learns the type from its call expression */
 		fmgr_info(F_TO_JSONB, &rr->to_jsonb[i]);
 		rr->to_jsonb[i].fn_expr = (Node *)
@@ -411,9 +477,62 @@ push_column(JsonbParseState **state, RelRender *rr, int i, Datum value, bool isn
 		(void) pushJsonbValue(state, WJB_VALUE, &val);
 		return;
 	}
-	else
+	switch (rr->kind[i])
 	{
-		Jsonb	   *jb = DatumGetJsonbP(FunctionCall1(&rr->to_jsonb[i], value));
+		case RK_INTEGER:
+			val.type = jbvNumeric;
+			val.val.numeric = int64_to_numeric(rr->base_type[i] == INT2OID ? DatumGetInt16(value) :
+											   rr->base_type[i] == INT4OID ? DatumGetInt32(value) :
+											   DatumGetInt64(value));
+			(void) pushJsonbValue(state, WJB_VALUE, &val);
+			return;
+		case RK_NUMERIC:
+			if (numeric_is_nan(DatumGetNumeric(value)) || numeric_is_inf(DatumGetNumeric(value)))
+				break;			/* not a JSON number: as to_jsonb has it */
+			val.type = jbvNumeric;
+			val.val.numeric = DatumGetNumeric(value);
+			(void) pushJsonbValue(state, WJB_VALUE, &val);
+			return;
+		case RK_BOOL:
+			val.type = jbvBool;
+			val.val.boolean = DatumGetBool(value);
+			(void) pushJsonbValue(state, WJB_VALUE, &val);
+			return;
+		case RK_TEXT:
+			{
+				text	   *t = DatumGetTextPP(value);
+
+				val.type = jbvString;
+				val.val.string.val = VARDATA_ANY(t);
+				val.val.string.len = (int) VARSIZE_ANY_EXHDR(t);
+				(void) pushJsonbValue(state, WJB_VALUE, &val);
+				return;
+			}
+		case RK_OUTPUT:
+			val.type = jbvString;
+			val.val.string.val = OutputFunctionCall(&rr->output[i], value);
+			val.val.string.len = (int) strlen(val.val.string.val);
+			(void) pushJsonbValue(state, WJB_VALUE, &val);
+			return;
+		case RK_TIMESTAMPTZ:
+			{
+				static const int utc = 0;
+
+				val.type = jbvString;
+				val.val.string.val = JsonEncodeDateTime(NULL, value, TIMESTAMPTZOID, &utc);
+				val.val.string.len = (int) strlen(val.val.string.val);
+				(void) pushJsonbValue(state, WJB_VALUE, &val);
+				return;
+			}
+		case RK_JSONB:
+		case RK_TO_JSONB:
+			break;
+	}
+	if (rr->kind[i] != RK_JSONB && rr->settings_level == 0)
+		rr->settings_level = render_settings_push();	/* until the statement's rows are done */
+	{
+		Jsonb	   *jb = rr->kind[i] == RK_JSONB ? DatumGetJsonbP(value) :
+			DatumGetJsonbP(FunctionCall1(&rr->to_jsonb[i], value));
 
 		if (JB_ROOT_IS_SCALAR(jb))
 		{
@@ -489,19 +608,6 @@ render_row(RelRender *rr, TupleTableSlot *slot, RenderWhich which, TupleTableSlo
  * Writing audit rows
  * ------------------------------------------------------------------------ */
 
-#define INSERT_AUDIT_SQL \
-	"INSERT INTO orch.audit_log (audit_id, xid, at, table_name, operation, row_key, old_row," \
-	"                            new_row, actor, db_user, session_role, run_id, step_id," \
-	"                            reason, row_hash)" \
-	" OVERRIDING SYSTEM VALUE" \
-	" SELECT u.audit_id, $8, $9, $10, $11, u.row_key, u.old_row, u.new_row, $12, $13, $14," \
-	"        u.run_id, u.step_id, $15, u.row_hash" \
-	"   FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3)," \
-	"                   pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6)," \
-	"                   pg_catalog.unnest($7))" \
-	"     AS u(audit_id, row_key, old_row, new_row, run_id, step_id, row_hash)"
-
-static SPIPlanPtr insert_plan = NULL;
 static Oid	audit_seq = InvalidOid;	/* audit_id's sequence ... */
 static Oid	audit_seq_of = InvalidOid;	/* ... of this orch.audit_log */
 
@@ -525,32 +631,6 @@ typedef struct AuditBatch
 	MemoryContext rows_cxt;		/* the chunk's values */
 } AuditBatch;
 
-static ArrayType *
-make_array(Datum *values, bool *nulls, int n, Oid type)
-{
-	int			dims[1] = {n};
-	int			lbs[1] = {1};
-	int16		len;
-	bool		byval;
-	char		align;
-
-	get_typlenbyvalalign(type, &len, &byval, &align);
-	return construct_md_array(values, nulls, 1, dims, lbs, type, len, byval, align);
-}
-
-Oid
-orch_rel_owner(Oid relid)
-{
-	HeapTuple	tp = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
-	Oid			owner;
-
-	if (!HeapTupleIsValid(tp))
-		elog(ERROR, "cache lookup failed for relation %u", relid);
-	owner = ((Form_pg_class) GETSTRUCT(tp))->relowner;
-	ReleaseSysCache(tp);
-	return owner;
-}
-
 static Oid
 audit_log_relid(void)
 {
@@ -563,71 +643,112 @@ audit_log_relid(void)
 }
 
 /*
- * Write the batch's rows with one INSERT, as the owner of orch.audit_log:
- * the user whose change is recorded may not write to it.
+ * Write the batch's rows to orch.audit_log, as COPY does: one multi-insert
+ * (a WAL record per page, not per row), then their index entries.  No
+ * trigger, rule or privilege check stands between: the user whose change
+ * is recorded may not write to the audit trail, and its only triggers
+ * refuse updates and deletes.
  */
 static void
 batch_flush(AuditBatch *b)
 {
-	Datum		args[15];
-	char		nulls[15];
-	Oid			save_userid;
-	int			save_sec;
-	Oid			owner;
-	Oid			relid;
+	Relation	rel;
+	TupleDesc	desc;
+	ResultRelInfo *rri;
+	EState	   *estate;
+	TupleTableSlot **slots;
+	BulkInsertState bis;
+	CommandId	cid = GetCurrentCommandId(true);
+	int			col[15];
+	static const char *const names[15] = {
+		"audit_id", "xid", "at", "table_name", "operation", "row_key", "old_row", "new_row",
+		"actor", "db_user", "session_role", "run_id", "step_id", "reason", "row_hash"
+	};
+	Datum		xid;
+	Datum		at;
+	Datum		table_name;
+	Datum		operation;
+	Datum		actor;
+	Datum		db_user;
+	Datum		session_role;
+	Datum		reason;
 
 	if (b->n == 0)
 		return;
-	relid = audit_log_relid();
-	owner = orch_rel_owner(relid);
 
-	memset(nulls, ' ', sizeof(nulls));
-	args[0] = PointerGetDatum(make_array(b->ids, NULL, b->n, INT8OID));
-	args[1] = PointerGetDatum(make_array(b->keys, b->key_nulls, b->n, JSONBOID));
-	args[2] = PointerGetDatum(make_array(b->olds, b->old_nulls, b->n, JSONBOID));
-	args[3] = PointerGetDatum(make_array(b->news, b->new_nulls, b->n, JSONBOID));
-	args[4] = PointerGetDatum(make_array(b->runs, b->run_nulls, b->n, UUIDOID));
-	args[5] = PointerGetDatum(make_array(b->steps, b->step_nulls, b->n, INT8OID));
-	args[6] = PointerGetDatum(make_array(b->hashes, NULL, b->n, BYTEAOID));
-	args[7] = FullTransactionIdGetDatum(FullTransactionIdFromU64(b->common.xid));
-	args[8] = TimestampTzGetDatum(b->common.at);
-	args[9] = CStringGetTextDatum(b->common.table_name);
-	args[10] = CStringGetTextDatum(b->common.operation);
-	args[11] = b->common.actor ? CStringGetTextDatum(b->common.actor) : (Datum) 0;
-	nulls[11] = b->common.actor ? ' ' : 'n';
-	args[12] = CStringGetTextDatum(b->common.db_user);
-	args[13] = CStringGetTextDatum(b->common.session_role);
-	args[14] = b->common.reason ? CStringGetTextDatum(b->common.reason) : (Datum) 0;
-	nulls[14] = b->common.reason ? ' ' : 'n';
-
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
-	PG_TRY();
+	rel = table_open(audit_log_relid(), RowExclusiveLock);
+	desc = RelationGetDescr(rel);
+	for (int c = 0; c < 15; c++)
 	{
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		if (insert_plan == NULL)
-		{
-			Oid			types[15] = {INT8ARRAYOID, JSONBARRAYOID, JSONBARRAYOID, JSONBARRAYOID,
-				UUIDARRAYOID, INT8ARRAYOID, BYTEAARRAYOID, XID8OID, TIMESTAMPTZOID,
-			TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-			SPIPlanPtr	plan = SPI_prepare(INSERT_AUDIT_SQL, 15, types);
+		col[c] = -1;
+		for (int a = 0; a < desc->natts; a++)
+			if (!TupleDescAttr(desc, a)->attisdropped &&
+				strcmp(NameStr(TupleDescAttr(desc, a)->attname), names[c]) == 0)
+				col[c] = a;
+		if (col[c] < 0)
+			elog(ERROR, "orch.audit_log has no column %s", names[c]);
+	}
 
-			if (plan == NULL || SPI_keepplan(plan) != 0)
-				elog(ERROR, "could not prepare the audit insert: %s",
-					 SPI_result_code_string(SPI_result));
-			insert_plan = plan;
-		}
-		if (SPI_execute_plan(insert_plan, args, nulls, false, 0) != SPI_OK_INSERT)
-			elog(ERROR, "could not write audit rows");
-		SPI_finish();
-	}
-	PG_FINALLY();
+	xid = FullTransactionIdGetDatum(FullTransactionIdFromU64(b->common.xid));
+	at = TimestampTzGetDatum(b->common.at);
+	table_name = CStringGetTextDatum(b->common.table_name);
+	operation = CStringGetTextDatum(b->common.operation);
+	actor = b->common.actor ? CStringGetTextDatum(b->common.actor) : (Datum) 0;
+	db_user = CStringGetTextDatum(b->common.db_user);
+	session_role = CStringGetTextDatum(b->common.session_role);
+	reason = b->common.reason ? CStringGetTextDatum(b->common.reason) : (Datum) 0;
+
+	estate = CreateExecutorState();
+	estate->es_output_cid = cid;
+	rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(rri, rel, 1, NULL, 0);
+	ExecOpenIndices(rri, false);
+
+	slots = palloc(sizeof(TupleTableSlot *) * b->n);
+	for (int i = 0; i < b->n; i++)
 	{
-		SetUserIdAndSecContext(save_userid, save_sec);
+		TupleTableSlot *slot = table_slot_create(rel, &estate->es_tupleTable);
+		Datum	   *v = slot->tts_values;
+		bool	   *isnull = slot->tts_isnull;
+
+		ExecClearTuple(slot);
+		memset(isnull, true, sizeof(bool) * desc->natts);
+#define SET(c, d, nul) (v[col[c]] = (d), isnull[col[c]] = (nul))
+		SET(0, b->ids[i], false);
+		SET(1, xid, false);
+		SET(2, at, false);
+		SET(3, table_name, false);
+		SET(4, operation, false);
+		SET(5, b->keys[i], b->key_nulls[i]);
+		SET(6, b->olds[i], b->old_nulls[i]);
+		SET(7, b->news[i], b->new_nulls[i]);
+		SET(8, actor, b->common.actor == NULL);
+		SET(9, db_user, false);
+		SET(10, session_role, false);
+		SET(11, b->runs[i], b->run_nulls[i]);
+		SET(12, b->steps[i], b->step_nulls[i]);
+		SET(13, reason, b->common.reason == NULL);
+		SET(14, b->hashes[i], false);
+#undef SET
+		ExecStoreVirtualTuple(slot);
+		slots[i] = slot;
 	}
-	PG_END_TRY();
+
+	bis = GetBulkInsertState();
+	table_multi_insert(rel, slots, b->n, cid, 0, bis);
+	FreeBulkInsertState(bis);
+	for (int i = 0; i < b->n; i++)
+	{
+		List	   *recheck = ExecInsertIndexTuples(rri, slots[i], estate, false, false, NULL, NIL);
+
+		list_free(recheck);
+		ResetPerTupleExprContext(estate);
+	}
+
+	ExecCloseIndices(rri);
+	ExecResetTupleTable(estate->es_tupleTable, false);
+	FreeExecutorState(estate);
+	table_close(rel, NoLock);
 
 	b->n = 0;
 	MemoryContextReset(b->rows_cxt);
@@ -772,7 +893,6 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	AuditBatch *b;
 	MemoryContext cxt;
 	MemoryContext oldcxt;
-	int			nest_level;
 	char	   *table_name;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(td->tg_event) ||
@@ -847,7 +967,6 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 		transition_rescan(rows_b);
 	}
 
-	nest_level = render_settings_push();
 	while (tuplestore_gettupleslot(rows_a, true, false, slot_a))
 	{
 		MemoryContext rowcxt = MemoryContextSwitchTo(b->rows_cxt);
@@ -878,7 +997,8 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 		MemoryContextSwitchTo(rowcxt);
 		batch_add(b, key, old_row, new_row, run_id, has_step, step_id);
 	}
-	AtEOXact_GUC(true, nest_level);
+	if (rr.settings_level > 0)
+		AtEOXact_GUC(true, rr.settings_level);
 	batch_flush(b);
 
 	ExecDropSingleTupleTableSlot(slot_a);

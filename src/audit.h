@@ -59,7 +59,6 @@ extern void orch_sha256(const void *data, size_t len, uint8 *out);
 extern void orch_audit_row_hash(const OrchAuditRow *r, uint8 *out);
 extern void orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out);
 extern void orch_merkle_root(const uint8 *leaves, int64 n, uint8 *out);
-extern Oid	orch_rel_owner(Oid relid);
 
 /* the step whose function runs now: its business-table changes carry it */
 extern void orch_audit_set_step(Datum run_id, int64 step_id);

@@ -339,6 +339,7 @@ orch_engine_main(Datum main_arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+			next_seal_at = 0;	/* the interval may have changed: seal, then count anew */
 		}
 
 		memset(&result, 0, sizeof(result));

@@ -1,0 +1,194 @@
+# The audit trail on a real server.  Tampering as a superuser (a row
+# modified, a row deleted, a row forged, the newest blocks dropped) is
+# reported exactly, by orch.verify_audit and by the independent verifier
+# (tools/verify-audit), which agree; kill -9 in the middle of a seal leaves
+# a chain that goes on and verifies; the engine seals on its own.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::RealBin;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use OrchTest;
+
+# The test decides where blocks end (orch.seal_audit), until the crash part.
+my $node = orch_node('audit', conf => qq{
+orchestrator.audit_seal_interval = '1h'
+orchestrator.audit_heartbeat = '1d'
+restart_after_crash = on
+});
+orch_install_app($node, 'postgres');
+my $verifier = "$FindBin::RealBin/../../tools/verify-audit";
+
+# Findings as "block audit_id finding" lines, sorted as the verifier sorts.
+sub findings
+{
+	my ($db, $digest) = @_;
+	my $arg = defined $digest ? "'$digest'::jsonb" : 'NULL';
+	return $node->safe_psql($db, qq{
+		SELECT coalesce(block_id::text, '') || ' ' || coalesce(audit_id::text, '') || ' ' || finding
+		  FROM orch.verify_audit($arg) ORDER BY finding, block_id NULLS FIRST, audit_id NULLS FIRST});
+}
+
+sub independent
+{
+	my ($db, $digest) = @_;
+	my @cmd = ($verifier);
+	push @cmd, '--digest', $digest if defined $digest;
+	push @cmd, $node->connstr($db);
+	my ($out, $err) = ('', '');
+	IPC::Run::run(\@cmd, '>', \$out, '2>', \$err);
+	my $rc = $? >> 8;
+	my @lines = map { my @f = split /\t/, $_, -1; "$f[0] $f[1] $f[2]" } grep { length } split /\n/, $out;
+	return ($rc, join("\n", @lines), $err);
+}
+
+sub seal { return $node->safe_psql('postgres', "SELECT orch.seal_audit($_[0])"); }
+
+# Block A: changes to an audited business table, numbers, text and JSON.
+$node->safe_psql('postgres', q{
+CREATE TABLE app.accounts (id int PRIMARY KEY, owner text, balance numeric, note jsonb,
+						   opened timestamptz DEFAULT '2026-01-01 12:00+02');
+SELECT orch.enable_audit('app.accounts');
+INSERT INTO app.accounts (id, owner, balance, note)
+SELECT g, 'owner "' || g || E'" \u00fc\\n', g * 10.5,
+	   jsonb_build_object('n', g, 'tags', ARRAY['a', 'b'], 'x', 1.50, 'nested', jsonb_build_object('ok', g % 2 = 0, 'none', NULL))
+  FROM generate_series(1, 50) g;
+UPDATE app.accounts SET balance = balance + 1 WHERE id % 5 = 0;
+DELETE FROM app.accounts WHERE id > 45;
+});
+ok(seal('false') > 0, 'block A sealed');
+
+# Block B: runs of a workflow, whose engine writes the orchestrator's tables.
+$node->safe_psql('postgres', "SELECT orch.start_run('chain3') FROM generate_series(1, 20)");
+$node->poll_query_until('postgres', "SELECT count(*) = 20 FROM orch.runs WHERE status = 'succeeded'")
+  or die 'runs did not finish';
+ok(seal('false') > 0, 'block B sealed');
+
+# Block C: more changes; block D: a heartbeat.
+$node->safe_psql('postgres', "UPDATE app.accounts SET owner = upper(owner)");
+ok(seal('false') > 0, 'block C sealed');
+is(seal('true'), '0', 'block D: a heartbeat');
+
+my $blocks = $node->safe_psql('postgres', 'SELECT count(*) || ' ' || max(block_id) FROM orch.audit_blocks');
+my ($nblocks, $last) = split / /, $blocks;
+is($nblocks, $last, 'the blocks are numbered without a gap');
+
+is(findings('postgres'), '', 'the intact trail has no findings');
+my ($rc, $out, $err) = independent('postgres');
+is($rc, 0, 'the independent verifier finds nothing either') or diag($out, $err);
+my $a_run = $node->safe_psql('postgres', 'SELECT run_id FROM orch.runs LIMIT 1');
+is($node->safe_psql('postgres', "SELECT count(*) FROM orch.verify_run('$a_run')"), '0',
+	'a run verifies');
+
+my $digest = $node->safe_psql('postgres', 'SELECT orch.audit_digest()');
+
+# Tamper as a superuser, with the append-only triggers out of the way.
+my ($block_a, $modified, $deleted, $forged_xid) = split /\|/, $node->safe_psql('postgres', q{
+	WITH a AS (SELECT b.block_id, b.xid_from, b.xid_to FROM orch.audit_blocks b
+				WHERE b.n_rows > 0 ORDER BY b.block_id LIMIT 1)
+	SELECT a.block_id,
+		   (SELECT l.audit_id FROM orch.audit_log l WHERE l.xid >= a.xid_from AND l.xid < a.xid_to
+			   AND l.operation = 'UPDATE' ORDER BY l.audit_id LIMIT 1),
+		   (SELECT l.audit_id FROM orch.audit_log l WHERE l.xid >= a.xid_from AND l.xid < a.xid_to
+			   AND l.operation = 'INSERT' ORDER BY l.audit_id LIMIT 1),
+		   (SELECT l.xid FROM orch.audit_log l WHERE l.xid >= a.xid_from AND l.xid < a.xid_to
+			 ORDER BY l.audit_id LIMIT 1)
+	  FROM a});
+my ($block_c, $block_d) = ($last - 1, $last);
+$node->safe_psql('postgres', qq{
+ALTER TABLE orch.audit_log DISABLE TRIGGER audit_log_append_only;
+ALTER TABLE orch.audit_blocks DISABLE TRIGGER audit_blocks_append_only;
+UPDATE orch.audit_log SET new_row = new_row || '{"balance": 1000000}' WHERE audit_id = $modified;
+DELETE FROM orch.audit_log WHERE audit_id = $deleted;
+INSERT INTO orch.audit_log (audit_id, xid, at, table_name, operation, row_key, new_row,
+							db_user, session_role, row_hash)
+	OVERRIDING SYSTEM VALUE
+	VALUES (999999999, '$forged_xid', now(), 'app.accounts', 'INSERT', '{"id": 77}',
+			'{"id": 77, "owner": "mallory"}', 'postgres', 'postgres', '\\x00');
+DELETE FROM orch.audit_blocks WHERE block_id >= $block_c;
+ALTER TABLE orch.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
+ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
+});
+
+my $expected = join("\n",
+	"$block_a $deleted deleted row",
+	"$block_a 999999999 forged row",
+	"$block_c  missing block",
+	"$block_d  missing block",
+	"$block_a $modified modified row");
+is(findings('postgres', $digest), $expected,
+	'verify_audit reports each change, naming its block and row');
+($rc, $out, $err) = independent('postgres', $digest);
+is($rc, 1, 'the independent verifier reports findings') or diag($err);
+is($out, $expected, 'the independent verifier reports exactly the same');
+# Without the digest the dropped tail cannot be seen: the chain is shorter, not broken.
+is(findings('postgres'),
+	"$block_a $deleted deleted row\n$block_a 999999999 forged row\n$block_a $modified modified row",
+	'without the exported digest, a dropped tail is not a finding');
+
+# A broken link: a block rewritten consistently in itself, but not its successor.
+$node->safe_psql('postgres', qq{
+ALTER TABLE orch.audit_blocks DISABLE TRIGGER audit_blocks_append_only;
+UPDATE orch.audit_blocks SET prev_hash = '\\x' || repeat('11', 32) WHERE block_id = $block_a + 1;
+ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
+});
+like(findings('postgres'), qr/^@{[$block_a + 1]}  broken link$/m, 'a broken link is reported');
+like((independent('postgres'))[1], qr/^@{[$block_a + 1]}  broken link$/m,
+	'and the independent verifier reports it too');
+
+# ------------------------------------------------------------------------
+# kill -9 in the middle of a seal, in a database of its own
+# ------------------------------------------------------------------------
+$node->safe_psql('postgres', 'CREATE DATABASE crashdb');
+$node->safe_psql('crashdb', q{
+CREATE EXTENSION orchestrator;
+CREATE TABLE big (id int PRIMARY KEY, payload text);
+SELECT orch.enable_audit('big');
+CREATE FUNCTION sealer_pid() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+	FOR i IN 1 .. 60000 LOOP
+		PERFORM pg_stat_clear_snapshot();
+		IF EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database()
+					AND query = 'orchestrator: sealing the audit trail' AND state = 'active') THEN
+			RETURN (SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+					 AND query = 'orchestrator: sealing the audit trail' AND state = 'active' LIMIT 1);
+		END IF;
+		PERFORM pg_sleep(0.001);
+	END LOOP;
+	RETURN NULL;
+END
+$$;
+});
+$node->poll_query_until('crashdb',
+	"SELECT count(*) > 0 FROM orch.engine_workers WHERE database = current_database()")
+  or die 'no engine in crashdb';
+# Many rows in one transaction: a seal that takes a while.
+$node->safe_psql('crashdb',
+	"INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 250000) g");
+# From now on the engine seals every 100 ms.
+$node->safe_psql('postgres', q{
+ALTER SYSTEM SET orchestrator.audit_seal_interval = '100ms';
+SELECT pg_reload_conf();
+});
+my $pid = $node->safe_psql('crashdb', 'SELECT sealer_pid()');
+ok($pid =~ /^\d+$/, 'caught the engine sealing');
+my $blocks_before = $node->safe_psql('crashdb', 'SELECT count(*) FROM orch.audit_blocks');
+kill 'KILL', $pid;
+$node->poll_query_until('crashdb', 'SELECT true')
+  or die 'the server did not come back';
+is($node->safe_psql('crashdb', 'SELECT count(*) FROM orch.audit_blocks'), $blocks_before,
+	'the killed seal left no block');
+ok($node->poll_query_until('crashdb', 'SELECT unsealed_rows = 0 FROM orch.audit_seal_status'),
+	'after the restart the engine seals everything on its own');
+is($node->safe_psql('crashdb', 'SELECT count(*) = max(block_id) FROM orch.audit_blocks'), 't',
+	'the chain goes on without a gap');
+is($node->safe_psql('crashdb', 'SELECT sum(n_rows) FROM orch.audit_blocks'),
+	$node->safe_psql('crashdb', 'SELECT count(*) FROM orch.audit_log'),
+	'every row is sealed exactly once');
+is(findings('crashdb'), '', 'the chain verifies after the crash');
+($rc, $out, $err) = independent('crashdb');
+is($rc, 0, 'and the independent verifier agrees') or diag($out, $err);
+
+done_testing();
