@@ -830,7 +830,7 @@ batch_add(AuditBatch *b, Jsonb *row_key, Jsonb *old_row, Jsonb *new_row,
 static void
 transition_rescan(Tuplestorestate *ts)
 {
-	int			ptr = tuplestore_alloc_read_pointer(ts, 0);
+	int			ptr = tuplestore_alloc_read_pointer(ts, EXEC_FLAG_REWIND);
 
 	tuplestore_select_read_pointer(ts, ptr);
 	tuplestore_rescan(ts);
@@ -969,7 +969,7 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 
 	while (tuplestore_gettupleslot(rows_a, true, false, slot_a))
 	{
-		MemoryContext rowcxt = MemoryContextSwitchTo(b->rows_cxt);
+		MemoryContext rowcxt;
 		Jsonb	   *key;
 		Jsonb	   *old_row = NULL;
 		Jsonb	   *new_row = NULL;
@@ -979,11 +979,17 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 		TupleTableSlot *current = slot_a;	/* the row as it is now, or was last */
 
 		CHECK_FOR_INTERRUPTS();
+		/*
+		 * The two transition tables list an UPDATE's rows in the same order.
+		 * Read in this context: a tuple read back from a transition table
+		 * that went to disk belongs to its slot until the next read, and the
+		 * rows' context is reset at every flush.
+		 */
+		if (slot_b != NULL && !tuplestore_gettupleslot(rows_b, true, false, slot_b))
+			elog(ERROR, "the transition tables of an UPDATE differ in length");
+		rowcxt = MemoryContextSwitchTo(b->rows_cxt);
 		if (slot_b != NULL)
 		{
-			/* the two transition tables list an UPDATE's rows in the same order */
-			if (!tuplestore_gettupleslot(rows_b, true, false, slot_b))
-				elog(ERROR, "the transition tables of an UPDATE differ in length");
 			current = slot_b;
 			old_row = render_row(&rr, slot_a, RENDER_CHANGED, slot_b);
 			new_row = render_row(&rr, slot_b, RENDER_CHANGED, slot_a);

@@ -153,7 +153,8 @@ seal(bool heartbeat_due, bool wait)
 		elog(ERROR, "SPI_connect failed");
 
 	memset(&blk, 0, sizeof(blk));
-	if (SPI_execute(LAST_BLOCK_SQL, true, 1) != SPI_OK_SELECT)
+	/* not read-only: a new snapshot, which sees the block of a sealer waited for */
+	if (SPI_execute(LAST_BLOCK_SQL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the last audit block");
 	if (SPI_processed > 0)
 	{
@@ -413,7 +414,8 @@ row_hash_of(HeapTuple t, TupleDesc d, uint8 *out, bool *stored_ok, int64 *audit_
 typedef struct ReadBlock
 {
 	OrchAuditBlock b;
-	bool		valid;			/* every column well formed */
+	bool		valid;			/* merkle_root, block_hash and leaves well formed */
+	bool		prev_ok;		/* prev_hash is 32 bytes */
 	uint8		block_hash[ORCH_HASH_LEN];
 	int64	   *ids;
 	int			nids;
@@ -458,8 +460,7 @@ read_block(HeapTuple t, TupleDesc d, ReadBlock *rb)
 	sysid = TextDatumGetCString(SPI_getbinval(t, d, 9, &isnull));
 	rb->b.system_identifier = strtou64(sysid, NULL, 10);
 	rb->b.timeline = DatumGetInt32(SPI_getbinval(t, d, 10, &isnull));
-	if (!get_hash(SPI_getbinval(t, d, 11, &isnull), rb->b.prev_hash))
-		rb->valid = false;
+	rb->prev_ok = get_hash(SPI_getbinval(t, d, 11, &isnull), rb->b.prev_hash);
 	if (!get_hash(SPI_getbinval(t, d, 12, &isnull), rb->block_hash))
 		rb->valid = false;
 }
@@ -470,9 +471,11 @@ check_block(Verifier *v, ReadBlock *rb)
 {
 	uint8		h[ORCH_HASH_LEN];
 
-	if (!rb->valid)
+	if (!rb->valid || !rb->prev_ok)
 	{
-		report(v, rb->b.block_id, 0, "modified block", "a hash of the block is malformed");
+		if (!rb->valid)
+			report(v, rb->b.block_id, 0, "modified block",
+				   "its Merkle root, hash or leaves are not made of 32-byte hashes");
 		return;
 	}
 	if (rb->nids != rb->nleaves || rb->b.n_rows != rb->nleaves)
@@ -600,6 +603,37 @@ purged_through(void)
 	return isnull ? 0 : DatumGetInt64(d);
 }
 
+/* Rows of transactions that no block covers, below the newest block: forged. */
+static void
+check_uncovered_rows(Verifier *v, uint64 from, uint64 to)
+{
+	Oid			types[2] = {XID8OID, XID8OID};
+	Datum		args[2] = {FullTransactionIdGetDatum(FullTransactionIdFromU64(from)),
+	FullTransactionIdGetDatum(FullTransactionIdFromU64(to))};
+	Portal		portal = SPI_cursor_open_with_args(NULL,
+												   "SELECT audit_id, xid FROM orch.audit_log"
+												   " WHERE xid >= $1 AND xid < $2 ORDER BY xid, audit_id",
+												   2, types, args, NULL, true, 0);
+
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, FETCH_ROWS);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			bool		isnull;
+
+			report(v, 0, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull)),
+				   "forged row", "no block covers transaction %llu, below the newest block",
+				   (unsigned long long) xid8_value(SPI_getbinval(SPI_tuptable->vals[i],
+																 SPI_tuptable->tupdesc, 2, &isnull)));
+		}
+		SPI_freetuptable(SPI_tuptable);
+	}
+	SPI_cursor_close(portal);
+}
+
 /*
  * orch.verify_audit(digest): every block, every row, the chain; and, given
  * a digest exported earlier (orch.audit_digest), that its block is still
@@ -613,6 +647,9 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 	Portal		portal;
 	int64		expect_id = 1;
 	uint8		prev_hash[ORCH_HASH_LEN];
+	bool		prev_hash_ok = false;
+	int64		prev_id = 0;
+	bool		prev_present;
 	uint64		prev_xid_to = 0;
 	bool		have_prev = false;
 	int64		purged;
@@ -678,23 +715,33 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 			for (; expect_id < rb.b.block_id; expect_id++)
 				report(&v, expect_id, 0, "missing block", "the chain has no block %lld",
 					   (long long) expect_id);
+			/* the link to the block numbered just before it, when that one is there */
+			prev_present = have_prev && prev_id == rb.b.block_id - 1;
 			expect_id = rb.b.block_id + 1;
 			check_block(&v, &rb);
-			if (have_prev && rb.valid && memcmp(prev_hash, rb.b.prev_hash, ORCH_HASH_LEN) != 0)
+			if (!rb.prev_ok)
+				report(&v, rb.b.block_id, 0, "broken link", "its prev_hash is not a 32-byte hash");
+			else if (prev_present &&
+					 (!prev_hash_ok || memcmp(prev_hash, rb.b.prev_hash, ORCH_HASH_LEN) != 0))
 				report(&v, rb.b.block_id, 0, "broken link",
 					   "it follows a block whose hash is %s, not %s",
-					   hex(prev_hash), hex(rb.b.prev_hash));
-			if (!have_prev && rb.b.block_id == 1 && rb.valid)
+					   prev_hash_ok ? hex(prev_hash) : "malformed", hex(rb.b.prev_hash));
+			else if (rb.b.block_id == 1)
 			{
 				static const uint8 zeros[ORCH_HASH_LEN] = {0};
 
 				if (memcmp(zeros, rb.b.prev_hash, ORCH_HASH_LEN) != 0)
 					report(&v, 1, 0, "broken link", "the first block must follow 32 zero bytes");
+				if (rb.b.xid_from != 0)
+					report(&v, 1, 0, "broken link", "the first block must start at transaction 0");
 			}
-			if (have_prev && rb.b.xid_from != prev_xid_to)
+			if (prev_present && rb.b.xid_from != prev_xid_to)
 				report(&v, rb.b.block_id, 0, "broken link",
 					   "it covers transactions from %llu, the block before it ended at %llu",
 					   (unsigned long long) rb.b.xid_from, (unsigned long long) prev_xid_to);
+			/* rows below this block that no block covers (a block is missing) */
+			if (rb.b.xid_from > prev_xid_to)
+				check_uncovered_rows(&v, prev_xid_to, rb.b.xid_from);
 			if (digest != NULL && rb.b.block_id == digest_block)
 			{
 				digest_seen = true;
@@ -706,7 +753,9 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 			check_block_rows(&v, &rb, rb.b.block_id <= purged);
 
 			memcpy(prev_hash, rb.block_hash, ORCH_HASH_LEN);
-			prev_xid_to = rb.b.xid_to;
+			prev_hash_ok = rb.valid;
+			prev_xid_to = Max(prev_xid_to, rb.b.xid_to);
+			prev_id = rb.b.block_id;
 			have_prev = true;
 			MemoryContextSwitchTo(oldcxt);
 			MemoryContextReset(blockcxt);
@@ -903,7 +952,7 @@ orch_purge_audit(PG_FUNCTION_ARGS)
 	args[0] = TimestampTzGetDatum(before);
 	if (SPI_execute_with_args("SELECT block_id, xid_to FROM orch.audit_blocks"
 							  " WHERE sealed_at < $1 ORDER BY block_id DESC LIMIT 1",
-							  1, types, args, NULL, true, 1) != SPI_OK_SELECT)
+							  1, types, args, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read audit blocks");
 	if (SPI_processed == 0)
 	{

@@ -71,7 +71,7 @@ $node->safe_psql('postgres', "UPDATE app.accounts SET owner = upper(owner)");
 ok(seal('false') > 0, 'block C sealed');
 is(seal('true'), '0', 'block D: a heartbeat');
 
-my $blocks = $node->safe_psql('postgres', 'SELECT count(*) || ' ' || max(block_id) FROM orch.audit_blocks');
+my $blocks = $node->safe_psql('postgres', q{SELECT count(*) || ' ' || max(block_id) FROM orch.audit_blocks});
 my ($nblocks, $last) = split / /, $blocks;
 is($nblocks, $last, 'the blocks are numbered without a gap');
 
@@ -131,7 +131,7 @@ is(findings('postgres'),
 # A broken link: a block rewritten consistently in itself, but not its successor.
 $node->safe_psql('postgres', qq{
 ALTER TABLE orch.audit_blocks DISABLE TRIGGER audit_blocks_append_only;
-UPDATE orch.audit_blocks SET prev_hash = '\\x' || repeat('11', 32) WHERE block_id = $block_a + 1;
+UPDATE orch.audit_blocks SET prev_hash = decode(repeat('11', 32), 'hex') WHERE block_id = $block_a + 1;
 ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
 });
 like(findings('postgres'), qr/^@{[$block_a + 1]}  broken link$/m, 'a broken link is reported');
