@@ -5,15 +5,16 @@
 CREATE TABLE app.accounts (id int PRIMARY KEY, owner text, balance numeric,
 						   opened_at timestamptz, tags text[]);
 
--- The last audit rows of a table, in the order this session wrote them.
+-- The last audit rows of a table, in the order they were written (audit_id
+-- alone does not tell: each session takes its ids from a cache of its own).
 CREATE FUNCTION app.audit_of(tbl text, n int DEFAULT 20)
 RETURNS TABLE (operation text, row_key jsonb, old_row jsonb, new_row jsonb, actor text,
 			   reason text, db_user text, with_run boolean, with_step boolean)
 LANGUAGE sql AS $$
 	SELECT operation, row_key, old_row, new_row, actor, reason, db_user,
 		   run_id IS NOT NULL, step_id IS NOT NULL
-	  FROM (SELECT * FROM orch.audit_log WHERE table_name = tbl ORDER BY audit_id DESC LIMIT n) l
-	 ORDER BY audit_id
+	  FROM (SELECT * FROM orch.audit_log WHERE table_name = tbl ORDER BY xid DESC, audit_id DESC LIMIT n) l
+	 ORDER BY xid, audit_id
 $$;
 
 -- Enabling the audit of a table is itself recorded.
@@ -117,7 +118,7 @@ SELECT app.show_error($$SELECT count(*) FROM orch.verify_audit('{"block_id": 1}'
 -- The BI view: one row per event, the block that sealed it.
 SELECT operation, changed_columns, actor, block_id IS NOT NULL AS sealed
   FROM orch.audit_events
- WHERE table_name = 'app.accounts' ORDER BY audit_id;
+ WHERE table_name = 'app.accounts' ORDER BY xid, audit_id;
 
 -- A purge removes whole sealed ranges, keeps their blocks, and is recorded;
 -- the chain still verifies.

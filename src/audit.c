@@ -631,6 +631,32 @@ typedef struct AuditBatch
 	MemoryContext rows_cxt;		/* the chunk's values */
 } AuditBatch;
 
+/*
+ * Where orch.audit_log's columns are in a tuple descriptor of it, in the
+ * order of the encoding: audit_id, xid, at, table_name, operation, row_key,
+ * old_row, new_row, actor, db_user, session_role, run_id, step_id, reason,
+ * and row_hash last.
+ */
+void
+orch_audit_column_map(TupleDesc desc, int *col)
+{
+	static const char *const names[ORCH_AUDIT_NCOLS] = {
+		"audit_id", "xid", "at", "table_name", "operation", "row_key", "old_row", "new_row",
+		"actor", "db_user", "session_role", "run_id", "step_id", "reason", "row_hash"
+	};
+
+	for (int c = 0; c < ORCH_AUDIT_NCOLS; c++)
+	{
+		col[c] = -1;
+		for (int a = 0; a < desc->natts; a++)
+			if (!TupleDescAttr(desc, a)->attisdropped &&
+				strcmp(NameStr(TupleDescAttr(desc, a)->attname), names[c]) == 0)
+				col[c] = a;
+		if (col[c] < 0)
+			elog(ERROR, "orch.audit_log has no column %s", names[c]);
+	}
+}
+
 static Oid
 audit_log_relid(void)
 {
@@ -659,11 +685,7 @@ batch_flush(AuditBatch *b)
 	TupleTableSlot **slots;
 	BulkInsertState bis;
 	CommandId	cid = GetCurrentCommandId(true);
-	int			col[15];
-	static const char *const names[15] = {
-		"audit_id", "xid", "at", "table_name", "operation", "row_key", "old_row", "new_row",
-		"actor", "db_user", "session_role", "run_id", "step_id", "reason", "row_hash"
-	};
+	int			col[ORCH_AUDIT_NCOLS];
 	Datum		xid;
 	Datum		at;
 	Datum		table_name;
@@ -678,16 +700,7 @@ batch_flush(AuditBatch *b)
 
 	rel = table_open(audit_log_relid(), RowExclusiveLock);
 	desc = RelationGetDescr(rel);
-	for (int c = 0; c < 15; c++)
-	{
-		col[c] = -1;
-		for (int a = 0; a < desc->natts; a++)
-			if (!TupleDescAttr(desc, a)->attisdropped &&
-				strcmp(NameStr(TupleDescAttr(desc, a)->attname), names[c]) == 0)
-				col[c] = a;
-		if (col[c] < 0)
-			elog(ERROR, "orch.audit_log has no column %s", names[c]);
-	}
+	orch_audit_column_map(desc, col);
 
 	xid = FullTransactionIdGetDatum(FullTransactionIdFromU64(b->common.xid));
 	at = TimestampTzGetDatum(b->common.at);

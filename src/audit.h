@@ -7,6 +7,7 @@
 #ifndef ORCH_AUDIT_H
 #define ORCH_AUDIT_H
 
+#include "access/tupdesc.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -54,6 +55,10 @@ extern char *orch_audit_reason;
 extern int	orch_audit_seal_interval_ms;
 extern int	orch_audit_heartbeat_s;
 extern bool orch_audit_purging;
+
+/* orch.audit_log's columns, in the order the encoding takes them */
+#define ORCH_AUDIT_NCOLS	15
+extern void orch_audit_column_map(TupleDesc desc, int *col);
 
 extern void orch_sha256(const void *data, size_t len, uint8 *out);
 extern void orch_audit_row_hash(const OrchAuditRow *r, uint8 *out);

@@ -16,17 +16,25 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/relscan.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/transam.h"
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/lmgr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/rel.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/snapmgr.h"
@@ -354,60 +362,143 @@ report(Verifier *v, int64 block_id, int64 audit_id, const char *finding, const c
 	"audit_id, xid, at, table_name, operation, row_key, old_row, new_row, actor, db_user," \
 	" session_role, run_id, step_id, reason, row_hash"
 
-static char *
-opt_text(HeapTuple t, TupleDesc d, int col)
-{
-	bool		isnull;
-	Datum		v = SPI_getbinval(t, d, col, &isnull);
+#define AUDIT_NCOLS ORCH_AUDIT_NCOLS
 
-	return isnull ? NULL : TextDatumGetCString(v);
+static const char *
+opt_text(Datum *v, bool *n, int c)
+{
+	return n[c] ? NULL : TextDatumGetCString(v[c]);
 }
 
 static Jsonb *
-opt_jsonb(HeapTuple t, TupleDesc d, int col)
+opt_jsonb(Datum *v, bool *n, int c)
 {
-	bool		isnull;
-	Datum		v = SPI_getbinval(t, d, col, &isnull);
-
-	return isnull ? NULL : DatumGetJsonbP(v);
+	return n[c] ? NULL : DatumGetJsonbP(v[c]);
 }
 
 /*
- * Recompute a fetched audit row's hash; *stored_ok tells whether the stored
- * row_hash matches it.
+ * Recompute an audit row's hash from its columns (in AUDIT_COLUMNS order);
+ * *stored_ok tells whether the stored row_hash matches it.
  */
 static void
-row_hash_of(HeapTuple t, TupleDesc d, uint8 *out, bool *stored_ok, int64 *audit_id,
-			uint64 *xid)
+row_hash_of(Datum *v, bool *n, uint8 *out, bool *stored_ok, int64 *audit_id, uint64 *xid)
 {
 	OrchAuditRow r;
-	bool		isnull;
-	Datum		v;
 	uint8		stored[ORCH_HASH_LEN];
 
 	memset(&r, 0, sizeof(r));
-	r.audit_id = DatumGetInt64(SPI_getbinval(t, d, 1, &isnull));
-	r.xid = xid8_value(SPI_getbinval(t, d, 2, &isnull));
-	r.at = DatumGetTimestampTz(SPI_getbinval(t, d, 3, &isnull));
-	r.table_name = opt_text(t, d, 4);
-	r.operation = opt_text(t, d, 5);
-	r.row_key = opt_jsonb(t, d, 6);
-	r.old_row = opt_jsonb(t, d, 7);
-	r.new_row = opt_jsonb(t, d, 8);
-	r.actor = opt_text(t, d, 9);
-	r.db_user = opt_text(t, d, 10);
-	r.session_role = opt_text(t, d, 11);
-	v = SPI_getbinval(t, d, 12, &isnull);
-	r.run_id = isnull ? NULL : DatumGetUUIDP(v);
-	v = SPI_getbinval(t, d, 13, &isnull);
-	r.has_step = !isnull;
-	r.step_id = isnull ? 0 : DatumGetInt64(v);
-	r.reason = opt_text(t, d, 14);
+	r.audit_id = DatumGetInt64(v[0]);
+	r.xid = xid8_value(v[1]);
+	r.at = DatumGetTimestampTz(v[2]);
+	r.table_name = opt_text(v, n, 3);
+	r.operation = opt_text(v, n, 4);
+	r.row_key = opt_jsonb(v, n, 5);
+	r.old_row = opt_jsonb(v, n, 6);
+	r.new_row = opt_jsonb(v, n, 7);
+	r.actor = opt_text(v, n, 8);
+	r.db_user = opt_text(v, n, 9);
+	r.session_role = opt_text(v, n, 10);
+	r.run_id = n[11] ? NULL : DatumGetUUIDP(v[11]);
+	r.has_step = !n[12];
+	r.step_id = n[12] ? 0 : DatumGetInt64(v[12]);
+	r.reason = opt_text(v, n, 13);
 	orch_audit_row_hash(&r, out);
-	v = SPI_getbinval(t, d, 15, &isnull);
-	*stored_ok = !isnull && get_hash(v, stored) && memcmp(stored, out, ORCH_HASH_LEN) == 0;
+	*stored_ok = !n[14] && get_hash(v[14], stored) && memcmp(stored, out, ORCH_HASH_LEN) == 0;
 	*audit_id = r.audit_id;
 	*xid = r.xid;
+}
+
+/* The same for a row fetched by SPI with AUDIT_COLUMNS. */
+static void
+spi_row_hash_of(HeapTuple t, TupleDesc d, uint8 *out, bool *stored_ok, int64 *audit_id,
+				uint64 *xid)
+{
+	Datum		v[AUDIT_NCOLS];
+	bool		n[AUDIT_NCOLS];
+
+	for (int c = 0; c < AUDIT_NCOLS; c++)
+		v[c] = SPI_getbinval(t, d, c + 1, &n[c]);
+	row_hash_of(v, n, out, stored_ok, audit_id, xid);
+}
+
+/* rowscan_begin's `to` for a scan with no end */
+#define NO_END	PG_UINT64_MAX
+
+/*
+ * Audit rows with xid in [from, to) (to NO_END: no end), in (xid, audit_id)
+ * order, read straight from the primary key's index into a slot: the
+ * verifier's hot loop, with no copy of each row into a result set.
+ */
+typedef struct RowScan
+{
+	Relation	rel;
+	Relation	idx;
+	IndexScanDesc scan;
+	TupleTableSlot *slot;
+	int			col[AUDIT_NCOLS];
+	Datum		v[AUDIT_NCOLS];
+	bool		n[AUDIT_NCOLS];
+	MemoryContext rowcxt;		/* what one row's checks allocate */
+	MemoryContext oldcxt;
+} RowScan;
+
+static void
+rowscan_begin(RowScan *rs, uint64 from, uint64 to)
+{
+	ScanKeyData keys[2];
+	int			nkeys = 1;
+	Oid			pk;
+
+	rs->rel = table_open(orch_relid("audit_log"), AccessShareLock);
+	orch_audit_column_map(RelationGetDescr(rs->rel), rs->col);
+	pk = RelationGetPrimaryKeyIndex(rs->rel);
+	if (!OidIsValid(pk))
+		elog(ERROR, "orch.audit_log has no primary key");
+	rs->idx = index_open(pk, AccessShareLock);
+	ScanKeyInit(&keys[0], 1, BTGreaterEqualStrategyNumber, F_XID8GE,
+				FullTransactionIdGetDatum(FullTransactionIdFromU64(from)));
+	if (to != NO_END)
+	{
+		ScanKeyInit(&keys[1], 1, BTLessStrategyNumber, F_XID8LT,
+					FullTransactionIdGetDatum(FullTransactionIdFromU64(to)));
+		nkeys = 2;
+	}
+	rs->scan = index_beginscan(rs->rel, rs->idx, GetActiveSnapshot(), nkeys, 0);
+	index_rescan(rs->scan, keys, nkeys, NULL, 0);
+	rs->slot = table_slot_create(rs->rel, NULL);
+	rs->rowcxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator audit row",
+									   ALLOCSET_DEFAULT_SIZES);
+	rs->oldcxt = CurrentMemoryContext;
+}
+
+/* The next row, its columns in rs->v and rs->n; false at the end. */
+static bool
+rowscan_next(RowScan *rs)
+{
+	MemoryContextSwitchTo(rs->oldcxt);
+	MemoryContextReset(rs->rowcxt);
+	CHECK_FOR_INTERRUPTS();
+	if (!index_getnext_slot(rs->scan, ForwardScanDirection, rs->slot))
+		return false;
+	slot_getallattrs(rs->slot);
+	for (int c = 0; c < AUDIT_NCOLS; c++)
+	{
+		rs->v[c] = rs->slot->tts_values[rs->col[c]];
+		rs->n[c] = rs->slot->tts_isnull[rs->col[c]];
+	}
+	MemoryContextSwitchTo(rs->rowcxt);
+	return true;
+}
+
+static void
+rowscan_end(RowScan *rs)
+{
+	MemoryContextSwitchTo(rs->oldcxt);
+	MemoryContextDelete(rs->rowcxt);
+	ExecDropSingleTupleTableSlot(rs->slot);
+	index_endscan(rs->scan);
+	index_close(rs->idx, AccessShareLock);
+	table_close(rs->rel, AccessShareLock);
 }
 
 /* A block as read back, with its leaves and the ids they belong to. */
@@ -515,10 +606,8 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 {
 	IdPos	   *index = palloc(sizeof(IdPos) * Max(rb->nids, 1));
 	bool	   *seen = palloc0(sizeof(bool) * Max(rb->nids, 1));
-	Oid			types[2] = {XID8OID, XID8OID};
-	Datum		args[2];
-	Portal		portal;
 	bool		usable = rb->nids == rb->nleaves;
+	RowScan		rs;
 
 	for (int i = 0; i < rb->nids; i++)
 	{
@@ -527,55 +616,41 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 	}
 	qsort(index, rb->nids, sizeof(IdPos), idpos_cmp);
 
-	args[0] = FullTransactionIdGetDatum(FullTransactionIdFromU64(rb->b.xid_from));
-	args[1] = FullTransactionIdGetDatum(FullTransactionIdFromU64(rb->b.xid_to));
-	portal = SPI_cursor_open_with_args(NULL,
-									   "SELECT " AUDIT_COLUMNS " FROM orch.audit_log"
-									   " WHERE xid >= $1 AND xid < $2 ORDER BY xid, audit_id",
-									   2, types, args, NULL, true, 0);
-	for (;;)
+	rowscan_begin(&rs, rb->b.xid_from, rb->b.xid_to);
+	while (rowscan_next(&rs))
 	{
-		SPI_cursor_fetch(portal, true, FETCH_ROWS);
-		if (SPI_processed == 0)
-			break;
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			uint8		h[ORCH_HASH_LEN];
-			bool		stored_ok;
-			int64		audit_id;
-			uint64		xid;
-			IdPos		key;
-			IdPos	   *found;
+		uint8		h[ORCH_HASH_LEN];
+		bool		stored_ok;
+		int64		audit_id;
+		uint64		xid;
+		IdPos		key;
+		IdPos	   *found;
 
-			CHECK_FOR_INTERRUPTS();
-			row_hash_of(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, h, &stored_ok,
-						&audit_id, &xid);
-			if (purged)
-			{
-				report(v, rb->b.block_id, audit_id, "forged row",
-					   "the row is in a range that was purged");
-				continue;
-			}
-			key.id = audit_id;
-			found = bsearch(&key, index, rb->nids, sizeof(IdPos), idpos_cmp);
-			if (found == NULL || seen[found->pos])
-			{
-				report(v, rb->b.block_id, audit_id, "forged row",
-					   "transaction %llu is sealed in this block, which does not list the row",
-					   (unsigned long long) xid);
-				continue;
-			}
-			seen[found->pos] = true;
-			if (usable &&
-				memcmp(h, rb->leaves + (int64) found->pos * ORCH_HASH_LEN, ORCH_HASH_LEN) != 0)
-				report(v, rb->b.block_id, audit_id, "modified row",
-					   stored_ok ?
-					   "the row and its stored hash were both rewritten after sealing" :
-					   "the row's values do not match the hash sealed for it");
+		row_hash_of(rs.v, rs.n, h, &stored_ok, &audit_id, &xid);
+		if (purged)
+		{
+			report(v, rb->b.block_id, audit_id, "forged row",
+				   "the row is in a range that was purged");
+			continue;
 		}
-		SPI_freetuptable(SPI_tuptable);
+		key.id = audit_id;
+		found = bsearch(&key, index, rb->nids, sizeof(IdPos), idpos_cmp);
+		if (found == NULL || seen[found->pos])
+		{
+			report(v, rb->b.block_id, audit_id, "forged row",
+				   "transaction %llu is sealed in this block, which does not list the row",
+				   (unsigned long long) xid);
+			continue;
+		}
+		seen[found->pos] = true;
+		if (usable &&
+			memcmp(h, rb->leaves + (int64) found->pos * ORCH_HASH_LEN, ORCH_HASH_LEN) != 0)
+			report(v, rb->b.block_id, audit_id, "modified row",
+				   stored_ok ?
+				   "the row and its stored hash were both rewritten after sealing" :
+				   "the row's values do not match the hash sealed for it");
 	}
-	SPI_cursor_close(portal);
+	rowscan_end(&rs);
 
 	if (!purged)
 		for (int i = 0; i < rb->nids; i++)
@@ -586,7 +661,11 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 	pfree(seen);
 }
 
-/* The highest block whose rows a sealed purge removed, or 0. */
+/*
+ * The highest block whose rows a purge removed, or 0.  A purge's event
+ * counts before it is sealed, so that the trail verifies right after the
+ * purge; an event forged into a sealed range is reported as a forged row.
+ */
 static int64
 purged_through(void)
 {
@@ -595,8 +674,7 @@ purged_through(void)
 
 	if (SPI_execute("SELECT pg_catalog.max((new_row OPERATOR(pg_catalog.->>) 'purged_through_block')::bigint)"
 					"  FROM orch.audit_log l"
-					" WHERE l.table_name = 'orch.audit_log' AND l.operation = 'PURGE'"
-					"   AND l.xid < (SELECT pg_catalog.max(xid_to) FROM orch.audit_blocks)",
+					" WHERE l.table_name = 'orch.audit_log' AND l.operation = 'PURGE'",
 					true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read audit purges");
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
@@ -607,31 +685,14 @@ purged_through(void)
 static void
 check_uncovered_rows(Verifier *v, uint64 from, uint64 to)
 {
-	Oid			types[2] = {XID8OID, XID8OID};
-	Datum		args[2] = {FullTransactionIdGetDatum(FullTransactionIdFromU64(from)),
-	FullTransactionIdGetDatum(FullTransactionIdFromU64(to))};
-	Portal		portal = SPI_cursor_open_with_args(NULL,
-												   "SELECT audit_id, xid FROM orch.audit_log"
-												   " WHERE xid >= $1 AND xid < $2 ORDER BY xid, audit_id",
-												   2, types, args, NULL, true, 0);
+	RowScan		rs;
 
-	for (;;)
-	{
-		SPI_cursor_fetch(portal, true, FETCH_ROWS);
-		if (SPI_processed == 0)
-			break;
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			bool		isnull;
-
-			report(v, 0, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull)),
-				   "forged row", "no block covers transaction %llu, below the newest block",
-				   (unsigned long long) xid8_value(SPI_getbinval(SPI_tuptable->vals[i],
-																 SPI_tuptable->tupdesc, 2, &isnull)));
-		}
-		SPI_freetuptable(SPI_tuptable);
-	}
-	SPI_cursor_close(portal);
+	rowscan_begin(&rs, from, to);
+	while (rowscan_next(&rs))
+		report(v, 0, DatumGetInt64(rs.v[0]), "forged row",
+			   "no block covers transaction %llu, below the newest block",
+			   (unsigned long long) xid8_value(rs.v[1]));
+	rowscan_end(&rs);
 }
 
 /*
@@ -774,34 +835,22 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 
 	/* rows not sealed yet: their own hash only */
 	{
-		Oid			types[1] = {XID8OID};
-		Datum		args[1] = {FullTransactionIdGetDatum(FullTransactionIdFromU64(prev_xid_to))};
+		RowScan		rs;
 
-		portal = SPI_cursor_open_with_args(NULL,
-										   "SELECT " AUDIT_COLUMNS " FROM orch.audit_log"
-										   " WHERE xid >= $1 ORDER BY xid, audit_id",
-										   1, types, args, NULL, true, 0);
-		for (;;)
+		rowscan_begin(&rs, prev_xid_to, NO_END);
+		while (rowscan_next(&rs))
 		{
-			SPI_cursor_fetch(portal, true, FETCH_ROWS);
-			if (SPI_processed == 0)
-				break;
-			for (uint64 i = 0; i < SPI_processed; i++)
-			{
-				uint8		h[ORCH_HASH_LEN];
-				bool		stored_ok;
-				int64		audit_id;
-				uint64		xid;
+			uint8		h[ORCH_HASH_LEN];
+			bool		stored_ok;
+			int64		audit_id;
+			uint64		xid;
 
-				row_hash_of(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, h, &stored_ok,
-							&audit_id, &xid);
-				if (!stored_ok)
-					report(&v, 0, audit_id, "modified row",
-						   "the row's values do not match its hash (not sealed yet)");
-			}
-			SPI_freetuptable(SPI_tuptable);
+			row_hash_of(rs.v, rs.n, h, &stored_ok, &audit_id, &xid);
+			if (!stored_ok)
+				report(&v, 0, audit_id, "modified row",
+					   "the row's values do not match its hash (not sealed yet)");
 		}
-		SPI_cursor_close(portal);
+		rowscan_end(&rs);
 	}
 	SPI_finish();
 	return (Datum) 0;
@@ -854,7 +903,7 @@ orch_verify_run(PG_FUNCTION_ARGS)
 			IdPos		key;
 			IdPos	   *found;
 
-			row_hash_of(rows->vals[i], rows->tupdesc, h, &stored_ok, &audit_id, &xid);
+			spi_row_hash_of(rows->vals[i], rows->tupdesc, h, &stored_ok, &audit_id, &xid);
 			if (!have_block || xid >= cur.b.xid_to || xid < cur.b.xid_from)
 			{
 				/* the block that sealed this row, and the one before it */
