@@ -1663,6 +1663,23 @@ SELECT orch._create_audit_triggers(t, true)
 					'orch.queues', 'orch.circuits', 'orch.runs', 'orch.steps',
 					'orch.attempts']::regclass[]) t;
 
+-- Drop the audit triggers a table has.
+CREATE FUNCTION orch._drop_audit_triggers(tbl regclass) RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	t name;
+BEGIN
+	FOR t IN SELECT tgname FROM pg_catalog.pg_trigger
+			  WHERE tgrelid = tbl
+				AND tgname IN ('orch_audit_insert', 'orch_audit_update', 'orch_audit_delete',
+							   'orch_audit_truncate') LOOP
+		EXECUTE format('DROP TRIGGER %I ON %s', t, tbl);
+	END LOOP;
+END
+$$;
+
 -- A table's schema-qualified name, as audit rows name it.
 CREATE FUNCTION orch._table_name(tbl regclass) RETURNS text
 	LANGUAGE sql STABLE
@@ -1690,15 +1707,26 @@ BEGIN
 			MESSAGE = format('%s is one of the orchestrator''s own tables, which are always audited',
 							 orch._table_name(tbl));
 	END IF;
-	IF c.relkind NOT IN ('r', 'p') THEN
+	IF c.relkind = 'p' THEN
+		-- statement triggers on a partitioned table do not fire for
+		-- statements aimed at one of its partitions
+		RAISE EXCEPTION USING ERRCODE = 'wrong_object_type',
+			MESSAGE = format('cannot %s the audit of %s: it is a partitioned table', what,
+							 orch._table_name(tbl)),
+			HINT = 'Audit each partition: a change aimed at a partition does not fire its parent''s triggers.';
+	END IF;
+	IF c.relkind <> 'r' THEN
 		RAISE EXCEPTION USING ERRCODE = 'wrong_object_type',
 			MESSAGE = format('cannot %s the audit of %s: it is not a table', what, orch._table_name(tbl)),
-			HINT = 'Only tables (plain or partitioned) are audited.';
+			HINT = 'Only tables are audited.';
 	END IF;
-	IF NOT pg_catalog.has_table_privilege(orch._caller(), tbl, 'TRIGGER') THEN
+	-- auditing a table lets orch_reader see its changes: it takes the
+	-- right to read it as well as to put triggers on it
+	IF NOT (pg_catalog.has_table_privilege(orch._caller(), tbl, 'TRIGGER')
+			AND pg_catalog.has_table_privilege(orch._caller(), tbl, 'SELECT')) THEN
 		RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
 			MESSAGE = format('permission denied to %s the audit of %s', what, orch._table_name(tbl)),
-			HINT = 'It takes the TRIGGER privilege on the table.';
+			HINT = 'It takes the TRIGGER and SELECT privileges on the table.';
 	END IF;
 END
 $$;
@@ -1714,10 +1742,14 @@ DECLARE
 	pk text[];
 BEGIN
 	PERFORM orch._check_audit_target(tbl, 'enable');
-	IF EXISTS (SELECT FROM pg_catalog.pg_trigger
-				WHERE tgrelid = tbl AND tgname = 'orch_audit_insert') THEN
+	IF (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger
+		 WHERE tgrelid = tbl AND tgenabled = 'A'
+		   AND tgname IN ('orch_audit_insert', 'orch_audit_update', 'orch_audit_delete',
+						  'orch_audit_truncate')) = 4 THEN
 		RETURN false;	-- already audited
 	END IF;
+	-- triggers left from before, some disabled or dropped by hand: anew
+	PERFORM orch._drop_audit_triggers(tbl);
 	SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.i) INTO pk
 	  FROM pg_catalog.pg_index x
 	  CROSS JOIN LATERAL pg_catalog.unnest(x.indkey) WITH ORDINALITY AS k(attnum, i)
@@ -1747,9 +1779,7 @@ BEGIN
 					WHERE tgrelid = tbl AND tgname = 'orch_audit_insert') THEN
 		RETURN false;	-- not audited
 	END IF;
-	EXECUTE format('DROP TRIGGER orch_audit_insert ON %1$s; DROP TRIGGER orch_audit_update ON %1$s;'
-				   ' DROP TRIGGER orch_audit_delete ON %1$s; DROP TRIGGER orch_audit_truncate ON %1$s',
-				   tbl);
+	PERFORM orch._drop_audit_triggers(tbl);
 	PERFORM orch._audit_event(orch._table_name(tbl), 'DISABLE_AUDIT', NULL);
 	RETURN true;
 END
@@ -1843,6 +1873,8 @@ CREATE VIEW orch.audit_seal_status AS
 
 SELECT pg_catalog.pg_extension_config_dump('orch.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.audit_blocks', '');
+SELECT pg_catalog.pg_extension_config_dump(
+	pg_catalog.pg_get_serial_sequence('orch.audit_log', 'audit_id')::pg_catalog.regclass, '');
 
 /* ------------------------------------------------------------------------
  * Privileges

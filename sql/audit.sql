@@ -71,6 +71,14 @@ SELECT orch.disable_audit('app.scratch');
 INSERT INTO app.scratch VALUES (4);
 SELECT operation, row_key, new_row FROM app.audit_of('app.scratch', 2);
 SELECT orch.disable_audit('app.scratch') AS again;
+-- A trigger disabled by hand: enabling the audit again repairs it.
+SELECT orch.enable_audit('app.scratch');
+ALTER TABLE app.scratch DISABLE TRIGGER orch_audit_insert;
+SELECT orch.enable_audit('app.scratch') AS repaired;
+SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'app.scratch'::regclass ORDER BY 1;
+INSERT INTO app.scratch VALUES (5);
+SELECT operation, row_key FROM app.audit_of('app.scratch', 1);
+SELECT orch.disable_audit('app.scratch');
 
 -- Bad calls.
 CREATE VIEW app.accounts_view AS SELECT * FROM app.accounts;
@@ -80,6 +88,8 @@ GRANT orch_admin TO audit_stranger;
 SELECT app.show_error($$SELECT orch.enable_audit('orch.runs')$$);
 SELECT app.show_error($$SELECT orch.enable_audit('app.accounts_view')$$);
 SELECT app.show_error($$SELECT orch.enable_audit('app.missing')$$);
+CREATE TABLE app.parted (k int PRIMARY KEY) PARTITION BY RANGE (k);
+SELECT app.show_error($$SELECT orch.enable_audit('app.parted')$$);
 SET ROLE audit_stranger;
 SELECT app.show_error($$SELECT orch.disable_audit('app.accounts')$$);
 RESET ROLE;

@@ -24,6 +24,7 @@
 #include "catalog/dependency.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
@@ -33,6 +34,7 @@
 #include "executor/spi.h"
 #include "executor/tuptable.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "utils/acl.h"
@@ -124,13 +126,50 @@ enc_u64(StringInfo buf, uint64 v)
 	put_u64(buf, v);
 }
 
+/*
+ * Text in UTF-8, as the encoding takes it, whatever the database's encoding
+ * (in a SQL_ASCII database, the bytes as stored).  Returns s itself when it
+ * needs no conversion.
+ */
+static const char *
+utf8(const char *s, int len, int *outlen)
+{
+	char	   *c;
+
+	if (GetDatabaseEncoding() == PG_UTF8 || GetDatabaseEncoding() == PG_SQL_ASCII)
+	{
+		*outlen = len;
+		return s;
+	}
+	c = pg_server_to_any(s, len, PG_UTF8);
+	*outlen = c == s ? len : (int) strlen(c);
+	return c;
+}
+
 static void
 enc_cstring(StringInfo buf, const char *s)
 {
+	int			len;
+	const char *u;
+
 	if (s == NULL)
+	{
 		enc_null(buf);
-	else
-		enc_bytes(buf, s, (uint32) strlen(s));
+		return;
+	}
+	u = utf8(s, (int) strlen(s), &len);
+	enc_bytes(buf, u, (uint32) len);
+}
+
+/* A length (4 bytes) and the UTF-8 bytes of a string of the database. */
+static void
+put_string(StringInfo out, const char *s, int len)
+{
+	int			ulen;
+	const char *u = utf8(s, len, &ulen);
+
+	put_u32(out, (uint32) ulen);
+	appendBinaryStringInfo(out, u, ulen);
 }
 
 /* A JSON scalar: a tag byte, then for strings and numbers a length and bytes. */
@@ -147,8 +186,7 @@ json_scalar(StringInfo out, JsonbValue *v)
 			break;
 		case jbvString:
 			appendStringInfoChar(out, 'S');
-			put_u32(out, (uint32) v->val.string.len);
-			appendBinaryStringInfo(out, v->val.string.val, v->val.string.len);
+			put_string(out, v->val.string.val, v->val.string.len);
 			break;
 		case jbvNumeric:
 			{
@@ -194,8 +232,7 @@ json_canon(StringInfo out, Jsonb *jb)
 				}
 				break;
 			case WJB_KEY:
-				put_u32(out, (uint32) v.val.string.len);
-				appendBinaryStringInfo(out, v.val.string.val, v.val.string.len);
+				put_string(out, v.val.string.val, v.val.string.len);
 				break;
 			case WJB_VALUE:
 			case WJB_ELEM:
@@ -567,24 +604,53 @@ column_changed(Form_pg_attribute att, Datum a, bool anull, Datum b, bool bnull)
 		return anull != bnull;
 	if (att->attlen == -1)
 	{
-		struct varlena *va = PG_DETOAST_DATUM_PACKED(a);
-		struct varlena *vb = PG_DETOAST_DATUM_PACKED(b);
+		struct varlena *pa = (struct varlena *) DatumGetPointer(a);
+		struct varlena *pb = (struct varlena *) DatumGetPointer(b);
+		struct varlena *va;
+		struct varlena *vb;
+		bool		changed;
 
-		return VARSIZE_ANY_EXHDR(va) != VARSIZE_ANY_EXHDR(vb) ||
+		/* an UPDATE that leaves a toasted value alone keeps its pointer */
+		if (VARATT_IS_EXTERNAL_ONDISK(pa) && VARATT_IS_EXTERNAL_ONDISK(pb) &&
+			VARSIZE_EXTERNAL(pa) == VARSIZE_EXTERNAL(pb) &&
+			memcmp(pa, pb, VARSIZE_EXTERNAL(pa)) == 0)
+			return false;
+		va = PG_DETOAST_DATUM_PACKED(a);
+		vb = PG_DETOAST_DATUM_PACKED(b);
+		changed = VARSIZE_ANY_EXHDR(va) != VARSIZE_ANY_EXHDR(vb) ||
 			memcmp(VARDATA_ANY(va), VARDATA_ANY(vb), VARSIZE_ANY_EXHDR(va)) != 0;
+		if (va != pa)
+			pfree(va);
+		if (vb != pb)
+			pfree(vb);
+		return changed;
 	}
 	return !datumIsEqual(a, b, att->attbyval, att->attlen);
 }
 
+/* Which columns an UPDATE changed: changed[i] for attribute i. */
+static void
+changed_columns(RelRender *rr, TupleTableSlot *before, TupleTableSlot *after, bool *changed)
+{
+	slot_getallattrs(before);
+	slot_getallattrs(after);
+	for (int i = 0; i < rr->desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(rr->desc, i);
+
+		changed[i] = !att->attisdropped &&
+			column_changed(att, before->tts_values[i], before->tts_isnull[i],
+						   after->tts_values[i], after->tts_isnull[i]);
+	}
+}
+
 static Jsonb *
-render_row(RelRender *rr, TupleTableSlot *slot, RenderWhich which, TupleTableSlot *other)
+render_row(RelRender *rr, TupleTableSlot *slot, RenderWhich which, const bool *changed)
 {
 	JsonbParseState *state = NULL;
 	JsonbValue *res;
 
 	slot_getallattrs(slot);
-	if (other != NULL)
-		slot_getallattrs(other);
 	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 	for (int i = 0; i < rr->desc->natts; i++)
 	{
@@ -594,9 +660,7 @@ render_row(RelRender *rr, TupleTableSlot *slot, RenderWhich which, TupleTableSlo
 			continue;
 		if (which == RENDER_KEY && !bms_is_member(att->attnum, rr->key_attrs))
 			continue;
-		if (which == RENDER_CHANGED &&
-			!column_changed(att, slot->tts_values[i], slot->tts_isnull[i],
-							other->tts_values[i], other->tts_isnull[i]))
+		if (which == RENDER_CHANGED && !changed[i])
 			continue;
 		push_column(&state, rr, i, slot->tts_values[i], slot->tts_isnull[i]);
 	}
@@ -767,6 +831,26 @@ batch_flush(AuditBatch *b)
 	MemoryContextReset(b->rows_cxt);
 }
 
+/*
+ * current_user; but inside one of the orchestrator's SECURITY DEFINER
+ * functions (current_user is then the owner of schema orch), the role that
+ * called it, which is who the change is made for.
+ */
+static Oid
+acting_user(void)
+{
+	Oid			user = GetUserId();
+	HeapTuple	tp = SearchSysCache1(NAMESPACEOID,
+									 ObjectIdGetDatum(get_namespace_oid("orch", false)));
+	Oid			orch_owner;
+
+	if (!HeapTupleIsValid(tp))
+		return user;
+	orch_owner = ((Form_pg_namespace) GETSTRUCT(tp))->nspowner;
+	ReleaseSysCache(tp);
+	return user == orch_owner && GetOuterUserId() != user ? GetOuterUserId() : user;
+}
+
 /* Who, when and why, for every row of a statement. */
 static void
 batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation)
@@ -780,7 +864,7 @@ batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation)
 		pstrdup(orch_audit_actor) : NULL;
 	b->common.reason = orch_audit_reason != NULL && orch_audit_reason[0] != '\0' ?
 		pstrdup(orch_audit_reason) : NULL;
-	b->common.db_user = GetUserNameFromId(GetUserId(), false);
+	b->common.db_user = GetUserNameFromId(acting_user(), false);
 	b->common.session_role = GetUserNameFromId(GetSessionUserId(), false);
 	b->n = 0;
 	{
@@ -907,6 +991,7 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	MemoryContext cxt;
 	MemoryContext oldcxt;
 	char	   *table_name;
+	bool	   *changed;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(td->tg_event) ||
 		!TRIGGER_FIRED_FOR_STATEMENT(td->tg_event))
@@ -945,7 +1030,8 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("orch._audit() on %s needs the statement's transition tables",
-						RelationGetRelationName(rel)),
+						quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+												   RelationGetRelationName(rel))),
 				 errhint("Use orch.enable_audit(table) to audit a table.")));
 	if (rows_a != NULL && tuplestore_tuple_count(rows_a) == 0)
 		return PointerGetDatum(NULL);
@@ -972,6 +1058,7 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	}
 
 	rel_render_init(&rr, rel);
+	changed = palloc(sizeof(bool) * Max(rr.desc->natts, 1));
 	slot_a = MakeSingleTupleTableSlot(rr.desc, &TTSOpsMinimalTuple);
 	transition_rescan(rows_a);
 	if (rows_b != NULL)
@@ -999,13 +1086,17 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 		 * rows' context is reset at every flush.
 		 */
 		if (slot_b != NULL && !tuplestore_gettupleslot(rows_b, true, false, slot_b))
-			elog(ERROR, "the transition tables of an UPDATE differ in length");
+			ereport(ERROR,
+					(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+					 errmsg("the transition tables of an UPDATE of %s differ in length", table_name),
+					 errhint("The audit trail pairs each updated row with its old version.")));
 		rowcxt = MemoryContextSwitchTo(b->rows_cxt);
 		if (slot_b != NULL)
 		{
 			current = slot_b;
-			old_row = render_row(&rr, slot_a, RENDER_CHANGED, slot_b);
-			new_row = render_row(&rr, slot_b, RENDER_CHANGED, slot_a);
+			changed_columns(&rr, slot_a, slot_b, changed);
+			old_row = render_row(&rr, slot_a, RENDER_CHANGED, changed);
+			new_row = render_row(&rr, slot_b, RENDER_CHANGED, changed);
 		}
 		else if (strcmp(operation, "INSERT") == 0)
 			new_row = render_row(&rr, slot_a, RENDER_ALL, NULL);

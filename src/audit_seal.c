@@ -173,7 +173,12 @@ seal(bool heartbeat_due, bool wait)
 		blk.block_id = DatumGetInt64(SPI_getbinval(t, d, 1, &isnull)) + 1;
 		blk.xid_from = xid8_value(SPI_getbinval(t, d, 2, &isnull));
 		if (!get_hash(SPI_getbinval(t, d, 3, &isnull), blk.prev_hash))
-			elog(ERROR, "audit block %lld has a malformed hash", (long long) blk.block_id - 1);
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("audit block %lld has a block_hash that is not 32 bytes long",
+							(long long) blk.block_id - 1),
+					 errdetail("The chain cannot be continued from it."),
+					 errhint("orch.verify_audit() reports what else was changed.")));
 		last_sealed = DatumGetTimestampTz(SPI_getbinval(t, d, 4, &isnull));
 		heartbeat_due = heartbeat_due &&
 			GetCurrentTimestamp() - last_sealed >= (int64) orch_audit_heartbeat_s * USECS_PER_SEC;
@@ -225,7 +230,12 @@ seal(bool heartbeat_due, bool wait)
 			}
 			ids[n] = SPI_getbinval(t, d, 1, &isnull);
 			if (!get_hash(SPI_getbinval(t, d, 3, &isnull), leaves + n * ORCH_HASH_LEN))
-				elog(ERROR, "audit row %lld has a malformed hash", (long long) DatumGetInt64(ids[n]));
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("audit row %lld has a row_hash that is not 32 bytes long",
+								(long long) DatumGetInt64(ids[n])),
+						 errdetail("Rows are sealed with their hash; this one cannot be."),
+						 errhint("orch.verify_audit() reports what else was changed.")));
 			n++;
 		}
 		SPI_freetuptable(SPI_tuptable);
@@ -302,6 +312,11 @@ orch_seal_audit(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
 				 errmsg("the audit trail cannot be sealed during recovery"),
 				 errhint("The primary seals it; a standby receives its blocks.")));
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("orch.seal_audit cannot run inside a REPEATABLE READ or SERIALIZABLE transaction"),
+				 errhint("Sealing needs a fresh snapshot for each of its steps; call it in READ COMMITTED.")));
 	orch_audit_heartbeat_s = 0;		/* asked for: due whatever the interval */
 	PG_TRY();
 	{
@@ -564,9 +579,8 @@ check_block(Verifier *v, ReadBlock *rb)
 
 	if (!rb->valid || !rb->prev_ok)
 	{
-		if (!rb->valid)
-			report(v, rb->b.block_id, 0, "modified block",
-				   "its Merkle root, hash or leaves are not made of 32-byte hashes");
+		report(v, rb->b.block_id, 0, "modified block",
+			   "its Merkle root, hashes or leaves are not made of 32-byte hashes");
 		return;
 	}
 	if (rb->nids != rb->nleaves || rb->b.n_rows != rb->nleaves)
@@ -726,8 +740,11 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 
 	if (digest != NULL)
 	{
-		JsonbValue *jb = getKeyJsonValueFromContainer(&digest->root, "block_id", 8, NULL);
-		JsonbValue *jh = getKeyJsonValueFromContainer(&digest->root, "block_hash", 10, NULL);
+		bool		is_object = JB_ROOT_IS_OBJECT(digest);
+		JsonbValue *jb = is_object ?
+			getKeyJsonValueFromContainer(&digest->root, "block_id", 8, NULL) : NULL;
+		JsonbValue *jh = is_object ?
+			getKeyJsonValueFromContainer(&digest->root, "block_hash", 10, NULL) : NULL;
 		bool		ok = jb != NULL && jh != NULL && jb->type == jbvNumeric && jh->type == jbvString &&
 			jh->val.string.len == 2 * ORCH_HASH_LEN;
 

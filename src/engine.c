@@ -257,6 +257,8 @@ seal_audit_trail(MemoryContext loop_cxt)
 	{
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
+		/* a fresh snapshot per statement, whatever default_transaction_isolation says */
+		XactIsoLevel = XACT_READ_COMMITTED;
 		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, "orchestrator: sealing the audit trail");
 		MemoryContextSwitchTo(loop_cxt);
