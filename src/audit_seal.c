@@ -890,15 +890,30 @@ orch_verify_run(PG_FUNCTION_ARGS)
 	ReadBlock	cur;
 	bool		have_block = false;
 	IdPos	   *index = NULL;
-	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext blockcxt;		/* the current block's ids, leaves, index */
+	int64		purged;
+	uint64		sealed_to = 0;	/* the newest block's xid_to */
+	bool		isnull;
 
 	v.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	v.findings = 0;
 	InitMaterializedSRF(fcinfo, 0);
 	memset(&cur, 0, sizeof(cur));
+	blockcxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator audit block",
+									 ALLOCSET_DEFAULT_SIZES);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
+	purged = purged_through();
+	if (SPI_execute("SELECT pg_catalog.max(xid_to) FROM orch.audit_blocks", true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read audit blocks");
+	{
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			sealed_to = xid8_value(d);
+		SPI_freetuptable(SPI_tuptable);
+	}
 	portal = SPI_cursor_open_with_args(NULL,
 									   "SELECT " AUDIT_COLUMNS " FROM orch.audit_log"
 									   " WHERE run_id = $1 ORDER BY xid, audit_id",
@@ -933,9 +948,10 @@ orch_verify_run(PG_FUNCTION_ARGS)
 										  1, btypes, bargs, NULL, true, 1) != SPI_OK_SELECT)
 					elog(ERROR, "could not read audit blocks");
 				have_block = SPI_processed > 0;
+				MemoryContextReset(blockcxt);
 				if (have_block)
 				{
-					oldcxt = MemoryContextSwitchTo(cxt);
+					oldcxt = MemoryContextSwitchTo(blockcxt);
 					read_block(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &cur);
 					index = palloc(sizeof(IdPos) * Max(cur.nids, 1));
 					for (int k = 0; k < cur.nids; k++)
@@ -945,13 +961,13 @@ orch_verify_run(PG_FUNCTION_ARGS)
 					}
 					qsort(index, cur.nids, sizeof(IdPos), idpos_cmp);
 					MemoryContextSwitchTo(oldcxt);
+					SPI_freetuptable(SPI_tuptable);
 					check_block(&v, &cur);
 					if (cur.b.block_id > 1)
 					{
 						Datum		pargs[1] = {Int64GetDatum(cur.b.block_id - 1)};
 						Oid			ptypes[1] = {INT8OID};
 						uint8		ph[ORCH_HASH_LEN];
-						bool		isnull;
 
 						if (SPI_execute_with_args("SELECT block_hash FROM orch.audit_blocks WHERE block_id = $1",
 												  1, ptypes, pargs, NULL, true, 1) != SPI_OK_SELECT)
@@ -963,14 +979,27 @@ orch_verify_run(PG_FUNCTION_ARGS)
 								 memcmp(ph, cur.b.prev_hash, ORCH_HASH_LEN) != 0)
 							report(&v, cur.b.block_id, 0, "broken link",
 								   "the block before it does not have the hash it follows");
+						SPI_freetuptable(SPI_tuptable);
 					}
 				}
+				else
+					SPI_freetuptable(SPI_tuptable);
 			}
 			if (!have_block)
 			{
-				if (!stored_ok)
+				if (xid < sealed_to)
+					report(&v, 0, audit_id, "forged row",
+						   "no block covers transaction %llu, below the newest block",
+						   (unsigned long long) xid);
+				else if (!stored_ok)
 					report(&v, 0, audit_id, "modified row",
 						   "the row's values do not match its hash (not sealed yet)");
+				continue;
+			}
+			if (cur.b.block_id <= purged)
+			{
+				report(&v, cur.b.block_id, audit_id, "forged row",
+					   "the row is in a range that was purged");
 				continue;
 			}
 			key.id = audit_id;

@@ -103,10 +103,10 @@ ALTER TABLE orch.audit_blocks DISABLE TRIGGER audit_blocks_append_only;
 UPDATE orch.audit_log SET new_row = new_row || '{"balance": 1000000}' WHERE audit_id = $modified;
 DELETE FROM orch.audit_log WHERE audit_id = $deleted;
 INSERT INTO orch.audit_log (audit_id, xid, at, table_name, operation, row_key, new_row,
-							db_user, session_role, row_hash)
+							db_user, session_role, run_id, row_hash)
 	OVERRIDING SYSTEM VALUE
 	VALUES (999999999, '$forged_xid', now(), 'app.accounts', 'INSERT', '{"id": 77}',
-			'{"id": 77, "owner": "mallory"}', 'postgres', 'postgres', '\\x00');
+			'{"id": 77, "owner": "mallory"}', 'postgres', 'postgres', '$a_run', '\\x00');
 DELETE FROM orch.audit_blocks WHERE block_id >= $block_c;
 ALTER TABLE orch.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
 ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
@@ -123,6 +123,10 @@ is(findings('postgres', $digest), $expected,
 ($rc, $out, $err) = independent('postgres', $digest);
 is($rc, 1, 'the independent verifier reports findings') or diag($err);
 is($out, $expected, 'the independent verifier reports exactly the same');
+is($node->safe_psql('postgres', qq{
+	SELECT coalesce(block_id::text, '') || ' ' || audit_id || ' ' || finding
+	  FROM orch.verify_run('$a_run')}),
+	"$block_a 999999999 forged row", 'verify_run finds the row forged into the run');
 # Without the digest the dropped tail cannot be seen: the chain is shorter, not broken.
 is(findings('postgres'),
 	"$block_a $deleted deleted row\n$block_a 999999999 forged row\n$block_a $modified modified row",
