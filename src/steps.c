@@ -534,28 +534,51 @@ static RowBuffer *const all_buffers[] = {
 };
 
 static MemoryContext rows_cxt = NULL;
+/*
+ * run_rows has a context of its own: the runs' counters are written once
+ * per batch (a chain of steps advances through several claim rounds of a
+ * batch, and its run would otherwise be updated in each), the other
+ * buffers once per round.
+ */
+static MemoryContext run_rows_cxt = NULL;
+
+static void
+buffer_reset(RowBuffer *b)
+{
+	b->nrows = 0;
+	b->cap = 0;
+	memset(b->values, 0, sizeof(b->values));
+	memset(b->nulls, 0, sizeof(b->nulls));
+}
+
+/* Empty the buffers; the runs' counters too if runs_too. */
+static void
+buffers_reset_but_runs(bool runs_too)
+{
+	for (int i = 0; i < (int) lengthof(all_buffers); i++)
+		if (all_buffers[i] != &run_rows)
+			buffer_reset(all_buffers[i]);
+	if (rows_cxt != NULL)
+		MemoryContextReset(rows_cxt);
+	if (runs_too)
+	{
+		buffer_reset(&run_rows);
+		if (run_rows_cxt != NULL)
+			MemoryContextReset(run_rows_cxt);
+	}
+}
 
 static void
 buffers_reset(void)
 {
-	for (int i = 0; i < (int) lengthof(all_buffers); i++)
-	{
-		RowBuffer  *b = all_buffers[i];
-
-		b->nrows = 0;
-		b->cap = 0;
-		memset(b->values, 0, sizeof(b->values));
-		memset(b->nulls, 0, sizeof(b->nulls));
-	}
-	if (rows_cxt != NULL)
-		MemoryContextReset(rows_cxt);
+	buffers_reset_but_runs(true);
 }
 
-/* Append a row; values are copied into rows_cxt. */
+/* Append a row; values are copied into the buffer's context. */
 static void
 buffer_add(RowBuffer *b, const Datum *values, const bool *nulls)
 {
-	MemoryContext oldcxt = MemoryContextSwitchTo(rows_cxt);
+	MemoryContext oldcxt = MemoryContextSwitchTo(b == &run_rows ? run_rows_cxt : rows_cxt);
 
 	if (b->nrows == b->cap)
 	{
@@ -654,6 +677,25 @@ flush_all(TimestampTz now, OrchBatchResult *result)
 	buffer_flush(&propagate_rows, (Datum) 0, result);
 	buffer_flush(&run_rows, ts, result);
 	buffers_reset();
+}
+
+/*
+ * Write what a claim round buffered but the runs' counters, which wait for
+ * the end of the batch (or for flush_all, which a run failing calls before
+ * it sets its counter to zero).  Nothing a later round reads depends on
+ * them: a run's status goes from pending to running, both active, and it
+ * finishes only when its last step has.
+ */
+static void
+flush_round(TimestampTz now, OrchBatchResult *result)
+{
+	Datum		ts = TimestampTzGetDatum(now);
+
+	buffer_flush(&finish_rows, ts, result);
+	buffer_flush(&defer_rows, ts, result);
+	buffer_flush(&attempt_rows, (Datum) 0, result);
+	buffer_flush(&propagate_rows, (Datum) 0, result);
+	buffers_reset_but_runs(false);
 }
 
 static SPIPlanPtr
@@ -1954,6 +1996,8 @@ batch_begin(void)
 	batch_cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator batch",
 									  ALLOCSET_DEFAULT_SIZES);
 	rows_cxt = AllocSetContextCreate(batch_cxt, "orchestrator rows", ALLOCSET_DEFAULT_SIZES);
+	run_rows_cxt = AllocSetContextCreate(batch_cxt, "orchestrator run rows",
+										 ALLOCSET_DEFAULT_SIZES);
 	failed_runs = NIL;
 	opened_circuits = NIL;
 	batch_min_timer = 0;
@@ -1968,6 +2012,7 @@ batch_end(void)
 {
 	batch_cxt = NULL;
 	rows_cxt = NULL;
+	run_rows_cxt = NULL;
 	settings_nest_level = 0;	/* an error restores the settings itself */
 	failed_runs = NIL;
 	opened_circuits = NIL;
@@ -2115,13 +2160,14 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 				MemoryContextSwitchTo(oldcxt);
 				MemoryContextReset(step_cxt);
 			}
-			flush_all(now, result);
+			flush_round(now, result);
 			if (!result->made_ready)
 			{
 				result->made_ready = made_ready_before;
 				break;
 			}
 		}
+		flush_all(now, result);
 	}
 	PG_FINALLY();
 	{
