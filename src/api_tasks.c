@@ -171,7 +171,11 @@ static struct
 	TimestampTz head_at;		/* when a claim last started from the head */
 }			claim_cursor;
 
-/* The number of rows of a claim's result; columns 9, 10 are its key. */
+/*
+ * After a claim that returned n rows (columns 9 and 10 of its last row are
+ * that task's key): resume after it next time if the claim got all it asked
+ * for (full), else look from the head.
+ */
 static void
 claim_cursor_set(const char *queue, SPITupleTable *last, uint64 n, bool full)
 {
