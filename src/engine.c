@@ -116,22 +116,26 @@ refresh_misleading_statistics(void)
 }
 
 /*
- * Set a step aside in a transaction of its own; false (logged) if that
- * failed too, for instance because the cause lies in orch.steps itself.
+ * Do work(arg) in a transaction of its own, with SPI connected; false
+ * (logged, rolled back) if it failed.  read_committed: a fresh snapshot
+ * for each statement, whatever default_transaction_isolation says.
  */
 static bool
-quarantine(int64 step_id, ErrorData *cause)
+in_own_transaction(void (*work) (void *arg), void *arg, bool read_committed)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	volatile bool ok = true;
 
 	PG_TRY();
 	{
+		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
+		if (read_committed)
+			XactIsoLevel = XACT_READ_COMMITTED;
 		PushActiveSnapshot(GetTransactionSnapshot());
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
-		orch_quarantine_step(step_id, cause);
+		work(arg);
 		SPI_finish();
 		PopActiveSnapshot();
 		CommitTransactionCommand();
@@ -149,6 +153,32 @@ quarantine(int64 step_id, ErrorData *cause)
 	PG_END_TRY();
 	MemoryContextSwitchTo(oldcxt);
 	return ok;
+}
+
+typedef struct Quarantine
+{
+	int64		step_id;
+	ErrorData  *cause;
+} Quarantine;
+
+static void
+quarantine_work(void *arg)
+{
+	Quarantine *q = arg;
+
+	orch_quarantine_step(q->step_id, q->cause);
+}
+
+/*
+ * Set a step aside in a transaction of its own; false (logged) if that
+ * failed too, for instance because the cause lies in orch.steps itself.
+ */
+static bool
+quarantine(int64 step_id, ErrorData *cause)
+{
+	Quarantine	q = {step_id, cause};
+
+	return in_own_transaction(quarantine_work, &q, false);
 }
 
 /*
@@ -242,6 +272,17 @@ run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_c
 	return true;
 }
 
+static void
+seal_work(void *arg)
+{
+	MemoryContext loop_cxt = (MemoryContext) arg;
+	MemoryContext oldcxt = MemoryContextSwitchTo(loop_cxt);
+
+	pgstat_report_activity(STATE_RUNNING, "orchestrator: sealing the audit trail");
+	(void) orch_audit_seal(true);
+	MemoryContextSwitchTo(oldcxt);
+}
+
 /*
  * Seal the audit trail (audit_seal.c), in a transaction of its own; the
  * first engine worker of each database does it every
@@ -251,36 +292,9 @@ run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_c
 static void
 seal_audit_trail(MemoryContext loop_cxt)
 {
-	MemoryContext oldcxt = CurrentMemoryContext;
-
-	PG_TRY();
-	{
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		/* a fresh snapshot per statement, whatever default_transaction_isolation says */
-		XactIsoLevel = XACT_READ_COMMITTED;
-		PushActiveSnapshot(GetTransactionSnapshot());
-		pgstat_report_activity(STATE_RUNNING, "orchestrator: sealing the audit trail");
-		MemoryContextSwitchTo(loop_cxt);
-		(void) orch_audit_seal(true);
-		MemoryContextSwitchTo(oldcxt);
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-		pgstat_report_activity(STATE_IDLE, NULL);
-		MemoryContextReset(loop_cxt);
-	}
-	PG_CATCH();
-	{
-		HOLD_INTERRUPTS();
-		MemoryContextSwitchTo(oldcxt);
-		EmitErrorReport();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		MemoryContextReset(loop_cxt);
-		pgstat_report_activity(STATE_IDLE, NULL);
-		RESUME_INTERRUPTS();
-	}
-	PG_END_TRY();
+	(void) in_own_transaction(seal_work, loop_cxt, true);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	MemoryContextReset(loop_cxt);
 }
 
 void
