@@ -553,7 +553,7 @@ buffer_reset(RowBuffer *b)
 
 /* Empty the buffers; the runs' counters too if runs_too. */
 static void
-buffers_reset_but_runs(bool runs_too)
+buffers_empty(bool runs_too)
 {
 	for (int i = 0; i < (int) lengthof(all_buffers); i++)
 		if (all_buffers[i] != &run_rows)
@@ -566,12 +566,6 @@ buffers_reset_but_runs(bool runs_too)
 		if (run_rows_cxt != NULL)
 			MemoryContextReset(run_rows_cxt);
 	}
-}
-
-static void
-buffers_reset(void)
-{
-	buffers_reset_but_runs(true);
 }
 
 /* Append a row; values are copied into the buffer's context. */
@@ -665,37 +659,32 @@ buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
 	b->nrows = 0;
 }
 
-/* Write everything buffered, in dependency order. */
+/*
+ * Write what is buffered, in dependency order.  runs_too false: all but the
+ * runs' counters, which wait for the end of the batch (or for flush_all,
+ * which a run failing calls before it sets its counter to zero).  Nothing a
+ * later claim round reads depends on them: a run's status goes from pending
+ * to running, both active, and it finishes only when its last step has.
+ */
+static void
+flush_buffers(TimestampTz now, OrchBatchResult *result, bool runs_too)
+{
+	Datum		ts = TimestampTzGetDatum(now);
+
+	buffer_flush(&finish_rows, ts, result);
+	buffer_flush(&defer_rows, ts, result);
+	buffer_flush(&attempt_rows, (Datum) 0, result);
+	buffer_flush(&propagate_rows, (Datum) 0, result);
+	if (runs_too)
+		buffer_flush(&run_rows, ts, result);
+	buffers_empty(runs_too);
+}
+
+/* Write everything buffered. */
 static void
 flush_all(TimestampTz now, OrchBatchResult *result)
 {
-	Datum		ts = TimestampTzGetDatum(now);
-
-	buffer_flush(&finish_rows, ts, result);
-	buffer_flush(&defer_rows, ts, result);
-	buffer_flush(&attempt_rows, (Datum) 0, result);
-	buffer_flush(&propagate_rows, (Datum) 0, result);
-	buffer_flush(&run_rows, ts, result);
-	buffers_reset();
-}
-
-/*
- * Write what a claim round buffered but the runs' counters, which wait for
- * the end of the batch (or for flush_all, which a run failing calls before
- * it sets its counter to zero).  Nothing a later round reads depends on
- * them: a run's status goes from pending to running, both active, and it
- * finishes only when its last step has.
- */
-static void
-flush_round(TimestampTz now, OrchBatchResult *result)
-{
-	Datum		ts = TimestampTzGetDatum(now);
-
-	buffer_flush(&finish_rows, ts, result);
-	buffer_flush(&defer_rows, ts, result);
-	buffer_flush(&attempt_rows, (Datum) 0, result);
-	buffer_flush(&propagate_rows, (Datum) 0, result);
-	buffers_reset_but_runs(false);
+	flush_buffers(now, result, true);
 }
 
 static SPIPlanPtr
@@ -2002,7 +1991,7 @@ batch_begin(void)
 	opened_circuits = NIL;
 	batch_min_timer = 0;
 	orch_last_step_id = 0;
-	buffers_reset();
+	buffers_empty(true);
 	return batch_cxt;
 }
 
@@ -2016,7 +2005,7 @@ batch_end(void)
 	settings_nest_level = 0;	/* an error restores the settings itself */
 	failed_runs = NIL;
 	opened_circuits = NIL;
-	buffers_reset();
+	buffers_empty(true);
 }
 
 /*
@@ -2160,7 +2149,7 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 				MemoryContextSwitchTo(oldcxt);
 				MemoryContextReset(step_cxt);
 			}
-			flush_round(now, result);
+			flush_buffers(now, result, false);
 			if (!result->made_ready)
 			{
 				result->made_ready = made_ready_before;
