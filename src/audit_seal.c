@@ -516,6 +516,22 @@ rowscan_end(RowScan *rs)
 	table_close(rs->rel, AccessShareLock);
 }
 
+/* Position of an id among a block's ids (sorted copy with positions). */
+typedef struct IdPos
+{
+	int64		id;
+	int			pos;
+} IdPos;
+
+static int
+idpos_cmp(const void *a, const void *b)
+{
+	int64		x = ((const IdPos *) a)->id;
+	int64		y = ((const IdPos *) b)->id;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
 /* A block as read back, with its leaves and the ids they belong to. */
 typedef struct ReadBlock
 {
@@ -527,6 +543,7 @@ typedef struct ReadBlock
 	int			nids;
 	uint8	   *leaves;
 	int64		nleaves;
+	struct IdPos *index;		/* ids sorted, with their positions */
 } ReadBlock;
 
 #define BLOCK_COLUMNS \
@@ -553,8 +570,14 @@ read_block(HeapTuple t, TupleDesc d, ReadBlock *rb)
 	arr = DatumGetArrayTypeP(SPI_getbinval(t, d, 6, &isnull));
 	deconstruct_array(arr, INT8OID, 8, true, TYPALIGN_DOUBLE, &elems, &enulls, &rb->nids);
 	rb->ids = palloc(sizeof(int64) * Max(rb->nids, 1));
+	rb->index = palloc(sizeof(IdPos) * Max(rb->nids, 1));
 	for (int i = 0; i < rb->nids; i++)
+	{
 		rb->ids[i] = enulls[i] ? 0 : DatumGetInt64(elems[i]);
+		rb->index[i].id = rb->ids[i];
+		rb->index[i].pos = i;
+	}
+	qsort(rb->index, rb->nids, sizeof(IdPos), idpos_cmp);
 	lv = DatumGetByteaPP(SPI_getbinval(t, d, 7, &isnull));
 	rb->nleaves = VARSIZE_ANY_EXHDR(lv) / ORCH_HASH_LEN;
 	if (VARSIZE_ANY_EXHDR(lv) % ORCH_HASH_LEN != 0)
@@ -598,37 +621,42 @@ check_block(Verifier *v, ReadBlock *rb)
 			   "its contents hash to %s, the block says %s", hex(h), hex(rb->block_hash));
 }
 
-/* Position of an id among a block's ids (sorted copy with positions). */
-typedef struct IdPos
+/*
+ * A row of a sealed block's range, whose values hash to h: forged if the
+ * block does not list it (or seen, when given, shows it listed already),
+ * modified if its hash is not the leaf sealed for it (or the block's ids
+ * and leaves do not pair up).
+ */
+static void
+check_sealed_row(Verifier *v, ReadBlock *rb, bool *seen, int64 audit_id, uint64 xid,
+				 const uint8 *h, bool stored_ok)
 {
-	int64		id;
-	int			pos;
-} IdPos;
+	IdPos		key = {audit_id, 0};
+	IdPos	   *found = bsearch(&key, rb->index, rb->nids, sizeof(IdPos), idpos_cmp);
 
-static int
-idpos_cmp(const void *a, const void *b)
-{
-	int64		x = ((const IdPos *) a)->id;
-	int64		y = ((const IdPos *) b)->id;
-
-	return x < y ? -1 : x > y ? 1 : 0;
+	if (found == NULL || (seen != NULL && seen[found->pos]))
+	{
+		report(v, rb->b.block_id, audit_id, "forged row",
+			   "transaction %llu is sealed in this block, which does not list the row",
+			   (unsigned long long) xid);
+		return;
+	}
+	if (seen != NULL)
+		seen[found->pos] = true;
+	if (rb->nids != rb->nleaves ||
+		memcmp(h, rb->leaves + (int64) found->pos * ORCH_HASH_LEN, ORCH_HASH_LEN) != 0)
+		report(v, rb->b.block_id, audit_id, "modified row",
+			   stored_ok ?
+			   "the row and its stored hash were both rewritten after sealing" :
+			   "the row's values do not match the hash sealed for it");
 }
 
 /* Check the rows of a block's xid range against its ids and leaves. */
 static void
 check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 {
-	IdPos	   *index = palloc(sizeof(IdPos) * Max(rb->nids, 1));
 	bool	   *seen = palloc0(sizeof(bool) * Max(rb->nids, 1));
-	bool		usable = rb->nids == rb->nleaves;
 	RowScan		rs;
-
-	for (int i = 0; i < rb->nids; i++)
-	{
-		index[i].id = rb->ids[i];
-		index[i].pos = i;
-	}
-	qsort(index, rb->nids, sizeof(IdPos), idpos_cmp);
 
 	rowscan_begin(&rs, rb->b.xid_from, rb->b.xid_to);
 	while (rowscan_next(&rs))
@@ -637,32 +665,13 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 		bool		stored_ok;
 		int64		audit_id;
 		uint64		xid;
-		IdPos		key;
-		IdPos	   *found;
 
 		row_hash_of(rs.v, rs.n, h, &stored_ok, &audit_id, &xid);
 		if (purged)
-		{
 			report(v, rb->b.block_id, audit_id, "forged row",
 				   "the row is in a range that was purged");
-			continue;
-		}
-		key.id = audit_id;
-		found = bsearch(&key, index, rb->nids, sizeof(IdPos), idpos_cmp);
-		if (found == NULL || seen[found->pos])
-		{
-			report(v, rb->b.block_id, audit_id, "forged row",
-				   "transaction %llu is sealed in this block, which does not list the row",
-				   (unsigned long long) xid);
-			continue;
-		}
-		seen[found->pos] = true;
-		if (usable &&
-			memcmp(h, rb->leaves + (int64) found->pos * ORCH_HASH_LEN, ORCH_HASH_LEN) != 0)
-			report(v, rb->b.block_id, audit_id, "modified row",
-				   stored_ok ?
-				   "the row and its stored hash were both rewritten after sealing" :
-				   "the row's values do not match the hash sealed for it");
+		else
+			check_sealed_row(v, rb, seen, audit_id, xid, h, stored_ok);
 	}
 	rowscan_end(&rs);
 
@@ -671,7 +680,6 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 			if (!seen[i])
 				report(v, rb->b.block_id, rb->ids[i], "deleted row",
 					   "the block lists the row, which is gone");
-	pfree(index);
 	pfree(seen);
 }
 
@@ -889,7 +897,6 @@ orch_verify_run(PG_FUNCTION_ARGS)
 	Datum		args[1] = {run_id};
 	ReadBlock	cur;
 	bool		have_block = false;
-	IdPos	   *index = NULL;
 	MemoryContext blockcxt;		/* the current block's ids, leaves, index */
 	int64		purged;
 	uint64		sealed_to = 0;	/* the newest block's xid_to */
@@ -932,8 +939,6 @@ orch_verify_run(PG_FUNCTION_ARGS)
 			bool		stored_ok;
 			int64		audit_id;
 			uint64		xid;
-			IdPos		key;
-			IdPos	   *found;
 
 			spi_row_hash_of(rows->vals[i], rows->tupdesc, h, &stored_ok, &audit_id, &xid);
 			if (!have_block || xid >= cur.b.xid_to || xid < cur.b.xid_from)
@@ -953,13 +958,6 @@ orch_verify_run(PG_FUNCTION_ARGS)
 				{
 					oldcxt = MemoryContextSwitchTo(blockcxt);
 					read_block(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &cur);
-					index = palloc(sizeof(IdPos) * Max(cur.nids, 1));
-					for (int k = 0; k < cur.nids; k++)
-					{
-						index[k].id = cur.ids[k];
-						index[k].pos = k;
-					}
-					qsort(index, cur.nids, sizeof(IdPos), idpos_cmp);
 					MemoryContextSwitchTo(oldcxt);
 					SPI_freetuptable(SPI_tuptable);
 					check_block(&v, &cur);
@@ -1002,18 +1000,7 @@ orch_verify_run(PG_FUNCTION_ARGS)
 					   "the row is in a range that was purged");
 				continue;
 			}
-			key.id = audit_id;
-			found = bsearch(&key, index, cur.nids, sizeof(IdPos), idpos_cmp);
-			if (found == NULL)
-				report(&v, cur.b.block_id, audit_id, "forged row",
-					   "transaction %llu is sealed in this block, which does not list the row",
-					   (unsigned long long) xid);
-			else if (cur.nids != cur.nleaves ||
-					 memcmp(h, cur.leaves + (int64) found->pos * ORCH_HASH_LEN, ORCH_HASH_LEN) != 0)
-				report(&v, cur.b.block_id, audit_id, "modified row",
-					   stored_ok ?
-					   "the row and its stored hash were both rewritten after sealing" :
-					   "the row's values do not match the hash sealed for it");
+			check_sealed_row(&v, &cur, NULL, audit_id, xid, h, stored_ok);
 		}
 		SPI_freetuptable(rows);
 	}
