@@ -15,6 +15,16 @@ SELECT workflow, version, status, input, owner = current_user AS owned_by_caller
 SELECT name, status, pending_needs FROM orch.steps WHERE run_id = :'run' ORDER BY step_id;
 COMMIT;
 
+-- Run ids are UUID version 7 (variant RFC 9562), in the order runs are started,
+-- their first 48 bits the start time in Unix milliseconds.
+BEGIN;
+SELECT orch.start_run('chain') AS r1, orch.start_run('chain') AS r2 \gset
+SELECT substr(:'r1', 15, 1) AS version, substr(:'r1', 20, 1) IN ('8', '9', 'a', 'b') AS rfc_variant,
+	   :'r1'::uuid < :'r2'::uuid AS increasing,
+	   abs(('x' || lpad(replace(substr(:'r1', 1, 13), '-', ''), 16, '0'))::bit(64)::bigint
+		   - (extract(epoch FROM clock_timestamp()) * 1000)::bigint) < 60000 AS unix_ms_prefix;
+ROLLBACK;
+
 -- The same workflow and idempotency key return the same run, not a second one.
 SELECT orch.start_run('chain', '{"order": 42}', idempotency_key => 'order-42') = :'run' AS same_run;
 SELECT count(*) FROM orch.runs WHERE idempotency_key = 'order-42';
