@@ -1597,6 +1597,8 @@ CREATE TABLE orch.audit_log (
 	PRIMARY KEY (xid, audit_id)
 );
 CREATE INDEX audit_log_run ON orch.audit_log (run_id) WHERE run_id IS NOT NULL;
+-- the purges, which verification looks up first
+CREATE INDEX audit_log_purges ON orch.audit_log (audit_id) WHERE operation = 'PURGE';
 
 -- A block seals the rows of the transactions with xid_from <= xid < xid_to,
 -- all of which had ended when it was sealed.

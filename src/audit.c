@@ -47,6 +47,7 @@
 #include "utils/numeric.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/resowner.h"
 #include "utils/syscache.h"
 #include "utils/uuid.h"
 #include "utils/xid8.h"
@@ -87,12 +88,45 @@ orch_audit_clear_step(void)
  * Canonical encoding (docs/audit.md)
  * ------------------------------------------------------------------------ */
 
-static void
+/*
+ * The encoding is written with these rather than appendStringInfo*: a row
+ * is dozens of small appends, and they check for room inline.  The
+ * buffer is not kept NUL-terminated; it is hashed by its length.
+ */
+static inline void
+reserve(StringInfo buf, int n)
+{
+	if (buf->len + n >= buf->maxlen)
+		enlargeStringInfo(buf, n);
+}
+
+static inline void
+put_byte(StringInfo buf, char c)
+{
+	reserve(buf, 1);
+	buf->data[buf->len++] = c;
+}
+
+static inline void
+put_raw(StringInfo buf, const char *data, int len)
+{
+	reserve(buf, len);
+	memcpy(buf->data + buf->len, data, len);
+	buf->len += len;
+}
+
+static inline void
 put_u32(StringInfo buf, uint32 v)
 {
-	char		b[4] = {(char) (v >> 24), (char) (v >> 16), (char) (v >> 8), (char) v};
+	unsigned char *p;
 
-	appendBinaryStringInfo(buf, b, 4);
+	reserve(buf, 4);
+	p = (unsigned char *) buf->data + buf->len;
+	p[0] = (unsigned char) (v >> 24);
+	p[1] = (unsigned char) (v >> 16);
+	p[2] = (unsigned char) (v >> 8);
+	p[3] = (unsigned char) v;
+	buf->len += 4;
 }
 
 static void
@@ -106,22 +140,22 @@ put_u64(StringInfo buf, uint64 v)
 static void
 enc_bytes(StringInfo buf, const void *data, uint32 len)
 {
-	appendStringInfoChar(buf, 1);
+	put_byte(buf, 1);
 	put_u32(buf, len);
-	appendBinaryStringInfo(buf, data, (int) len);
+	put_raw(buf, data, (int) len);
 }
 
 /* A NULL field: 0x00 alone. */
 static void
 enc_null(StringInfo buf)
 {
-	appendStringInfoChar(buf, 0);
+	put_byte(buf, 0);
 }
 
 static void
 enc_u64(StringInfo buf, uint64 v)
 {
-	appendStringInfoChar(buf, 1);
+	put_byte(buf, 1);
 	put_u32(buf, 8);
 	put_u64(buf, v);
 }
@@ -169,97 +203,137 @@ put_string(StringInfo out, const char *s, int len)
 	const char *u = utf8(s, len, &ulen);
 
 	put_u32(out, (uint32) ulen);
-	appendBinaryStringInfo(out, u, ulen);
+	put_raw(out, u, ulen);
 }
 
-/* A JSON scalar: a tag byte, then for strings and numbers a length and bytes. */
+/* A JSON number: 'N', then its text as numeric_out writes it. */
 static void
-json_scalar(StringInfo out, JsonbValue *v)
+put_number(StringInfo out, Numeric num)
 {
-	switch (v->type)
-	{
-		case jbvNull:
-			appendStringInfoChar(out, 'Z');
-			break;
-		case jbvBool:
-			appendStringInfoChar(out, v->val.boolean ? 'T' : 'F');
-			break;
-		case jbvString:
-			appendStringInfoChar(out, 'S');
-			put_string(out, v->val.string.val, v->val.string.len);
-			break;
-		case jbvNumeric:
-			{
-				char	   *s = DatumGetCString(DirectFunctionCall1(numeric_out,
-																	NumericGetDatum(v->val.numeric)));
+	char	   *s = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(num)));
+	int			len = (int) strlen(s);
 
-				appendStringInfoChar(out, 'N');
-				put_u32(out, (uint32) strlen(s));
-				appendStringInfoString(out, s);
-				pfree(s);
-				break;
-			}
+	put_byte(out, 'N');
+	put_u32(out, (uint32) len);
+	put_raw(out, s, len);
+	pfree(s);
+}
+
+static void json_canon(StringInfo out, const JsonbContainer *jc);
+
+/*
+ * One key's value or one element: a tag byte, then for strings and numbers
+ * a length and bytes; or a container.
+ */
+static void
+json_entry(StringInfo out, JEntry entry, const char *base, uint32 offset, uint32 len)
+{
+	switch (entry & JENTRY_TYPEMASK)
+	{
+		case JENTRY_ISNULL:
+			put_byte(out, 'Z');
+			break;
+		case JENTRY_ISBOOL_FALSE:
+			put_byte(out, 'F');
+			break;
+		case JENTRY_ISBOOL_TRUE:
+			put_byte(out, 'T');
+			break;
+		case JENTRY_ISSTRING:
+			put_byte(out, 'S');
+			put_string(out, base + offset, (int) len);
+			break;
+		case JENTRY_ISNUMERIC:
+			put_number(out, (Numeric) (base + INTALIGN(offset)));
+			break;
+		case JENTRY_ISCONTAINER:
+			json_canon(out, (const JsonbContainer *) (base + INTALIGN(offset)));
+			break;
 		default:
-			elog(ERROR, "unexpected jsonb value type %d in an audit row", (int) v->type);
+			elog(ERROR, "unexpected jsonb entry type %u in an audit row",
+				 (unsigned) (entry & JENTRY_TYPEMASK));
 	}
 }
 
 /*
- * A jsonb value in canonical form: objects as 'O', their number of keys and
- * each key (length, bytes) with its value, in jsonb's key order (shorter
- * keys first, then bytewise); arrays as 'A', their length and elements.
+ * A jsonb container in canonical form: objects as 'O', their number of keys
+ * and each key (length, bytes) with its value, in jsonb's key order (shorter
+ * keys first, then bytewise); arrays as 'A', their length and elements; a
+ * raw scalar as the scalar alone.
+ *
+ * The container is read in its binary form (utils/jsonb.h): a header with
+ * the count and kind, one JEntry per key and value (an object's keys first,
+ * then its values), then their data.  A JEntry holds the length of its datum
+ * or, every JB_OFFSET_STRIDE entries, its end offset; numbers and nested
+ * containers start at an int-aligned offset.  Walking it directly spares
+ * JsonbIterator's copy of every value.
  */
 static void
-json_canon(StringInfo out, Jsonb *jb)
+json_canon(StringInfo out, const JsonbContainer *jc)
 {
-	JsonbIterator *it = JsonbIteratorInit(&jb->root);
-	JsonbValue	v;
-	JsonbIteratorToken tok;
+	uint32		count = jc->header & JB_CMASK;
+	bool		is_object = (jc->header & JB_FOBJECT) != 0;
+	uint32		nentries = is_object ? count * 2 : count;
+	const char *base = (const char *) &jc->children[nentries];
+	uint32		local[65];
+	uint32	   *offs = nentries < lengthof(local) ? local : palloc(sizeof(uint32) * (nentries + 1));
 
-	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
+	/* where each entry's datum starts; offs[nentries] is the end */
+	offs[0] = 0;
+	for (uint32 i = 0; i < nentries; i++)
 	{
-		switch (tok)
+		JEntry		entry = jc->children[i];
+
+		offs[i + 1] = JBE_HAS_OFF(entry) ? JBE_OFFLENFLD(entry) : offs[i] + JBE_OFFLENFLD(entry);
+	}
+
+	if (is_object)
+	{
+		put_byte(out, 'O');
+		put_u32(out, count);
+		for (uint32 i = 0; i < count; i++)
 		{
-			case WJB_BEGIN_OBJECT:
-				appendStringInfoChar(out, 'O');
-				put_u32(out, (uint32) v.val.object.nPairs);
-				break;
-			case WJB_BEGIN_ARRAY:
-				if (!v.val.array.rawScalar)
-				{
-					appendStringInfoChar(out, 'A');
-					put_u32(out, (uint32) v.val.array.nElems);
-				}
-				break;
-			case WJB_KEY:
-				put_string(out, v.val.string.val, v.val.string.len);
-				break;
-			case WJB_VALUE:
-			case WJB_ELEM:
-				json_scalar(out, &v);
-				break;
-			case WJB_END_OBJECT:
-			case WJB_END_ARRAY:
-			case WJB_DONE:
-				break;
+			uint32		v = count + i;
+
+			put_string(out, base + offs[i], (int) (offs[i + 1] - offs[i]));
+			json_entry(out, jc->children[v], base, offs[v], offs[v + 1] - offs[v]);
 		}
 	}
+	else
+	{
+		if (!(jc->header & JB_FSCALAR))
+		{
+			put_byte(out, 'A');
+			put_u32(out, count);
+		}
+		for (uint32 i = 0; i < count; i++)
+			json_entry(out, jc->children[i], base, offs[i], offs[i + 1] - offs[i]);
+	}
+	if (offs != local)
+		pfree(offs);
 }
 
+/* A jsonb field: its canonical form, length-prefixed like any field. */
 static void
 enc_jsonb(StringInfo buf, Jsonb *jb)
 {
-	StringInfoData j;
+	int			len_at;
+	uint32		len;
 
 	if (jb == NULL)
 	{
 		enc_null(buf);
 		return;
 	}
-	initStringInfo(&j);
-	json_canon(&j, jb);
-	enc_bytes(buf, j.data, (uint32) j.len);
-	pfree(j.data);
+	put_byte(buf, 1);
+	len_at = buf->len;
+	put_u32(buf, 0);			/* the length, filled in below */
+	json_canon(buf, &jb->root);
+	len = (uint32) (buf->len - len_at - 4);
+	buf->data[len_at] = (char) (len >> 24);
+	buf->data[len_at + 1] = (char) (len >> 16);
+	buf->data[len_at + 2] = (char) (len >> 8);
+	buf->data[len_at + 3] = (char) len;
 }
 
 /* Microseconds since 1970-01-01 00:00 UTC. */
@@ -269,16 +343,36 @@ unix_usecs(TimestampTz t)
 	return t + (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY;
 }
 
+/*
+ * One SHA-256 context serves the backend for its life: creating one sets up
+ * OpenSSL state and registers it with a resource owner, which for the
+ * nodes of a Merkle tree costs more than their hashing.  It is registered
+ * with a resource owner of its own that is never released.
+ */
+static pg_cryptohash_ctx *sha256_ctx = NULL;
+
 void
 orch_sha256(const void *data, size_t len, uint8 *out)
 {
-	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
+	if (sha256_ctx == NULL)
+	{
+		static ResourceOwner owner = NULL;
+		ResourceOwner saved = CurrentResourceOwner;
 
-	if (ctx == NULL || pg_cryptohash_init(ctx) < 0 ||
-		pg_cryptohash_update(ctx, data, len) < 0 ||
-		pg_cryptohash_final(ctx, out, PG_SHA256_DIGEST_LENGTH) < 0)
-		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(ctx));
-	pg_cryptohash_free(ctx);
+		if (owner == NULL)
+			owner = ResourceOwnerCreate(NULL, "orchestrator SHA-256");
+		CurrentResourceOwner = owner;
+		sha256_ctx = pg_cryptohash_create(PG_SHA256);
+		CurrentResourceOwner = saved;
+		if (sha256_ctx == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("out of memory")));
+	}
+	if (pg_cryptohash_init(sha256_ctx) < 0 ||
+		pg_cryptohash_update(sha256_ctx, data, len) < 0 ||
+		pg_cryptohash_final(sha256_ctx, out, PG_SHA256_DIGEST_LENGTH) < 0)
+		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(sha256_ctx));
 }
 
 /* The canonical encoding of an audit row (version 1) and its SHA-256. */
@@ -288,7 +382,7 @@ orch_audit_row_hash(const OrchAuditRow *r, uint8 *out)
 	StringInfoData buf;
 
 	initStringInfo(&buf);
-	appendStringInfoChar(&buf, ORCH_AUDIT_ENCODING_VERSION);
+	put_byte(&buf, ORCH_AUDIT_ENCODING_VERSION);
 	enc_u64(&buf, (uint64) r->audit_id);
 	enc_u64(&buf, r->xid);
 	enc_u64(&buf, (uint64) unix_usecs(r->at));
@@ -320,7 +414,7 @@ orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out)
 	StringInfoData buf;
 
 	initStringInfo(&buf);
-	appendStringInfoChar(&buf, ORCH_AUDIT_ENCODING_VERSION);
+	put_byte(&buf, ORCH_AUDIT_ENCODING_VERSION);
 	enc_u64(&buf, (uint64) b->block_id);
 	enc_u64(&buf, b->xid_from);
 	enc_u64(&buf, b->xid_to);

@@ -696,7 +696,8 @@ purged_through(void)
 
 	if (SPI_execute("SELECT pg_catalog.max((new_row OPERATOR(pg_catalog.->>) 'purged_through_block')::bigint)"
 					"  FROM orch.audit_log l"
-					" WHERE l.table_name = 'orch.audit_log' AND l.operation = 'PURGE'",
+					" WHERE l.operation OPERATOR(pg_catalog.=) 'PURGE'"
+					"   AND l.table_name OPERATOR(pg_catalog.=) 'orch.audit_log'",
 					true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read audit purges");
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
