@@ -11,15 +11,16 @@ EXTENSION    = orchestrator
 MODULE_big   = orchestrator
 OBJS         = src/orchestrator.o src/shmem.o src/wakeup.o src/launcher.o \
                src/engine.o src/steps.o src/api_wait.o src/api_tasks.o \
-               src/audit.o src/audit_seal.o src/uuid_v7.o
+               src/audit.o src/audit_seal.o src/uuid_v7.o \
+               src/jsonschema.o
 DATA         = orchestrator--0.1.0.sql
 PG_CPPFLAGS  = -I$(srcdir)/src
 PG_CFLAGS    = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
 
-REGRESS      = setup define_workflow runs engine retry tasks circuits routing quarantine audit
+REGRESS      = setup define_workflow runs engine retry tasks circuits routing quarantine audit human events
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=$(srcdir)/test/regress.conf
 
-ISOLATION      = start_run_idempotency claim_race cancel_vs_complete task_lease cancel_vs_failure complete_tasks
+ISOLATION      = start_run_idempotency claim_race cancel_vs_complete task_lease cancel_vs_failure complete_tasks resolve_race event_race
 ISOLATION_OPTS = --temp-instance=./tmp_isolation --temp-config=$(srcdir)/test/isolation.conf \
                  --inputdir=$(srcdir)/test/isolation --outputdir=output_iso
 

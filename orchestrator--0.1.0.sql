@@ -102,7 +102,7 @@ CREATE TABLE orch.workflow_steps (
 	version			int			NOT NULL,
 	name			text		NOT NULL,
 	ordinal			int			NOT NULL,
-	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep', 'task')),
+	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep', 'task', 'wait_event')),
 	needs			text[]		NOT NULL DEFAULT '{}',
 	dependents		text[]		NOT NULL DEFAULT '{}',
 	guard			jsonpath,
@@ -128,9 +128,11 @@ CREATE TABLE orch.workflow_steps (
 	verify			regprocedure,
 	compensate_name	text,		-- undoes the step when its run fails
 	compensate		regprocedure,
-	on_error		jsonb,		-- [{"errors": [...] or null, "goto": step}]
+	on_error		jsonb,		-- [{"errors": [...] or null, "goto": step | "human": true}]
 	routes			text[]		NOT NULL DEFAULT '{}',	-- the steps on_error goes to
 	route_target	boolean		NOT NULL DEFAULT false,	-- runs only when routed to
+	event			text,		-- wait_event: the name of the event it waits for
+	on_timeout		text,		-- wait_event: fail, skip or human when timeout passes
 	PRIMARY KEY (workflow, version, name),
 	FOREIGN KEY (workflow, version) REFERENCES orch.workflows ON DELETE CASCADE
 );
@@ -212,6 +214,9 @@ CREATE TABLE orch.steps (
 	phase			text,
 	cause			jsonb,		-- the error that routed the run to this step
 	compensations	int			NOT NULL DEFAULT 0,	-- tries of its compensation
+	-- how a human resolved the step after needs_human (orch.resolve):
+	-- {"action", "data", "by", "at", "reason"}
+	resolution		jsonb,
 	UNIQUE (run_id, name)
 );
 -- The engine's work queue: due steps, and leases of running tasks (wake_at
@@ -230,6 +235,8 @@ CREATE INDEX steps_task_running ON orch.steps (queue)
 CREATE UNIQUE INDEX steps_lease_token ON orch.steps (lease_token) WHERE lease_token IS NOT NULL;
 -- Steps waiting for their circuit to close.
 CREATE INDEX steps_blocked ON orch.steps (circuit) WHERE status = 'blocked';
+-- The human queue.
+CREATE INDEX steps_needs_human ON orch.steps (step_id) WHERE status = 'needs_human';
 
 -- One row per try of a step.  Written only by the engine, in the transaction
 -- that updates the step, so no foreign key (whose check would be a query per
@@ -255,6 +262,25 @@ CREATE TABLE orch.attempts (
 );
 CREATE INDEX attempts_run ON orch.attempts (run_id);
 
+/*
+ * Events sent to runs (orch.send_event).  An event is kept until a
+ * wait_event step of its run that waits for that name takes it, the first
+ * sent first; one sent before the run reaches its wait is waiting for it
+ * there.  consumed_by is the step that took it.
+ */
+CREATE TABLE orch.events (
+	event_id		bigint		GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	run_id			uuid		NOT NULL,
+	name			text		NOT NULL,
+	payload			jsonb		NOT NULL,
+	sent_at			timestamptz	NOT NULL DEFAULT pg_catalog.now(),
+	sent_by			text		NOT NULL,
+	consumed_by		bigint,
+	consumed_at		timestamptz
+);
+-- The events not yet taken, in the order they are taken.
+CREATE INDEX events_pending ON orch.events (run_id, name, event_id) WHERE consumed_by IS NULL;
+
 SELECT pg_catalog.pg_extension_config_dump('orch.workflows', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.retry_policies', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.circuits', '');
@@ -263,6 +289,7 @@ SELECT pg_catalog.pg_extension_config_dump('orch.workflow_steps', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.steps', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.attempts', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.events', '');
 
 /* ------------------------------------------------------------------------
  * Internal C functions
@@ -567,9 +594,10 @@ END
 $$;
 
 /*
- * on_error: a non-empty array of rules {"errors": [...], "goto": "step"}.
- * errors lists error classes or SQLSTATEs; without it a rule matches every
- * error.  Returns the rules normalized (errors always present, or null).
+ * on_error: a non-empty array of rules {"errors": [...], "goto": "step"} or
+ * {"errors": [...], "human": true}.  errors lists error classes or SQLSTATEs;
+ * without it a rule matches every error.  Returns the rules normalized
+ * (errors always present, or null).
  */
 CREATE FUNCTION orch._compile_on_error(val jsonb, names text[], sname text, obj text, path text)
 	RETURNS jsonb
@@ -587,7 +615,7 @@ DECLARE
 BEGIN
 	IF jsonb_typeof(val) IS DISTINCT FROM 'array' OR jsonb_array_length(val) = 0 THEN
 		PERFORM orch._definition_error('22023', obj, path, 'expected a non-empty array of rules',
-			hint => 'A rule is {"errors": ["permanent"], "goto": "step"}; errors name error classes or SQLSTATEs.');
+			hint => 'A rule is {"errors": ["permanent"], "goto": "step"} or {"errors": ["permanent"], "human": true}; errors name error classes or SQLSTATEs.');
 	END IF;
 	FOR i IN 0 .. jsonb_array_length(val) - 1 LOOP
 		rule := val -> i;
@@ -597,13 +625,25 @@ BEGIN
 				format('expected a rule object, got %s', jsonb_typeof(rule)),
 				hint => 'A rule is {"errors": ["permanent"], "goto": "step"}.');
 		END IF;
-		PERFORM orch._check_keys(rule, ARRAY['errors', 'goto'], obj, rpath, 'an on_error rule');
-		IF jsonb_typeof(rule -> 'goto') IS DISTINCT FROM 'string' THEN
+		PERFORM orch._check_keys(rule, ARRAY['errors', 'goto', 'human'], obj, rpath, 'an on_error rule');
+		IF rule ? 'goto' AND rule ? 'human' THEN
+			PERFORM orch._definition_error('22023', obj, rpath,
+				'a rule either goes to a step ("goto") or to a human ("human"), not both');
+		END IF;
+		IF rule ? 'human' THEN
+			IF rule -> 'human' IS DISTINCT FROM 'true'::jsonb THEN
+				PERFORM orch._definition_error('22023', obj, rpath || '.human',
+					format('expected true, got %s', rule -> 'human'),
+					hint => '"human": true sends the step to the human queue (orch.human_queue) instead of failing the run.');
+			END IF;
+		ELSIF jsonb_typeof(rule -> 'goto') IS DISTINCT FROM 'string' THEN
 			PERFORM orch._definition_error('22023', obj, rpath || '.goto',
-				'every rule needs a "goto" step name');
+				'every rule needs a "goto" step name, or "human": true');
 		END IF;
 		target := rule ->> 'goto';
-		IF NOT target = ANY (names) THEN
+		IF target IS NULL THEN
+			NULL;	-- to the human queue
+		ELSIF NOT target = ANY (names) THEN
 			PERFORM orch._definition_error('22023', obj, rpath || '.goto',
 				format('on_error of step "%s" goes to unknown step "%s"', sname, target),
 				format('Steps defined: %s.', array_to_string(names, ', ')));
@@ -629,7 +669,9 @@ BEGIN
 				END IF;
 			END LOOP;
 		END IF;
-		result := result || jsonb_build_array(jsonb_build_object('errors', rule -> 'errors', 'goto', target));
+		result := result || jsonb_build_array(
+			CASE WHEN target IS NULL THEN jsonb_build_object('errors', rule -> 'errors', 'human', true)
+				 ELSE jsonb_build_object('errors', rule -> 'errors', 'goto', target) END);
 	END LOOP;
 	RETURN result;
 END
@@ -709,6 +751,10 @@ DECLARE
 	c_explicit	boolean[] := '{}';
 	v_circuit	text;
 	c_circuit	text[] := '{}';
+	v_event		text;
+	v_on_timeout text;
+	c_event		text[] := '{}';
+	c_on_timeout text[] := '{}';
 	-- cycle detection
 	indeg		int[];
 	queue		int[];
@@ -774,22 +820,23 @@ BEGIN
 		IF jsonb_typeof(step -> 'kind') IS DISTINCT FROM 'string' THEN
 			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('step "%s" needs a "kind" string', sname),
-				hint => 'Kinds are: sql, sleep, task.');
+				hint => 'Kinds are: sql, sleep, task, wait_event.');
 		END IF;
 		kind := step ->> 'kind';
-		IF kind IN ('approval', 'wait_event', 'subworkflow', 'map') THEN
+		IF kind IN ('approval', 'subworkflow', 'map') THEN
 			PERFORM orch._definition_error('0A000', obj, path || '.kind',
 				format('step kind "%s" is not supported by this version', kind),
-				hint => 'Kinds supported by this version are: sql, sleep, task.');
-		ELSIF kind NOT IN ('sql', 'sleep', 'task') THEN
+				hint => 'Kinds supported by this version are: sql, sleep, task, wait_event.');
+		ELSIF kind NOT IN ('sql', 'sleep', 'task', 'wait_event') THEN
 			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('unknown step kind "%s"', kind),
-				hint => 'Kinds are: sql, sleep, task.');
+				hint => 'Kinds are: sql, sleep, task, wait_event.');
 		END IF;
 		PERFORM orch._check_keys(step,
 			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function', 'verify', 'compensate']
 									 WHEN 'task' THEN ARRAY['queue', 'schedule_to_start', 'heartbeat_timeout',
 															'idempotent', 'verify', 'compensate']
+									 WHEN 'wait_event' THEN ARRAY['event', 'on_timeout']
 									 ELSE ARRAY['duration', 'until'] END,
 			obj, path, format('a step of kind "%s"', kind));
 
@@ -906,9 +953,9 @@ BEGIN
 		-- circuit: the named target the step calls
 		v_circuit := NULL;
 		IF step ? 'circuit' THEN
-			IF kind = 'sleep' THEN
+			IF kind IN ('sleep', 'wait_event') THEN
 				PERFORM orch._definition_error('22023', obj, path || '.circuit',
-					format('sleep step "%s" calls nothing a circuit could guard', sname));
+					format('%s step "%s" calls nothing a circuit could guard', kind, sname));
 			END IF;
 			IF jsonb_typeof(step -> 'circuit') IS DISTINCT FROM 'string'
 			   OR (step ->> 'circuit') !~ '^[A-Za-z0-9_.:-]{1,63}$' THEN
@@ -941,6 +988,34 @@ BEGIN
 					PERFORM orch._definition_error('42601', obj, path || '.until',
 						format('invalid jsonpath in "until" of step "%s"', sname), SQLERRM);
 				END;
+			END IF;
+		END IF;
+
+		-- wait_event: the event's name, and what its timeout does
+		v_event := NULL;
+		v_on_timeout := NULL;
+		IF kind = 'wait_event' THEN
+			IF jsonb_typeof(step -> 'event') IS DISTINCT FROM 'string'
+			   OR (step ->> 'event') !~ '^[A-Za-z0-9_.:/-]{1,200}$' THEN
+				PERFORM orch._definition_error('22023', obj, path || '.event',
+					format('wait_event step "%s" needs an "event" name', sname),
+					hint => 'An event name has 1 to 200 letters, digits, underscores, dots, colons, slashes or hyphens; orch.send_event sends it.');
+			END IF;
+			v_event := step ->> 'event';
+			v_on_timeout := 'fail';
+			IF step ? 'on_timeout' THEN
+				IF jsonb_typeof(step -> 'on_timeout') IS DISTINCT FROM 'string'
+				   OR (step ->> 'on_timeout') NOT IN ('fail', 'skip', 'human') THEN
+					PERFORM orch._definition_error('22023', obj, path || '.on_timeout',
+						format('expected "fail", "skip" or "human", got %s', step -> 'on_timeout'),
+						hint => 'fail: the step fails (on_error rules apply, SQLSTATE ORTMO); skip: it is skipped; human: it waits in the human queue.');
+				END IF;
+				IF NOT step ? 'timeout' THEN
+					PERFORM orch._definition_error('22023', obj, path || '.on_timeout',
+						format('wait_event step "%s" has "on_timeout" but no "timeout"', sname),
+						hint => 'Without a timeout the step waits for its event as long as the run lives.');
+				END IF;
+				v_on_timeout := step ->> 'on_timeout';
 			END IF;
 		END IF;
 
@@ -978,6 +1053,8 @@ BEGIN
 		c_sts := c_sts || v_sts;
 		c_hbt := c_hbt || v_hbt;
 		c_circuit := c_circuit || v_circuit;
+		c_event := c_event || v_event;
+		c_on_timeout := c_on_timeout || v_on_timeout;
 		c_policy := c_policy || (v_retry ->> 'policy');
 		c_verify := c_verify || v_verify;
 		c_comp := c_comp || v_comp;
@@ -993,7 +1070,8 @@ BEGIN
 	 */
 	c_target := array_fill(false, ARRAY[cardinality(names)]);
 	FOR i IN 1 .. cardinality(names) LOOP
-		FOR sname IN SELECT DISTINCT r ->> 'goto' FROM jsonb_array_elements(c_on_error[i]) r LOOP
+		FOR sname IN SELECT DISTINCT r ->> 'goto' FROM jsonb_array_elements(c_on_error[i]) r
+					  WHERE r ? 'goto' LOOP
 			j := array_position(names, sname);
 			IF c_explicit[j] THEN
 				PERFORM orch._definition_error('22023', obj, format('$.steps[%s].needs', j - 1),
@@ -1067,7 +1145,8 @@ BEGIN
 		guard, function_name, function, sleep_for, sleep_until, max_attempts, initial_interval,
 		backoff_coefficient, max_interval, jitter, non_retryable, schedule_to_close,
 		retry_policy, timeout, queue, circuit, schedule_to_start, heartbeat_timeout,
-		idempotent, verify_name, verify, compensate_name, compensate, on_error, routes, route_target)
+		idempotent, verify_name, verify, compensate_name, compensate, on_error, routes, route_target,
+		event, on_timeout)
 	SELECT wf, v_version, names[k], k, c_kind[k],
 		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
 		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
@@ -1079,8 +1158,9 @@ BEGIN
 		   c_stc[k], c_policy[k], c_timeout[k], c_queue[k], c_circuit[k], c_sts[k], c_hbt[k],
 		   c_idem[k], steps -> (k - 1) ->> 'verify', c_verify[k],
 		   steps -> (k - 1) ->> 'compensate', c_comp[k], c_on_error[k],
-		   ARRAY(SELECT DISTINCT r ->> 'goto' FROM jsonb_array_elements(c_on_error[k]) r ORDER BY 1),
-		   c_target[k]
+		   ARRAY(SELECT DISTINCT r ->> 'goto' FROM jsonb_array_elements(c_on_error[k]) r
+				  WHERE r ? 'goto' ORDER BY 1),
+		   c_target[k], c_event[k], c_on_timeout[k]
 	  FROM generate_series(1, cardinality(names)) k;
 
 	RETURN v_version;
@@ -1416,6 +1496,246 @@ CREATE FUNCTION orch.tick(max_steps int DEFAULT 100) RETURNS int
 	SET search_path = pg_catalog, pg_temp
 	AS 'MODULE_PATHNAME', 'orch_tick';
 
+/* ------------------------------------------------------------------------
+ * Validation: the JSON Schema subset of input_schema and output_schema
+ * (src/jsonschema.c)
+ * ------------------------------------------------------------------------ */
+
+-- NULL if a schema is in the supported subset, else {path in it, problem}.
+CREATE FUNCTION orch._schema_problem(schema jsonb) RETURNS text[]
+	LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
+	AS 'MODULE_PATHNAME', 'orch_schema_problem';
+
+-- Every violation of value against schema (up to 100), with its JSON path.
+CREATE FUNCTION orch.validate_json(value jsonb, schema jsonb,
+								   OUT path text, OUT message text) RETURNS SETOF record
+	LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
+	AS 'MODULE_PATHNAME', 'orch_validate_json';
+
+/* ------------------------------------------------------------------------
+ * The human queue: steps that wait for a person to decide (needs_human)
+ * ------------------------------------------------------------------------ */
+
+/*
+ * Each step in needs_human with what a person needs to decide: why it is
+ * there, its error, the run's input and the outputs of the steps that
+ * succeeded so far, and the actions orch.resolve takes for it.
+ */
+CREATE VIEW orch.human_queue AS
+SELECT s.step_id, s.run_id, r.workflow, r.version, s.name AS step, ws.kind,
+	   s.phase IS NOT DISTINCT FROM 'compensate' AS compensating,
+	   s.error OPERATOR(pg_catalog.->>) 'gave_up' AS why,
+	   s.error, s.attempt,
+	   COALESCE((SELECT pg_catalog.max(a.finished_at) FROM orch.attempts a
+				  WHERE a.step_id = s.step_id), s.started_at) AS since,
+	   r.input,
+	   (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')
+		  FROM orch.steps p WHERE p.run_id = s.run_id AND p.status = 'succeeded') AS steps,
+	   r.business_key, r.owner, r.tenant, r.priority,
+	   ARRAY['retry', 'skip', 'fail', 'provide_input'] AS actions
+  FROM orch.steps s
+  JOIN orch.runs r ON r.run_id = s.run_id
+  JOIN orch.workflow_steps ws
+	ON ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name
+ WHERE s.status = 'needs_human';
+
+/*
+ * A person decides about a step in needs_human:
+ *   retry          run it again, with a fresh attempt budget;
+ *   skip           it is skipped, and the run goes on without it;
+ *   fail           it fails, and so does its run (which is compensated);
+ *   provide_input  it succeeds, with data as its output.
+ * For a step whose compensation stopped (the run has ended), retry tries the
+ * compensation again, skip and provide_input count the step as compensated
+ * (by hand), and fail gives its compensation up; the saga then goes on with
+ * the step before it.  The decision is kept in the step's resolution, and
+ * with the changes it causes, in the audit trail.
+ */
+CREATE FUNCTION orch.resolve(step_id bigint, action text, data jsonb DEFAULT NULL,
+							 reason text DEFAULT NULL) RETURNS void
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	s		orch.steps;
+	r		orch.runs;
+	res		jsonb;
+BEGIN
+	IF resolve.action IS NULL OR resolve.action NOT IN ('retry', 'skip', 'fail', 'provide_input') THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('unknown action %s for step %s', coalesce(quote_literal(resolve.action), 'NULL'),
+							 resolve.step_id),
+			HINT = 'The actions are retry, skip, fail and provide_input.';
+	END IF;
+	IF resolve.action = 'provide_input' AND resolve.data IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('provide_input for step %s needs data', resolve.step_id),
+			HINT = 'The data becomes the step''s output, which the steps after it see in their context.';
+	END IF;
+
+	SELECT * INTO s FROM orch.steps WHERE orch.steps.step_id = resolve.step_id;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION USING ERRCODE = 'undefined_object',
+			MESSAGE = format('step %s does not exist', resolve.step_id);
+	END IF;
+	-- the run first, as the engine locks it, then the step as it is now
+	r := orch._lock_run(s.run_id);
+	SELECT * INTO s FROM orch.steps WHERE orch.steps.step_id = resolve.step_id FOR UPDATE;
+	IF s.status <> 'needs_human' THEN
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('step %s ("%s" of run %s) does not wait for a human: its status is %s',
+							 s.step_id, s.name, s.run_id, s.status),
+			HINT = 'orch.human_queue lists the steps that do.';
+	END IF;
+
+	res := jsonb_build_object('action', resolve.action, 'data', resolve.data, 'by', orch._caller(),
+							  'at', now(), 'reason', resolve.reason);
+
+	IF s.phase = 'compensate' THEN
+		-- the run has ended; its saga stopped at this step
+		IF resolve.action = 'retry' THEN
+			UPDATE orch.steps SET status = 'ready', wake_at = now(), error = NULL, resolution = res
+			 WHERE orch.steps.step_id = s.step_id;
+		ELSE
+			UPDATE orch.steps
+			   SET status = CASE resolve.action WHEN 'fail' THEN 'failed' ELSE 'compensated' END::orch.step_status,
+				   wake_at = NULL, resolution = res
+			 WHERE orch.steps.step_id = s.step_id;
+			PERFORM orch._compensate_next(r.run_id);
+		END IF;
+		RETURN;
+	END IF;
+
+	IF resolve.action = 'retry' THEN
+		UPDATE orch.steps
+		   SET status = 'ready', wake_at = now(), attempt_base = s.attempt, error = NULL,
+			   started_at = NULL, finished_at = NULL, phase = NULL, resolution = res
+		 WHERE orch.steps.step_id = s.step_id;
+	ELSE
+		-- the engine finishes the step as decided, with everything that follows
+		UPDATE orch.steps SET status = 'ready', wake_at = now(), phase = 'resolve', resolution = res
+		 WHERE orch.steps.step_id = s.step_id;
+	END IF;
+	-- the run goes on, unless another of its steps waits for a human
+	IF NOT EXISTS (SELECT FROM orch.steps o
+				   WHERE o.run_id = r.run_id AND o.status = 'needs_human' AND o.step_id <> s.step_id) THEN
+		UPDATE orch.runs
+		   SET status = CASE WHEN status = 'needs_human' THEN 'running' ELSE status END,
+			   paused_from = CASE WHEN paused_from = 'needs_human' THEN 'running' ELSE paused_from END
+		 WHERE orch.runs.run_id = r.run_id;
+	END IF;
+END
+$$;
+
+/* ------------------------------------------------------------------------
+ * Events: orch.send_event and the wait_event steps that take them
+ * ------------------------------------------------------------------------ */
+
+/*
+ * Keep an event for a run and wake the wait_event steps of the run that wait
+ * for its name.  The run is locked first, as the engine locks it while it
+ * advances the run's steps: an event sent while the engine finds a step
+ * waiting is seen by that step once the engine's batch commits.  A run that
+ * has finished is an error when strict, and NULL is returned otherwise.
+ */
+CREATE FUNCTION orch._send_event(run_id uuid, name text, payload jsonb, strict boolean)
+	RETURNS bigint
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	r		orch.runs;
+	v_id	bigint;
+BEGIN
+	IF _send_event.name IS NULL OR _send_event.name !~ '^[A-Za-z0-9_.:/-]{1,200}$' THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('invalid event name %s', coalesce(quote_literal(_send_event.name), 'NULL')),
+			HINT = 'An event name has 1 to 200 letters, digits, underscores, dots, colons, slashes or hyphens.';
+	END IF;
+	IF _send_event.payload IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+			MESSAGE = format('the payload of event "%s" is NULL', _send_event.name),
+			HINT = 'Send ''{}'' for an event that carries no data.';
+	END IF;
+	r := orch._lock_run(_send_event.run_id);
+	IF r.status IN ('succeeded', 'failed', 'cancelled', 'timed_out') THEN
+		IF NOT strict THEN
+			RETURN NULL;
+		END IF;
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('run %s has finished with status %s: no step of it will take event "%s"',
+							 r.run_id, r.status, _send_event.name);
+	END IF;
+	INSERT INTO orch.events (run_id, name, payload, sent_by)
+	VALUES (r.run_id, _send_event.name, _send_event.payload, orch._caller())
+	RETURNING event_id INTO v_id;
+	UPDATE orch.steps s SET wake_at = now()
+	  FROM orch.workflow_steps ws
+	 WHERE s.run_id = r.run_id AND s.status = 'waiting' AND s.wake_at > now()
+	   AND ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name
+	   AND ws.kind = 'wait_event' AND ws.event = _send_event.name;
+	RETURN v_id;
+END
+$$;
+
+/*
+ * Send an event to a run; returns its event_id.  A wait_event step of the
+ * run that waits for this name takes it, the first sent first, whether it
+ * already waits or gets there later.
+ */
+CREATE FUNCTION orch.send_event(run_id uuid, name text, payload jsonb DEFAULT '{}')
+	RETURNS bigint
+	LANGUAGE sql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT orch._send_event(run_id, name, payload, true)
+$$;
+
+/*
+ * Send an event to every run of the workflow with the business key that has
+ * not finished; returns how many runs it was sent to (0: none, and nothing
+ * is kept).
+ */
+CREATE FUNCTION orch.send_event_by_key(workflow text, business_key text, name text,
+									   payload jsonb DEFAULT '{}')
+	RETURNS int
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	v_run	uuid;
+	n		int := 0;
+BEGIN
+	IF NOT EXISTS (SELECT FROM orch.workflows w WHERE w.name = send_event_by_key.workflow) THEN
+		RAISE EXCEPTION USING ERRCODE = 'undefined_object',
+			MESSAGE = format('workflow "%s" does not exist', send_event_by_key.workflow);
+	END IF;
+	IF send_event_by_key.business_key IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+			MESSAGE = 'the business key is NULL',
+			HINT = 'Runs get a business key from orch.start_run(..., business_key => ...).';
+	END IF;
+	FOR v_run IN
+		SELECT r.run_id FROM orch.runs r
+		 WHERE r.business_key = send_event_by_key.business_key
+		   AND r.workflow = send_event_by_key.workflow
+		   AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+		 ORDER BY r.run_id
+	LOOP
+		IF orch._send_event(v_run, send_event_by_key.name, send_event_by_key.payload, false) IS NOT NULL THEN
+			n := n + 1;
+		END IF;
+	END LOOP;
+	RETURN n;
+END
+$$;
+
 /*
  * Configure a circuit: consecutive failures that open it, and how long it
  * stays open before a probe.  Steps name circuits with "circuit"; a circuit
@@ -1669,7 +1989,7 @@ $$;
 SELECT orch._create_audit_triggers(t, true)
   FROM unnest(ARRAY['orch.workflows', 'orch.workflow_steps', 'orch.retry_policies',
 					'orch.queues', 'orch.circuits', 'orch.runs', 'orch.steps',
-					'orch.attempts']::regclass[]) t;
+					'orch.attempts', 'orch.events']::regclass[]) t;
 
 -- Drop the audit triggers a table has.
 CREATE FUNCTION orch._drop_audit_triggers(tbl regclass) RETURNS void
@@ -1892,13 +2212,14 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA orch FROM PUBLIC;
 GRANT USAGE ON SCHEMA orch TO orch_reader, orch_worker;
 GRANT SELECT ON orch.workflows, orch.workflow_steps, orch.retry_policies, orch.circuits,
 	orch.circuit_status, orch.queues, orch.queue_status, orch.runs, orch.steps, orch.attempts,
-	orch.engine_workers TO orch_reader;
+	orch.engine_workers, orch.human_queue, orch.events TO orch_reader;
 GRANT EXECUTE ON FUNCTION orch.define_workflow(text, jsonb),
 	orch.define_retry_policy(text, jsonb), orch.define_circuit(text, int, interval),
 	orch.define_queue(text, int) TO orch_admin;
 GRANT EXECUTE ON FUNCTION orch.start_run(text, jsonb, text, text, int, timestamptz, text),
 	orch.cancel_run(uuid, text), orch.pause_run(uuid, text), orch.resume_run(uuid, text),
-	orch.retry_run(uuid, text),
+	orch.retry_run(uuid, text), orch.resolve(bigint, text, jsonb, text),
+	orch.send_event(uuid, text, jsonb), orch.send_event_by_key(text, text, text, jsonb),
 	orch.wait_run(uuid, interval) TO orch_operator;
 GRANT EXECUTE ON FUNCTION orch.tick(int) TO orch_admin;
 GRANT EXECUTE ON FUNCTION orch.claim_tasks(text, text, int, interval, interval),
@@ -1911,6 +2232,7 @@ GRANT EXECUTE ON FUNCTION orch.verify_audit(jsonb), orch.verify_run(uuid),
 GRANT EXECUTE ON FUNCTION orch.enable_audit(regclass), orch.disable_audit(regclass),
 	orch.seal_audit(boolean), orch.purge_audit(timestamptz) TO orch_admin;
 GRANT EXECUTE ON FUNCTION orch.set_audit_context(text, text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION orch.validate_json(jsonb, jsonb) TO PUBLIC;
 
 -- Let the launcher start this database's engine as soon as we commit.
 SELECT orch._launcher_wake_on_commit();

@@ -11,7 +11,7 @@ DECLARE
 BEGIN
 	FOREACH t IN ARRAY ARRAY['orch.workflows', 'orch.workflow_steps', 'orch.retry_policies',
 							 'orch.queues', 'orch.circuits', 'orch.runs', 'orch.steps',
-							 'orch.attempts'] LOOP
+							 'orch.attempts', 'orch.events'] LOOP
 		EXECUTE format('ALTER TABLE %s DISABLE TRIGGER orch_audit_insert,'
 					   ' DISABLE TRIGGER orch_audit_update, DISABLE TRIGGER orch_audit_delete,'
 					   ' DISABLE TRIGGER orch_audit_truncate', t);

@@ -178,7 +178,11 @@ quarantine(int64 step_id, ErrorData *cause)
 {
 	Quarantine	q = {step_id, cause};
 
-	return in_own_transaction(quarantine_work, &q, false);
+	if (!in_own_transaction(quarantine_work, &q, false))
+		return false;
+	/* its run now waits for a person: so does nobody in orch.wait_run */
+	ConditionVariableBroadcast(&OrchShared->run_finished);
+	return true;
 }
 
 /*

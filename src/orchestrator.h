@@ -13,6 +13,7 @@
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+#include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
 #define ORCH_EXTENSION_NAME		"orchestrator"
@@ -91,7 +92,7 @@ typedef struct OrchBatchResult
 {
 	int			claimed;		/* steps looked at */
 	int			executed;		/* sql step attempts made */
-	int			runs_finished;	/* runs that reached a final status */
+	int			runs_finished;	/* runs that ended, or now wait for a person */
 	int			tasks_queued;	/* task steps put in their queues */
 	bool		made_ready;		/* some step became ready */
 } OrchBatchResult;
@@ -107,5 +108,9 @@ extern void orch_quarantine_step(int64 step_id, ErrorData *edata);
 extern int	orch_planner_settings_push(void);
 extern void orch_finish_task(Datum token, Datum output, const char *error,
 							 const char *error_class, const char *detail);
+
+/* jsonschema.c */
+extern bool orch_schema_first_violation(Jsonb *value, Jsonb *schema, char **path,
+										char **message);
 
 #endif							/* ORCHESTRATOR_H */

@@ -100,6 +100,9 @@ typedef struct ClaimedStep
 	bool		route_target;	/* runs only when the run is routed to it */
 	int			compensations;	/* tries of its compensation so far */
 	Datum		lease_token;	/* uuid, or 0 */
+	Datum		resolution;		/* jsonb: a human's decision (phase "resolve"), or 0 */
+	char	   *event;			/* wait_event: the name of the event it waits for */
+	char	   *on_timeout;		/* wait_event: fail, skip or human */
 } ClaimedStep;
 
 /* A function the engine calls for a step: the step's own, verify, compensate. */
@@ -136,6 +139,7 @@ enum
 	P_SET_CAUSE,
 	P_STEP_SET,
 	P_COMPENSATE_NEXT,
+	P_TAKE_EVENT,
 	P_COUNT
 };
 
@@ -194,7 +198,7 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"       c.opened_at + c.cooldown, ws.schedule_to_start, s.phase, ws.idempotent," \
 	"       ws.verify::pg_catalog.oid, ws.verify_name, ws.compensate::pg_catalog.oid," \
 	"       ws.compensate_name, ws.on_error, ws.routes, ws.route_target, s.compensations," \
-	"       s.lease_token"
+	"       s.lease_token, s.resolution, ws.event, ws.on_timeout"
 /* the run context a step's function, guard or until sees */
 #define STEP_CONTEXT \
 	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL" \
@@ -439,7 +443,10 @@ static const char *const plan_sql[P_COUNT] = {
 	"    WHERE deadline IS NOT NULL"
 	"      AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')))",
 
-	/* $1 on_error rules, $2 class, $3 SQLSTATE: the step the first match goes to */
+	/*
+	 * $1 on_error rules, $2 class, $3 SQLSTATE: the step the first match goes
+	 * to (NULL for a rule that goes to a human)
+	 */
 	[P_ROUTE] =
 	"SELECT e.rule OPERATOR(pg_catalog.->>) 'goto'"
 	"  FROM pg_catalog.jsonb_array_elements($1) WITH ORDINALITY AS e(rule, i)"
@@ -462,6 +469,15 @@ static const char *const plan_sql[P_COUNT] = {
 	/* $1 run: arm the compensation of its latest finished step that has one */
 	[P_COMPENSATE_NEXT] =
 	"SELECT orch._compensate_next($1)",
+
+	/* $1 run, $2 event name, $3 step: take the first event of the name not yet taken */
+	[P_TAKE_EVENT] =
+	"UPDATE orch.events e SET consumed_by = $3, consumed_at = pg_catalog.now()"
+	"  FROM (SELECT e0.event_id FROM orch.events e0"
+	"         WHERE e0.run_id = $1 AND e0.name = $2 AND e0.consumed_by IS NULL"
+	"         ORDER BY e0.run_id, e0.name, e0.event_id LIMIT 1) f"
+	" WHERE e.event_id = f.event_id"
+	" RETURNING e.payload",
 };
 
 static const int plan_nargs[P_COUNT] = {
@@ -470,6 +486,7 @@ static const int plan_nargs[P_COUNT] = {
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
 	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
 	[P_NEXT_TIMER] = 0,[P_ROUTE] = 3,[P_SET_CAUSE] = 3,[P_STEP_SET] = 6,[P_COMPENSATE_NEXT] = 1,
+	[P_TAKE_EVENT] = 3,
 };
 
 static const Oid plan_argtypes[P_COUNT][14] = {
@@ -498,6 +515,7 @@ static const Oid plan_argtypes[P_COUNT][14] = {
 	[P_SET_CAUSE] = {UUIDOID, TEXTOID, JSONBOID},
 	[P_STEP_SET] = {INT8OID, TEXTOID, TIMESTAMPTZOID, JSONBOID, TEXTOID, INT4OID},
 	[P_COMPENSATE_NEXT] = {UUIDOID},
+	[P_TAKE_EVENT] = {UUIDOID, TEXTOID, INT8OID},
 };
 
 /* ------------------------------------------------------------------------
@@ -878,6 +896,9 @@ fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
 		s->route_target = DatumGetBool(SPI_getbinval(tup, desc, 44, &isnull));
 		s->compensations = DatumGetInt32(SPI_getbinval(tup, desc, 45, &isnull));
 		s->lease_token = get_copy(tup, desc, 46, &isnull);
+		s->resolution = get_copy(tup, desc, 47, &isnull);
+		s->event = get_text(tup, desc, 48);
+		s->on_timeout = get_text(tup, desc, 49);
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_freetuptable(SPI_tuptable);
@@ -1394,39 +1415,67 @@ fail_step(ClaimedStep *s, Datum error, int attempt, TimestampTz now, OrchBatchRe
 	MemoryContextSwitchTo(oldcxt);
 }
 
-/* The step its on_error rules send an error of this class and SQLSTATE to, or NULL. */
-static char *
-match_route(ClaimedStep *s, const char *class, int sqlerrcode)
+/* Nobody can tell what happened, or what to do next: a human decides. */
+static void
+to_human(ClaimedStep *s, int attempt, Datum error, TimestampTz now, OrchBatchResult *result)
+{
+	Datum		rv[1] = {s->run_id};
+
+	defer_step(s, "needs_human", 0, attempt, error);
+	run_step_done(s, 0);
+	flush_all(now, result);
+	exec_plan(P_RUN_NEEDS_HUMAN, rv, NULL, SPI_OK_UPDATE);
+	result->runs_finished++;	/* nothing more happens by itself: wake wait_run */
+}
+
+/*
+ * Where the step's on_error rules send an error of this class and SQLSTATE:
+ * true with the step in *target, or with *target NULL for a rule that sends
+ * it to a human; false if no rule matches.
+ */
+static bool
+match_route(ClaimedStep *s, const char *class, int sqlerrcode, char **target)
 {
 	Datum		v[3];
-	char	   *target = NULL;
+	bool		matched;
 
+	*target = NULL;
 	if (s->on_error == (Datum) 0)
-		return NULL;
+		return false;
 	v[0] = s->on_error;
 	v[1] = CStringGetTextDatum(class);
 	v[2] = CStringGetTextDatum(unpack_sql_state(sqlerrcode));
 	exec_plan(P_ROUTE, v, NULL, SPI_OK_SELECT);
-	if (SPI_processed > 0)
-		target = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	matched = SPI_processed > 0;
+	if (matched)
+		*target = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	SPI_freetuptable(SPI_tuptable);
-	return target;
+	return matched;
 }
 
 /*
- * If an on_error rule matches, the step fails, the run goes on at the rule's
- * step, which finds the error in its context, and true is returned.
+ * If an on_error rule matches, true is returned and either the step fails
+ * and the run goes on at the rule's step, which finds the error in its
+ * context; or, for a "human" rule, the step waits in the human queue.
  */
 static bool
 route_failure(ClaimedStep *s, int attempt, ErrorData *e, const char *class,
-			  const char *gave_up)
+			  const char *gave_up, TimestampTz now, OrchBatchResult *result)
 {
-	char	   *target = match_route(s, class, e->sqlerrcode);
+	char	   *target;
 	Datum		error;
 	Datum		cv[3];
 
-	if (target == NULL)
+	if (!match_route(s, class, e->sqlerrcode, &target))
 		return false;
+	if (target == NULL)
+	{
+		to_human(s, attempt,
+				 error_json(s, attempt, e, class,
+							psprintf("%s; on_error sent it to a human", gave_up)),
+				 now, result);
+		return true;
+	}
 	error = error_json_routed(s, attempt, e, class, gave_up, target);
 	cv[0] = s->run_id;
 	cv[1] = CStringGetTextDatum(target);
@@ -1441,20 +1490,8 @@ static void
 give_up(ClaimedStep *s, int attempt, ErrorData *e, const char *class, const char *gave_up,
 		TimestampTz now, OrchBatchResult *result)
 {
-	if (!route_failure(s, attempt, e, class, gave_up))
+	if (!route_failure(s, attempt, e, class, gave_up, now, result))
 		fail_step(s, error_json(s, attempt, e, class, gave_up), attempt, now, result);
-}
-
-/* Nobody can tell what happened, or what to do next: a human decides. */
-static void
-to_human(ClaimedStep *s, int attempt, Datum error, TimestampTz now, OrchBatchResult *result)
-{
-	Datum		rv[1] = {s->run_id};
-
-	defer_step(s, "needs_human", 0, attempt, error);
-	run_step_done(s, 0);
-	flush_all(now, result);
-	exec_plan(P_RUN_NEEDS_HUMAN, rv, NULL, SPI_OK_UPDATE);
 }
 
 /* Does the retry policy list this error's class or SQLSTATE as final? */
@@ -1694,7 +1731,7 @@ handle_failure(ClaimedStep *s, int attempt, TimestampTz started, ErrorData *edat
 			run_step_done(s, 0);
 			return;
 		}
-		if (route_failure(s, attempt, edata, class, "the outcome is unknown"))
+		if (route_failure(s, attempt, edata, class, "the outcome is unknown", now, result))
 			return;
 		to_human(s, attempt, error_json(s, attempt, edata, class, "the outcome is unknown"),
 				 now, result);
@@ -1932,6 +1969,160 @@ advance_task(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 	result->tasks_queued++;
 }
 
+/* ------------------------------------------------------------------------
+ * Events
+ * ------------------------------------------------------------------------ */
+
+#define ERRCODE_ORCH_TIMED_OUT	MAKE_SQLSTATE('O','R','T','M','O')
+
+/* Take the first event for the step not yet taken: true, with its payload. */
+static bool
+take_event(ClaimedStep *s, Datum *payload)
+{
+	Datum		v[3] = {s->run_id, CStringGetTextDatum(s->event), Int64GetDatum(s->step_id)};
+	bool		isnull;
+	bool		taken;
+
+	exec_plan(P_TAKE_EVENT, v, NULL, SPI_OK_UPDATE_RETURNING);
+	taken = SPI_processed > 0;
+	if (taken)
+	{
+		MemoryContext oldcxt = MemoryContextSwitchTo(rows_cxt);
+
+		*payload = datumCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+										   &isnull), false, -1);
+		MemoryContextSwitchTo(oldcxt);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return taken;
+}
+
+/* No event came within the step's timeout: as its on_timeout says. */
+static void
+event_timed_out(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+{
+	ErrorData	e;
+	int			attempt = s->attempt + 1;
+	const char *gave_up = "no event came within its timeout";
+
+	memset(&e, 0, sizeof(e));
+	e.sqlerrcode = ERRCODE_ORCH_TIMED_OUT;
+	e.message = psprintf("no event \"%s\" came within %s", s->event,
+						 DatumGetCString(DirectFunctionCall1(interval_out,
+															 IntervalPGetDatum(s->timeout))));
+	record_attempt(s, attempt, worker, s->started_at, GetCurrentTimestamp(), &e, "permanent");
+	if (strcmp(s->on_timeout, "skip") == 0)
+	{
+		StringInfoData buf;
+
+		initStringInfo(&buf);
+		appendStringInfoString(&buf, "{\"skipped\": ");
+		escape_json(&buf, e.message);
+		appendStringInfoChar(&buf, '}');
+		finish_step(s, "skipped", jsonb_from_cstring(buf.data), attempt);
+	}
+	else if (strcmp(s->on_timeout, "human") == 0)
+		to_human(s, attempt, error_json(s, attempt, &e, "permanent", gave_up), now, result);
+	else
+		give_up(s, attempt, &e, "permanent", gave_up, now, result);
+}
+
+/*
+ * A wait_event step takes the first event of its name sent to its run and
+ * not yet taken (maybe sent before the run got here), and succeeds with the
+ * event's payload as its output.  Without one it waits: orch.send_event
+ * wakes it, and its timeout, counted from when it began to wait, ends it.
+ */
+static void
+advance_wait_event(ClaimedStep *s, const char *worker, TimestampTz now,
+				   OrchBatchResult *result)
+{
+	bool		waiting = strcmp(s->status, "waiting") == 0;
+	TimestampTz deadline = DT_NOEND;
+	Datum		payload;
+
+	if (!waiting && maybe_skip(s, worker, now, result))
+		return;
+	if (take_event(s, &payload))
+	{
+		finish_step(s, "succeeded", payload, s->attempt);
+		return;
+	}
+	if (s->timeout != NULL)
+		deadline = (waiting && s->started_at != 0 ? s->started_at : now) +
+			interval_usecs(s->timeout);
+	if (waiting && now >= deadline)
+	{
+		event_timed_out(s, worker, now, result);
+		return;
+	}
+	defer_step(s, "waiting", deadline, s->attempt, (Datum) 0);
+	if (!waiting)
+		run_step_done(s, 0);
+}
+
+/* A text field of a jsonb object, or NULL. */
+static char *
+jsonb_field_text(Datum jb, const char *key)
+{
+	JsonbValue *v = getKeyJsonValueFromContainer(&DatumGetJsonbP(jb)->root, key, strlen(key),
+												 NULL);
+
+	if (v == NULL || v->type != jbvString)
+		return NULL;
+	return pnstrdup(v->val.string.val, v->val.string.len);
+}
+
+/*
+ * A person resolved the step, which waited for one (orch.resolve): it is
+ * skipped, succeeds with the output they gave, or fails with its run.
+ * (A retry needs nothing of the engine: resolve makes the step ready.)
+ */
+static void
+advance_resolution(ClaimedStep *s, TimestampTz now, OrchBatchResult *result)
+{
+	char	   *action = s->resolution ? jsonb_field_text(s->resolution, "action") : NULL;
+	char	   *by = s->resolution ? jsonb_field_text(s->resolution, "by") : NULL;
+	char	   *reason = s->resolution ? jsonb_field_text(s->resolution, "reason") : NULL;
+
+	if (action == NULL)
+		elog(ERROR, "step " INT64_FORMAT " has no resolution to carry out", s->step_id);
+	if (strcmp(action, "skip") == 0)
+	{
+		StringInfoData buf;
+
+		initStringInfo(&buf);
+		appendStringInfoString(&buf, "{\"skipped\": ");
+		escape_json(&buf, psprintf("%s skipped it%s%s", by ? by : "a person",
+								   reason ? ": " : "", reason ? reason : ""));
+		appendStringInfoChar(&buf, '}');
+		finish_step(s, "skipped", jsonb_from_cstring(buf.data), s->attempt);
+	}
+	else if (strcmp(action, "provide_input") == 0)
+	{
+		JsonbValue *data = getKeyJsonValueFromContainer(&DatumGetJsonbP(s->resolution)->root,
+														"data", 4, NULL);
+
+		if (data == NULL || data->type == jbvNull)
+			elog(ERROR, "step " INT64_FORMAT " was resolved with provide_input but no data",
+				 s->step_id);
+		finish_step(s, "succeeded", JsonbPGetDatum(JsonbValueToJsonb(data)), s->attempt);
+	}
+	else if (strcmp(action, "fail") == 0)
+	{
+		ErrorData	e;
+
+		memset(&e, 0, sizeof(e));
+		e.sqlerrcode = ERRCODE_ORCH_PERMANENT;
+		e.message = psprintf("%s failed the step%s%s", by ? by : "a person",
+							 reason ? ": " : "", reason ? reason : "");
+		fail_step(s, error_json(s, s->attempt, &e, "permanent", "a person failed it"),
+				  s->attempt, now, result);
+	}
+	else
+		elog(ERROR, "step " INT64_FORMAT " has an unknown resolution \"%s\"", s->step_id, action);
+}
+
 static bool
 run_failed_in_batch(ClaimedStep *s)
 {
@@ -1962,7 +2153,9 @@ advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 		defer_step_phase(s, s->status, DT_NOEND, s->attempt, (Datum) 0, s->phase);
 		return;
 	}
-	if (s->phase != NULL && strcmp(s->phase, "verify") == 0)
+	if (s->phase != NULL && strcmp(s->phase, "resolve") == 0)
+		advance_resolution(s, now, result);
+	else if (s->phase != NULL && strcmp(s->phase, "verify") == 0)
 		advance_verify(s, worker, now, result);
 	else if (strcmp(s->kind, "sql") == 0)
 		advance_sql(s, worker, now, result);
@@ -1970,6 +2163,8 @@ advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 		advance_sleep(s, worker, now, result);
 	else if (strcmp(s->kind, "task") == 0)
 		advance_task(s, worker, now, result);
+	else if (strcmp(s->kind, "wait_event") == 0)
+		advance_wait_event(s, worker, now, result);
 	else
 		elog(ERROR, "unknown step kind \"%s\"", s->kind);
 }

@@ -31,8 +31,19 @@ for my $file (sort glob("$docs/*.md"))
 # What the api.md examples promise.
 is($node->safe_psql('api_md', q{
 	SELECT string_agg(status::text, ',' ORDER BY created_at) FROM orch.runs}),
-	'succeeded,cancelled,succeeded,succeeded,succeeded,succeeded,succeeded',
+	'succeeded,cancelled,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded',
 	'the example runs ended as the text says');
+is($node->safe_psql('api_md', q{
+	SELECT s.output->>'paid_by' || ':' || (s.resolution->>'action') || ':' || n.status
+	  FROM orch.steps s JOIN orch.steps n ON n.run_id = s.run_id AND n.name = 'ship'
+	 WHERE s.name = 'charge'}),
+	'transfer:provide_input:succeeded', 'the resolved charge succeeded with the given output, and the run went on');
+is($node->safe_psql('api_md', q{
+	SELECT string_agg(r.business_key || ':' || (s.output->>'accepted') || ':' || b.status, ' ' ORDER BY r.business_key)
+	  FROM orch.runs r JOIN orch.steps s ON s.run_id = r.run_id AND s.name = 'answer'
+	  JOIN orch.steps b ON b.run_id = r.run_id AND b.name = 'book'
+	 WHERE r.workflow = 'quote'}),
+	'ORDER-16:true:succeeded ORDER-17:false:skipped', 'each quote took its answer, and booked only if accepted');
 is($node->safe_psql('api_md', q{
 	SELECT string_agg(s.output->>'crm_record', ',' ORDER BY r.input->>'order_id')
 	  FROM orch.runs r JOIN orch.steps s USING (run_id)
