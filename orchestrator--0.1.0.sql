@@ -133,6 +133,9 @@ CREATE TABLE orch.workflow_steps (
 	route_target	boolean		NOT NULL DEFAULT false,	-- runs only when routed to
 	event			text,		-- wait_event: the name of the event it waits for
 	on_timeout		text,		-- wait_event: fail, skip or human when timeout passes
+	input_schema	jsonb,		-- what the step's context must be (sql, task)
+	output_schema	jsonb,		-- what its output must be
+	review_if		jsonpath,	-- an output it matches waits for a person's review
 	PRIMARY KEY (workflow, version, name),
 	FOREIGN KEY (workflow, version) REFERENCES orch.workflows ON DELETE CASCADE
 );
@@ -755,6 +758,14 @@ DECLARE
 	v_on_timeout text;
 	c_event		text[] := '{}';
 	c_on_timeout text[] := '{}';
+	v_in_schema	jsonb;
+	v_out_schema jsonb;
+	v_review	jsonpath;
+	c_in_schema	jsonb[] := '{}';
+	c_out_schema jsonb[] := '{}';
+	c_review	jsonpath[] := '{}';
+	v_problem	text[];
+	schema_key	text;
 	-- cycle detection
 	indeg		int[];
 	queue		int[];
@@ -833,10 +844,13 @@ BEGIN
 				hint => 'Kinds are: sql, sleep, task, wait_event.');
 		END IF;
 		PERFORM orch._check_keys(step,
-			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function', 'verify', 'compensate']
+			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function', 'verify', 'compensate',
+															'input_schema', 'output_schema', 'review_if']
 									 WHEN 'task' THEN ARRAY['queue', 'schedule_to_start', 'heartbeat_timeout',
-															'idempotent', 'verify', 'compensate']
-									 WHEN 'wait_event' THEN ARRAY['event', 'on_timeout']
+															'idempotent', 'verify', 'compensate',
+															'input_schema', 'output_schema', 'review_if']
+									 WHEN 'wait_event' THEN ARRAY['event', 'on_timeout', 'output_schema',
+																  'review_if']
 									 ELSE ARRAY['duration', 'until'] END,
 			obj, path, format('a step of kind "%s"', kind));
 
@@ -1019,6 +1033,37 @@ BEGIN
 			END IF;
 		END IF;
 
+		-- validation: input_schema, output_schema (src/jsonschema.c); review_if
+		v_in_schema := NULL;
+		v_out_schema := NULL;
+		FOREACH schema_key IN ARRAY ARRAY['input_schema', 'output_schema'] LOOP
+			IF step ? schema_key THEN
+				v_problem := orch._schema_problem(step -> schema_key);
+				IF v_problem IS NOT NULL THEN
+					PERFORM orch._definition_error('22023', obj, path || '.' || schema_key || v_problem[1],
+						v_problem[2],
+						hint => 'Schemas use type, required, properties, items, enum, minimum, maximum, minLength, maxLength, pattern and additionalProperties (and title, description, $comment).');
+				END IF;
+			END IF;
+		END LOOP;
+		v_in_schema := step -> 'input_schema';
+		v_out_schema := step -> 'output_schema';
+		v_review := NULL;
+		IF step ? 'review_if' THEN
+			IF jsonb_typeof(step -> 'review_if') <> 'string' THEN
+				PERFORM orch._definition_error('22023', obj, path || '.review_if',
+					'expected a jsonpath predicate string');
+			END IF;
+			BEGIN
+				v_review := (step ->> 'review_if')::jsonpath;
+			EXCEPTION WHEN OTHERS THEN
+				PERFORM orch._definition_error('42601', obj, path || '.review_if',
+					format('invalid jsonpath in "review_if" of step "%s"', sname),
+					SQLERRM,
+					'review_if is a SQL/JSON path predicate over the step''s output, such as $.confidence < 0.8.');
+			END;
+		END IF;
+
 		-- retry: a policy inline, or the name of one
 		v_retry := orch._compile_retry(step -> 'retry', obj, path || '.retry');
 		v_max_att := (v_retry ->> 'max_attempts')::int;
@@ -1055,6 +1100,9 @@ BEGIN
 		c_circuit := c_circuit || v_circuit;
 		c_event := c_event || v_event;
 		c_on_timeout := c_on_timeout || v_on_timeout;
+		c_in_schema := c_in_schema || v_in_schema;
+		c_out_schema := c_out_schema || v_out_schema;
+		c_review := c_review || v_review;
 		c_policy := c_policy || (v_retry ->> 'policy');
 		c_verify := c_verify || v_verify;
 		c_comp := c_comp || v_comp;
@@ -1146,7 +1194,7 @@ BEGIN
 		backoff_coefficient, max_interval, jitter, non_retryable, schedule_to_close,
 		retry_policy, timeout, queue, circuit, schedule_to_start, heartbeat_timeout,
 		idempotent, verify_name, verify, compensate_name, compensate, on_error, routes, route_target,
-		event, on_timeout)
+		event, on_timeout, input_schema, output_schema, review_if)
 	SELECT wf, v_version, names[k], k, c_kind[k],
 		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
 		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
@@ -1160,7 +1208,7 @@ BEGIN
 		   steps -> (k - 1) ->> 'compensate', c_comp[k], c_on_error[k],
 		   ARRAY(SELECT DISTINCT r ->> 'goto' FROM jsonb_array_elements(c_on_error[k]) r
 				  WHERE r ? 'goto' ORDER BY 1),
-		   c_target[k], c_event[k], c_on_timeout[k]
+		   c_target[k], c_event[k], c_on_timeout[k], c_in_schema[k], c_out_schema[k], c_review[k]
 	  FROM generate_series(1, cardinality(names)) k;
 
 	RETURN v_version;
@@ -1532,7 +1580,8 @@ SELECT s.step_id, s.run_id, r.workflow, r.version, s.name AS step, ws.kind,
 	   (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')
 		  FROM orch.steps p WHERE p.run_id = s.run_id AND p.status = 'succeeded') AS steps,
 	   r.business_key, r.owner, r.tenant, r.priority,
-	   ARRAY['retry', 'skip', 'fail', 'provide_input'] AS actions
+	   CASE WHEN s.error ? 'held_output' THEN ARRAY['accept', 'retry', 'skip', 'fail', 'provide_input']
+			ELSE ARRAY['retry', 'skip', 'fail', 'provide_input'] END AS actions
   FROM orch.steps s
   JOIN orch.runs r ON r.run_id = s.run_id
   JOIN orch.workflow_steps ws
@@ -1544,7 +1593,10 @@ SELECT s.step_id, s.run_id, r.workflow, r.version, s.name AS step, ws.kind,
  *   retry          run it again, with a fresh attempt budget;
  *   skip           it is skipped, and the run goes on without it;
  *   fail           it fails, and so does its run (which is compensated);
- *   provide_input  it succeeds, with data as its output.
+ *   provide_input  it succeeds, with data as its output (which must match
+ *                  the step's output_schema);
+ *   accept         (an output held for review by review_if) it succeeds with
+ *                  the output it was held with.
  * For a step whose compensation stopped (the run has ended), retry tries the
  * compensation again, skip and provide_input count the step as compensated
  * (by hand), and fail gives its compensation up; the saga then goes on with
@@ -1562,12 +1614,15 @@ DECLARE
 	s		orch.steps;
 	r		orch.runs;
 	res		jsonb;
+	v_data	jsonb := resolve.data;
+	bad		record;
 BEGIN
-	IF resolve.action IS NULL OR resolve.action NOT IN ('retry', 'skip', 'fail', 'provide_input') THEN
+	IF resolve.action IS NULL
+	   OR resolve.action NOT IN ('retry', 'skip', 'fail', 'provide_input', 'accept') THEN
 		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
 			MESSAGE = format('unknown action %s for step %s', coalesce(quote_literal(resolve.action), 'NULL'),
 							 resolve.step_id),
-			HINT = 'The actions are retry, skip, fail and provide_input.';
+			HINT = 'The actions are retry, skip, fail, provide_input and accept.';
 	END IF;
 	IF resolve.action = 'provide_input' AND resolve.data IS NULL THEN
 		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
@@ -1590,7 +1645,30 @@ BEGIN
 			HINT = 'orch.human_queue lists the steps that do.';
 	END IF;
 
-	res := jsonb_build_object('action', resolve.action, 'data', resolve.data, 'by', orch._caller(),
+	IF resolve.action = 'accept' THEN
+		IF NOT coalesce(s.error ? 'held_output', false) THEN
+			RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+				MESSAGE = format('step %s ("%s" of run %s) has no output held for review', s.step_id, s.name, s.run_id),
+				HINT = 'accept is for outputs that review_if held; provide_input gives a step its output.';
+		END IF;
+		v_data := s.error -> 'held_output';
+	ELSIF resolve.action = 'provide_input' THEN
+		-- what a person provides is held to the step's output_schema too
+		SELECT v.path, v.message INTO bad
+		  FROM orch.workflow_steps ws
+		  CROSS JOIN LATERAL orch.validate_json(resolve.data, ws.output_schema) v
+		 WHERE ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name
+		   AND ws.output_schema IS NOT NULL
+		 LIMIT 1;
+		IF FOUND THEN
+			RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+				MESSAGE = format('the data for step %s ("%s") does not match its output_schema at %s: %s',
+								 s.step_id, s.name, bad.path, bad.message),
+				HINT = 'The data becomes the step''s output, and must be what the step itself would have to return.';
+		END IF;
+	END IF;
+
+	res := jsonb_build_object('action', resolve.action, 'data', v_data, 'by', orch._caller(),
 							  'at', now(), 'reason', resolve.reason);
 
 	IF s.phase = 'compensate' THEN

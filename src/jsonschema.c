@@ -550,14 +550,14 @@ validate_string(JsonbContainer *schema, JsonbValue *v, StringInfo path, Violatio
 	{
 		int			min = DatumGetInt32(DirectFunctionCall1(numeric_int4, NumericGetDatum(kw->val.numeric)));
 
-		if (chars < min && !violation(out, path, "%d characters, fewer than minLength %d", chars, min))
+		if (chars < min && !violation(out, path, "length %d, less than minLength %d", chars, min))
 			return false;
 	}
 	if ((kw = keyword(schema, "maxLength")) != NULL)
 	{
 		int			max = DatumGetInt32(DirectFunctionCall1(numeric_int4, NumericGetDatum(kw->val.numeric)));
 
-		if (chars > max && !violation(out, path, "%d characters, more than maxLength %d", chars, max))
+		if (chars > max && !violation(out, path, "length %d, more than maxLength %d", chars, max))
 			return false;
 	}
 	if ((kw = keyword(schema, "pattern")) != NULL)

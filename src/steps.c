@@ -103,7 +103,17 @@ typedef struct ClaimedStep
 	Datum		resolution;		/* jsonb: a human's decision (phase "resolve"), or 0 */
 	char	   *event;			/* wait_event: the name of the event it waits for */
 	char	   *on_timeout;		/* wait_event: fail, skip or human */
+	Datum		input_schema;	/* jsonb, or 0 */
+	Datum		output_schema;	/* jsonb, or 0 */
+	Datum		review_if;		/* jsonpath, or 0 */
 } ClaimedStep;
+
+/* orchestrator's own SQLSTATEs: error classes a step chooses, and its own errors */
+#define ERRCODE_ORCH_TRANSIENT			MAKE_SQLSTATE('O','R','T','R','N')
+#define ERRCODE_ORCH_PERMANENT			MAKE_SQLSTATE('O','R','P','R','M')
+#define ERRCODE_ORCH_UNKNOWN_OUTCOME	MAKE_SQLSTATE('O','R','U','N','K')
+#define ERRCODE_ORCH_INVALID			MAKE_SQLSTATE('O','R','V','A','L')	/* failed validation */
+#define ERRCODE_ORCH_TIMED_OUT			MAKE_SQLSTATE('O','R','T','M','O')	/* no event in time */
 
 /* A function the engine calls for a step: the step's own, verify, compensate. */
 typedef struct StepCall
@@ -198,11 +208,12 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"       c.opened_at + c.cooldown, ws.schedule_to_start, s.phase, ws.idempotent," \
 	"       ws.verify::pg_catalog.oid, ws.verify_name, ws.compensate::pg_catalog.oid," \
 	"       ws.compensate_name, ws.on_error, ws.routes, ws.route_target, s.compensations," \
-	"       s.lease_token, s.resolution, ws.event, ws.on_timeout"
+	"       s.lease_token, s.resolution, ws.event, ws.on_timeout, ws.input_schema," \
+	"       ws.output_schema, ws.review_if"
 /* the run context a step's function, guard or until sees */
 #define STEP_CONTEXT \
 	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL" \
-	"              OR s.phase IS NOT NULL THEN" \
+	"              OR s.phase IS NOT NULL OR ws.input_schema IS NOT NULL THEN" \
 	"         pg_catalog.jsonb_build_object(" \
 	"           'run_id', r.run_id, 'workflow', r.workflow, 'version', r.version," \
 	"           'step', s.name," \
@@ -899,6 +910,9 @@ fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
 		s->resolution = get_copy(tup, desc, 47, &isnull);
 		s->event = get_text(tup, desc, 48);
 		s->on_timeout = get_text(tup, desc, 49);
+		s->input_schema = get_copy(tup, desc, 50, &isnull);
+		s->output_schema = get_copy(tup, desc, 51, &isnull);
+		s->review_if = get_copy(tup, desc, 52, &isnull);
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_freetuptable(SPI_tuptable);
@@ -1027,6 +1041,24 @@ interval_usecs(const Interval *iv)
  * Call a function of the step (arg: a StepCall; NULL for the step's own) as
  * the run's owner, with the step's timeout as statement timeout.
  */
+/*
+ * What is wrong with value against one of the step's schemas (what: "input"
+ * or "output"), or NULL if it matches or there is no schema.
+ */
+static char *
+schema_violation(ClaimedStep *s, Datum schema, Datum value, const char *what)
+{
+	char	   *path;
+	char	   *message;
+
+	if (schema == (Datum) 0 ||
+		!orch_schema_first_violation(DatumGetJsonbP(value), DatumGetJsonbP(schema), &path,
+									 &message))
+		return NULL;
+	return psprintf("%s of step \"%s\" does not match its %s_schema at %s: %s",
+					what, s->name, what, path, message);
+}
+
 static Datum
 call_step_function(ClaimedStep *s, void *arg)
 {
@@ -1059,6 +1091,13 @@ call_step_function(ClaimedStep *s, void *arg)
 				 errmsg("role \"%s\" may not execute %s %s of step \"%s\"",
 						s->owner, call->role, call->fn_name, s->name),
 				 errhint("GRANT EXECUTE on the function to the role that starts the runs.")));
+	if (call == &own)
+	{
+		char	   *bad = schema_violation(s, s->input_schema, s->ctx, "input");
+
+		if (bad != NULL)
+			ereport(ERROR, (errcode(ERRCODE_ORCH_INVALID), errmsg_internal("%s", bad)));
+	}
 
 	fmgr_info(call->fn, &flinfo);
 
@@ -1091,6 +1130,15 @@ call_step_function(ClaimedStep *s, void *arg)
 	if (s->timeout != NULL)
 		disable_timeout(STATEMENT_TIMEOUT, false);
 	SetUserIdAndSecContext(save_userid, save_sec_context);
+
+	/* an output that does not match undoes the step's effect with it */
+	if (call == &own)
+	{
+		char	   *bad = schema_violation(s, s->output_schema, result, "output");
+
+		if (bad != NULL)
+			ereport(ERROR, (errcode(ERRCODE_ORCH_INVALID), errmsg_internal("%s", bad)));
+	}
 	return result;
 }
 
@@ -1121,9 +1169,6 @@ json_add_field(StringInfo buf, const char *key, const char *value, bool *first)
  * orchestrator's own SQLSTATEs; otherwise it follows from the SQLSTATE:
  * errors that may well go away on their own are transient.
  */
-#define ERRCODE_ORCH_TRANSIENT			MAKE_SQLSTATE('O','R','T','R','N')
-#define ERRCODE_ORCH_PERMANENT			MAKE_SQLSTATE('O','R','P','R','M')
-#define ERRCODE_ORCH_UNKNOWN_OUTCOME	MAKE_SQLSTATE('O','R','U','N','K')
 
 static const char *
 error_class_of(int sqlerrcode)
@@ -1738,7 +1783,9 @@ handle_failure(ClaimedStep *s, int attempt, TimestampTz started, ErrorData *edat
 		return;
 	}
 
-	if (is_non_retryable(s, class, edata->sqlerrcode))
+	if (edata->sqlerrcode == ERRCODE_ORCH_INVALID)
+		gave_up = "it failed validation";	/* the same input, or code, fails again */
+	else if (is_non_retryable(s, class, edata->sqlerrcode))
 		gave_up = "the error is not retryable";
 	else if (s->max_attempts > 0 && attempt - s->attempt_base >= s->max_attempts)
 		gave_up = "no attempts left";
@@ -1876,6 +1923,83 @@ advance_compensation(ClaimedStep *s, const char *worker, TimestampTz now,
 	result->runs_finished++;	/* nothing more will happen by itself: wake wait_run */
 }
 
+/* ------------------------------------------------------------------------
+ * Validation and review of what a step gets and gives
+ * ------------------------------------------------------------------------ */
+
+/*
+ * Attempt number attempt failed validation (message says where): that is
+ * final, routed by on_error if a rule matches (SQLSTATE ORVAL).
+ */
+static void
+fail_validation(ClaimedStep *s, int attempt, const char *worker, TimestampTz started,
+				char *message, TimestampTz now, OrchBatchResult *result)
+{
+	ErrorData	e;
+
+	memset(&e, 0, sizeof(e));
+	e.sqlerrcode = ERRCODE_ORCH_INVALID;
+	e.message = message;
+	record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), &e, "permanent");
+	give_up(s, attempt, &e, "permanent", "it failed validation", now, result);
+}
+
+/*
+ * Does the step's review_if hold for its output?  A path that yields no
+ * boolean does not.
+ */
+static bool
+review_requested(ClaimedStep *s, Datum output)
+{
+	LOCAL_FCINFO(fcinfo, 4);
+	Datum		res;
+
+	if (s->review_if == (Datum) 0)
+		return false;
+	InitFunctionCallInfoData(*fcinfo, NULL, 4, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = output;
+	fcinfo->args[0].isnull = false;
+	fcinfo->args[1].value = s->review_if;
+	fcinfo->args[1].isnull = false;
+	fcinfo->args[2].value = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	fcinfo->args[2].isnull = false;
+	fcinfo->args[3].value = BoolGetDatum(true);	/* silent */
+	fcinfo->args[3].isnull = false;
+	res = jsonb_path_match(fcinfo);
+	return !fcinfo->isnull && DatumGetBool(res);
+}
+
+/*
+ * The step produced its output, which matched any output_schema: it
+ * succeeds, unless review_if holds the output for a person first.  A held
+ * step waits in needs_human with the output in its error (held_output);
+ * orch.resolve(..., 'accept') lets it succeed with it.
+ */
+static void
+step_produced(ClaimedStep *s, Datum output, int attempt, TimestampTz now,
+			  OrchBatchResult *result)
+{
+	StringInfoData buf;
+	Jsonb	   *out;
+
+	if (!review_requested(s, output))
+	{
+		finish_step(s, "succeeded", output, attempt);
+		return;
+	}
+	out = DatumGetJsonbP(output);
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"step\": ");
+	escape_json(&buf, s->name);
+	appendStringInfo(&buf, ", \"attempt\": %d, \"message\": ", attempt);
+	escape_json(&buf, psprintf("the output of step \"%s\" matched its review_if %s", s->name,
+							   DatumGetCString(DirectFunctionCall1(jsonpath_out, s->review_if))));
+	appendStringInfoString(&buf, ", \"gave_up\": \"its output is held for review\", \"held_output\": ");
+	appendStringInfoString(&buf, JsonbToCString(NULL, &out->root, VARSIZE(out)));
+	appendStringInfoChar(&buf, '}');
+	to_human(s, attempt, jsonb_from_cstring(buf.data), now, result);
+}
+
 static void
 advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
 {
@@ -1897,8 +2021,8 @@ advance_sql(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 	if (run_in_subxact(call_step_function, s, NULL, &output, &edata))
 	{
 		record_attempt(s, attempt, worker, started, GetCurrentTimestamp(), NULL, NULL);
-		finish_step(s, "succeeded", output, attempt);
 		circuit_record(s, NULL);
+		step_produced(s, output, attempt, now, result);
 		return;
 	}
 
@@ -1960,6 +2084,16 @@ advance_task(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 		return;
 	if (!circuit_admits(s, now))
 		return;
+	if (s->input_schema != (Datum) 0)
+	{
+		char	   *bad = schema_violation(s, s->input_schema, s->ctx, "input");
+
+		if (bad != NULL)
+		{
+			fail_validation(s, s->attempt + 1, worker, now, bad, now, result);
+			return;
+		}
+	}
 
 	/* ready, or retrying and due: into the queue, timed by schedule_to_start */
 	defer_step(s, "waiting",
@@ -1972,8 +2106,6 @@ advance_task(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 /* ------------------------------------------------------------------------
  * Events
  * ------------------------------------------------------------------------ */
-
-#define ERRCODE_ORCH_TIMED_OUT	MAKE_SQLSTATE('O','R','T','M','O')
 
 /* Take the first event for the step not yet taken: true, with its payload. */
 static bool
@@ -2045,7 +2177,13 @@ advance_wait_event(ClaimedStep *s, const char *worker, TimestampTz now,
 		return;
 	if (take_event(s, &payload))
 	{
-		finish_step(s, "succeeded", payload, s->attempt);
+		char	   *bad = schema_violation(s, s->output_schema, payload, "output");
+
+		if (bad != NULL)
+			fail_validation(s, s->attempt + 1, worker, now,
+							psprintf("the event's payload: %s", bad), now, result);
+		else
+			step_produced(s, payload, s->attempt, now, result);
 		return;
 	}
 	if (s->timeout != NULL)
@@ -2098,7 +2236,7 @@ advance_resolution(ClaimedStep *s, TimestampTz now, OrchBatchResult *result)
 		appendStringInfoChar(&buf, '}');
 		finish_step(s, "skipped", jsonb_from_cstring(buf.data), s->attempt);
 	}
-	else if (strcmp(action, "provide_input") == 0)
+	else if (strcmp(action, "provide_input") == 0 || strcmp(action, "accept") == 0)
 	{
 		JsonbValue *data = getKeyJsonValueFromContainer(&DatumGetJsonbP(s->resolution)->root,
 														"data", 4, NULL);
@@ -2377,11 +2515,24 @@ lease_invalid(ClaimedStep *s, TimestampTz now)
 
 /* The worker holding the task's lease reports success. */
 static void
-task_succeeded(ClaimedStep *s, Datum output, TimestampTz now)
+task_succeeded(ClaimedStep *s, Datum output, TimestampTz now, OrchBatchResult *result)
 {
+	char	   *bad = schema_violation(s, s->output_schema, output, "output");
+
+	if (bad != NULL)
+	{
+		/* the worker's answer is recorded, as the failed attempt it is */
+		fail_validation(s, s->attempt, s->worker, s->attempt_started_at, bad, now, result);
+		ereport(WARNING,
+				(errcode(ERRCODE_ORCH_INVALID),
+				 errmsg("%s", bad),
+				 errdetail("The task's attempt %d failed for good, and will not be retried.",
+						   s->attempt)));
+		return;
+	}
 	record_attempt(s, s->attempt, s->worker, s->attempt_started_at, now, NULL, NULL);
-	finish_step(s, "succeeded", output, s->attempt);
 	circuit_record(s, NULL);
+	step_produced(s, output, s->attempt, now, result);
 }
 
 /*
@@ -2438,7 +2589,7 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 					 errhint("Nothing was changed.  Claim the task again with orch.claim_tasks.")));
 
 		if (error == NULL)
-			task_succeeded(s, output, now);
+			task_succeeded(s, output, now, &result);
 		else
 		{
 			ErrorData	e;
@@ -2563,7 +2714,7 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 			}
 			accepted[found->pos] = true;
 			why[found->pos] = NULL;
-			task_succeeded(s, outputs[found->pos], now);
+			task_succeeded(s, outputs[found->pos], now, &result);
 		}
 
 		/* a repetition of a token that was accepted is refused */

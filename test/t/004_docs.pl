@@ -52,6 +52,12 @@ is($node->safe_psql('api_md', q{
 is($node->safe_psql('api_md', q{
 	SELECT count(*) FROM orch.attempts a JOIN orch.runs r USING (run_id) WHERE r.workflow = 'ship_order'}),
 	'2', 'the redriven step failed once, without retry, then succeeded');
+is($node->safe_psql('api_md', q{
+	SELECT string_agg(path, ' ' ORDER BY path) FROM orch.validate_json('{"order_id": "7", "lines": [{"qty": 0}]}',
+	  '{"type": "object", "required": ["order_id", "currency"],
+	    "properties": {"order_id": {"type": "integer"},
+	                   "lines": {"type": "array", "items": {"properties": {"qty": {"minimum": 1}}}}}}')}),
+	'$ $.lines[0].qty $.order_id', 'validate_json names each violation by its path');
 is($node->safe_psql('api_md', 'SELECT count(*) FROM shop.refunds WHERE order_id = 7'), '1',
 	'the refund was written once');
 
