@@ -17,10 +17,10 @@ DATA         = orchestrator--0.1.0.sql
 PG_CPPFLAGS  = -I$(srcdir)/src
 PG_CFLAGS    = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
 
-REGRESS      = setup define_workflow runs engine retry tasks circuits routing quarantine audit human events validation
+REGRESS      = setup define_workflow runs engine retry tasks circuits routing quarantine audit human events validation approvals
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=$(srcdir)/test/regress.conf
 
-ISOLATION      = start_run_idempotency claim_race cancel_vs_complete task_lease cancel_vs_failure complete_tasks resolve_race event_race
+ISOLATION      = start_run_idempotency claim_race cancel_vs_complete task_lease cancel_vs_failure complete_tasks resolve_race event_race approval_race
 ISOLATION_OPTS = --temp-instance=./tmp_isolation --temp-config=$(srcdir)/test/isolation.conf \
                  --inputdir=$(srcdir)/test/isolation --outputdir=output_iso
 

@@ -102,7 +102,7 @@ CREATE TABLE orch.workflow_steps (
 	version			int			NOT NULL,
 	name			text		NOT NULL,
 	ordinal			int			NOT NULL,
-	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep', 'task', 'wait_event')),
+	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep', 'task', 'wait_event', 'approval')),
 	needs			text[]		NOT NULL DEFAULT '{}',
 	dependents		text[]		NOT NULL DEFAULT '{}',
 	guard			jsonpath,
@@ -136,6 +136,15 @@ CREATE TABLE orch.workflow_steps (
 	input_schema	jsonb,		-- what the step's context must be (sql, task)
 	output_schema	jsonb,		-- what its output must be
 	review_if		jsonpath,	-- an output it matches waits for a person's review
+	-- approval: who decides, how many, and what they are shown (jsonpaths
+	-- over the run context); on_timeout is reject, human or escalate
+	approvers		text,
+	quorum			int,
+	allow_self		boolean,
+	approval_payload jsonpath,
+	approval_target	jsonpath,
+	approval_evidence jsonpath,
+	escalate_to		text,
 	PRIMARY KEY (workflow, version, name),
 	FOREIGN KEY (workflow, version) REFERENCES orch.workflows ON DELETE CASCADE
 );
@@ -225,7 +234,7 @@ CREATE TABLE orch.steps (
 -- The engine's work queue: due steps, and leases of running tasks (wake_at
 -- is the lease's expiry).
 CREATE INDEX steps_due ON orch.steps (wake_at, step_id)
-	WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked');
+	WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked', 'needs_approval');
 -- The external workers' queues: tasks waiting for a worker.
 -- In claim order: higher priority first, then in step order.  The priority is
 -- negated (as bigint, which holds the negation of every int) so that every
@@ -284,6 +293,48 @@ CREATE TABLE orch.events (
 -- The events not yet taken, in the order they are taken.
 CREATE INDEX events_pending ON orch.events (run_id, name, event_id) WHERE consumed_by IS NULL;
 
+/*
+ * Approval requests of approval steps.  What the approvers see is fixed
+ * when the request is made: the payload (what will change), the target and
+ * the evidence, bound together by payload_hash (SHA-256 of the three as a
+ * jsonb array's text).  A request is pending until quorum distinct members
+ * of the approvers role approve (approved) or one rejects (rejected), or it
+ * expires (expired), goes to another role (escalated: a new request
+ * continues it), or the step asks again about a changed payload
+ * (superseded).
+ */
+CREATE TABLE orch.approvals (
+	approval_id		bigint		GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	step_id			bigint		NOT NULL,
+	run_id			uuid		NOT NULL,
+	approvers		text		NOT NULL,
+	quorum			int			NOT NULL CHECK (quorum > 0),
+	allow_self		boolean		NOT NULL,
+	payload			jsonb,
+	target			jsonb,
+	evidence		jsonb,
+	payload_hash	bytea		NOT NULL,
+	status			text		NOT NULL DEFAULT 'pending'
+		CHECK (status IN ('pending', 'approved', 'rejected', 'expired', 'escalated', 'superseded')),
+	requested_at	timestamptz	NOT NULL DEFAULT pg_catalog.now(),
+	expires_at		timestamptz,
+	decided_at		timestamptz,
+	escalated_from	bigint		REFERENCES orch.approvals
+);
+CREATE INDEX approvals_step ON orch.approvals (step_id, approval_id);
+CREATE INDEX approvals_pending ON orch.approvals (approval_id) WHERE status = 'pending';
+
+-- The votes on approval requests: one per person and request.
+CREATE TABLE orch.approval_votes (
+	approval_id		bigint		NOT NULL REFERENCES orch.approvals,
+	voter			text		NOT NULL,
+	decision		text		NOT NULL CHECK (decision IN ('approve', 'reject')),
+	comment			text,
+	self_approval	boolean		NOT NULL DEFAULT false,	-- the run's owner, as the gate allowed
+	voted_at		timestamptz	NOT NULL DEFAULT pg_catalog.now(),
+	PRIMARY KEY (approval_id, voter)
+);
+
 SELECT pg_catalog.pg_extension_config_dump('orch.workflows', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.retry_policies', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.circuits', '');
@@ -293,6 +344,8 @@ SELECT pg_catalog.pg_extension_config_dump('orch.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.steps', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.attempts', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.events', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.approvals', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.approval_votes', '');
 
 /* ------------------------------------------------------------------------
  * Internal C functions
@@ -766,6 +819,19 @@ DECLARE
 	c_review	jsonpath[] := '{}';
 	v_problem	text[];
 	schema_key	text;
+	v_approvers	text;
+	v_quorum	int;
+	v_self		boolean;
+	v_paths		jsonpath[];
+	v_escalate	text;
+	c_approvers	text[] := '{}';
+	c_quorum	int[] := '{}';
+	c_self		boolean[] := '{}';
+	c_apayload	jsonpath[] := '{}';
+	c_atarget	jsonpath[] := '{}';
+	c_aevidence	jsonpath[] := '{}';
+	c_escalate	text[] := '{}';
+	akey		text;
 	-- cycle detection
 	indeg		int[];
 	queue		int[];
@@ -831,17 +897,17 @@ BEGIN
 		IF jsonb_typeof(step -> 'kind') IS DISTINCT FROM 'string' THEN
 			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('step "%s" needs a "kind" string', sname),
-				hint => 'Kinds are: sql, sleep, task, wait_event.');
+				hint => 'Kinds are: sql, sleep, task, wait_event, approval.');
 		END IF;
 		kind := step ->> 'kind';
-		IF kind IN ('approval', 'subworkflow', 'map') THEN
+		IF kind IN ('subworkflow', 'map') THEN
 			PERFORM orch._definition_error('0A000', obj, path || '.kind',
 				format('step kind "%s" is not supported by this version', kind),
-				hint => 'Kinds supported by this version are: sql, sleep, task, wait_event.');
-		ELSIF kind NOT IN ('sql', 'sleep', 'task', 'wait_event') THEN
+				hint => 'Kinds supported by this version are: sql, sleep, task, wait_event, approval.');
+		ELSIF kind NOT IN ('sql', 'sleep', 'task', 'wait_event', 'approval') THEN
 			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('unknown step kind "%s"', kind),
-				hint => 'Kinds are: sql, sleep, task, wait_event.');
+				hint => 'Kinds are: sql, sleep, task, wait_event, approval.');
 		END IF;
 		PERFORM orch._check_keys(step,
 			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function', 'verify', 'compensate',
@@ -851,6 +917,9 @@ BEGIN
 															'input_schema', 'output_schema', 'review_if']
 									 WHEN 'wait_event' THEN ARRAY['event', 'on_timeout', 'output_schema',
 																  'review_if']
+									 WHEN 'approval' THEN ARRAY['approvers', 'quorum', 'allow_self_approval',
+																'payload', 'target', 'evidence',
+																'on_timeout', 'on_reject']
 									 ELSE ARRAY['duration', 'until'] END,
 			obj, path, format('a step of kind "%s"', kind));
 
@@ -943,6 +1012,20 @@ BEGIN
 		IF step ? 'on_error' THEN
 			v_on_error := orch._compile_on_error(step -> 'on_error', names, sname, obj, path || '.on_error');
 		END IF;
+		-- on_reject of an approval: fail (the default), or a step to go on at,
+		-- which is an on_error rule for the rejection's SQLSTATE, tried first
+		IF kind = 'approval' AND step ? 'on_reject' AND step -> 'on_reject' <> '"fail"'::jsonb THEN
+			IF jsonb_typeof(step -> 'on_reject') <> 'object' OR NOT (step -> 'on_reject') ? 'goto'
+			   OR (SELECT count(*) FROM jsonb_object_keys(step -> 'on_reject')) <> 1 THEN
+				PERFORM orch._definition_error('22023', obj, path || '.on_reject',
+					format('expected "fail" or {"goto": "step"}, got %s', step -> 'on_reject'),
+					hint => 'A rejected approval fails the run, or the run goes on at the step that on_reject names.');
+			END IF;
+			v_on_error := orch._compile_on_error(
+				jsonb_build_array(jsonb_build_object('errors', jsonb_build_array('ORREJ'),
+													 'goto', step -> 'on_reject' -> 'goto')),
+				names, sname, obj, path || '.on_reject') || coalesce(v_on_error, '[]');
+		END IF;
 
 		-- task
 		v_queue := NULL;
@@ -967,7 +1050,7 @@ BEGIN
 		-- circuit: the named target the step calls
 		v_circuit := NULL;
 		IF step ? 'circuit' THEN
-			IF kind IN ('sleep', 'wait_event') THEN
+			IF kind IN ('sleep', 'wait_event', 'approval') THEN
 				PERFORM orch._definition_error('22023', obj, path || '.circuit',
 					format('%s step "%s" calls nothing a circuit could guard', kind, sname));
 			END IF;
@@ -1030,6 +1113,85 @@ BEGIN
 						hint => 'Without a timeout the step waits for its event as long as the run lives.');
 				END IF;
 				v_on_timeout := step ->> 'on_timeout';
+			END IF;
+		END IF;
+
+		-- approval: approvers (a role), quorum, four-eyes, what is shown, expiry
+		v_approvers := NULL;
+		v_quorum := NULL;
+		v_self := NULL;
+		v_paths := ARRAY[NULL, NULL, NULL]::jsonpath[];
+		v_escalate := NULL;
+		IF kind = 'approval' THEN
+			IF jsonb_typeof(step -> 'approvers') IS DISTINCT FROM 'string' THEN
+				PERFORM orch._definition_error('22023', obj, path || '.approvers',
+					format('approval step "%s" needs "approvers", the name of a role', sname),
+					hint => 'Members of that role may approve or reject.');
+			END IF;
+			v_approvers := step ->> 'approvers';
+			IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = v_approvers) THEN
+				PERFORM orch._definition_error('42704', obj, path || '.approvers',
+					format('role "%s" does not exist', v_approvers),
+					hint => 'Create the role and grant it to the people who approve.');
+			END IF;
+			v_quorum := 1;
+			IF step ? 'quorum' THEN
+				IF jsonb_typeof(step -> 'quorum') <> 'number' OR (step ->> 'quorum') !~ '^[0-9]+$'
+				   OR (step ->> 'quorum')::numeric NOT BETWEEN 1 AND 100 THEN
+					PERFORM orch._definition_error('22023', obj, path || '.quorum',
+						format('expected a whole number from 1 to 100, got %s', step -> 'quorum'),
+						hint => 'The number of distinct approvers the gate needs.');
+				END IF;
+				v_quorum := (step ->> 'quorum')::int;
+			END IF;
+			v_self := false;
+			IF step ? 'allow_self_approval' THEN
+				IF jsonb_typeof(step -> 'allow_self_approval') <> 'boolean' THEN
+					PERFORM orch._definition_error('22023', obj, path || '.allow_self_approval',
+						'expected true or false',
+						hint => 'By default the owner of a run cannot approve its gates (four eyes).');
+				END IF;
+				v_self := (step -> 'allow_self_approval')::boolean;
+			END IF;
+			FOR j IN 1 .. 3 LOOP
+				akey := (ARRAY['payload', 'target', 'evidence'])[j];
+				IF step ? akey THEN
+					IF jsonb_typeof(step -> akey) <> 'string' THEN
+						PERFORM orch._definition_error('22023', obj, path || '.' || akey,
+							'expected a jsonpath string over the run context',
+							hint => 'For instance "$.steps.draft" shows the approvers the output of step draft.');
+					END IF;
+					BEGIN
+						v_paths[j] := (step ->> akey)::jsonpath;
+					EXCEPTION WHEN OTHERS THEN
+						PERFORM orch._definition_error('42601', obj, path || '.' || akey,
+							format('invalid jsonpath in "%s" of step "%s"', akey, sname), SQLERRM);
+					END;
+				END IF;
+			END LOOP;
+			v_on_timeout := 'reject';
+			IF step ? 'on_timeout' THEN
+				IF NOT step ? 'timeout' THEN
+					PERFORM orch._definition_error('22023', obj, path || '.on_timeout',
+						format('approval step "%s" has "on_timeout" but no "timeout"', sname),
+						hint => 'Without a timeout the request waits as long as the run lives.');
+				END IF;
+				IF step -> 'on_timeout' IN ('"reject"', '"human"') THEN
+					v_on_timeout := step ->> 'on_timeout';
+				ELSIF jsonb_typeof(step -> 'on_timeout') = 'object'
+					  AND jsonb_typeof(step -> 'on_timeout' -> 'escalate') = 'string'
+					  AND (SELECT count(*) FROM jsonb_object_keys(step -> 'on_timeout')) = 1 THEN
+					v_on_timeout := 'escalate';
+					v_escalate := step -> 'on_timeout' ->> 'escalate';
+					IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = v_escalate) THEN
+						PERFORM orch._definition_error('42704', obj, path || '.on_timeout.escalate',
+							format('role "%s" does not exist', v_escalate));
+					END IF;
+				ELSE
+					PERFORM orch._definition_error('22023', obj, path || '.on_timeout',
+						format('expected "reject", "human" or {"escalate": "role"}, got %s', step -> 'on_timeout'),
+						hint => 'reject: the request is rejected; human: the step waits in the human queue; escalate: the request goes to another role, with a new timeout.');
+				END IF;
 			END IF;
 		END IF;
 
@@ -1103,6 +1265,13 @@ BEGIN
 		c_in_schema := c_in_schema || v_in_schema;
 		c_out_schema := c_out_schema || v_out_schema;
 		c_review := c_review || v_review;
+		c_approvers := c_approvers || v_approvers;
+		c_quorum := c_quorum || v_quorum;
+		c_self := c_self || v_self;
+		c_apayload := c_apayload || v_paths[1];
+		c_atarget := c_atarget || v_paths[2];
+		c_aevidence := c_aevidence || v_paths[3];
+		c_escalate := c_escalate || v_escalate;
 		c_policy := c_policy || (v_retry ->> 'policy');
 		c_verify := c_verify || v_verify;
 		c_comp := c_comp || v_comp;
@@ -1194,7 +1363,8 @@ BEGIN
 		backoff_coefficient, max_interval, jitter, non_retryable, schedule_to_close,
 		retry_policy, timeout, queue, circuit, schedule_to_start, heartbeat_timeout,
 		idempotent, verify_name, verify, compensate_name, compensate, on_error, routes, route_target,
-		event, on_timeout, input_schema, output_schema, review_if)
+		event, on_timeout, input_schema, output_schema, review_if, approvers, quorum, allow_self,
+		approval_payload, approval_target, approval_evidence, escalate_to)
 	SELECT wf, v_version, names[k], k, c_kind[k],
 		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
 		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
@@ -1208,7 +1378,9 @@ BEGIN
 		   steps -> (k - 1) ->> 'compensate', c_comp[k], c_on_error[k],
 		   ARRAY(SELECT DISTINCT r ->> 'goto' FROM jsonb_array_elements(c_on_error[k]) r
 				  WHERE r ? 'goto' ORDER BY 1),
-		   c_target[k], c_event[k], c_on_timeout[k], c_in_schema[k], c_out_schema[k], c_review[k]
+		   c_target[k], c_event[k], c_on_timeout[k], c_in_schema[k], c_out_schema[k], c_review[k],
+		   c_approvers[k], c_quorum[k], c_self[k], c_apayload[k], c_atarget[k], c_aevidence[k],
+		   c_escalate[k]
 	  FROM generate_series(1, cardinality(names)) k;
 
 	RETURN v_version;
@@ -1444,7 +1616,7 @@ BEGIN
 		   reason = resume_run.reason
 	 WHERE orch.runs.run_id = r.run_id;
 	UPDATE orch.steps s SET wake_at = now()
-	 WHERE s.run_id = r.run_id AND s.status IN ('ready', 'waiting', 'retrying', 'blocked')
+	 WHERE s.run_id = r.run_id AND s.status IN ('ready', 'waiting', 'retrying', 'blocked', 'needs_approval')
 	   AND s.wake_at = 'infinity';
 END
 $$;
@@ -1814,6 +1986,264 @@ BEGIN
 END
 $$;
 
+/* ------------------------------------------------------------------------
+ * Approvals: approval steps, orch.approve, orch.reject, pending_approvals
+ * ------------------------------------------------------------------------ */
+
+-- An approved request as the step's output: exactly what was approved.
+CREATE FUNCTION orch._approval_output(a orch.approvals) RETURNS jsonb
+	LANGUAGE sql STABLE
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT jsonb_build_object(
+		'approved', true, 'approval_id', a.approval_id,
+		'payload', a.payload, 'target', a.target, 'evidence', a.evidence,
+		'payload_hash', encode(a.payload_hash, 'hex'),
+		'approved_by', (SELECT coalesce(jsonb_agg(v.voter ORDER BY v.voted_at), '[]')
+						  FROM orch.approval_votes v
+						 WHERE v.approval_id = a.approval_id AND v.decision = 'approve'))
+$$;
+
+/*
+ * The engine's step for an approval step; returns what to do with it:
+ * {"action": "succeed", "output"}, {"action": "wait", "wake_at"},
+ * {"action": "reject" | "expire" | "human", "message"}.  When the step
+ * becomes ready (first), the request is made from the run context ctx, or
+ * an approval of exactly this payload, from before a redrive, applies;
+ * afterwards the latest request is looked at: decided, expired (then
+ * on_timeout: reject, human, or escalate once to another role), or still
+ * pending.
+ */
+CREATE FUNCTION orch._advance_approval(p_step bigint, ctx jsonb, first boolean) RETURNS jsonb
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	s		orch.steps;
+	r		orch.runs;
+	ws		orch.workflow_steps;
+	a		orch.approvals;
+	v_payload jsonb;
+	v_target jsonb;
+	v_evidence jsonb;
+	v_hash	bytea;
+	v_who	text;
+BEGIN
+	SELECT * INTO s FROM orch.steps WHERE step_id = p_step;
+	SELECT * INTO r FROM orch.runs WHERE run_id = s.run_id;
+	SELECT * INTO ws FROM orch.workflow_steps w
+	 WHERE w.workflow = r.workflow AND w.version = r.version AND w.name = s.name;
+
+	IF first THEN
+		-- by default the approvers see the outputs of the steps the gate needs
+		IF ws.approval_payload IS NOT NULL THEN
+			v_payload := jsonb_path_query_first(ctx, ws.approval_payload);
+		ELSE
+			SELECT coalesce(jsonb_object_agg(n, ctx -> 'steps' -> n), '{}') INTO v_payload
+			  FROM unnest(ws.needs) n;
+		END IF;
+		IF ws.approval_target IS NOT NULL THEN
+			v_target := jsonb_path_query_first(ctx, ws.approval_target);
+		END IF;
+		IF ws.approval_evidence IS NOT NULL THEN
+			v_evidence := jsonb_path_query_first(ctx, ws.approval_evidence);
+		END IF;
+		v_hash := sha256(convert_to(jsonb_build_array(v_payload, v_target, v_evidence)::text, 'UTF8'));
+
+		SELECT * INTO a FROM orch.approvals WHERE step_id = p_step ORDER BY approval_id DESC LIMIT 1;
+		IF FOUND AND a.status = 'approved' AND a.payload_hash = v_hash THEN
+			RETURN jsonb_build_object('action', 'succeed', 'output', orch._approval_output(a));
+		END IF;
+		-- what was asked before is no longer what the step would do
+		UPDATE orch.approvals SET status = 'superseded', decided_at = now()
+		 WHERE step_id = p_step AND status = 'pending';
+		INSERT INTO orch.approvals (step_id, run_id, approvers, quorum, allow_self, payload, target,
+									evidence, payload_hash, expires_at)
+		VALUES (p_step, s.run_id, ws.approvers, ws.quorum, ws.allow_self, v_payload, v_target,
+				v_evidence, v_hash, now() + ws.timeout)
+		RETURNING * INTO a;
+		RETURN jsonb_build_object('action', 'wait', 'wake_at', a.expires_at);
+	END IF;
+
+	SELECT * INTO a FROM orch.approvals WHERE step_id = p_step ORDER BY approval_id DESC LIMIT 1;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'approval step % has no request', p_step;
+	END IF;
+	IF a.status = 'approved' THEN
+		RETURN jsonb_build_object('action', 'succeed', 'output', orch._approval_output(a));
+	ELSIF a.status = 'rejected' THEN
+		SELECT format('%s rejected approval %s%s', v.voter, a.approval_id,
+					  coalesce(': ' || v.comment, '')) INTO v_who
+		  FROM orch.approval_votes v
+		 WHERE v.approval_id = a.approval_id AND v.decision = 'reject'
+		 ORDER BY v.voted_at LIMIT 1;
+		RETURN jsonb_build_object('action', 'reject', 'message', v_who);
+	ELSIF a.status = 'pending' AND a.expires_at <= now() THEN
+		IF ws.on_timeout = 'escalate' AND a.escalated_from IS NULL THEN
+			UPDATE orch.approvals SET status = 'escalated', decided_at = now()
+			 WHERE approval_id = a.approval_id;
+			INSERT INTO orch.approvals (step_id, run_id, approvers, quorum, allow_self, payload, target,
+										evidence, payload_hash, expires_at, escalated_from)
+			VALUES (p_step, s.run_id, ws.escalate_to, a.quorum, a.allow_self, a.payload, a.target,
+					a.evidence, a.payload_hash, now() + ws.timeout, a.approval_id)
+			RETURNING * INTO a;
+			RETURN jsonb_build_object('action', 'wait', 'wake_at', a.expires_at);
+		END IF;
+		UPDATE orch.approvals SET status = 'expired', decided_at = now()
+		 WHERE approval_id = a.approval_id;
+		RETURN jsonb_build_object(
+			'action', CASE ws.on_timeout WHEN 'human' THEN 'human' ELSE 'expire' END,
+			'message', format('approval %s by %s expired at %s without a decision', a.approval_id,
+							  a.approvers, a.expires_at));
+	END IF;
+	RETURN jsonb_build_object('action', 'wait', 'wake_at', a.expires_at);
+END
+$$;
+
+/*
+ * A vote on a pending approval request.  The run is locked first, as the
+ * engine, cancel_run and other votes lock it, so votes and cancellation
+ * are decided in one order.
+ */
+CREATE FUNCTION orch._vote(approval_id bigint, decision text, comment text, expected_hash bytea)
+	RETURNS text
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	a		orch.approvals;
+	r		orch.runs;
+	s		orch.steps;
+	who		name := orch._caller();
+	is_self	boolean;
+	approvals int;
+BEGIN
+	SELECT * INTO a FROM orch.approvals WHERE orch.approvals.approval_id = _vote.approval_id;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION USING ERRCODE = 'undefined_object',
+			MESSAGE = format('approval %s does not exist', _vote.approval_id);
+	END IF;
+	r := orch._lock_run(a.run_id);
+	SELECT * INTO a FROM orch.approvals WHERE orch.approvals.approval_id = _vote.approval_id FOR UPDATE;
+	SELECT * INTO s FROM orch.steps WHERE orch.steps.step_id = a.step_id;
+
+	IF NOT pg_has_role(who, a.approvers, 'MEMBER') THEN
+		RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+			MESSAGE = format('role "%s" may not decide approval %s', who, a.approval_id),
+			DETAIL = format('Approval %s is for members of role "%s".', a.approval_id, a.approvers);
+	END IF;
+	IF a.status <> 'pending' OR s.status <> 'needs_approval' THEN
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('approval %s is %s', a.approval_id,
+							 CASE WHEN a.status <> 'pending' THEN a.status::text
+								  ELSE format('moot: its step is %s', s.status) END),
+			HINT = CASE a.status
+				WHEN 'superseded' THEN 'The step asked again about a changed payload: decide the newer request in orch.pending_approvals.'
+				WHEN 'escalated' THEN 'It went to another role when it expired: see orch.pending_approvals.'
+				ELSE 'Only pending requests are decided.' END;
+	END IF;
+	IF a.expires_at <= now() THEN
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('approval %s expired at %s', a.approval_id, a.expires_at);
+	END IF;
+	IF expected_hash IS NOT NULL AND expected_hash <> a.payload_hash THEN
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('approval %s is for a different payload than the one decided on', a.approval_id),
+			DETAIL = format('The request''s payload_hash is %s.', encode(a.payload_hash, 'hex')),
+			HINT = 'Look at the request again in orch.pending_approvals.';
+	END IF;
+	is_self := who = r.owner;
+	IF is_self AND decision = 'approve' AND NOT a.allow_self THEN
+		RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+			MESSAGE = format('role "%s" started run %s and cannot approve its own gate', who, r.run_id),
+			HINT = 'Four eyes: another member of the approvers role must approve (or the step must set allow_self_approval).';
+	END IF;
+	IF EXISTS (SELECT FROM orch.approval_votes v
+			   WHERE v.approval_id = a.approval_id AND v.voter = who) THEN
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('role "%s" has already voted on approval %s', who, a.approval_id),
+			HINT = 'A quorum needs distinct approvers.';
+	END IF;
+
+	INSERT INTO orch.approval_votes (approval_id, voter, decision, comment, self_approval)
+	VALUES (a.approval_id, who, decision, comment, is_self AND decision = 'approve');
+	IF decision = 'reject' THEN
+		UPDATE orch.approvals SET status = 'rejected', decided_at = now()
+		 WHERE orch.approvals.approval_id = a.approval_id;
+	ELSE
+		SELECT count(*) INTO approvals FROM orch.approval_votes v
+		 WHERE v.approval_id = a.approval_id AND v.decision = 'approve';
+		IF approvals < a.quorum THEN
+			RETURN format('approved by %s of %s', approvals, a.quorum);
+		END IF;
+		UPDATE orch.approvals SET status = 'approved', decided_at = now()
+		 WHERE orch.approvals.approval_id = a.approval_id;
+	END IF;
+	-- decided: the engine carries it out, and the run goes on
+	UPDATE orch.steps SET wake_at = now() WHERE orch.steps.step_id = a.step_id;
+	IF NOT EXISTS (SELECT FROM orch.steps o
+				   WHERE o.run_id = r.run_id AND o.status = 'needs_approval' AND o.step_id <> a.step_id) THEN
+		UPDATE orch.runs
+		   SET status = CASE WHEN status = 'needs_approval' THEN 'running' ELSE status END,
+			   paused_from = CASE WHEN paused_from = 'needs_approval' THEN 'running' ELSE paused_from END
+		 WHERE orch.runs.run_id = r.run_id;
+	END IF;
+	RETURN CASE decision WHEN 'reject' THEN 'rejected' ELSE 'approved' END;
+END
+$$;
+
+/*
+ * Approve a pending request, as a member of its approvers role; returns
+ * 'approved' once the quorum is reached, else how many have approved.
+ * payload_hash, if given, must be the request's: what the approver saw.
+ */
+CREATE FUNCTION orch.approve(approval_id bigint, comment text DEFAULT NULL,
+							 payload_hash bytea DEFAULT NULL) RETURNS text
+	LANGUAGE sql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT orch._vote(approval_id, 'approve', comment, payload_hash)
+$$;
+
+-- Reject a pending request: one rejection decides it.
+CREATE FUNCTION orch.reject(approval_id bigint, reason text) RETURNS text
+	LANGUAGE plpgsql
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF reason IS NULL OR btrim(reason) = '' THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('rejecting approval %s needs a reason', approval_id),
+			HINT = 'The reason is kept with the vote and the run''s error.';
+	END IF;
+	RETURN orch._vote(approval_id, 'reject', reason, NULL);
+END
+$$;
+
+/*
+ * The pending requests, with what they show.  orch_reader sees them all;
+ * anyone else the ones they may decide.
+ */
+CREATE VIEW orch.pending_approvals AS
+SELECT a.approval_id, a.run_id, r.workflow, s.name AS step, s.step_id, a.approvers, a.quorum,
+	   (SELECT pg_catalog.count(*) FROM orch.approval_votes v
+		 WHERE v.approval_id = a.approval_id AND v.decision = 'approve')::int AS approvals,
+	   a.payload, a.target, a.evidence, pg_catalog.encode(a.payload_hash, 'hex') AS payload_hash,
+	   a.requested_at, a.expires_at, a.escalated_from, r.business_key, r.owner,
+	   pg_catalog.pg_has_role(current_user, a.approvers, 'MEMBER')
+		 AND (a.allow_self OR r.owner <> current_user)
+		 AND NOT EXISTS (SELECT FROM orch.approval_votes v
+						  WHERE v.approval_id = a.approval_id AND v.voter = current_user) AS can_approve
+  FROM orch.approvals a
+  JOIN orch.steps s ON s.step_id = a.step_id
+  JOIN orch.runs r ON r.run_id = a.run_id
+ WHERE a.status = 'pending' AND s.status = 'needs_approval'
+   AND (pg_catalog.pg_has_role(current_user, 'orch_reader', 'MEMBER')
+		OR pg_catalog.pg_has_role(current_user, a.approvers, 'MEMBER'));
+
 /*
  * Configure a circuit: consecutive failures that open it, and how long it
  * stays open before a probe.  Steps name circuits with "circuit"; a circuit
@@ -2067,7 +2497,8 @@ $$;
 SELECT orch._create_audit_triggers(t, true)
   FROM unnest(ARRAY['orch.workflows', 'orch.workflow_steps', 'orch.retry_policies',
 					'orch.queues', 'orch.circuits', 'orch.runs', 'orch.steps',
-					'orch.attempts', 'orch.events']::regclass[]) t;
+					'orch.attempts', 'orch.events', 'orch.approvals',
+					'orch.approval_votes']::regclass[]) t;
 
 -- Drop the audit triggers a table has.
 CREATE FUNCTION orch._drop_audit_triggers(tbl regclass) RETURNS void
@@ -2311,6 +2742,11 @@ GRANT EXECUTE ON FUNCTION orch.enable_audit(regclass), orch.disable_audit(regcla
 	orch.seal_audit(boolean), orch.purge_audit(timestamptz) TO orch_admin;
 GRANT EXECUTE ON FUNCTION orch.set_audit_context(text, text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION orch.validate_json(jsonb, jsonb) TO PUBLIC;
+-- approval rights come from membership in the role a gate names
+GRANT USAGE ON SCHEMA orch TO PUBLIC;
+GRANT EXECUTE ON FUNCTION orch.approve(bigint, text, bytea), orch.reject(bigint, text) TO PUBLIC;
+GRANT SELECT ON orch.pending_approvals TO PUBLIC;
+GRANT SELECT ON orch.approvals, orch.approval_votes TO orch_reader;
 
 -- Let the launcher start this database's engine as soon as we commit.
 SELECT orch._launcher_wake_on_commit();

@@ -80,7 +80,7 @@ SELECT pg_temp.try_define('bad', '{"steps": [{"name": "a", "kind": "sql", "funct
 SELECT pg_temp.try_define('bad', '{"steps": [{"name": "a", "kind": "sql"}]}');
 -- 21. an unknown kind, and a kind this version does not run
 SELECT pg_temp.try_define('bad', '{"steps": [{"name": "a", "kind": "lambda"}]}');
-SELECT pg_temp.try_define('bad', '{"steps": [{"name": "a", "kind": "approval", "approvers": "finance"}]}');
+SELECT pg_temp.try_define('bad', '{"steps": [{"name": "a", "kind": "map", "items": "$.input.lines"}]}');
 -- 22. a sleep with both duration and until
 SELECT pg_temp.try_define('bad', '{"steps": [{"name": "nap", "kind": "sleep", "duration": "1s", "until": "$.input.at"}]}');
 -- 23. retry values out of range

@@ -2,7 +2,7 @@
  * api_wait.c
  *	  orch.wait_run(run_id, timeout): block until a run has finished, and
  *	  the compensations that its end started have run, or until it waits
- *	  for a person (needs_human): nothing more happens to it by itself.
+ *	  for a person (needs_human, needs_approval).
  *
  *	  The caller sleeps on a condition variable in shared memory that is
  *	  broadcast after every commit that may have finished a run (an engine
@@ -88,7 +88,7 @@ orch_wait_run(PG_FUNCTION_ARGS)
 		done = (is_final(status) &&
 				!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3,
 											&isnull))) ||
-			strcmp(status, "needs_human") == 0;
+			strcmp(status, "needs_human") == 0 || strcmp(status, "needs_approval") == 0;
 		if (!done)
 		{			TransactionId xmin = DatumGetTransactionId(SPI_getbinval(SPI_tuptable->vals[0],
 																	 SPI_tuptable->tupdesc, 2,

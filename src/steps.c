@@ -150,6 +150,9 @@ enum
 	P_STEP_SET,
 	P_COMPENSATE_NEXT,
 	P_TAKE_EVENT,
+	P_APPROVAL,
+	P_RUN_NEEDS_APPROVAL,
+	P_RUN_APPROVAL_DONE,
 	P_COUNT
 };
 
@@ -213,7 +216,8 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 /* the run context a step's function, guard or until sees */
 #define STEP_CONTEXT \
 	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL" \
-	"              OR s.phase IS NOT NULL OR ws.input_schema IS NOT NULL THEN" \
+	"              OR s.phase IS NOT NULL OR ws.input_schema IS NOT NULL" \
+	"              OR ws.kind = 'approval' THEN" \
 	"         pg_catalog.jsonb_build_object(" \
 	"           'run_id', r.run_id, 'workflow', r.workflow, 'version', r.version," \
 	"           'step', s.name," \
@@ -275,14 +279,14 @@ static const char *const plan_sql[P_COUNT] = {
 	[P_CANDIDATES] =
 	"SELECT pg_catalog.array_agg(d.step_id) FROM ("
 	"  SELECT d.step_id FROM orch.steps d"
-	"   WHERE d.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')"
+	"   WHERE d.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked', 'needs_approval')"
 	"     AND d.wake_at <= pg_catalog.now()"
 	"   ORDER BY d.wake_at, d.step_id LIMIT $1) d",
 
 	[P_CANDIDATES_AFTER] =
 	"SELECT pg_catalog.array_agg(d.step_id) FROM ("
 	"  SELECT d.step_id FROM orch.steps d"
-	"   WHERE d.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')"
+	"   WHERE d.status IN ('ready', 'waiting', 'retrying', 'running', 'blocked', 'needs_approval')"
 	"     AND d.wake_at <= pg_catalog.now()"
 	"     AND (d.wake_at, d.step_id) > ($2, $3)"
 	"   ORDER BY d.wake_at, d.step_id LIMIT $1) d",
@@ -393,7 +397,7 @@ static const char *const plan_sql[P_COUNT] = {
 	/* $1 run */
 	[P_RUN_NEEDS_HUMAN] =
 	"UPDATE orch.runs SET status = 'needs_human'"
-	" WHERE run_id = $1 AND status IN ('pending', 'running')",
+	" WHERE run_id = $1 AND status IN ('pending', 'running', 'needs_approval')",
 
 	/* $1 circuit: take the probe of an open circuit whose cooldown passed */
 	[P_CIRCUIT_PROBE] =
@@ -449,7 +453,7 @@ static const char *const plan_sql[P_COUNT] = {
 	[P_NEXT_TIMER] =
 	"SELECT LEAST("
 	"  (SELECT pg_catalog.min(wake_at) FROM orch.steps"
-	"    WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked')),"
+	"    WHERE status IN ('ready', 'waiting', 'retrying', 'running', 'blocked', 'needs_approval')),"
 	"  (SELECT pg_catalog.min(deadline) FROM orch.runs"
 	"    WHERE deadline IS NOT NULL"
 	"      AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')))",
@@ -489,6 +493,22 @@ static const char *const plan_sql[P_COUNT] = {
 	"         ORDER BY e0.run_id, e0.name, e0.event_id LIMIT 1) f"
 	" WHERE e.event_id = f.event_id"
 	" RETURNING e.payload",
+
+	/* $1 step, $2 context, $3 whether it just became ready: see the function */
+	[P_APPROVAL] =
+	"SELECT orch._advance_approval($1, $2, $3)",
+
+	/* $1 run */
+	[P_RUN_NEEDS_APPROVAL] =
+	"UPDATE orch.runs SET status = 'needs_approval'"
+	" WHERE run_id = $1 AND status IN ('pending', 'running')",
+
+	/* $1 run, $2 its step that no longer waits for approval */
+	[P_RUN_APPROVAL_DONE] =
+	"UPDATE orch.runs r SET status = 'running'"
+	" WHERE r.run_id = $1 AND r.status = 'needs_approval'"
+	"   AND NOT EXISTS (SELECT FROM orch.steps o WHERE o.run_id = $1"
+	"                      AND o.status = 'needs_approval' AND o.step_id <> $2)",
 };
 
 static const int plan_nargs[P_COUNT] = {
@@ -497,7 +517,7 @@ static const int plan_nargs[P_COUNT] = {
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
 	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
 	[P_NEXT_TIMER] = 0,[P_ROUTE] = 3,[P_SET_CAUSE] = 3,[P_STEP_SET] = 6,[P_COMPENSATE_NEXT] = 1,
-	[P_TAKE_EVENT] = 3,
+	[P_TAKE_EVENT] = 3,[P_APPROVAL] = 3,[P_RUN_NEEDS_APPROVAL] = 1,[P_RUN_APPROVAL_DONE] = 2,
 };
 
 static const Oid plan_argtypes[P_COUNT][14] = {
@@ -527,6 +547,9 @@ static const Oid plan_argtypes[P_COUNT][14] = {
 	[P_STEP_SET] = {INT8OID, TEXTOID, TIMESTAMPTZOID, JSONBOID, TEXTOID, INT4OID},
 	[P_COMPENSATE_NEXT] = {UUIDOID},
 	[P_TAKE_EVENT] = {UUIDOID, TEXTOID, INT8OID},
+	[P_APPROVAL] = {INT8OID, JSONBOID, BOOLOID},
+	[P_RUN_NEEDS_APPROVAL] = {UUIDOID},
+	[P_RUN_APPROVAL_DONE] = {UUIDOID, INT8OID},
 };
 
 /* ------------------------------------------------------------------------
@@ -2261,6 +2284,87 @@ advance_resolution(ClaimedStep *s, TimestampTz now, OrchBatchResult *result)
 		elog(ERROR, "step " INT64_FORMAT " has an unknown resolution \"%s\"", s->step_id, action);
 }
 
+/* ------------------------------------------------------------------------
+ * Approvals
+ * ------------------------------------------------------------------------ */
+
+#define ERRCODE_ORCH_REJECTED	MAKE_SQLSTATE('O','R','R','E','J')
+
+/*
+ * An approval step asks the members of a role (orch._advance_approval
+ * keeps the requests): it waits in needs_approval, with its run, until the
+ * request is decided or expires, and then succeeds with exactly what was
+ * approved, or fails as rejected (SQLSTATE ORREJ, which on_reject routes),
+ * or waits in the human queue.
+ */
+static void
+advance_approval(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+{
+	bool		first = strcmp(s->status, "needs_approval") != 0;
+	Datum		v[3] = {Int64GetDatum(s->step_id), s->ctx, BoolGetDatum(first)};
+	bool		isnull;
+	Datum		decision;
+	char	   *action;
+	char	   *message;
+	JsonbValue *jv;
+	MemoryContext oldcxt;
+
+	if (first && maybe_skip(s, worker, now, result))
+		return;
+	exec_plan(P_APPROVAL, v, NULL, SPI_OK_SELECT);
+	oldcxt = MemoryContextSwitchTo(rows_cxt);
+	decision = datumCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull),
+						 false, -1);
+	MemoryContextSwitchTo(oldcxt);
+	SPI_freetuptable(SPI_tuptable);
+	action = jsonb_field_text(decision, "action");
+	message = jsonb_field_text(decision, "message");
+
+	if (strcmp(action, "succeed") == 0)
+	{
+		jv = getKeyJsonValueFromContainer(&DatumGetJsonbP(decision)->root, "output", 6, NULL);
+		finish_step(s, "succeeded", JsonbPGetDatum(JsonbValueToJsonb(jv)), s->attempt);
+	}
+	else if (strcmp(action, "wait") == 0)
+	{
+		char	   *wake = jsonb_field_text(decision, "wake_at");
+		TimestampTz wake_at = wake == NULL ? DT_NOEND :
+			DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(wake),
+													ObjectIdGetDatum(InvalidOid),
+													Int32GetDatum(-1)));
+		Datum		rv[1] = {s->run_id};
+
+		defer_step(s, "needs_approval", wake_at, s->attempt, (Datum) 0);
+		if (first)
+		{
+			run_step_done(s, 0);
+			flush_all(now, result);
+			exec_plan(P_RUN_NEEDS_APPROVAL, rv, NULL, SPI_OK_UPDATE);
+			result->runs_finished++;	/* it waits for people now: wake wait_run */
+		}
+	}
+	else
+	{
+		ErrorData	e;
+		int			attempt = s->attempt + 1;
+		Datum		dv[2] = {s->run_id, Int64GetDatum(s->step_id)};
+
+		/* the run no longer waits for this approval (the human queue may set it aside) */
+		exec_plan(P_RUN_APPROVAL_DONE, dv, NULL, SPI_OK_UPDATE);
+		memset(&e, 0, sizeof(e));
+		e.sqlerrcode = ERRCODE_ORCH_REJECTED;
+		e.message = message;
+		record_attempt(s, attempt, worker, now, GetCurrentTimestamp(), &e, "permanent");
+		if (strcmp(action, "human") == 0)
+			to_human(s, attempt, error_json(s, attempt, &e, "permanent", "its approval expired"),
+					 now, result);
+		else
+			give_up(s, attempt, &e, "permanent",
+					strcmp(action, "reject") == 0 ? "its approval was rejected" : "its approval expired",
+					now, result);
+	}
+}
+
 static bool
 run_failed_in_batch(ClaimedStep *s)
 {
@@ -2303,6 +2407,8 @@ advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 		advance_task(s, worker, now, result);
 	else if (strcmp(s->kind, "wait_event") == 0)
 		advance_wait_event(s, worker, now, result);
+	else if (strcmp(s->kind, "approval") == 0)
+		advance_approval(s, worker, now, result);
 	else
 		elog(ERROR, "unknown step kind \"%s\"", s->kind);
 }
@@ -2370,7 +2476,7 @@ is_due_status(const char *status)
 {
 	return strcmp(status, "ready") == 0 || strcmp(status, "waiting") == 0 ||
 		strcmp(status, "retrying") == 0 || strcmp(status, "running") == 0 ||
-		strcmp(status, "blocked") == 0;
+		strcmp(status, "blocked") == 0 || strcmp(status, "needs_approval") == 0;
 }
 
 static int
@@ -2786,7 +2892,7 @@ orch_quarantine_step(int64 step_id, ErrorData *edata)
 			"     AND status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated')"
 			"  RETURNING run_id)"
 			"UPDATE orch.runs r SET status = 'needs_human'"
-			"  FROM s WHERE r.run_id = s.run_id AND r.status IN ('pending', 'running')",
+			"  FROM s WHERE r.run_id = s.run_id AND r.status IN ('pending', 'running', 'needs_approval')",
 			2, (Oid[]) {INT8OID, JSONBOID}, args, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "could not set step " INT64_FORMAT " aside", step_id);
 }
