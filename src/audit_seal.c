@@ -543,7 +543,8 @@ typedef struct ReadBlock
 	int			nids;
 	uint8	   *leaves;
 	int64		nleaves;
-	struct IdPos *index;		/* ids sorted, with their positions */
+	int			next;			/* where the next row is expected among ids */
+	struct IdPos *index;		/* ids sorted, with their positions; built when needed */
 } ReadBlock;
 
 #define BLOCK_COLUMNS \
@@ -570,14 +571,8 @@ read_block(HeapTuple t, TupleDesc d, ReadBlock *rb)
 	arr = DatumGetArrayTypeP(SPI_getbinval(t, d, 6, &isnull));
 	deconstruct_array(arr, INT8OID, 8, true, TYPALIGN_DOUBLE, &elems, &enulls, &rb->nids);
 	rb->ids = palloc(sizeof(int64) * Max(rb->nids, 1));
-	rb->index = palloc(sizeof(IdPos) * Max(rb->nids, 1));
 	for (int i = 0; i < rb->nids; i++)
-	{
 		rb->ids[i] = enulls[i] ? 0 : DatumGetInt64(elems[i]);
-		rb->index[i].id = rb->ids[i];
-		rb->index[i].pos = i;
-	}
-	qsort(rb->index, rb->nids, sizeof(IdPos), idpos_cmp);
 	lv = DatumGetByteaPP(SPI_getbinval(t, d, 7, &isnull));
 	rb->nleaves = VARSIZE_ANY_EXHDR(lv) / ORCH_HASH_LEN;
 	if (VARSIZE_ANY_EXHDR(lv) % ORCH_HASH_LEN != 0)
@@ -627,14 +622,44 @@ check_block(Verifier *v, ReadBlock *rb)
  * modified if its hash is not the leaf sealed for it (or the block's ids
  * and leaves do not pair up).
  */
+/*
+ * Where a block lists a row, or -1.  Rows are read in the order the block
+ * lists them, so the next position is tried first; the sorted index is
+ * built only for a block whose rows do not come in that order (rows
+ * missing or forged, or verify_run reading some of them).
+ */
+static int
+block_position(ReadBlock *rb, int64 audit_id)
+{
+	IdPos		key = {audit_id, 0};
+	IdPos	   *found;
+
+	if (rb->next < rb->nids && rb->ids[rb->next] == audit_id)
+		return rb->next++;
+	if (rb->index == NULL)
+	{
+		rb->index = palloc(sizeof(IdPos) * Max(rb->nids, 1));
+		for (int i = 0; i < rb->nids; i++)
+		{
+			rb->index[i].id = rb->ids[i];
+			rb->index[i].pos = i;
+		}
+		qsort(rb->index, rb->nids, sizeof(IdPos), idpos_cmp);
+	}
+	found = bsearch(&key, rb->index, rb->nids, sizeof(IdPos), idpos_cmp);
+	if (found == NULL)
+		return -1;
+	rb->next = found->pos + 1;
+	return found->pos;
+}
+
 static void
 check_sealed_row(Verifier *v, ReadBlock *rb, bool *seen, int64 audit_id, uint64 xid,
 				 const uint8 *h, bool stored_ok)
 {
-	IdPos		key = {audit_id, 0};
-	IdPos	   *found = bsearch(&key, rb->index, rb->nids, sizeof(IdPos), idpos_cmp);
+	int			pos = block_position(rb, audit_id);
 
-	if (found == NULL || (seen != NULL && seen[found->pos]))
+	if (pos < 0 || (seen != NULL && seen[pos]))
 	{
 		report(v, rb->b.block_id, audit_id, "forged row",
 			   "transaction %llu is sealed in this block, which does not list the row",
@@ -642,9 +667,9 @@ check_sealed_row(Verifier *v, ReadBlock *rb, bool *seen, int64 audit_id, uint64 
 		return;
 	}
 	if (seen != NULL)
-		seen[found->pos] = true;
+		seen[pos] = true;
 	if (rb->nids != rb->nleaves ||
-		memcmp(h, rb->leaves + (int64) found->pos * ORCH_HASH_LEN, ORCH_HASH_LEN) != 0)
+		memcmp(h, rb->leaves + (int64) pos * ORCH_HASH_LEN, ORCH_HASH_LEN) != 0)
 		report(v, rb->b.block_id, audit_id, "modified row",
 			   stored_ok ?
 			   "the row and its stored hash were both rewritten after sealing" :
