@@ -17,7 +17,7 @@ DATA         = orchestrator--0.1.0.sql
 PG_CPPFLAGS  = -I$(srcdir)/src
 PG_CFLAGS    = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
 
-REGRESS      = setup define_workflow runs engine retry tasks circuits routing quarantine audit human events validation approvals
+REGRESS      = setup define_workflow runs engine retry tasks circuits routing quarantine audit human events validation approvals subworkflow
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=$(srcdir)/test/regress.conf
 
 ISOLATION      = start_run_idempotency claim_race cancel_vs_complete task_lease cancel_vs_failure complete_tasks resolve_race event_race approval_race

@@ -102,7 +102,7 @@ CREATE TABLE orch.workflow_steps (
 	version			int			NOT NULL,
 	name			text		NOT NULL,
 	ordinal			int			NOT NULL,
-	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep', 'task', 'wait_event', 'approval')),
+	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep', 'task', 'wait_event', 'approval', 'subworkflow')),
 	needs			text[]		NOT NULL DEFAULT '{}',
 	dependents		text[]		NOT NULL DEFAULT '{}',
 	guard			jsonpath,
@@ -145,6 +145,10 @@ CREATE TABLE orch.workflow_steps (
 	approval_target	jsonpath,
 	approval_evidence jsonpath,
 	escalate_to		text,
+	-- subworkflow: the workflow of the child run, and its input (a jsonpath
+	-- over the run context; the run's own input when NULL)
+	subworkflow		text,
+	sub_input		jsonpath,
 	PRIMARY KEY (workflow, version, name),
 	FOREIGN KEY (workflow, version) REFERENCES orch.workflows ON DELETE CASCADE
 );
@@ -173,6 +177,8 @@ CREATE TABLE orch.runs (
 	steps_left		orch.counter NOT NULL,
 	paused_from		orch.run_status,
 	reason			text,
+	parent_run_id	uuid,		-- the run whose subworkflow step started this one
+	parent_step_id	bigint,
 	created_at		timestamptz	NOT NULL DEFAULT pg_catalog.now(),
 	started_at		timestamptz,
 	finished_at		timestamptz,
@@ -183,6 +189,9 @@ CREATE UNIQUE INDEX runs_idempotency_key ON orch.runs (workflow, idempotency_key
 CREATE INDEX runs_active ON orch.runs (created_at)
 	WHERE status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out');
 CREATE INDEX runs_business_key ON orch.runs (business_key) WHERE business_key IS NOT NULL;
+-- The child runs of subworkflow steps, by parent step and by parent run.
+CREATE INDEX runs_parent_step ON orch.runs (parent_step_id) WHERE parent_step_id IS NOT NULL;
+CREATE INDEX runs_parent_run ON orch.runs (parent_run_id) WHERE parent_run_id IS NOT NULL;
 -- The engine's deadline timers.
 CREATE INDEX runs_deadline ON orch.runs (deadline)
 	WHERE deadline IS NOT NULL AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out');
@@ -331,6 +340,7 @@ CREATE TABLE orch.approval_votes (
 	decision		text		NOT NULL CHECK (decision IN ('approve', 'reject')),
 	comment			text,
 	self_approval	boolean		NOT NULL DEFAULT false,	-- the run's owner, as the gate allowed
+	session_role	text		NOT NULL,	-- session_user, for the record
 	voted_at		timestamptz	NOT NULL DEFAULT pg_catalog.now(),
 	PRIMARY KEY (approval_id, voter)
 );
@@ -832,6 +842,10 @@ DECLARE
 	c_aevidence	jsonpath[] := '{}';
 	c_escalate	text[] := '{}';
 	akey		text;
+	v_sub		text;
+	v_sub_input	jsonpath;
+	c_sub		text[] := '{}';
+	c_sub_input	jsonpath[] := '{}';
 	-- cycle detection
 	indeg		int[];
 	queue		int[];
@@ -897,17 +911,17 @@ BEGIN
 		IF jsonb_typeof(step -> 'kind') IS DISTINCT FROM 'string' THEN
 			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('step "%s" needs a "kind" string', sname),
-				hint => 'Kinds are: sql, sleep, task, wait_event, approval.');
+				hint => 'Kinds are: sql, sleep, task, wait_event, approval, subworkflow.');
 		END IF;
 		kind := step ->> 'kind';
-		IF kind IN ('subworkflow', 'map') THEN
+		IF kind IN ('map') THEN
 			PERFORM orch._definition_error('0A000', obj, path || '.kind',
 				format('step kind "%s" is not supported by this version', kind),
-				hint => 'Kinds supported by this version are: sql, sleep, task, wait_event, approval.');
-		ELSIF kind NOT IN ('sql', 'sleep', 'task', 'wait_event', 'approval') THEN
+				hint => 'Kinds supported by this version are: sql, sleep, task, wait_event, approval, subworkflow.');
+		ELSIF kind NOT IN ('sql', 'sleep', 'task', 'wait_event', 'approval', 'subworkflow') THEN
 			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('unknown step kind "%s"', kind),
-				hint => 'Kinds are: sql, sleep, task, wait_event, approval.');
+				hint => 'Kinds are: sql, sleep, task, wait_event, approval, subworkflow.');
 		END IF;
 		PERFORM orch._check_keys(step,
 			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function', 'verify', 'compensate',
@@ -920,6 +934,7 @@ BEGIN
 									 WHEN 'approval' THEN ARRAY['approvers', 'quorum', 'allow_self_approval',
 																'payload', 'target', 'evidence',
 																'on_timeout', 'on_reject']
+									 WHEN 'subworkflow' THEN ARRAY['workflow', 'input']
 									 ELSE ARRAY['duration', 'until'] END,
 			obj, path, format('a step of kind "%s"', kind));
 
@@ -1050,7 +1065,7 @@ BEGIN
 		-- circuit: the named target the step calls
 		v_circuit := NULL;
 		IF step ? 'circuit' THEN
-			IF kind IN ('sleep', 'wait_event', 'approval') THEN
+			IF kind IN ('sleep', 'wait_event', 'approval', 'subworkflow') THEN
 				PERFORM orch._definition_error('22023', obj, path || '.circuit',
 					format('%s step "%s" calls nothing a circuit could guard', kind, sname));
 			END IF;
@@ -1195,6 +1210,40 @@ BEGIN
 			END IF;
 		END IF;
 
+		-- subworkflow: a child run of another workflow
+		v_sub := NULL;
+		v_sub_input := NULL;
+		IF kind = 'subworkflow' THEN
+			IF jsonb_typeof(step -> 'workflow') IS DISTINCT FROM 'string' THEN
+				PERFORM orch._definition_error('22023', obj, path || '.workflow',
+					format('subworkflow step "%s" needs the name of a "workflow"', sname));
+			END IF;
+			v_sub := step ->> 'workflow';
+			IF v_sub = wf THEN
+				PERFORM orch._definition_error('22023', obj, path || '.workflow',
+					format('subworkflow step "%s" starts its own workflow', sname),
+					hint => 'A workflow cannot be its own child.');
+			END IF;
+			IF NOT EXISTS (SELECT FROM orch.workflows w WHERE w.name = v_sub) THEN
+				PERFORM orch._definition_error('42704', obj, path || '.workflow',
+					format('workflow "%s" does not exist', v_sub),
+					hint => 'Define the child workflow first.');
+			END IF;
+			IF step ? 'input' THEN
+				IF jsonb_typeof(step -> 'input') <> 'string' THEN
+					PERFORM orch._definition_error('22023', obj, path || '.input',
+						'expected a jsonpath string over the run context',
+						hint => 'For instance "$.steps.order" makes the output of step order the child''s input.');
+				END IF;
+				BEGIN
+					v_sub_input := (step ->> 'input')::jsonpath;
+				EXCEPTION WHEN OTHERS THEN
+					PERFORM orch._definition_error('42601', obj, path || '.input',
+						format('invalid jsonpath in "input" of step "%s"', sname), SQLERRM);
+				END;
+			END IF;
+		END IF;
+
 		-- validation: input_schema, output_schema (src/jsonschema.c); review_if
 		v_in_schema := NULL;
 		v_out_schema := NULL;
@@ -1272,6 +1321,8 @@ BEGIN
 		c_atarget := c_atarget || v_paths[2];
 		c_aevidence := c_aevidence || v_paths[3];
 		c_escalate := c_escalate || v_escalate;
+		c_sub := c_sub || v_sub;
+		c_sub_input := c_sub_input || v_sub_input;
 		c_policy := c_policy || (v_retry ->> 'policy');
 		c_verify := c_verify || v_verify;
 		c_comp := c_comp || v_comp;
@@ -1364,7 +1415,7 @@ BEGIN
 		retry_policy, timeout, queue, circuit, schedule_to_start, heartbeat_timeout,
 		idempotent, verify_name, verify, compensate_name, compensate, on_error, routes, route_target,
 		event, on_timeout, input_schema, output_schema, review_if, approvers, quorum, allow_self,
-		approval_payload, approval_target, approval_evidence, escalate_to)
+		approval_payload, approval_target, approval_evidence, escalate_to, subworkflow, sub_input)
 	SELECT wf, v_version, names[k], k, c_kind[k],
 		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
 		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
@@ -1380,7 +1431,7 @@ BEGIN
 				  WHERE r ? 'goto' ORDER BY 1),
 		   c_target[k], c_event[k], c_on_timeout[k], c_in_schema[k], c_out_schema[k], c_review[k],
 		   c_approvers[k], c_quorum[k], c_self[k], c_apayload[k], c_atarget[k], c_aevidence[k],
-		   c_escalate[k]
+		   c_escalate[k], c_sub[k], c_sub_input[k]
 	  FROM generate_series(1, cardinality(names)) k;
 
 	RETURN v_version;
@@ -1425,6 +1476,72 @@ $$;
  * Runs
  * ------------------------------------------------------------------------ */
 
+-- A run of the workflow's current version, for start_run and subworkflow steps.
+CREATE FUNCTION orch._start_run(workflow text, input jsonb, idempotency_key text,
+								business_key text, priority int, deadline timestamptz,
+								tenant text, owner name, parent_run uuid, parent_step bigint)
+	RETURNS uuid
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	v_version	int;
+	v_nsteps	int;
+	v_run		uuid;
+	v_input		jsonb := coalesce(_start_run.input, '{}');
+	existing	record;
+BEGIN
+	SELECT w.version INTO v_version
+	  FROM orch.workflows w WHERE w.name = _start_run.workflow
+	 ORDER BY w.version DESC LIMIT 1;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION USING ERRCODE = 'undefined_object',
+			MESSAGE = format('workflow "%s" does not exist', _start_run.workflow),
+			HINT = 'Define it first with orch.define_workflow(name, definition).';
+	END IF;
+	SELECT count(*) INTO v_nsteps FROM orch.workflow_steps ws
+	 WHERE ws.workflow = _start_run.workflow AND ws.version = v_version;
+
+	INSERT INTO orch.runs AS r (workflow, version, input, owner, business_key, idempotency_key,
+							   trace_id, tenant, priority, deadline, steps_left, parent_run_id,
+							   parent_step_id)
+	VALUES (_start_run.workflow, v_version, v_input, _start_run.owner, _start_run.business_key,
+			_start_run.idempotency_key, uuid_send(gen_random_uuid()), _start_run.tenant,
+			_start_run.priority, _start_run.deadline, v_nsteps, _start_run.parent_run,
+			_start_run.parent_step)
+	ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+	RETURNING r.run_id INTO v_run;
+
+	IF v_run IS NULL THEN
+		-- The key was used before (perhaps by a transaction that just committed).
+		SELECT r.run_id, r.input INTO existing
+		  FROM orch.runs r
+		 WHERE r.workflow = _start_run.workflow AND r.idempotency_key = _start_run.idempotency_key;
+		IF existing.input IS DISTINCT FROM v_input THEN
+			RAISE EXCEPTION USING ERRCODE = 'unique_violation',
+				MESSAGE = format('idempotency key "%s" of workflow "%s" was already used with a different input',
+								 _start_run.idempotency_key, _start_run.workflow),
+				DETAIL = format('Run %s was started with that key.', existing.run_id),
+				HINT = 'Use a new idempotency key for a different request, or repeat the original input.';
+		END IF;
+		RETURN existing.run_id;
+	END IF;
+
+	INSERT INTO orch.steps (run_id, name, queue, priority, circuit, status, pending_needs, wake_at)
+	SELECT v_run, ws.name, ws.queue, _start_run.priority, ws.circuit,
+		   CASE WHEN cardinality(ws.needs) = 0 THEN 'ready' ELSE 'pending' END::orch.step_status,
+		   cardinality(ws.needs),
+		   CASE WHEN cardinality(ws.needs) = 0 THEN now() END
+	  FROM orch.workflow_steps ws
+	 WHERE ws.workflow = _start_run.workflow AND ws.version = v_version
+	 ORDER BY ws.ordinal;
+
+	PERFORM orch._wake_at_end();
+	RETURN v_run;
+END
+$$;
+
 CREATE FUNCTION orch.start_run(workflow text,
 							   input jsonb DEFAULT '{}',
 							   idempotency_key text DEFAULT NULL,
@@ -1433,64 +1550,12 @@ CREATE FUNCTION orch.start_run(workflow text,
 							   deadline timestamptz DEFAULT NULL,
 							   tenant text DEFAULT NULL)
 	RETURNS uuid
-	LANGUAGE plpgsql
+	LANGUAGE sql
 	SECURITY DEFINER
 	SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
-DECLARE
-	v_version	int;
-	v_nsteps	int;
-	v_run		uuid;
-	v_input		jsonb := coalesce(start_run.input, '{}');
-	existing	record;
-BEGIN
-	SELECT w.version INTO v_version
-	  FROM orch.workflows w WHERE w.name = start_run.workflow
-	 ORDER BY w.version DESC LIMIT 1;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION USING ERRCODE = 'undefined_object',
-			MESSAGE = format('workflow "%s" does not exist', start_run.workflow),
-			HINT = 'Define it first with orch.define_workflow(name, definition).';
-	END IF;
-	SELECT count(*) INTO v_nsteps FROM orch.workflow_steps ws
-	 WHERE ws.workflow = start_run.workflow AND ws.version = v_version;
-
-	INSERT INTO orch.runs AS r (workflow, version, input, owner, business_key, idempotency_key,
-							   trace_id, tenant, priority, deadline, steps_left)
-	VALUES (start_run.workflow, v_version, v_input, orch._caller(), start_run.business_key,
-			start_run.idempotency_key, uuid_send(gen_random_uuid()), start_run.tenant,
-			start_run.priority, start_run.deadline, v_nsteps)
-	ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-	RETURNING r.run_id INTO v_run;
-
-	IF v_run IS NULL THEN
-		-- The key was used before (perhaps by a transaction that just committed).
-		SELECT r.run_id, r.input INTO existing
-		  FROM orch.runs r
-		 WHERE r.workflow = start_run.workflow AND r.idempotency_key = start_run.idempotency_key;
-		IF existing.input IS DISTINCT FROM v_input THEN
-			RAISE EXCEPTION USING ERRCODE = 'unique_violation',
-				MESSAGE = format('idempotency key "%s" of workflow "%s" was already used with a different input',
-								 start_run.idempotency_key, start_run.workflow),
-				DETAIL = format('Run %s was started with that key.', existing.run_id),
-				HINT = 'Use a new idempotency key for a different request, or repeat the original input.';
-		END IF;
-		RETURN existing.run_id;
-	END IF;
-
-	INSERT INTO orch.steps (run_id, name, queue, priority, circuit, status, pending_needs, wake_at)
-	SELECT v_run, ws.name, ws.queue, start_run.priority, ws.circuit,
-		   CASE WHEN cardinality(ws.needs) = 0 THEN 'ready' ELSE 'pending' END::orch.step_status,
-		   cardinality(ws.needs),
-		   CASE WHEN cardinality(ws.needs) = 0 THEN now() END
-	  FROM orch.workflow_steps ws
-	 WHERE ws.workflow = start_run.workflow AND ws.version = v_version
-	 ORDER BY ws.ordinal;
-
-	PERFORM orch._wake_at_end();
-	RETURN v_run;
-END
+	SELECT orch._start_run(workflow, input, idempotency_key, business_key, priority, deadline,
+						   tenant, orch._caller(), NULL, NULL)
 $$;
 
 CREATE FUNCTION orch._lock_run(run_id uuid) RETURNS orch.runs
@@ -1557,6 +1622,7 @@ BEGIN
 		RAISE NOTICE 'run % has already finished with status %', r.run_id, r.status;
 		RETURN false;
 	END IF;
+	PERFORM orch._cancel_children(r.run_id);
 	UPDATE orch.steps s
 	   SET status = 'cancelled', finished_at = now(), wake_at = NULL
 	 WHERE s.run_id = r.run_id
@@ -1692,7 +1758,10 @@ BEGIN
 	 WHERE s.step_id = n.step_id;
 
 	UPDATE orch.runs
-	   SET status = 'running', error = NULL, output = NULL, finished_at = NULL,
+	   SET status = CASE WHEN EXISTS (SELECT FROM orch.steps o
+									   WHERE o.run_id = r.run_id AND o.status = 'needs_approval')
+						 THEN 'needs_approval' ELSE 'running' END::orch.run_status,
+		   error = NULL, output = NULL, finished_at = NULL,
 		   reason = retry_run.reason,
 		   steps_left = (SELECT count(*) FROM orch.steps s
 						  WHERE s.run_id = r.run_id AND s.status NOT IN ('succeeded', 'skipped')
@@ -1796,7 +1865,7 @@ BEGIN
 							 resolve.step_id),
 			HINT = 'The actions are retry, skip, fail, provide_input and accept.';
 	END IF;
-	IF resolve.action = 'provide_input' AND resolve.data IS NULL THEN
+	IF resolve.action = 'provide_input' AND (resolve.data IS NULL OR resolve.data = 'null'::jsonb) THEN
 		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
 			MESSAGE = format('provide_input for step %s needs data', resolve.step_id),
 			HINT = 'The data becomes the step''s output, which the steps after it see in their context.';
@@ -1840,6 +1909,17 @@ BEGIN
 		END IF;
 	END IF;
 
+	-- a person in the human queue may ask again or give up, but not stand in for the approvers
+	IF resolve.action NOT IN ('retry', 'fail') AND EXISTS (
+		SELECT FROM orch.workflow_steps ws
+		 WHERE ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name
+		   AND ws.kind = 'approval') THEN
+		RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+			MESSAGE = format('step %s ("%s" of run %s) is an approval: %s would decide it without its approvers',
+							 s.step_id, s.name, s.run_id, resolve.action),
+			HINT = 'retry asks the approvers again; fail fails the step.';
+	END IF;
+
 	res := jsonb_build_object('action', resolve.action, 'data', v_data, 'by', orch._caller(),
 							  'at', now(), 'reason', resolve.reason);
 
@@ -1868,11 +1948,14 @@ BEGIN
 		UPDATE orch.steps SET status = 'ready', wake_at = now(), phase = 'resolve', resolution = res
 		 WHERE orch.steps.step_id = s.step_id;
 	END IF;
-	-- the run goes on, unless another of its steps waits for a human
+	-- the run goes on, unless another of its steps waits for a person
 	IF NOT EXISTS (SELECT FROM orch.steps o
 				   WHERE o.run_id = r.run_id AND o.status = 'needs_human' AND o.step_id <> s.step_id) THEN
 		UPDATE orch.runs
-		   SET status = CASE WHEN status = 'needs_human' THEN 'running' ELSE status END,
+		   SET status = CASE WHEN status <> 'needs_human' THEN status
+							 WHEN EXISTS (SELECT FROM orch.steps o
+										   WHERE o.run_id = r.run_id AND o.status = 'needs_approval')
+							 THEN 'needs_approval' ELSE 'running' END::orch.run_status,
 			   paused_from = CASE WHEN paused_from = 'needs_human' THEN 'running' ELSE paused_from END
 		 WHERE orch.runs.run_id = r.run_id;
 	END IF;
@@ -1966,6 +2049,11 @@ BEGIN
 		RAISE EXCEPTION USING ERRCODE = 'undefined_object',
 			MESSAGE = format('workflow "%s" does not exist', send_event_by_key.workflow);
 	END IF;
+	IF send_event_by_key.name IS NULL OR send_event_by_key.name !~ '^[A-Za-z0-9_.:/-]{1,200}$' THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('invalid event name %s', coalesce(quote_literal(send_event_by_key.name), 'NULL')),
+			HINT = 'An event name has 1 to 200 letters, digits, underscores, dots, colons, slashes or hyphens.';
+	END IF;
 	IF send_event_by_key.business_key IS NULL THEN
 		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
 			MESSAGE = 'the business key is NULL',
@@ -2037,16 +2125,16 @@ BEGIN
 	IF first THEN
 		-- by default the approvers see the outputs of the steps the gate needs
 		IF ws.approval_payload IS NOT NULL THEN
-			v_payload := jsonb_path_query_first(ctx, ws.approval_payload);
+			v_payload := jsonb_path_query_first(ctx, ws.approval_payload, '{}', true);
 		ELSE
 			SELECT coalesce(jsonb_object_agg(n, ctx -> 'steps' -> n), '{}') INTO v_payload
 			  FROM unnest(ws.needs) n;
 		END IF;
 		IF ws.approval_target IS NOT NULL THEN
-			v_target := jsonb_path_query_first(ctx, ws.approval_target);
+			v_target := jsonb_path_query_first(ctx, ws.approval_target, '{}', true);
 		END IF;
 		IF ws.approval_evidence IS NOT NULL THEN
-			v_evidence := jsonb_path_query_first(ctx, ws.approval_evidence);
+			v_evidence := jsonb_path_query_first(ctx, ws.approval_evidence, '{}', true);
 		END IF;
 		v_hash := sha256(convert_to(jsonb_build_array(v_payload, v_target, v_evidence)::text, 'UTF8'));
 
@@ -2128,6 +2216,19 @@ BEGIN
 	SELECT * INTO a FROM orch.approvals WHERE orch.approvals.approval_id = _vote.approval_id FOR UPDATE;
 	SELECT * INTO s FROM orch.steps WHERE orch.steps.step_id = a.step_id;
 
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = a.approvers) THEN
+		RAISE EXCEPTION USING ERRCODE = 'undefined_object',
+			MESSAGE = format('role "%s", the approvers of approval %s, no longer exists', a.approvers, a.approval_id),
+			HINT = 'orch.resolve can retry or fail its step once it has timed out; or cancel the run.';
+	END IF;
+	-- a vote is a person's: not cast under a group role, which would let
+	-- one member count twice
+	IF EXISTS (SELECT FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+			   WHERE g.rolname = who) THEN
+		RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+			MESSAGE = format('role "%s" has members: votes are cast by a person''s own role', who),
+			HINT = 'RESET ROLE, or SET ROLE to your own role, before voting.';
+	END IF;
 	IF NOT pg_has_role(who, a.approvers, 'MEMBER') THEN
 		RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
 			MESSAGE = format('role "%s" may not decide approval %s', who, a.approval_id),
@@ -2166,8 +2267,8 @@ BEGIN
 			HINT = 'A quorum needs distinct approvers.';
 	END IF;
 
-	INSERT INTO orch.approval_votes (approval_id, voter, decision, comment, self_approval)
-	VALUES (a.approval_id, who, decision, comment, is_self AND decision = 'approve');
+	INSERT INTO orch.approval_votes (approval_id, voter, decision, comment, self_approval, session_role)
+	VALUES (a.approval_id, who, decision, comment, is_self AND decision = 'approve', session_user);
 	IF decision = 'reject' THEN
 		UPDATE orch.approvals SET status = 'rejected', decided_at = now()
 		 WHERE orch.approvals.approval_id = a.approval_id;
@@ -2227,22 +2328,115 @@ $$;
  * The pending requests, with what they show.  orch_reader sees them all;
  * anyone else the ones they may decide.
  */
-CREATE VIEW orch.pending_approvals AS
+CREATE VIEW orch.pending_approvals WITH (security_barrier) AS
 SELECT a.approval_id, a.run_id, r.workflow, s.name AS step, s.step_id, a.approvers, a.quorum,
 	   (SELECT pg_catalog.count(*) FROM orch.approval_votes v
 		 WHERE v.approval_id = a.approval_id AND v.decision = 'approve')::int AS approvals,
 	   a.payload, a.target, a.evidence, pg_catalog.encode(a.payload_hash, 'hex') AS payload_hash,
 	   a.requested_at, a.expires_at, a.escalated_from, r.business_key, r.owner,
-	   pg_catalog.pg_has_role(current_user, a.approvers, 'MEMBER')
+	   coalesce(x.member, false)
 		 AND (a.allow_self OR r.owner <> current_user)
+		 AND NOT EXISTS (SELECT FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+						  WHERE g.rolname = current_user)
 		 AND NOT EXISTS (SELECT FROM orch.approval_votes v
 						  WHERE v.approval_id = a.approval_id AND v.voter = current_user) AS can_approve
   FROM orch.approvals a
   JOIN orch.steps s ON s.step_id = a.step_id
   JOIN orch.runs r ON r.run_id = a.run_id
+  -- whether the current role is in the approvers role (false if that role is gone)
+  LEFT JOIN LATERAL (SELECT pg_catalog.pg_has_role(current_user, g.oid, 'MEMBER') AS member
+					   FROM pg_catalog.pg_roles g WHERE g.rolname = a.approvers) x ON true
  WHERE a.status = 'pending' AND s.status = 'needs_approval'
-   AND (pg_catalog.pg_has_role(current_user, 'orch_reader', 'MEMBER')
-		OR pg_catalog.pg_has_role(current_user, a.approvers, 'MEMBER'));
+   AND (pg_catalog.pg_has_role(current_user, 'orch_reader', 'MEMBER') OR coalesce(x.member, false));
+
+/* ------------------------------------------------------------------------
+ * Subworkflows: child runs
+ * ------------------------------------------------------------------------ */
+
+/*
+ * Start the child run of a subworkflow step (the engine's, one per
+ * attempt): the step's workflow, with the input its jsonpath selects from
+ * the run context, owned by the parent's owner, with its priority, tenant,
+ * business key and deadline.
+ */
+CREATE FUNCTION orch._start_child(p_step bigint, ctx jsonb) RETURNS uuid
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	s		orch.steps;
+	r		orch.runs;
+	ws		orch.workflow_steps;
+	v_input	jsonb;
+BEGIN
+	SELECT * INTO s FROM orch.steps WHERE step_id = p_step;
+	SELECT * INTO r FROM orch.runs WHERE run_id = s.run_id;
+	SELECT * INTO ws FROM orch.workflow_steps w
+	 WHERE w.workflow = r.workflow AND w.version = r.version AND w.name = s.name;
+	v_input := CASE WHEN ws.sub_input IS NULL THEN r.input
+					ELSE jsonb_path_query_first(ctx, ws.sub_input) END;
+	IF v_input IS NULL OR jsonb_typeof(v_input) <> 'object' THEN
+		RAISE EXCEPTION USING ERRCODE = 'ORPRM',
+			MESSAGE = format('the input of subworkflow step "%s" is %s, not an object',
+							 s.name, coalesce(jsonb_typeof(v_input), 'missing')),
+			HINT = 'Its "input" jsonpath must select an object from the run context.';
+	END IF;
+	RETURN orch._start_run(ws.subworkflow, v_input, NULL, r.business_key, r.priority, r.deadline,
+						   r.tenant, r.owner, r.run_id, s.step_id);
+END
+$$;
+
+/*
+ * Cancel the unfinished child runs of a run, and theirs in turn, before the
+ * run's own steps are touched: a child finishing at the same moment wakes
+ * its parent step, which must not be locked by us while we wait for it.
+ */
+CREATE FUNCTION orch._cancel_children(run_id uuid) RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	c		orch.runs;
+BEGIN
+	FOR c IN SELECT * FROM orch.runs
+			  WHERE parent_run_id = _cancel_children.run_id
+				AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+			  ORDER BY orch.runs.run_id
+			  FOR UPDATE
+	LOOP
+		PERFORM orch._cancel_children(c.run_id);
+		UPDATE orch.steps s
+		   SET status = 'cancelled', finished_at = now(), wake_at = NULL
+		 WHERE s.run_id = c.run_id
+		   AND s.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated');
+		UPDATE orch.runs
+		   SET status = 'cancelled', finished_at = now(), steps_left = 0,
+			   error = jsonb_build_object('cancelled_by', 'parent run', 'parent_run_id', _cancel_children.run_id)
+		 WHERE orch.runs.run_id = c.run_id;
+		PERFORM orch._compensate_next(c.run_id);
+	END LOOP;
+END
+$$;
+
+-- A child run ended: its parent step looks at it now.
+CREATE FUNCTION orch._wake_parent_step() RETURNS trigger
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	UPDATE orch.steps SET wake_at = now()
+	 WHERE step_id = NEW.parent_step_id AND status = 'waiting';
+	PERFORM orch._wake_at_end();
+	RETURN NULL;
+END
+$$;
+CREATE TRIGGER runs_wake_parent AFTER UPDATE OF status ON orch.runs
+	FOR EACH ROW
+	WHEN (NEW.parent_step_id IS NOT NULL
+		  AND NEW.status IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+		  AND OLD.status IS DISTINCT FROM NEW.status)
+	EXECUTE FUNCTION orch._wake_parent_step();
 
 /*
  * Configure a circuit: consecutive failures that open it, and how long it

@@ -88,6 +88,8 @@ SELECT app.apr_as('apr_alice', format('SELECT orch.approve(%s)', :a1));
 SELECT app.apr_as('apr_bob', format('SELECT orch.approve(%s, %L, %L::bytea)', :a1, 'ok', '\x00'));
 SELECT app.apr_as('apr_bob', 'SELECT orch.approve(-1)');
 SELECT app.apr_as('apr_bob', format('SELECT orch.reject(%s, %L)', :a1, ' '));
+-- a vote under a group role is refused: one member could otherwise count twice
+SELECT app.apr_as('apr_finance', format('SELECT orch.approve(%s)', :a1));
 SELECT count(*) AS votes FROM orch.approval_votes WHERE approval_id = :a1;
 
 -- 4. The quorum: bob, then carol; bob cannot vote twice.
@@ -155,6 +157,11 @@ SELECT orch.define_workflow('expiring_human', '{"steps": [
 SELECT orch.start_run('expiring_human') AS r6 \gset
 SELECT app.await(format($$SELECT status = 'needs_human' FROM orch.runs WHERE run_id = %L$$, :'r6'));
 SELECT step, kind, why FROM orch.human_queue WHERE run_id = :'r6';
+-- a person in the human queue cannot stand in for the approvers
+SELECT app.hq_error(format('SELECT orch.resolve(%s, %L, %L)', step_id, 'provide_input', '{"approved": true}'))
+  FROM orch.human_queue WHERE run_id = :'r6';
+SELECT app.hq_error(format('SELECT orch.resolve(%s, %L)', step_id, 'skip'))
+  FROM orch.human_queue WHERE run_id = :'r6';
 -- a retry asks again: a new request; the expired one stays expired
 SELECT orch.resolve(step_id, 'retry') FROM orch.human_queue WHERE run_id = :'r6';
 SELECT app.await(format($$SELECT count(*) = 2 FROM orch.approvals WHERE run_id = %L$$, :'r6'));
@@ -198,5 +205,18 @@ SELECT approval_id AS a9 FROM orch.pending_approvals WHERE run_id = :'r9' \gset
 SELECT orch.cancel_run(:'r9');
 SELECT app.apr_as('apr_bob', format('SELECT orch.approve(%s)', :a9));
 SELECT count(*) FROM orch.pending_approvals WHERE run_id = :'r9';
+
+-- 10. The approvers role is dropped while a request waits: the view still
+-- works for everyone, and a vote says what is wrong.
+CREATE ROLE apr_temp;
+SELECT orch.define_workflow('apr_temp_gate', '{"steps": [
+  {"name": "approve", "kind": "approval", "approvers": "apr_temp"}]}');
+SELECT orch.start_run('apr_temp_gate') AS r10 \gset
+SELECT orch.wait_run(:'r10');
+SELECT approval_id AS a10 FROM orch.approvals WHERE run_id = :'r10' \gset
+DROP ROLE apr_temp;
+SELECT count(*) AS listed, bool_or(can_approve) AS anyone FROM orch.pending_approvals WHERE run_id = :'r10';
+SELECT app.apr_as('apr_bob', format('SELECT orch.approve(%s)', :a10));
+SELECT orch.cancel_run(:'r10');
 
 DROP ROLE apr_alice, apr_bob, apr_carol, apr_dave, apr_erin;

@@ -69,6 +69,7 @@ SELECT step_id AS p1_pay FROM orch.human_queue WHERE run_id = :'p1' \gset
 SELECT app.hq_error(format('SELECT orch.resolve(%s, %L)', :p1_pay, 'approve'));
 SELECT app.hq_error(format('SELECT orch.resolve(%s, NULL)', :p1_pay));
 SELECT app.hq_error(format('SELECT orch.resolve(%s, %L)', :p1_pay, 'provide_input'));
+SELECT app.hq_error(format('SELECT orch.resolve(%s, %L, %L)', :p1_pay, 'provide_input', 'null'));
 SELECT app.hq_error('SELECT orch.resolve(-1, ''skip'')');
 SELECT app.hq_error(format('SELECT orch.resolve(step_id, %L) FROM orch.steps WHERE run_id = %L AND name = %L',
 							 'skip', :'p1', 'check'));

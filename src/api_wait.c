@@ -41,6 +41,7 @@ orch_wait_run(PG_FUNCTION_ARGS)
 	TimestampTz deadline;
 	char	   *status = NULL;
 	SPIPlanPtr	plan;
+	MemoryContext caller_cxt;
 	Oid			argtypes[1] = {UUIDOID};
 
 	if (OrchShared == NULL)
@@ -57,6 +58,7 @@ orch_wait_run(PG_FUNCTION_ARGS)
 		(int64) timeout->month * DAYS_PER_MONTH * USECS_PER_DAY;
 	deadline = GetCurrentTimestamp() + Max(timeout_us, 0);
 
+	caller_cxt = CurrentMemoryContext;
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	plan = SPI_prepare("SELECT r.status, r.xmin,"
@@ -117,7 +119,7 @@ orch_wait_run(PG_FUNCTION_ARGS)
 	}
 	ConditionVariableCancelSleep();
 
-	status = pstrdup(status);	/* SPI_finish frees SPI memory, but this is ours */
+	status = MemoryContextStrdup(caller_cxt, status);	/* SPI_finish frees SPI memory */
 	SPI_finish();
 	PG_RETURN_TEXT_P(cstring_to_text(status));
 }

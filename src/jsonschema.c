@@ -220,8 +220,10 @@ check_count(JsonbValue *v, const char *name, SchemaProblem *p)
 {
 	if (v->type != jbvNumeric || !numeric_is_whole(v->val.numeric) ||
 		DatumGetBool(DirectFunctionCall2(numeric_lt, NumericGetDatum(v->val.numeric),
-										 DirectFunctionCall1(int4_numeric, Int32GetDatum(0)))))
-		return problem(p, "\"%s\" must be a whole number, at least 0", name);
+										 DirectFunctionCall1(int4_numeric, Int32GetDatum(0)))) ||
+		DatumGetBool(DirectFunctionCall2(numeric_gt, NumericGetDatum(v->val.numeric),
+										 DirectFunctionCall1(int4_numeric, Int32GetDatum(PG_INT32_MAX)))))
+		return problem(p, "\"%s\" must be a whole number from 0 to %d", name, PG_INT32_MAX);
 	return true;
 }
 
@@ -273,6 +275,7 @@ check_schema(JsonbValue *schema, SchemaProblem *p)
 				v;
 	JsonbIteratorToken tok;
 
+	check_stack_depth();
 	if (!is_object(schema))
 		return problem(p, "a schema must be an object, not %s", json_type_of(schema));
 	c = schema->val.binary.data;

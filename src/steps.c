@@ -153,6 +153,9 @@ enum
 	P_APPROVAL,
 	P_RUN_NEEDS_APPROVAL,
 	P_RUN_APPROVAL_DONE,
+	P_START_CHILD,
+	P_CHILD,
+	P_CANCEL_CHILDREN,
 	P_COUNT
 };
 
@@ -217,7 +220,7 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 #define STEP_CONTEXT \
 	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL" \
 	"              OR s.phase IS NOT NULL OR ws.input_schema IS NOT NULL" \
-	"              OR ws.kind = 'approval' THEN" \
+	"              OR ws.kind IN ('approval', 'subworkflow') THEN" \
 	"         pg_catalog.jsonb_build_object(" \
 	"           'run_id', r.run_id, 'workflow', r.workflow, 'version', r.version," \
 	"           'step', s.name," \
@@ -503,6 +506,21 @@ static const char *const plan_sql[P_COUNT] = {
 	"UPDATE orch.runs SET status = 'needs_approval'"
 	" WHERE run_id = $1 AND status IN ('pending', 'running')",
 
+	/* $1 step, $2 context: start the step's child run */
+	[P_START_CHILD] =
+	"SELECT orch._start_child($1, $2)",
+
+	/* $1 step: its latest child run */
+	[P_CHILD] =
+	"SELECT c.run_id, c.workflow, c.status, c.output, c.error OPERATOR(pg_catalog.->>) 'message',"
+	"       c.created_at"
+	"  FROM orch.runs c WHERE c.parent_step_id = $1"
+	" ORDER BY c.parent_step_id, c.created_at DESC, c.run_id DESC LIMIT 1",
+
+	/* $1 run: cancel its unfinished child runs, before its own steps */
+	[P_CANCEL_CHILDREN] =
+	"SELECT orch._cancel_children($1)",
+
 	/* $1 run, $2 its step that no longer waits for approval */
 	[P_RUN_APPROVAL_DONE] =
 	"UPDATE orch.runs r SET status = 'running'"
@@ -518,6 +536,7 @@ static const int plan_nargs[P_COUNT] = {
 	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
 	[P_NEXT_TIMER] = 0,[P_ROUTE] = 3,[P_SET_CAUSE] = 3,[P_STEP_SET] = 6,[P_COMPENSATE_NEXT] = 1,
 	[P_TAKE_EVENT] = 3,[P_APPROVAL] = 3,[P_RUN_NEEDS_APPROVAL] = 1,[P_RUN_APPROVAL_DONE] = 2,
+	[P_START_CHILD] = 2,[P_CHILD] = 1,[P_CANCEL_CHILDREN] = 1,
 };
 
 static const Oid plan_argtypes[P_COUNT][14] = {
@@ -550,6 +569,9 @@ static const Oid plan_argtypes[P_COUNT][14] = {
 	[P_APPROVAL] = {INT8OID, JSONBOID, BOOLOID},
 	[P_RUN_NEEDS_APPROVAL] = {UUIDOID},
 	[P_RUN_APPROVAL_DONE] = {UUIDOID, INT8OID},
+	[P_START_CHILD] = {INT8OID, JSONBOID},
+	[P_CHILD] = {INT8OID},
+	[P_CANCEL_CHILDREN] = {UUIDOID},
 };
 
 /* ------------------------------------------------------------------------
@@ -1474,6 +1496,9 @@ fail_step(ClaimedStep *s, Datum error, int attempt, TimestampTz now, OrchBatchRe
 	buffer_add(&finish_rows, v, n);
 	flush_all(now, result);
 
+	/* child runs first: see orch._cancel_children */
+	exec_plan(P_CANCEL_CHILDREN, &s->run_id, NULL, SPI_OK_SELECT);
+	SPI_freetuptable(SPI_tuptable);
 	exec_plan(P_RUN_CANCEL_STEPS, cv, NULL, SPI_OK_UPDATE);
 	exec_plan(P_RUN_FAIL, rv, NULL, SPI_OK_UPDATE);
 	result->runs_finished++;
@@ -2264,9 +2289,9 @@ advance_resolution(ClaimedStep *s, TimestampTz now, OrchBatchResult *result)
 		JsonbValue *data = getKeyJsonValueFromContainer(&DatumGetJsonbP(s->resolution)->root,
 														"data", 4, NULL);
 
-		if (data == NULL || data->type == jbvNull)
-			elog(ERROR, "step " INT64_FORMAT " was resolved with provide_input but no data",
-				 s->step_id);
+		if (data == NULL)
+			elog(ERROR, "step " INT64_FORMAT " was resolved with %s but no data",
+				 s->step_id, action);
 		finish_step(s, "succeeded", JsonbPGetDatum(JsonbValueToJsonb(data)), s->attempt);
 	}
 	else if (strcmp(action, "fail") == 0)
@@ -2365,6 +2390,97 @@ advance_approval(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchR
 	}
 }
 
+/* ------------------------------------------------------------------------
+ * Subworkflows
+ * ------------------------------------------------------------------------ */
+
+/* Start the step's child run (in the step's subtransaction). */
+static Datum
+start_child(ClaimedStep *s, void *arg)
+{
+	Datum		v[2] = {Int64GetDatum(s->step_id), s->ctx};
+
+	exec_plan(P_START_CHILD, v, NULL, SPI_OK_SELECT);
+	return (Datum) 0;
+}
+
+/*
+ * A subworkflow step starts a child run of its workflow, one per attempt,
+ * and waits for it; the child's end wakes it (trigger runs_wake_parent).
+ * The child's output is the step's; a child that fails, is cancelled or
+ * times out fails the attempt, and the retry policy may start another.
+ */
+static void
+advance_subworkflow(ClaimedStep *s, const char *worker, TimestampTz now,
+					OrchBatchResult *result)
+{
+	ErrorData  *edata = NULL;
+	Datum		child;
+	char	   *status;
+	bool		isnull;
+	HeapTuple	tup;
+	TupleDesc	desc;
+
+	if (strcmp(s->status, "waiting") != 0)
+	{
+		int			attempt = s->attempt + 1;
+
+		if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
+			return;
+		if (!run_in_subxact(start_child, s, NULL, &child, &edata))
+		{
+			const char *class = error_class_of(edata->sqlerrcode);
+
+			record_attempt(s, attempt, worker, now, GetCurrentTimestamp(), edata, class);
+			handle_failure(s, attempt, now, edata, class, now, result);
+			return;
+		}
+		defer_step(s, "waiting", DT_NOEND, attempt, (Datum) 0);
+		run_step_done(s, 0);
+		result->made_ready = true;	/* the child's first steps */
+		return;
+	}
+
+	exec_plan(P_CHILD, (Datum[]) {Int64GetDatum(s->step_id)}, NULL, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		elog(ERROR, "subworkflow step " INT64_FORMAT " waits for no child run", s->step_id);
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	status = get_text(tup, desc, 3);
+	if (strcmp(status, "succeeded") == 0)
+	{
+		Datum		output = get_copy(tup, desc, 4, &isnull);
+		TimestampTz started = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
+
+		SPI_freetuptable(SPI_tuptable);
+		record_attempt(s, s->attempt, worker, started, GetCurrentTimestamp(), NULL, NULL);
+		finish_step(s, "succeeded", isnull ? jsonb_from_cstring("{}") : output, s->attempt);
+	}
+	else if (strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0 ||
+			 strcmp(status, "timed_out") == 0)
+	{
+		ErrorData	e;
+		char	   *child_id = SPI_getvalue(tup, desc, 1);
+		char	   *workflow = get_text(tup, desc, 2);
+		char	   *message = get_text(tup, desc, 5);
+		TimestampTz started = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
+
+		SPI_freetuptable(SPI_tuptable);
+		memset(&e, 0, sizeof(e));
+		e.sqlerrcode = ERRCODE_ORCH_PERMANENT;
+		e.message = psprintf("child run %s of workflow \"%s\" %s%s%s", child_id, workflow,
+							 status, message ? ": " : "", message ? message : "");
+		record_attempt(s, s->attempt, worker, started, GetCurrentTimestamp(), &e, "permanent");
+		handle_failure(s, s->attempt, started, &e, "permanent", now, result);
+	}
+	else
+	{
+		/* woken while the child still runs */
+		SPI_freetuptable(SPI_tuptable);
+		defer_step(s, "waiting", DT_NOEND, s->attempt, (Datum) 0);
+	}
+}
+
 static bool
 run_failed_in_batch(ClaimedStep *s)
 {
@@ -2409,6 +2525,8 @@ advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 		advance_wait_event(s, worker, now, result);
 	else if (strcmp(s->kind, "approval") == 0)
 		advance_approval(s, worker, now, result);
+	else if (strcmp(s->kind, "subworkflow") == 0)
+		advance_subworkflow(s, worker, now, result);
 	else
 		elog(ERROR, "unknown step kind \"%s\"", s->kind);
 }
@@ -2812,7 +2930,9 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 			if (found == NULL)
 				continue;
 			/* the first mention of the token is answered */
-			invalid = lease_invalid(s, now);
+			invalid = run_failed_in_batch(s) ?
+				"Its run failed earlier in this call: the task was cancelled with it." :
+				lease_invalid(s, now);
 			if (invalid != NULL)
 			{
 				why[found->pos] = MemoryContextStrdup(callercxt, invalid);

@@ -1,0 +1,90 @@
+-- subworkflow steps: a child run per attempt, its output the step's, and
+-- cancellation from parent to child.
+\set SHOW_CONTEXT never
+
+SELECT orch.define_workflow('sub_child', '{"steps": [
+  {"name": "pick", "kind": "sql", "function": "app.record"},
+  {"name": "pack", "kind": "sql", "function": "app.record", "needs": ["pick"]}]}');
+SELECT orch.define_workflow('sub_waiting', '{"steps": [
+  {"name": "wait", "kind": "wait_event", "event": "go"}]}');
+CREATE FUNCTION app.sub_prepare(ctx jsonb) RETURNS jsonb LANGUAGE sql AS $$
+	SELECT jsonb_build_object('order', ctx->'input'->'order', 'items', 3)
+$$;
+
+-- 1. Definitions are validated.
+SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
+  {"name": "a", "kind": "subworkflow"}]}')$$);
+SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
+  {"name": "a", "kind": "subworkflow", "workflow": "no_such_workflow"}]}')$$);
+SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
+  {"name": "a", "kind": "subworkflow", "workflow": "bad"}]}')$$);
+SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
+  {"name": "a", "kind": "subworkflow", "workflow": "sub_child", "input": "$.steps["}]}')$$);
+
+-- 2. The child runs with the input the step selects; the parent goes on with its output.
+SELECT orch.define_workflow('sub_parent', '{"steps": [
+  {"name": "prepare", "kind": "sql", "function": "app.sub_prepare"},
+  {"name": "fulfil", "kind": "subworkflow", "workflow": "sub_child", "input": "$.steps.prepare",
+   "needs": ["prepare"]},
+  {"name": "after", "kind": "sql", "function": "app.record", "needs": ["fulfil"]}]}');
+SELECT orch.start_run('sub_parent', '{"order": 7}', business_key => 'ORDER-7', priority => 3) AS p1 \gset
+SELECT orch.wait_run(:'p1');
+SELECT c.workflow, c.status, c.input, c.business_key, c.priority, c.owner = p.owner AS same_owner,
+	   s.name AS parent_step
+  FROM orch.runs c JOIN orch.runs p ON p.run_id = c.parent_run_id
+  JOIN orch.steps s ON s.step_id = c.parent_step_id
+ WHERE c.parent_run_id = :'p1';
+SELECT name, status, output->'pack'->>'step' AS child_pack, attempt
+  FROM orch.steps WHERE run_id = :'p1' AND name = 'fulfil';
+SELECT output->'saw'->'fulfil'->'pick'->'input' AS after_saw FROM orch.steps
+ WHERE run_id = :'p1' AND name = 'after';
+
+-- 3. A child that fails fails the attempt; the retry policy starts another child.
+SELECT orch.define_workflow('sub_broken', '{"steps": [
+  {"name": "boom", "kind": "sql", "function": "app.broken", "retry": {"max_attempts": 1}}]}');
+SELECT orch.define_workflow('sub_retrying', '{"steps": [
+  {"name": "try", "kind": "subworkflow", "workflow": "sub_broken",
+   "retry": {"max_attempts": 2, "initial_interval": "10ms"}}]}');
+SELECT orch.start_run('sub_retrying') AS p2 \gset
+SELECT orch.wait_run(:'p2');
+SELECT count(*) AS children, bool_and(status = 'failed') AS all_failed FROM orch.runs WHERE parent_run_id = :'p2';
+SELECT error->>'step' AS step, error->>'gave_up' AS gave_up,
+	   regexp_replace(error->>'message', '[0-9a-f]{8}-[0-9a-f-]{27}', '<run>') AS message
+  FROM orch.runs WHERE run_id = :'p2';
+SELECT attempt, outcome FROM orch.attempts WHERE run_id = :'p2' ORDER BY attempt;
+
+-- An input that is not an object fails the attempt, and starts no child.
+SELECT orch.define_workflow('sub_bad_input', '{"steps": [
+  {"name": "fulfil", "kind": "subworkflow", "workflow": "sub_child", "input": "$.input.order",
+   "retry": {"max_attempts": 1}}]}');
+SELECT orch.start_run('sub_bad_input', '{"order": 7}') AS p3 \gset
+SELECT orch.wait_run(:'p3');
+SELECT error->>'message' AS message FROM orch.runs WHERE run_id = :'p3';
+SELECT count(*) AS children FROM orch.runs WHERE parent_run_id = :'p3';
+
+-- 4. Cancelling the parent cancels the child.
+SELECT orch.define_workflow('sub_holder', '{"steps": [
+  {"name": "hold", "kind": "subworkflow", "workflow": "sub_waiting"}]}');
+SELECT orch.start_run('sub_holder') AS p4 \gset
+SELECT app.await(format($$SELECT count(*) = 1 FROM orch.runs WHERE parent_run_id = %L AND status = 'running'$$, :'p4'));
+SELECT orch.cancel_run(:'p4');
+SELECT status, error->>'cancelled_by' AS cancelled_by FROM orch.runs WHERE parent_run_id = :'p4';
+SELECT s.status FROM orch.steps s JOIN orch.runs c ON c.run_id = s.run_id WHERE c.parent_run_id = :'p4';
+
+-- A parent that fails cancels its children too.
+SELECT orch.define_workflow('sub_failing', '{"steps": [
+  {"name": "hold", "kind": "subworkflow", "workflow": "sub_waiting"},
+  {"name": "wait_a_bit", "kind": "sleep", "duration": "200ms"},
+  {"name": "boom", "kind": "sql", "function": "app.broken", "needs": ["wait_a_bit"],
+   "retry": {"max_attempts": 1}}]}');
+SELECT orch.start_run('sub_failing') AS p5 \gset
+SELECT orch.wait_run(:'p5');
+SELECT status FROM orch.runs WHERE parent_run_id = :'p5';
+
+-- 5. A child that finishes while the parent waits wakes it: an event to the child.
+SELECT orch.start_run('sub_holder') AS p6 \gset
+SELECT app.await(format($$SELECT count(*) = 1 FROM orch.steps s JOIN orch.runs c USING (run_id)
+						   WHERE c.parent_run_id = %L AND s.status = 'waiting'$$, :'p6'));
+SELECT orch.send_event(run_id, 'go', '{"ok": true}') > 0 AS sent FROM orch.runs WHERE parent_run_id = :'p6';
+SELECT orch.wait_run(:'p6');
+SELECT output FROM orch.steps WHERE run_id = :'p6';
