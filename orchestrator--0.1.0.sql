@@ -102,7 +102,7 @@ CREATE TABLE orch.workflow_steps (
 	version			int			NOT NULL,
 	name			text		NOT NULL,
 	ordinal			int			NOT NULL,
-	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep', 'task', 'wait_event', 'approval', 'subworkflow')),
+	kind			text		NOT NULL CHECK (kind IN ('sql', 'sleep', 'task', 'wait_event', 'approval', 'subworkflow', 'map')),
 	needs			text[]		NOT NULL DEFAULT '{}',
 	dependents		text[]		NOT NULL DEFAULT '{}',
 	guard			jsonpath,
@@ -149,6 +149,12 @@ CREATE TABLE orch.workflow_steps (
 	-- over the run context; the run's own input when NULL)
 	subworkflow		text,
 	sub_input		jsonpath,
+	-- map: the items (a jsonpath to an array), how many children run at
+	-- once, and how many may fail (a count, or a percentage of the items)
+	map_items		jsonpath,
+	max_concurrency	int,
+	tolerated_failures int,
+	tolerated_pct	numeric,
 	PRIMARY KEY (workflow, version, name),
 	FOREIGN KEY (workflow, version) REFERENCES orch.workflows ON DELETE CASCADE
 );
@@ -177,8 +183,10 @@ CREATE TABLE orch.runs (
 	steps_left		orch.counter NOT NULL,
 	paused_from		orch.run_status,
 	reason			text,
-	parent_run_id	uuid,		-- the run whose subworkflow step started this one
+	parent_run_id	uuid,		-- the run whose subworkflow or map step started this one
 	parent_step_id	bigint,
+	parent_attempt	int,		-- that step's attempt
+	parent_item		int,		-- a map step's: the index of the item this run is for
 	created_at		timestamptz	NOT NULL DEFAULT pg_catalog.now(),
 	started_at		timestamptz,
 	finished_at		timestamptz,
@@ -846,6 +854,14 @@ DECLARE
 	v_sub_input	jsonpath;
 	c_sub		text[] := '{}';
 	c_sub_input	jsonpath[] := '{}';
+	v_items		jsonpath;
+	v_maxconc	int;
+	v_tol		int;
+	v_tolpct	numeric;
+	c_items		jsonpath[] := '{}';
+	c_maxconc	int[] := '{}';
+	c_tol		int[] := '{}';
+	c_tolpct	numeric[] := '{}';
 	-- cycle detection
 	indeg		int[];
 	queue		int[];
@@ -911,17 +927,13 @@ BEGIN
 		IF jsonb_typeof(step -> 'kind') IS DISTINCT FROM 'string' THEN
 			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('step "%s" needs a "kind" string', sname),
-				hint => 'Kinds are: sql, sleep, task, wait_event, approval, subworkflow.');
+				hint => 'Kinds are: sql, sleep, task, wait_event, approval, subworkflow, map.');
 		END IF;
 		kind := step ->> 'kind';
-		IF kind IN ('map') THEN
-			PERFORM orch._definition_error('0A000', obj, path || '.kind',
-				format('step kind "%s" is not supported by this version', kind),
-				hint => 'Kinds supported by this version are: sql, sleep, task, wait_event, approval, subworkflow.');
-		ELSIF kind NOT IN ('sql', 'sleep', 'task', 'wait_event', 'approval', 'subworkflow') THEN
+		IF kind NOT IN ('sql', 'sleep', 'task', 'wait_event', 'approval', 'subworkflow', 'map') THEN
 			PERFORM orch._definition_error('22023', obj, path || '.kind',
 				format('unknown step kind "%s"', kind),
-				hint => 'Kinds are: sql, sleep, task, wait_event, approval, subworkflow.');
+				hint => 'Kinds are: sql, sleep, task, wait_event, approval, subworkflow, map.');
 		END IF;
 		PERFORM orch._check_keys(step,
 			common_keys || CASE kind WHEN 'sql' THEN ARRAY['function', 'verify', 'compensate',
@@ -935,6 +947,8 @@ BEGIN
 																'payload', 'target', 'evidence',
 																'on_timeout', 'on_reject']
 									 WHEN 'subworkflow' THEN ARRAY['workflow', 'input']
+									 WHEN 'map' THEN ARRAY['workflow', 'items', 'max_concurrency',
+														   'tolerated_failures']
 									 ELSE ARRAY['duration', 'until'] END,
 			obj, path, format('a step of kind "%s"', kind));
 
@@ -1065,7 +1079,7 @@ BEGIN
 		-- circuit: the named target the step calls
 		v_circuit := NULL;
 		IF step ? 'circuit' THEN
-			IF kind IN ('sleep', 'wait_event', 'approval', 'subworkflow') THEN
+			IF kind IN ('sleep', 'wait_event', 'approval', 'subworkflow', 'map') THEN
 				PERFORM orch._definition_error('22023', obj, path || '.circuit',
 					format('%s step "%s" calls nothing a circuit could guard', kind, sname));
 			END IF;
@@ -1213,15 +1227,16 @@ BEGIN
 		-- subworkflow: a child run of another workflow
 		v_sub := NULL;
 		v_sub_input := NULL;
-		IF kind = 'subworkflow' THEN
+		IF kind IN ('subworkflow', 'map') THEN
 			IF jsonb_typeof(step -> 'workflow') IS DISTINCT FROM 'string' THEN
 				PERFORM orch._definition_error('22023', obj, path || '.workflow',
-					format('subworkflow step "%s" needs the name of a "workflow"', sname));
+					format('%s step "%s" needs the name of a "workflow"', kind, sname),
+					hint => CASE kind WHEN 'map' THEN 'A map step runs that workflow once per item.' END);
 			END IF;
 			v_sub := step ->> 'workflow';
 			IF v_sub = wf THEN
 				PERFORM orch._definition_error('22023', obj, path || '.workflow',
-					format('subworkflow step "%s" starts its own workflow', sname),
+					format('%s step "%s" starts its own workflow', kind, sname),
 					hint => 'A workflow cannot be its own child.');
 			END IF;
 			IF NOT EXISTS (SELECT FROM orch.workflows w WHERE w.name = v_sub) THEN
@@ -1241,6 +1256,52 @@ BEGIN
 					PERFORM orch._definition_error('42601', obj, path || '.input',
 						format('invalid jsonpath in "input" of step "%s"', sname), SQLERRM);
 				END;
+			END IF;
+		END IF;
+
+		-- map: a child run per item of an array
+		v_items := NULL;
+		v_maxconc := NULL;
+		v_tol := NULL;
+		v_tolpct := NULL;
+		IF kind = 'map' THEN
+			IF jsonb_typeof(step -> 'items') IS DISTINCT FROM 'string' THEN
+				PERFORM orch._definition_error('22023', obj, path || '.items',
+					format('map step "%s" needs "items", a jsonpath to an array in the run context', sname),
+					hint => 'For instance "$.input.lines".');
+			END IF;
+			BEGIN
+				v_items := (step ->> 'items')::jsonpath;
+			EXCEPTION WHEN OTHERS THEN
+				PERFORM orch._definition_error('42601', obj, path || '.items',
+					format('invalid jsonpath in "items" of step "%s"', sname), SQLERRM);
+			END;
+			v_maxconc := 10;
+			IF step ? 'max_concurrency' THEN
+				IF jsonb_typeof(step -> 'max_concurrency') <> 'number'
+				   OR (step ->> 'max_concurrency') !~ '^[0-9]+$'
+				   OR (step ->> 'max_concurrency')::numeric NOT BETWEEN 1 AND 10000 THEN
+					PERFORM orch._definition_error('22023', obj, path || '.max_concurrency',
+						format('expected a whole number from 1 to 10000, got %s', step -> 'max_concurrency'),
+						hint => 'How many items run at once.');
+				END IF;
+				v_maxconc := (step ->> 'max_concurrency')::int;
+			END IF;
+			v_tol := 0;
+			IF step ? 'tolerated_failures' THEN
+				IF jsonb_typeof(step -> 'tolerated_failures') = 'number'
+				   AND (step ->> 'tolerated_failures') ~ '^[0-9]{1,9}$' THEN
+					v_tol := (step ->> 'tolerated_failures')::int;
+				ELSIF jsonb_typeof(step -> 'tolerated_failures') = 'string'
+					  AND (step ->> 'tolerated_failures') ~ '^[0-9]{1,3}(\.[0-9]+)?%$'
+					  AND rtrim(step ->> 'tolerated_failures', '%')::numeric <= 100 THEN
+					v_tol := NULL;
+					v_tolpct := rtrim(step ->> 'tolerated_failures', '%')::numeric;
+				ELSE
+					PERFORM orch._definition_error('22023', obj, path || '.tolerated_failures',
+						format('expected a count or a percentage such as "10%%", got %s', step -> 'tolerated_failures'),
+						hint => 'How many items may fail (failed, cancelled or timed out) before the map step fails.');
+				END IF;
 			END IF;
 		END IF;
 
@@ -1323,6 +1384,10 @@ BEGIN
 		c_escalate := c_escalate || v_escalate;
 		c_sub := c_sub || v_sub;
 		c_sub_input := c_sub_input || v_sub_input;
+		c_items := c_items || v_items;
+		c_maxconc := c_maxconc || v_maxconc;
+		c_tol := c_tol || v_tol;
+		c_tolpct := c_tolpct || v_tolpct;
 		c_policy := c_policy || (v_retry ->> 'policy');
 		c_verify := c_verify || v_verify;
 		c_comp := c_comp || v_comp;
@@ -1415,7 +1480,8 @@ BEGIN
 		retry_policy, timeout, queue, circuit, schedule_to_start, heartbeat_timeout,
 		idempotent, verify_name, verify, compensate_name, compensate, on_error, routes, route_target,
 		event, on_timeout, input_schema, output_schema, review_if, approvers, quorum, allow_self,
-		approval_payload, approval_target, approval_evidence, escalate_to, subworkflow, sub_input)
+		approval_payload, approval_target, approval_evidence, escalate_to, subworkflow, sub_input,
+		map_items, max_concurrency, tolerated_failures, tolerated_pct)
 	SELECT wf, v_version, names[k], k, c_kind[k],
 		   ARRAY(SELECT jsonb_array_elements_text(c_needs[k])),
 		   ARRAY(SELECT names[d] FROM generate_series(1, cardinality(names)) d
@@ -1431,7 +1497,7 @@ BEGIN
 				  WHERE r ? 'goto' ORDER BY 1),
 		   c_target[k], c_event[k], c_on_timeout[k], c_in_schema[k], c_out_schema[k], c_review[k],
 		   c_approvers[k], c_quorum[k], c_self[k], c_apayload[k], c_atarget[k], c_aevidence[k],
-		   c_escalate[k], c_sub[k], c_sub_input[k]
+		   c_escalate[k], c_sub[k], c_sub_input[k], c_items[k], c_maxconc[k], c_tol[k], c_tolpct[k]
 	  FROM generate_series(1, cardinality(names)) k;
 
 	RETURN v_version;
@@ -1479,7 +1545,8 @@ $$;
 -- A run of the workflow's current version, for start_run and subworkflow steps.
 CREATE FUNCTION orch._start_run(workflow text, input jsonb, idempotency_key text,
 								business_key text, priority int, deadline timestamptz,
-								tenant text, owner name, parent_run uuid, parent_step bigint)
+								tenant text, owner name, parent_run uuid, parent_step bigint,
+								parent_attempt int DEFAULT NULL, parent_item int DEFAULT NULL)
 	RETURNS uuid
 	LANGUAGE plpgsql
 	SET search_path = pg_catalog, pg_temp
@@ -1505,11 +1572,11 @@ BEGIN
 
 	INSERT INTO orch.runs AS r (workflow, version, input, owner, business_key, idempotency_key,
 							   trace_id, tenant, priority, deadline, steps_left, parent_run_id,
-							   parent_step_id)
+							   parent_step_id, parent_attempt, parent_item)
 	VALUES (_start_run.workflow, v_version, v_input, _start_run.owner, _start_run.business_key,
 			_start_run.idempotency_key, uuid_send(gen_random_uuid()), _start_run.tenant,
 			_start_run.priority, _start_run.deadline, v_nsteps, _start_run.parent_run,
-			_start_run.parent_step)
+			_start_run.parent_step, _start_run.parent_attempt, _start_run.parent_item)
 	ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 	RETURNING r.run_id INTO v_run;
 
@@ -2382,7 +2449,93 @@ BEGIN
 			HINT = 'Its "input" jsonpath must select an object from the run context.';
 	END IF;
 	RETURN orch._start_run(ws.subworkflow, v_input, NULL, r.business_key, r.priority, r.deadline,
-						   r.tenant, r.owner, r.run_id, s.step_id);
+						   r.tenant, r.owner, r.run_id, s.step_id, s.attempt + 1, NULL);
+END
+$$;
+
+/*
+ * The engine's step for a map step at attempt p_attempt: starts a child run
+ * of the step's workflow per item of its items array (input {"item",
+ * "index"}), at most max_concurrency running at once, and returns what to
+ * do: {"action": "wait"}, {"action": "succeed", "output": {"results": [the
+ * children's outputs in item order, null for a failed one], "failed":
+ * [their indexes]}}, or {"action": "fail", "message"} once more items
+ * failed than are tolerated (the children still running are cancelled).
+ */
+CREATE FUNCTION orch._advance_map(p_step bigint, ctx jsonb, p_attempt int) RETURNS jsonb
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	s		orch.steps;
+	r		orch.runs;
+	ws		orch.workflow_steps;
+	items	jsonb;
+	n		int;
+	started	int;
+	running	int;
+	failed	int[];
+	tolerated int;
+	c		orch.runs;
+BEGIN
+	SELECT * INTO s FROM orch.steps WHERE step_id = p_step;
+	SELECT * INTO r FROM orch.runs WHERE run_id = s.run_id;
+	SELECT * INTO ws FROM orch.workflow_steps w
+	 WHERE w.workflow = r.workflow AND w.version = r.version AND w.name = s.name;
+	items := jsonb_path_query_first(ctx, ws.map_items, '{}', true);
+	IF items IS NULL OR jsonb_typeof(items) <> 'array' THEN
+		RETURN jsonb_build_object('action', 'fail',
+			'message', format('the items of map step "%s" are %s, not an array', s.name,
+							  coalesce(jsonb_typeof(items), 'missing')));
+	END IF;
+	n := jsonb_array_length(items);
+	tolerated := coalesce(ws.tolerated_failures, floor(n * ws.tolerated_pct / 100)::int);
+
+	SELECT count(*), count(*) FILTER (WHERE status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')),
+		   coalesce(array_agg(parent_item ORDER BY parent_item)
+					  FILTER (WHERE status IN ('failed', 'cancelled', 'timed_out')), '{}')
+	  INTO started, running, failed
+	  FROM orch.runs
+	 WHERE parent_step_id = p_step AND parent_attempt = p_attempt;
+
+	IF cardinality(failed) > tolerated THEN
+		FOR c IN SELECT * FROM orch.runs
+				  WHERE parent_step_id = p_step AND parent_attempt = p_attempt
+					AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+				  ORDER BY run_id FOR UPDATE
+		LOOP
+			PERFORM orch._cancel_children(c.run_id);
+			UPDATE orch.steps st SET status = 'cancelled', finished_at = now(), wake_at = NULL
+			 WHERE st.run_id = c.run_id
+			   AND st.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated');
+			UPDATE orch.runs SET status = 'cancelled', finished_at = now(), steps_left = 0,
+				   error = jsonb_build_object('cancelled_by', 'parent run', 'parent_run_id', r.run_id)
+			 WHERE run_id = c.run_id;
+			PERFORM orch._compensate_next(c.run_id);
+		END LOOP;
+		RETURN jsonb_build_object('action', 'fail',
+			'message', format('%s of %s items of map step "%s" failed, more than the %s tolerated (items %s)',
+							  cardinality(failed), n, s.name, tolerated, array_to_string(failed, ', ')));
+	END IF;
+
+	IF started = n AND running = 0 THEN
+		RETURN jsonb_build_object('action', 'succeed', 'output', jsonb_build_object(
+			'results', (SELECT coalesce(jsonb_agg(CASE WHEN ch.status = 'succeeded' THEN ch.output END
+												 ORDER BY ch.parent_item), '[]')
+						  FROM orch.runs ch
+						 WHERE ch.parent_step_id = p_step AND ch.parent_attempt = p_attempt),
+			'failed', to_jsonb(failed)));
+	END IF;
+
+	WHILE running < ws.max_concurrency AND started < n LOOP
+		PERFORM orch._start_run(ws.subworkflow,
+								jsonb_build_object('item', items -> started, 'index', started),
+								NULL, r.business_key, r.priority, r.deadline, r.tenant, r.owner,
+								r.run_id, s.step_id, p_attempt, started);
+		started := started + 1;
+		running := running + 1;
+	END LOOP;
+	RETURN jsonb_build_object('action', 'wait');
 END
 $$;
 

@@ -88,3 +88,80 @@ SELECT app.await(format($$SELECT count(*) = 1 FROM orch.steps s JOIN orch.runs c
 SELECT orch.send_event(run_id, 'go', '{"ok": true}') > 0 AS sent FROM orch.runs WHERE parent_run_id = :'p6';
 SELECT orch.wait_run(:'p6');
 SELECT output FROM orch.steps WHERE run_id = :'p6';
+
+/*
+ * Map steps: the workflow once per item, at most max_concurrency at a time,
+ * results in item order, failures tolerated up to a count or a percentage.
+ */
+CREATE FUNCTION app.sub_square(ctx jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+BEGIN
+	IF (ctx->'input'->>'item')::int < 0 THEN
+		RAISE EXCEPTION 'item % is negative', ctx->'input'->>'item' USING ERRCODE = 'ORPRM';
+	END IF;
+	RETURN jsonb_build_object('square', (ctx->'input'->>'item')::int ^ 2, 'index', ctx->'input'->'index');
+END
+$$;
+SELECT orch.define_workflow('sub_item', '{"steps": [
+  {"name": "square", "kind": "sql", "function": "app.sub_square", "retry": {"max_attempts": 1}}]}');
+SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
+  {"name": "m", "kind": "map", "workflow": "sub_item"}]}')$$);
+SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
+  {"name": "m", "kind": "map", "workflow": "sub_item", "items": "$.input.xs", "max_concurrency": 0}]}')$$);
+SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
+  {"name": "m", "kind": "map", "workflow": "sub_item", "items": "$.input.xs", "tolerated_failures": "150%"}]}')$$);
+SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
+  {"name": "m", "kind": "map", "workflow": "sub_item", "items": "$.input.xs", "input": "$"}]}')$$);
+
+SELECT orch.define_workflow('sub_map', '{"steps": [
+  {"name": "squares", "kind": "map", "workflow": "sub_item", "items": "$.input.xs",
+   "max_concurrency": 2, "tolerated_failures": "25%",
+   "retry": {"max_attempts": 2, "initial_interval": "10ms"}},
+  {"name": "after", "kind": "sql", "function": "app.record", "needs": ["squares"]}]}');
+-- 6. All succeed: the results in item order.
+SELECT orch.start_run('sub_map', '{"xs": [3, 1, 4, 1, 5]}') AS m1 \gset
+SELECT orch.wait_run(:'m1');
+SELECT output FROM orch.steps WHERE run_id = :'m1' AND name = 'squares';
+SELECT array_agg(parent_item ORDER BY parent_item) AS items, bool_and(parent_attempt = 1) AS first_attempt
+  FROM orch.runs WHERE parent_run_id = :'m1';
+-- one of four fails: 25% tolerated, its result is null
+SELECT orch.start_run('sub_map', '{"xs": [2, -1, 3, 4]}') AS m2 \gset
+SELECT orch.wait_run(:'m2');
+SELECT output FROM orch.steps WHERE run_id = :'m2' AND name = 'squares';
+-- two of four fail: more than tolerated; the step fails (its retry policy
+-- allows 2 attempts, each a new set of children, both failing alike)
+SELECT orch.start_run('sub_map', '{"xs": [-2, -1, 3, 4]}') AS m3 \gset
+SELECT orch.wait_run(:'m3');
+SELECT error->>'step' AS step, error->>'message' AS message, error->>'gave_up' AS gave_up
+  FROM orch.runs WHERE run_id = :'m3';
+SELECT max(parent_attempt) AS attempts FROM orch.runs WHERE parent_run_id = :'m3';
+-- no items: nothing to run; not an array: the step fails
+SELECT orch.start_run('sub_map', '{"xs": []}') AS m4 \gset
+SELECT orch.wait_run(:'m4');
+SELECT output FROM orch.steps WHERE run_id = :'m4' AND name = 'squares';
+SELECT orch.start_run('sub_map', '{"xs": 7}') AS m5 \gset
+SELECT orch.wait_run(:'m5');
+SELECT error->>'message' AS message FROM orch.runs WHERE run_id = :'m5';
+
+-- 7. At most max_concurrency children run at once; each end starts the next.
+SELECT orch.define_workflow('sub_map_waiting', '{"steps": [
+  {"name": "each", "kind": "map", "workflow": "sub_waiting", "items": "$.input.xs",
+   "max_concurrency": 2}]}');
+SELECT orch.start_run('sub_map_waiting', '{"xs": ["a", "b", "c"]}') AS m6 \gset
+SELECT app.await(format($$SELECT count(*) = 2 FROM orch.steps s JOIN orch.runs c USING (run_id)
+						   WHERE c.parent_run_id = %L AND s.status = 'waiting'$$, :'m6'));
+SELECT count(*) AS children FROM orch.runs WHERE parent_run_id = :'m6';
+SELECT orch.send_event(run_id, 'go', jsonb_build_object('n', parent_item)) > 0 AS sent
+  FROM orch.runs WHERE parent_run_id = :'m6' AND parent_item = 1;
+SELECT app.await(format($$SELECT count(*) = 3 FROM orch.runs WHERE parent_run_id = %L$$, :'m6'));
+SELECT app.await(format($$SELECT count(*) = 2 FROM orch.steps s JOIN orch.runs c USING (run_id)
+						   WHERE c.parent_run_id = %L AND s.status = 'waiting'$$, :'m6'));
+SELECT orch.send_event(run_id, 'go', jsonb_build_object('n', parent_item)) > 0 AS sent
+  FROM orch.runs WHERE parent_run_id = :'m6' AND status = 'running' ORDER BY parent_item;
+SELECT orch.wait_run(:'m6');
+SELECT output FROM orch.steps WHERE run_id = :'m6';
+-- cancelling a map cancels the children still running
+SELECT orch.start_run('sub_map_waiting', '{"xs": ["a", "b", "c"]}') AS m7 \gset
+SELECT app.await(format($$SELECT count(*) = 2 FROM orch.steps s JOIN orch.runs c USING (run_id)
+						   WHERE c.parent_run_id = %L AND s.status = 'waiting'$$, :'m7'));
+SELECT orch.cancel_run(:'m7');
+SELECT status, count(*) FROM orch.runs WHERE parent_run_id = :'m7' GROUP BY status;

@@ -156,6 +156,7 @@ enum
 	P_START_CHILD,
 	P_CHILD,
 	P_CANCEL_CHILDREN,
+	P_MAP,
 	P_COUNT
 };
 
@@ -220,7 +221,7 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 #define STEP_CONTEXT \
 	"       CASE WHEN ws.kind = 'sql' OR ws.guard IS NOT NULL OR ws.sleep_until IS NOT NULL" \
 	"              OR s.phase IS NOT NULL OR ws.input_schema IS NOT NULL" \
-	"              OR ws.kind IN ('approval', 'subworkflow') THEN" \
+	"              OR ws.kind IN ('approval', 'subworkflow', 'map') THEN" \
 	"         pg_catalog.jsonb_build_object(" \
 	"           'run_id', r.run_id, 'workflow', r.workflow, 'version', r.version," \
 	"           'step', s.name," \
@@ -517,6 +518,10 @@ static const char *const plan_sql[P_COUNT] = {
 	"  FROM orch.runs c WHERE c.parent_step_id = $1"
 	" ORDER BY c.parent_step_id, c.created_at DESC, c.run_id DESC LIMIT 1",
 
+	/* $1 step, $2 context, $3 attempt: see the function */
+	[P_MAP] =
+	"SELECT orch._advance_map($1, $2, $3)",
+
 	/* $1 run: cancel its unfinished child runs, before its own steps */
 	[P_CANCEL_CHILDREN] =
 	"SELECT orch._cancel_children($1)",
@@ -536,7 +541,7 @@ static const int plan_nargs[P_COUNT] = {
 	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
 	[P_NEXT_TIMER] = 0,[P_ROUTE] = 3,[P_SET_CAUSE] = 3,[P_STEP_SET] = 6,[P_COMPENSATE_NEXT] = 1,
 	[P_TAKE_EVENT] = 3,[P_APPROVAL] = 3,[P_RUN_NEEDS_APPROVAL] = 1,[P_RUN_APPROVAL_DONE] = 2,
-	[P_START_CHILD] = 2,[P_CHILD] = 1,[P_CANCEL_CHILDREN] = 1,
+	[P_START_CHILD] = 2,[P_CHILD] = 1,[P_CANCEL_CHILDREN] = 1,[P_MAP] = 3,
 };
 
 static const Oid plan_argtypes[P_COUNT][14] = {
@@ -572,6 +577,7 @@ static const Oid plan_argtypes[P_COUNT][14] = {
 	[P_START_CHILD] = {INT8OID, JSONBOID},
 	[P_CHILD] = {INT8OID},
 	[P_CANCEL_CHILDREN] = {UUIDOID},
+	[P_MAP] = {INT8OID, JSONBOID, INT4OID},
 };
 
 /* ------------------------------------------------------------------------
@@ -2313,6 +2319,23 @@ advance_resolution(ClaimedStep *s, TimestampTz now, OrchBatchResult *result)
  * Approvals
  * ------------------------------------------------------------------------ */
 
+/* The decision of a plan that returns one jsonb, copied out of SPI memory. */
+static Datum
+decision_of(int plan, Datum *args)
+{
+	bool		isnull;
+	Datum		d;
+	MemoryContext oldcxt;
+
+	exec_plan(plan, args, NULL, SPI_OK_SELECT);
+	oldcxt = MemoryContextSwitchTo(rows_cxt);
+	d = datumCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull),
+				  false, -1);
+	MemoryContextSwitchTo(oldcxt);
+	SPI_freetuptable(SPI_tuptable);
+	return d;
+}
+
 #define ERRCODE_ORCH_REJECTED	MAKE_SQLSTATE('O','R','R','E','J')
 
 /*
@@ -2327,21 +2350,14 @@ advance_approval(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchR
 {
 	bool		first = strcmp(s->status, "needs_approval") != 0;
 	Datum		v[3] = {Int64GetDatum(s->step_id), s->ctx, BoolGetDatum(first)};
-	bool		isnull;
 	Datum		decision;
 	char	   *action;
 	char	   *message;
 	JsonbValue *jv;
-	MemoryContext oldcxt;
 
 	if (first && maybe_skip(s, worker, now, result))
 		return;
-	exec_plan(P_APPROVAL, v, NULL, SPI_OK_SELECT);
-	oldcxt = MemoryContextSwitchTo(rows_cxt);
-	decision = datumCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull),
-						 false, -1);
-	MemoryContextSwitchTo(oldcxt);
-	SPI_freetuptable(SPI_tuptable);
+	decision = decision_of(P_APPROVAL, v);
 	action = jsonb_field_text(decision, "action");
 	message = jsonb_field_text(decision, "message");
 
@@ -2481,6 +2497,55 @@ advance_subworkflow(ClaimedStep *s, const char *worker, TimestampTz now,
 	}
 }
 
+/*
+ * A map step runs its workflow once per item, as child runs
+ * (orch._advance_map starts them, max_concurrency at a time); each child's
+ * end wakes it.  It succeeds with the results in item order once all have
+ * ended, or fails once more items failed than it tolerates; the retry
+ * policy may then run the whole map again, with new children.
+ */
+static void
+advance_map(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult *result)
+{
+	bool		first = strcmp(s->status, "waiting") != 0;
+	int			attempt = first ? s->attempt + 1 : s->attempt;
+	Datum		v[3] = {Int64GetDatum(s->step_id), s->ctx, Int32GetDatum(attempt)};
+	Datum		decision;
+	char	   *action;
+
+	if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
+		return;
+	decision = decision_of(P_MAP, v);
+	action = jsonb_field_text(decision, "action");
+	if (strcmp(action, "succeed") == 0)
+	{
+		JsonbValue *jv = getKeyJsonValueFromContainer(&DatumGetJsonbP(decision)->root, "output",
+													  6, NULL);
+
+		record_attempt(s, attempt, worker, s->started_at != 0 ? s->started_at : now,
+					   GetCurrentTimestamp(), NULL, NULL);
+		finish_step(s, "succeeded", JsonbPGetDatum(JsonbValueToJsonb(jv)), attempt);
+	}
+	else if (strcmp(action, "fail") == 0)
+	{
+		ErrorData	e;
+
+		memset(&e, 0, sizeof(e));
+		e.sqlerrcode = ERRCODE_ORCH_PERMANENT;
+		e.message = jsonb_field_text(decision, "message");
+		record_attempt(s, attempt, worker, s->started_at != 0 ? s->started_at : now,
+					   GetCurrentTimestamp(), &e, "permanent");
+		handle_failure(s, attempt, now, &e, "permanent", now, result);
+	}
+	else
+	{
+		defer_step(s, "waiting", DT_NOEND, attempt, (Datum) 0);
+		if (first)
+			run_step_done(s, 0);
+		result->made_ready = true;	/* children may have been started */
+	}
+}
+
 static bool
 run_failed_in_batch(ClaimedStep *s)
 {
@@ -2527,6 +2592,8 @@ advance_step(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResul
 		advance_approval(s, worker, now, result);
 	else if (strcmp(s->kind, "subworkflow") == 0)
 		advance_subworkflow(s, worker, now, result);
+	else if (strcmp(s->kind, "map") == 0)
+		advance_map(s, worker, now, result);
 	else
 		elog(ERROR, "unknown step kind \"%s\"", s->kind);
 }
