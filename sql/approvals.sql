@@ -121,6 +121,11 @@ SELECT error->>'step' AS step, error->>'sqlstate' AS sqlstate,
 	   regexp_replace(error->>'message', '[0-9]+', 'N') AS message, error->>'gave_up' AS gave_up
   FROM orch.runs WHERE run_id = :'r2';
 
+-- A redrive asks again: a new request, for the payload the step would act on now.
+SELECT orch.retry_run(:'r2', 'asking again');
+SELECT orch.wait_run(:'r2');
+SELECT status, payload->'refund' AS refund FROM orch.approvals WHERE run_id = :'r2' ORDER BY approval_id;
+
 -- 6. on_reject goes to a step instead; four eyes can be waived, and that is recorded.
 SELECT orch.define_workflow('small_refund', '{"steps": [
   {"name": "approve", "kind": "approval", "approvers": "apr_finance", "allow_self_approval": true,
