@@ -2476,7 +2476,6 @@ DECLARE
 	running	int;
 	failed	int[];
 	tolerated int;
-	c		orch.runs;
 BEGIN
 	SELECT * INTO s FROM orch.steps WHERE step_id = p_step;
 	SELECT * INTO r FROM orch.runs WHERE run_id = s.run_id;
@@ -2499,20 +2498,11 @@ BEGIN
 	 WHERE parent_step_id = p_step AND parent_attempt = p_attempt;
 
 	IF cardinality(failed) > tolerated THEN
-		FOR c IN SELECT * FROM orch.runs
-				  WHERE parent_step_id = p_step AND parent_attempt = p_attempt
-					AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
-				  ORDER BY run_id FOR UPDATE
-		LOOP
-			PERFORM orch._cancel_children(c.run_id);
-			UPDATE orch.steps st SET status = 'cancelled', finished_at = now(), wake_at = NULL
-			 WHERE st.run_id = c.run_id
-			   AND st.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated');
-			UPDATE orch.runs SET status = 'cancelled', finished_at = now(), steps_left = 0,
-				   error = jsonb_build_object('cancelled_by', 'parent run', 'parent_run_id', r.run_id)
-			 WHERE run_id = c.run_id;
-			PERFORM orch._compensate_next(c.run_id);
-		END LOOP;
+		PERFORM orch._cancel_child(c.run_id, r.run_id)
+		   FROM orch.runs c
+		  WHERE c.parent_step_id = p_step AND c.parent_attempt = p_attempt
+			AND c.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+		  ORDER BY c.run_id;
 		RETURN jsonb_build_object('action', 'fail',
 			'message', format('%s of %s items of map step "%s" failed, more than the %s tolerated (items %s)',
 							  cardinality(failed), n, s.name, tolerated, array_to_string(failed, ', ')));
@@ -2540,6 +2530,35 @@ END
 $$;
 
 /*
+ * Cancel a child run of parent_run, with its children first (see below),
+ * and undo what it did.
+ */
+CREATE FUNCTION orch._cancel_child(run_id uuid, parent_run uuid) RETURNS void
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+	v_status orch.run_status;
+BEGIN
+	SELECT status INTO v_status FROM orch.runs WHERE orch.runs.run_id = _cancel_child.run_id FOR UPDATE;
+	IF v_status IN ('succeeded', 'failed', 'cancelled', 'timed_out') THEN
+		RETURN;		-- it ended while we waited for it
+	END IF;
+	PERFORM orch._cancel_children(_cancel_child.run_id);
+	UPDATE orch.steps s
+	   SET status = 'cancelled', finished_at = now(), wake_at = NULL
+	 WHERE s.run_id = _cancel_child.run_id
+	   AND s.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated');
+	UPDATE orch.runs
+	   SET status = 'cancelled', finished_at = now(), steps_left = 0,
+		   error = jsonb_build_object('cancelled_by', 'parent run', 'parent_run_id', _cancel_child.parent_run)
+	 WHERE orch.runs.run_id = _cancel_child.run_id;
+	PERFORM orch._compensate_next(_cancel_child.run_id);
+END
+$$;
+
+/*
  * Cancel the unfinished child runs of a run, and theirs in turn, before the
  * run's own steps are touched: a child finishing at the same moment wakes
  * its parent step, which must not be locked by us while we wait for it.
@@ -2548,27 +2567,12 @@ CREATE FUNCTION orch._cancel_children(run_id uuid) RETURNS void
 	LANGUAGE plpgsql
 	SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
-DECLARE
-	c		orch.runs;
 BEGIN
-	FOR c IN SELECT * FROM orch.runs
-			  WHERE parent_run_id = _cancel_children.run_id
-				AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
-			  ORDER BY orch.runs.run_id
-			  FOR UPDATE
-	LOOP
-		PERFORM orch._cancel_children(c.run_id);
-		UPDATE orch.steps s
-		   SET status = 'cancelled', finished_at = now(), wake_at = NULL
-		 WHERE s.run_id = c.run_id
-		   AND s.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated');
-		UPDATE orch.runs
-		   SET status = 'cancelled', finished_at = now(), steps_left = 0,
-			   error = jsonb_build_object('cancelled_by', 'parent run', 'parent_run_id', _cancel_children.run_id)
-		 WHERE orch.runs.run_id = c.run_id;
-		PERFORM orch._compensate_next(c.run_id);
-	END LOOP;
+	PERFORM orch._cancel_child(c.run_id, _cancel_children.run_id)
+	   FROM orch.runs c
+	  WHERE c.parent_run_id = _cancel_children.run_id
+		AND c.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+	  ORDER BY c.run_id;
 END
 $$;
 

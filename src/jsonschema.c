@@ -58,6 +58,30 @@ static const char *const keywords[] = {
  * Helpers
  * ------------------------------------------------------------------------ */
 
+static char *vformat(const char *fmt, va_list args) pg_attribute_printf(1, 0);
+
+/* A message formatted into palloc'd memory. */
+static char *
+vformat(const char *fmt, va_list args)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (;;)
+	{
+		va_list		copy;
+		int			needed;
+
+		va_copy(copy, args);
+		needed = appendStringInfoVA(&buf, fmt, copy);
+		va_end(copy);
+		if (needed == 0)
+			break;
+		enlargeStringInfo(&buf, needed);
+	}
+	return buf.data;
+}
+
 /* The root of a jsonb as a value: a scalar, or its container. */
 static void
 root_value(Jsonb *jb, JsonbValue *out)
@@ -181,22 +205,11 @@ problem(SchemaProblem *p, const char *fmt,...) pg_attribute_printf(2, 3);
 static bool
 problem(SchemaProblem *p, const char *fmt,...)
 {
-	StringInfoData buf;
+	va_list		args;
 
-	initStringInfo(&buf);
-	for (;;)
-	{
-		va_list		args;
-		int			needed;
-
-		va_start(args, fmt);
-		needed = appendStringInfoVA(&buf, fmt, args);
-		va_end(args);
-		if (needed == 0)
-			break;
-		enlargeStringInfo(&buf, needed);
-	}
-	p->message = buf.data;
+	va_start(args, fmt);
+	p->message = vformat(fmt, args);
+	va_end(args);
 	return false;
 }
 
@@ -448,23 +461,12 @@ violation(Violations *out, StringInfo path, const char *fmt,...) pg_attribute_pr
 static bool
 violation(Violations *out, StringInfo path, const char *fmt,...)
 {
-	StringInfoData buf;
+	va_list		args;
 
-	initStringInfo(&buf);
-	for (;;)
-	{
-		va_list		args;
-		int			needed;
-
-		va_start(args, fmt);
-		needed = appendStringInfoVA(&buf, fmt, args);
-		va_end(args);
-		if (needed == 0)
-			break;
-		enlargeStringInfo(&buf, needed);
-	}
+	va_start(args, fmt);
+	out->messages = lappend(out->messages, vformat(fmt, args));
+	va_end(args);
 	out->paths = lappend(out->paths, pstrdup(path->data));
-	out->messages = lappend(out->messages, buf.data);
 	return list_length(out->paths) < out->max;
 }
 
