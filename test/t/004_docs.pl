@@ -31,7 +31,7 @@ for my $file (sort glob("$docs/*.md"))
 # What the api.md examples promise.
 is($node->safe_psql('api_md', q{
 	SELECT string_agg(status::text, ',' ORDER BY created_at) FROM orch.runs}),
-	'succeeded,cancelled,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded',
+	'succeeded,cancelled,succeeded,succeeded,succeeded,failed,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded',
 	'the example runs ended as the text says');
 is($node->safe_psql('api_md', q{
 	SELECT s.output->>'paid_by' || ':' || (s.resolution->>'action') || ':' || n.status
@@ -91,7 +91,7 @@ is($node->safe_psql('api_md', q{
 	SELECT string_agg(v.voter || ':' || coalesce(v.comment, '-'), ' ' ORDER BY v.voted_at)
 	  FROM orch.approval_votes v JOIN orch.approvals a USING (approval_id) JOIN orch.runs r USING (run_id)
 	 WHERE r.workflow = 'big_refund'}),
-	'ana:matches the invoice ben:-', 'the gate took two distinct approvers');
+	'ana:matches the invoice ben:- ben:over the refund limit', 'the gate took two distinct approvers, and the second run one rejection');
 is($node->safe_psql('api_md', 'SELECT run_id IS NOT NULL FROM shop.refunds WHERE order_id = 18'), 't',
 	'the approved refund was written');
 $node->safe_psql('api_md', 'DROP OWNED BY shop_app; DROP ROLE shop_app; DROP ROLE ana, ben, refund_approvers');
