@@ -1244,6 +1244,27 @@ BEGIN
 					format('workflow "%s" does not exist', v_sub),
 					hint => 'Define the child workflow first.');
 			END IF;
+			-- the current versions of the workflows it starts must not start this one
+			IF EXISTS (
+				WITH RECURSIVE reach(w) AS (
+					SELECT v_sub
+					UNION
+					SELECT ws.subworkflow
+					  FROM reach
+					  JOIN LATERAL (SELECT max(w0.version) AS v FROM orch.workflows w0
+									 WHERE w0.name = reach.w) cur ON true
+					  JOIN orch.workflow_steps ws
+						ON ws.workflow = reach.w AND ws.version = cur.v AND ws.subworkflow IS NOT NULL)
+				SELECT FROM reach WHERE w = wf) THEN
+				PERFORM orch._definition_error('22023', obj, path || '.workflow',
+					format('%s step "%s" starts workflow "%s", which starts "%s" again', kind, sname, v_sub, wf),
+					hint => 'Runs would start each other without end.');
+			END IF;
+			IF step ? 'timeout' THEN
+				PERFORM orch._definition_error('22023', obj, path || '.timeout',
+					format('%s step "%s" has no timeout of its own', kind, sname),
+					hint => 'Its child runs share the run''s deadline (orch.start_run(..., deadline => ...)).');
+			END IF;
 			IF step ? 'input' THEN
 				IF jsonb_typeof(step -> 'input') <> 'string' THEN
 					PERFORM orch._definition_error('22023', obj, path || '.input',
@@ -2005,6 +2026,13 @@ BEGIN
 		RETURN;
 	END IF;
 
+	-- a subworkflow or map step set aside with children still running: they go
+	PERFORM orch._cancel_child(c.run_id, r.run_id)
+	   FROM orch.runs c
+	  WHERE c.parent_step_id = s.step_id
+		AND c.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+	  ORDER BY c.run_id;
+
 	IF resolve.action = 'retry' THEN
 		UPDATE orch.steps
 		   SET status = 'ready', wake_at = now(), attempt_base = s.attempt, error = NULL,
@@ -2476,6 +2504,7 @@ DECLARE
 	running	int;
 	failed	int[];
 	tolerated int;
+	cancelled jsonb;
 BEGIN
 	SELECT * INTO s FROM orch.steps WHERE step_id = p_step;
 	SELECT * INTO r FROM orch.runs WHERE run_id = s.run_id;
@@ -2498,12 +2527,13 @@ BEGIN
 	 WHERE parent_step_id = p_step AND parent_attempt = p_attempt;
 
 	IF cardinality(failed) > tolerated THEN
-		PERFORM orch._cancel_child(c.run_id, r.run_id)
-		   FROM orch.runs c
-		  WHERE c.parent_step_id = p_step AND c.parent_attempt = p_attempt
-			AND c.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
-		  ORDER BY c.run_id;
-		RETURN jsonb_build_object('action', 'fail',
+		SELECT coalesce(jsonb_agg(x.id), '[]') INTO cancelled
+		  FROM (SELECT orch._cancel_child(c.run_id, r.run_id) AS id
+				  FROM orch.runs c
+				 WHERE c.parent_step_id = p_step AND c.parent_attempt = p_attempt
+				   AND c.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+				 ORDER BY c.run_id) x;
+		RETURN jsonb_build_object('action', 'fail', 'cancelled', cancelled,
 			'message', format('%s of %s items of map step "%s" failed, more than the %s tolerated (items %s)',
 							  cardinality(failed), n, s.name, tolerated, array_to_string(failed, ', ')));
 	END IF;
@@ -2530,10 +2560,10 @@ END
 $$;
 
 /*
- * Cancel a child run of parent_run, with its children first (see below),
- * and undo what it did.
+ * Cancel a child run of parent_run, with its own children first (see below),
+ * and undo what it did; returns every run it cancelled.
  */
-CREATE FUNCTION orch._cancel_child(run_id uuid, parent_run uuid) RETURNS void
+CREATE FUNCTION orch._cancel_child(run_id uuid, parent_run uuid) RETURNS SETOF uuid
 	LANGUAGE plpgsql
 	SET search_path = pg_catalog, pg_temp
 AS $$
@@ -2545,7 +2575,7 @@ BEGIN
 	IF v_status IN ('succeeded', 'failed', 'cancelled', 'timed_out') THEN
 		RETURN;		-- it ended while we waited for it
 	END IF;
-	PERFORM orch._cancel_children(_cancel_child.run_id);
+	RETURN QUERY SELECT orch._cancel_children(_cancel_child.run_id);
 	UPDATE orch.steps s
 	   SET status = 'cancelled', finished_at = now(), wake_at = NULL
 	 WHERE s.run_id = _cancel_child.run_id
@@ -2555,35 +2585,47 @@ BEGIN
 		   error = jsonb_build_object('cancelled_by', 'parent run', 'parent_run_id', _cancel_child.parent_run)
 	 WHERE orch.runs.run_id = _cancel_child.run_id;
 	PERFORM orch._compensate_next(_cancel_child.run_id);
+	RETURN NEXT _cancel_child.run_id;
 END
 $$;
 
 /*
  * Cancel the unfinished child runs of a run, and theirs in turn, before the
- * run's own steps are touched: a child finishing at the same moment wakes
- * its parent step, which must not be locked by us while we wait for it.
+ * run's own steps are touched; returns every run cancelled.
  */
-CREATE FUNCTION orch._cancel_children(run_id uuid) RETURNS void
+CREATE FUNCTION orch._cancel_children(run_id uuid) RETURNS SETOF uuid
 	LANGUAGE plpgsql
 	SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+	c		uuid;
 BEGIN
-	PERFORM orch._cancel_child(c.run_id, _cancel_children.run_id)
-	   FROM orch.runs c
-	  WHERE c.parent_run_id = _cancel_children.run_id
-		AND c.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
-	  ORDER BY c.run_id;
+	FOR c IN SELECT r.run_id FROM orch.runs r
+			  WHERE r.parent_run_id = _cancel_children.run_id
+				AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+			  ORDER BY r.run_id
+	LOOP
+		RETURN QUERY SELECT orch._cancel_child(c, _cancel_children.run_id);
+	END LOOP;
 END
 $$;
 
--- A child run ended: its parent step looks at it now.
+/*
+ * A child run ended: its parent step looks at it now.  The trigger never
+ * waits for the parent step's row: whoever holds it (the engine advancing
+ * the step, or cancelling the parent) may be waiting for this child, and
+ * waiting here could close a cycle.  A wake skipped that way is not lost:
+ * a waiting parent step looks at its children at least every minute.
+ */
 CREATE FUNCTION orch._wake_parent_step() RETURNS trigger
 	LANGUAGE plpgsql
 	SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	UPDATE orch.steps SET wake_at = now()
-	 WHERE step_id = NEW.parent_step_id AND status = 'waiting';
+	 WHERE step_id = (SELECT p.step_id FROM orch.steps p
+					   WHERE p.step_id = NEW.parent_step_id AND p.status = 'waiting'
+					   FOR UPDATE SKIP LOCKED);
 	PERFORM orch._wake_at_end();
 	RETURN NULL;
 END

@@ -20,6 +20,15 @@ SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
   {"name": "a", "kind": "subworkflow", "workflow": "bad"}]}')$$);
 SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
   {"name": "a", "kind": "subworkflow", "workflow": "sub_child", "input": "$.steps["}]}')$$);
+SELECT app.show_error($$SELECT orch.define_workflow('bad', '{"steps": [
+  {"name": "a", "kind": "subworkflow", "workflow": "sub_child", "timeout": "1h"}]}')$$);
+-- workflows that would start each other without end are refused, in either order
+SELECT orch.define_workflow('sub_cycle_a', '{"steps": [
+  {"name": "a", "kind": "subworkflow", "workflow": "sub_child"}]}');
+SELECT orch.define_workflow('sub_cycle_b', '{"steps": [
+  {"name": "b", "kind": "subworkflow", "workflow": "sub_cycle_a"}]}');
+SELECT app.show_error($$SELECT orch.define_workflow('sub_cycle_a', '{"steps": [
+  {"name": "a", "kind": "map", "workflow": "sub_cycle_b", "items": "$.input.xs"}]}')$$);
 
 -- 2. The child runs with the input the step selects; the parent goes on with its output.
 SELECT orch.define_workflow('sub_parent', '{"steps": [

@@ -545,6 +545,7 @@ typedef struct ReadBlock
 	int64		nleaves;
 	int			next;			/* where the next row is expected among ids */
 	struct IdPos *index;		/* ids sorted, with their positions; built when needed */
+	MemoryContext cxt;			/* where the block was read, and its index is built */
 } ReadBlock;
 
 #define BLOCK_COLUMNS \
@@ -562,6 +563,7 @@ read_block(HeapTuple t, TupleDesc d, ReadBlock *rb)
 	char	   *sysid;
 
 	memset(rb, 0, sizeof(*rb));
+	rb->cxt = CurrentMemoryContext;
 	rb->valid = true;
 	rb->b.block_id = DatumGetInt64(SPI_getbinval(t, d, 1, &isnull));
 	rb->b.xid_from = xid8_value(SPI_getbinval(t, d, 2, &isnull));
@@ -638,7 +640,8 @@ block_position(ReadBlock *rb, int64 audit_id)
 		return rb->next++;
 	if (rb->index == NULL)
 	{
-		rb->index = palloc(sizeof(IdPos) * Max(rb->nids, 1));
+		/* not in the row's memory, which is reset for every row */
+		rb->index = MemoryContextAlloc(rb->cxt, sizeof(IdPos) * Max(rb->nids, 1));
 		for (int i = 0; i < rb->nids; i++)
 		{
 			rb->index[i].id = rb->ids[i];

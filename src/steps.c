@@ -329,7 +329,7 @@ static const char *const plan_sql[P_COUNT] = {
 	"       attempt = u.attempt, started_at = COALESCE(s.started_at, $7),"
 	"       finished_at = u.finished_at, wake_at = NULL, lease_token = NULL, phase = NULL"
 	"  FROM unnest($1, $2, $3, $4, $5, $6) AS u(id, status, output, error, attempt, finished_at)"
-	" WHERE s.step_id = u.id",
+	" WHERE s.step_id = u.id AND s.status <> 'cancelled'",
 
 	/* steps that wait for a time: sleeping, retrying, parked */
 	[P_DEFER] =
@@ -339,7 +339,7 @@ static const char *const plan_sql[P_COUNT] = {
 	"       started_at = CASE WHEN u.status IN ('waiting', 'retrying', 'needs_human')"
 	"                         THEN COALESCE(s.started_at, $7) ELSE s.started_at END"
 	"  FROM unnest($1, $2, $3, $4, $5, $6) AS u(id, status, wake_at, attempt, error, phase)"
-	" WHERE s.step_id = u.id",
+	" WHERE s.step_id = u.id AND s.status <> 'cancelled'",
 
 	[P_ATTEMPT] =
 	"INSERT INTO orch.attempts (step_id, attempt, run_id, worker, started_at, finished_at,"
@@ -380,6 +380,7 @@ static const char *const plan_sql[P_COUNT] = {
 	"  FROM (SELECT u.run_id, pg_catalog.sum(u.n)::int AS n"
 	"          FROM unnest($1, $2) AS u(run_id, n) GROUP BY 1) d"
 	" WHERE r.run_id = d.run_id"
+	"   AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')"
 	" RETURNING r.status = 'succeeded'",
 
 	/* $1 run, $2 error, $3 time */
@@ -1484,6 +1485,28 @@ step_set(ClaimedStep *s, const char *status, TimestampTz wake_at, Datum error,
  * once, after everything buffered before it, so that the run's unfinished
  * steps are cancelled over their latest state.
  */
+/*
+ * The runs an SPI result lists (one uuid column) were cancelled in this
+ * batch: like runs that failed in it, their other claimed steps must not be
+ * advanced.  Frees the result.
+ */
+static void
+forget_cancelled_runs(void)
+{
+	MemoryContext oldcxt = MemoryContextSwitchTo(batch_cxt);
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			failed_runs = lappend(failed_runs, DatumGetUUIDP(datumCopy(d, false, UUID_LEN)));
+	}
+	MemoryContextSwitchTo(oldcxt);
+	SPI_freetuptable(SPI_tuptable);
+}
+
 static void
 fail_step(ClaimedStep *s, Datum error, int attempt, TimestampTz now, OrchBatchResult *result)
 {
@@ -1504,7 +1527,7 @@ fail_step(ClaimedStep *s, Datum error, int attempt, TimestampTz now, OrchBatchRe
 
 	/* child runs first: see orch._cancel_children */
 	exec_plan(P_CANCEL_CHILDREN, &s->run_id, NULL, SPI_OK_SELECT);
-	SPI_freetuptable(SPI_tuptable);
+	forget_cancelled_runs();
 	exec_plan(P_RUN_CANCEL_STEPS, cv, NULL, SPI_OK_UPDATE);
 	exec_plan(P_RUN_FAIL, rv, NULL, SPI_OK_UPDATE);
 	result->runs_finished++;
@@ -2410,6 +2433,13 @@ advance_approval(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchR
  * Subworkflows
  * ------------------------------------------------------------------------ */
 
+/*
+ * A subworkflow or map step waiting for its children: their ends wake it,
+ * and it looks at them at least this often (a wake can be skipped, see
+ * orch._wake_parent_step).
+ */
+#define CHILD_RECHECK_USECS	(60 * USECS_PER_SEC)
+
 /* Start the step's child run (in the step's subtransaction). */
 static Datum
 start_child(ClaimedStep *s, void *arg)
@@ -2451,7 +2481,7 @@ advance_subworkflow(ClaimedStep *s, const char *worker, TimestampTz now,
 			handle_failure(s, attempt, now, edata, class, now, result);
 			return;
 		}
-		defer_step(s, "waiting", DT_NOEND, attempt, (Datum) 0);
+		defer_step(s, "waiting", now + CHILD_RECHECK_USECS, attempt, (Datum) 0);
 		run_step_done(s, 0);
 		result->made_ready = true;	/* the child's first steps */
 		return;
@@ -2465,12 +2495,13 @@ advance_subworkflow(ClaimedStep *s, const char *worker, TimestampTz now,
 	status = get_text(tup, desc, 3);
 	if (strcmp(status, "succeeded") == 0)
 	{
-		Datum		output = get_copy(tup, desc, 4, &isnull);
+		bool		no_output;
+		Datum		output = get_copy(tup, desc, 4, &no_output);
 		TimestampTz started = DatumGetTimestampTz(SPI_getbinval(tup, desc, 6, &isnull));
 
 		SPI_freetuptable(SPI_tuptable);
 		record_attempt(s, s->attempt, worker, started, GetCurrentTimestamp(), NULL, NULL);
-		finish_step(s, "succeeded", isnull ? jsonb_from_cstring("{}") : output, s->attempt);
+		finish_step(s, "succeeded", no_output ? jsonb_from_cstring("{}") : output, s->attempt);
 	}
 	else if (strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0 ||
 			 strcmp(status, "timed_out") == 0)
@@ -2493,7 +2524,7 @@ advance_subworkflow(ClaimedStep *s, const char *worker, TimestampTz now,
 	{
 		/* woken while the child still runs */
 		SPI_freetuptable(SPI_tuptable);
-		defer_step(s, "waiting", DT_NOEND, s->attempt, (Datum) 0);
+		defer_step(s, "waiting", now + CHILD_RECHECK_USECS, s->attempt, (Datum) 0);
 	}
 }
 
@@ -2515,6 +2546,8 @@ advance_map(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 
 	if (strcmp(s->status, "ready") == 0 && maybe_skip(s, worker, now, result))
 		return;
+	/* what this batch did to the children so far is written before they are counted */
+	flush_all(now, result);
 	decision = decision_of(P_MAP, v);
 	action = jsonb_field_text(decision, "action");
 	if (strcmp(action, "succeed") == 0)
@@ -2530,6 +2563,25 @@ advance_map(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 	{
 		ErrorData	e;
 
+		JsonbValue *cancelled = getKeyJsonValueFromContainer(&DatumGetJsonbP(decision)->root,
+															 "cancelled", 9, NULL);
+
+		/* the children it cancelled: no step of theirs is advanced in this batch */
+		if (cancelled != NULL && cancelled->type == jbvBinary)
+		{
+			MemoryContext oldcxt = MemoryContextSwitchTo(batch_cxt);
+			int			n = JsonContainerSize(cancelled->val.binary.data);
+
+			for (int i = 0; i < n; i++)
+			{
+				JsonbValue *id = getIthJsonbValueFromContainer(cancelled->val.binary.data, i);
+				char	   *txt = pnstrdup(id->val.string.val, id->val.string.len);
+
+				failed_runs = lappend(failed_runs,
+									  DatumGetUUIDP(DirectFunctionCall1(uuid_in, CStringGetDatum(txt))));
+			}
+			MemoryContextSwitchTo(oldcxt);
+		}
 		memset(&e, 0, sizeof(e));
 		e.sqlerrcode = ERRCODE_ORCH_PERMANENT;
 		e.message = jsonb_field_text(decision, "message");
@@ -2539,7 +2591,7 @@ advance_map(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 	}
 	else
 	{
-		defer_step(s, "waiting", DT_NOEND, attempt, (Datum) 0);
+		defer_step(s, "waiting", now + CHILD_RECHECK_USECS, attempt, (Datum) 0);
 		if (first)
 			run_step_done(s, 0);
 		result->made_ready = true;	/* children may have been started */
