@@ -1710,17 +1710,9 @@ BEGIN
 		RAISE NOTICE 'run % has already finished with status %', r.run_id, r.status;
 		RETURN false;
 	END IF;
-	PERFORM orch._cancel_children(r.run_id);
-	UPDATE orch.steps s
-	   SET status = 'cancelled', finished_at = now(), wake_at = NULL
-	 WHERE s.run_id = r.run_id
-	   AND s.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated');
-	UPDATE orch.runs
-	   SET status = 'cancelled', finished_at = now(), steps_left = 0,
-		   reason = cancel_run.reason,
-		   error = jsonb_build_object('cancelled_by', orch._caller(), 'reason', cancel_run.reason)
-	 WHERE orch.runs.run_id = r.run_id;
-	PERFORM orch._compensate_next(r.run_id);
+	PERFORM orch._cancel_locked(r.run_id,
+								jsonb_build_object('cancelled_by', orch._caller(), 'reason', cancel_run.reason),
+								cancel_run.reason);
 	RETURN true;
 END
 $$;
@@ -1889,6 +1881,32 @@ CREATE FUNCTION orch.validate_json(value jsonb, schema jsonb,
 	LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
 	AS 'MODULE_PATHNAME', 'orch_validate_json';
 
+/*
+ * A step of the run no longer waits for a person: the run does as long as
+ * another of its steps waits for one (needs_human before needs_approval),
+ * else it runs.  Only a run that waits for a person, or is paused from
+ * that, changes.  For orch.resolve, votes and the engine.
+ */
+CREATE FUNCTION orch._settle_run(run_id uuid, step_id bigint) RETURNS void
+	LANGUAGE sql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH w AS (
+		SELECT CASE WHEN bool_or(o.status = 'needs_human') THEN 'needs_human'
+					WHEN bool_or(o.status = 'needs_approval') THEN 'needs_approval'
+					ELSE 'running' END::orch.run_status AS status
+		  FROM orch.steps o
+		 WHERE o.run_id = $1 AND o.step_id <> $2
+		   AND o.status IN ('needs_human', 'needs_approval'))
+	UPDATE orch.runs r
+	   SET status = CASE WHEN r.status IN ('needs_human', 'needs_approval') THEN w.status
+						 ELSE r.status END,
+		   paused_from = CASE WHEN r.paused_from IN ('needs_human', 'needs_approval') THEN w.status
+							  ELSE r.paused_from END
+	  FROM w
+	 WHERE r.run_id = $1
+$$;
+
 /* ------------------------------------------------------------------------
  * The human queue: steps that wait for a person to decide (needs_human)
  * ------------------------------------------------------------------------ */
@@ -2043,17 +2061,7 @@ BEGIN
 		UPDATE orch.steps SET status = 'ready', wake_at = now(), phase = 'resolve', resolution = res
 		 WHERE orch.steps.step_id = s.step_id;
 	END IF;
-	-- the run goes on, unless another of its steps waits for a person
-	IF NOT EXISTS (SELECT FROM orch.steps o
-				   WHERE o.run_id = r.run_id AND o.status = 'needs_human' AND o.step_id <> s.step_id) THEN
-		UPDATE orch.runs
-		   SET status = CASE WHEN status <> 'needs_human' THEN status
-							 WHEN EXISTS (SELECT FROM orch.steps o
-										   WHERE o.run_id = r.run_id AND o.status = 'needs_approval')
-							 THEN 'needs_approval' ELSE 'running' END::orch.run_status,
-			   paused_from = CASE WHEN paused_from = 'needs_human' THEN 'running' ELSE paused_from END
-		 WHERE orch.runs.run_id = r.run_id;
-	END IF;
+	PERFORM orch._settle_run(r.run_id, s.step_id);
 END
 $$;
 
@@ -2283,6 +2291,16 @@ BEGIN
 END
 $$;
 
+-- Has the role members?  A vote is cast by a person's own role, not a group's.
+CREATE FUNCTION orch._is_group_role(role name) RETURNS boolean
+	LANGUAGE sql STABLE
+	SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT EXISTS (SELECT FROM pg_catalog.pg_auth_members m
+					 JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+					WHERE g.rolname = $1)
+$$;
+
 /*
  * A vote on a pending approval request.  The run is locked first, as the
  * engine, cancel_run and other votes lock it, so votes and cancellation
@@ -2318,8 +2336,7 @@ BEGIN
 	END IF;
 	-- a vote is a person's: not cast under a group role, which would let
 	-- one member count twice
-	IF EXISTS (SELECT FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
-			   WHERE g.rolname = who) THEN
+	IF orch._is_group_role(who) THEN
 		RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
 			MESSAGE = format('role "%s" has members: votes are cast by a person''s own role', who),
 			HINT = 'RESET ROLE, or SET ROLE to your own role, before voting.';
@@ -2378,13 +2395,7 @@ BEGIN
 	END IF;
 	-- decided: the engine carries it out, and the run goes on
 	UPDATE orch.steps SET wake_at = now() WHERE orch.steps.step_id = a.step_id;
-	IF NOT EXISTS (SELECT FROM orch.steps o
-				   WHERE o.run_id = r.run_id AND o.status = 'needs_approval' AND o.step_id <> a.step_id) THEN
-		UPDATE orch.runs
-		   SET status = CASE WHEN status = 'needs_approval' THEN 'running' ELSE status END,
-			   paused_from = CASE WHEN paused_from = 'needs_approval' THEN 'running' ELSE paused_from END
-		 WHERE orch.runs.run_id = r.run_id;
-	END IF;
+	PERFORM orch._settle_run(r.run_id, a.step_id);
 	RETURN CASE decision WHEN 'reject' THEN 'rejected' ELSE 'approved' END;
 END
 $$;
@@ -2431,8 +2442,7 @@ SELECT a.approval_id, a.run_id, r.workflow, s.name AS step, s.step_id, a.approve
 	   a.requested_at, a.expires_at, a.escalated_from, r.business_key, r.owner,
 	   coalesce(x.member, false)
 		 AND (a.allow_self OR r.owner <> current_user)
-		 AND NOT EXISTS (SELECT FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
-						  WHERE g.rolname = current_user)
+		 AND NOT orch._is_group_role(current_user)
 		 AND NOT EXISTS (SELECT FROM orch.approval_votes v
 						  WHERE v.approval_id = a.approval_id AND v.voter = current_user) AS can_approve
   FROM orch.approvals a
@@ -2560,32 +2570,47 @@ END
 $$;
 
 /*
- * Cancel a child run of parent_run, with its own children first (see below),
- * and undo what it did; returns every run it cancelled.
+ * Cancel a run its caller has locked and found unfinished: its child runs
+ * first (see orch._cancel_children), then its unfinished steps and itself,
+ * with error and reason; then arm the compensation of what it did.  Returns
+ * every run it cancelled.  For cancel_run and for child runs.
  */
+CREATE FUNCTION orch._cancel_locked(run_id uuid, error jsonb, reason text) RETURNS SETOF uuid
+	LANGUAGE plpgsql
+	SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+	RETURN QUERY SELECT orch._cancel_children(_cancel_locked.run_id);
+	UPDATE orch.steps s
+	   SET status = 'cancelled', finished_at = now(), wake_at = NULL
+	 WHERE s.run_id = _cancel_locked.run_id
+	   AND s.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated');
+	UPDATE orch.runs
+	   SET status = 'cancelled', finished_at = now(), steps_left = 0,
+		   reason = _cancel_locked.reason, error = _cancel_locked.error
+	 WHERE orch.runs.run_id = _cancel_locked.run_id;
+	PERFORM orch._compensate_next(_cancel_locked.run_id);
+	RETURN NEXT _cancel_locked.run_id;
+END
+$$;
+
+-- Cancel a child run of parent_run, unless it ended while we waited for it.
 CREATE FUNCTION orch._cancel_child(run_id uuid, parent_run uuid) RETURNS SETOF uuid
 	LANGUAGE plpgsql
 	SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-	v_status orch.run_status;
+	c		orch.runs;
 BEGIN
-	SELECT status INTO v_status FROM orch.runs WHERE orch.runs.run_id = _cancel_child.run_id FOR UPDATE;
-	IF v_status IN ('succeeded', 'failed', 'cancelled', 'timed_out') THEN
-		RETURN;		-- it ended while we waited for it
+	SELECT * INTO c FROM orch.runs WHERE orch.runs.run_id = _cancel_child.run_id FOR UPDATE;
+	IF c.status IN ('succeeded', 'failed', 'cancelled', 'timed_out') THEN
+		RETURN;
 	END IF;
-	RETURN QUERY SELECT orch._cancel_children(_cancel_child.run_id);
-	UPDATE orch.steps s
-	   SET status = 'cancelled', finished_at = now(), wake_at = NULL
-	 WHERE s.run_id = _cancel_child.run_id
-	   AND s.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled', 'compensated');
-	UPDATE orch.runs
-	   SET status = 'cancelled', finished_at = now(), steps_left = 0,
-		   error = jsonb_build_object('cancelled_by', 'parent run', 'parent_run_id', _cancel_child.parent_run)
-	 WHERE orch.runs.run_id = _cancel_child.run_id;
-	PERFORM orch._compensate_next(_cancel_child.run_id);
-	RETURN NEXT _cancel_child.run_id;
+	RETURN QUERY SELECT orch._cancel_locked(c.run_id,
+		jsonb_build_object('cancelled_by', 'parent run', 'parent_run_id', _cancel_child.parent_run),
+		c.reason);
 END
 $$;
 
@@ -3137,7 +3162,8 @@ GRANT EXECUTE ON FUNCTION orch.set_audit_context(text, text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION orch.validate_json(jsonb, jsonb) TO PUBLIC;
 -- approval rights come from membership in the role a gate names
 GRANT USAGE ON SCHEMA orch TO PUBLIC;
-GRANT EXECUTE ON FUNCTION orch.approve(bigint, text, bytea), orch.reject(bigint, text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION orch.approve(bigint, text, bytea), orch.reject(bigint, text),
+	orch._is_group_role(name) TO PUBLIC;
 GRANT SELECT ON orch.pending_approvals TO PUBLIC;
 GRANT SELECT ON orch.approvals, orch.approval_votes TO orch_reader;
 

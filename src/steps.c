@@ -529,10 +529,7 @@ static const char *const plan_sql[P_COUNT] = {
 
 	/* $1 run, $2 its step that no longer waits for approval */
 	[P_RUN_APPROVAL_DONE] =
-	"UPDATE orch.runs r SET status = 'running'"
-	" WHERE r.run_id = $1 AND r.status = 'needs_approval'"
-	"   AND NOT EXISTS (SELECT FROM orch.steps o WHERE o.run_id = $1"
-	"                      AND o.status = 'needs_approval' AND o.step_id <> $2)",
+	"SELECT orch._settle_run($1, $2)",
 };
 
 static const int plan_nargs[P_COUNT] = {
@@ -1204,6 +1201,19 @@ jsonb_from_cstring(const char *s)
 	return DirectFunctionCall1(jsonb_in, CStringGetDatum(s));
 }
 
+/* The output of a skipped step: {"skipped": why}. */
+static Datum
+skipped_because(const char *why)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"skipped\": ");
+	escape_json(&buf, why);
+	appendStringInfoChar(&buf, '}');
+	return jsonb_from_cstring(buf.data);
+}
+
 static void
 json_add_field(StringInfo buf, const char *key, const char *value, bool *first)
 {
@@ -1668,9 +1678,8 @@ maybe_skip(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult 
 	if (s->n_needs > 0 && s->needs_ok == 0)
 	{
 		finish_step(s, "skipped",
-					jsonb_from_cstring(s->route_target ?
-									   "{\"skipped\": \"no on_error rule routed the run to it\"}" :
-									   "{\"skipped\": \"every step it needs was skipped\"}"),
+					skipped_because(s->route_target ? "no on_error rule routed the run to it" :
+									"every step it needs was skipped"),
 					s->attempt);
 		return true;
 	}
@@ -1685,9 +1694,7 @@ maybe_skip(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult 
 	}
 	if (!DatumGetBool(guard_result))
 	{
-		finish_step(s, "skipped",
-					jsonb_from_cstring("{\"skipped\": \"its when guard was false\"}"),
-					s->attempt);
+		finish_step(s, "skipped", skipped_because("its when guard was false"), s->attempt);
 		return true;
 	}
 	return false;
@@ -2222,13 +2229,7 @@ event_timed_out(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchRe
 	record_attempt(s, attempt, worker, s->started_at, GetCurrentTimestamp(), &e, "permanent");
 	if (strcmp(s->on_timeout, "skip") == 0)
 	{
-		StringInfoData buf;
-
-		initStringInfo(&buf);
-		appendStringInfoString(&buf, "{\"skipped\": ");
-		escape_json(&buf, e.message);
-		appendStringInfoChar(&buf, '}');
-		finish_step(s, "skipped", jsonb_from_cstring(buf.data), attempt);
+		finish_step(s, "skipped", skipped_because(e.message), attempt);
 	}
 	else if (strcmp(s->on_timeout, "human") == 0)
 		to_human(s, attempt, error_json(s, attempt, &e, "permanent", gave_up), now, result);
@@ -2303,16 +2304,10 @@ advance_resolution(ClaimedStep *s, TimestampTz now, OrchBatchResult *result)
 	if (action == NULL)
 		elog(ERROR, "step " INT64_FORMAT " has no resolution to carry out", s->step_id);
 	if (strcmp(action, "skip") == 0)
-	{
-		StringInfoData buf;
-
-		initStringInfo(&buf);
-		appendStringInfoString(&buf, "{\"skipped\": ");
-		escape_json(&buf, psprintf("%s skipped it%s%s", by ? by : "a person",
-								   reason ? ": " : "", reason ? reason : ""));
-		appendStringInfoChar(&buf, '}');
-		finish_step(s, "skipped", jsonb_from_cstring(buf.data), s->attempt);
-	}
+		finish_step(s, "skipped",
+					skipped_because(psprintf("%s skipped it%s%s", by ? by : "a person",
+											 reason ? ": " : "", reason ? reason : "")),
+					s->attempt);
 	else if (strcmp(action, "provide_input") == 0 || strcmp(action, "accept") == 0)
 	{
 		JsonbValue *data = getKeyJsonValueFromContainer(&DatumGetJsonbP(s->resolution)->root,
@@ -2414,7 +2409,8 @@ advance_approval(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchR
 		Datum		dv[2] = {s->run_id, Int64GetDatum(s->step_id)};
 
 		/* the run no longer waits for this approval (the human queue may set it aside) */
-		exec_plan(P_RUN_APPROVAL_DONE, dv, NULL, SPI_OK_UPDATE);
+		exec_plan(P_RUN_APPROVAL_DONE, dv, NULL, SPI_OK_SELECT);
+		SPI_freetuptable(SPI_tuptable);
 		memset(&e, 0, sizeof(e));
 		e.sqlerrcode = ERRCODE_ORCH_REJECTED;
 		e.message = message;
