@@ -2784,6 +2784,22 @@ CREATE FUNCTION orch.complete_tasks(tokens uuid[], outputs jsonb[],
 	SET search_path = pg_catalog, pg_temp
 	AS 'MODULE_PATHNAME', 'orch_complete_tasks_sql';
 
+/*
+ * A worker's loop in one call: complete the task it holds (as
+ * orch.complete_task), then lease up to max waiting tasks of the queue (as
+ * orch.claim_tasks without wait), in one transaction.
+ */
+CREATE FUNCTION orch.complete_and_claim(done_token uuid, output jsonb, queue text, worker text,
+										max int DEFAULT 1, lease interval DEFAULT '5 minutes',
+										OUT token uuid, OUT run_id uuid, OUT step text, OUT input jsonb,
+										OUT attempt int, OUT idempotency_key text, OUT traceparent text,
+										OUT lease_expires_at timestamptz)
+	RETURNS SETOF record
+	LANGUAGE c
+	SECURITY DEFINER
+	SET search_path = pg_catalog, pg_temp
+	AS 'MODULE_PATHNAME', 'orch_complete_and_claim';
+
 CREATE FUNCTION orch.fail_task(token uuid, error text, error_class text DEFAULT 'transient',
 							   detail text DEFAULT NULL) RETURNS void
 	LANGUAGE c
@@ -2863,6 +2879,10 @@ CREATE TABLE orch.audit_blocks (
 	block_hash		bytea		NOT NULL
 );
 CREATE INDEX audit_blocks_xid ON orch.audit_blocks (xid_to);
+-- A block's ids and hashes are stored out of line uncompressed: the hashes
+-- do not compress, and compressing the ids cost the sealer more than it saved.
+ALTER TABLE orch.audit_blocks ALTER COLUMN audit_ids SET STORAGE EXTERNAL,
+	ALTER COLUMN leaves SET STORAGE EXTERNAL;
 
 CREATE FUNCTION orch._audit() RETURNS trigger
 	LANGUAGE c
@@ -3151,7 +3171,8 @@ GRANT EXECUTE ON FUNCTION orch.start_run(text, jsonb, text, text, int, timestamp
 GRANT EXECUTE ON FUNCTION orch.tick(int) TO orch_admin;
 GRANT EXECUTE ON FUNCTION orch.claim_tasks(text, text, int, interval, interval),
 	orch.heartbeat_task(uuid, jsonb), orch.complete_task(uuid, jsonb),
-	orch.complete_tasks(uuid[], jsonb[]), orch.fail_task(uuid, text, text, text) TO orch_worker;
+	orch.complete_tasks(uuid[], jsonb[]), orch.fail_task(uuid, text, text, text),
+	orch.complete_and_claim(uuid, jsonb, text, text, int, interval) TO orch_worker;
 GRANT EXECUTE ON FUNCTION orch._engine_workers() TO orch_reader;
 GRANT SELECT ON orch.audit_events, orch.audit_blocks, orch.audit_seal_status TO orch_reader;
 GRANT EXECUTE ON FUNCTION orch.verify_audit(jsonb), orch.verify_run(uuid),

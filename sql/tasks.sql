@@ -180,3 +180,29 @@ SELECT orch.pause_run(:'held_run', 'hold on');
 SELECT count(*) AS claimed_while_paused FROM orch.claim_tasks('resumed', 'w', 1, '1 min');
 SELECT orch.resume_run(:'held_run');
 SELECT input->'input'->>'n' AS claimed_after_resume FROM orch.claim_tasks('resumed', 'w', 1, '1 min');
+
+-- A worker's loop in one call: orch.complete_and_claim completes the task
+-- the worker holds and claims the next ones, in one transaction.  A refused
+-- verdict is an error, as in complete_task, and nothing is claimed then.
+SELECT orch.define_workflow('looped', '{"steps": [{"name": "t", "kind": "task", "queue": "looped"}]}');
+SELECT count(orch.start_run('looped', jsonb_build_object('n', g))) FROM generate_series(1, 4) g;
+SELECT app.await($$SELECT count(*) = 4 FROM orch.steps WHERE queue = 'looped' AND status = 'waiting'$$);
+SELECT token AS l1, input->'input'->>'n' AS n1 FROM orch.claim_tasks('looped', 'looper', 1, '1 min') \gset
+SELECT token AS l2, input->'input'->>'n' AS n2, attempt, idempotency_key LIKE '%/t' AS keyed,
+	   lease_expires_at > now() AS leased
+  FROM orch.complete_and_claim(:'l1', '{"done": 1}', 'looped', 'looper') \gset
+SELECT :'n1' AS first, :'n2' AS second, :attempt AS attempt, :'keyed' AS keyed, :'leased' AS leased;
+SELECT r.input->>'n' AS n, s.status, s.output, a.worker, a.outcome
+  FROM orch.steps s JOIN orch.runs r USING (run_id) LEFT JOIN orch.attempts a USING (step_id)
+ WHERE s.queue = 'looped' AND s.status <> 'waiting' ORDER BY n;
+SELECT app.show_error(format('SELECT count(*) FROM orch.complete_and_claim(%L, %L, %L, %L)',
+							 :'l1', '{}', 'looped', 'looper'));
+SELECT count(*) AS still_waiting FROM orch.steps WHERE queue = 'looped' AND status = 'waiting';
+SELECT input->'input'->>'n' AS claimed
+  FROM orch.complete_and_claim(:'l2', '{"done": 2}', 'looped', 'looper', max => 10, lease => '1 min')
+ ORDER BY 1;
+SELECT status, count(*) FROM orch.steps WHERE queue = 'looped' GROUP BY 1 ORDER BY 1;
+SELECT app.show_error($$SELECT count(*) FROM orch.complete_and_claim(NULL, '{}', 'looped', 'looper')$$);
+SELECT app.show_error($$SELECT count(*) FROM orch.complete_and_claim(gen_random_uuid(), NULL, 'looped', 'looper')$$);
+SELECT app.show_error($$SELECT count(*) FROM orch.complete_and_claim(gen_random_uuid(), '{}', 'looped', 'looper', 0)$$);
+SELECT app.show_error($$SELECT count(*) FROM orch.complete_and_claim(gen_random_uuid(), '{}', 'looped', '')$$);

@@ -11,6 +11,7 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "common/hashfn.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -150,44 +151,126 @@ task_plan(int which)
 #define LOCKED_OUT_RETRY_MS		10
 
 /*
- * While a queue has a backlog, a session's claims resume after the task it
- * claimed last, in the queue's order.  Claimed tasks leave their entries at
- * the head of the queue's index until vacuum removes them; a claim that
- * started from the head every time would step over all of them (tens of
- * index pages per claim after a few thousand tasks, read by every client at
- * once).  A resumed claim that comes back short is completed from the head,
- * and the head is looked at at least every CLAIM_HEAD_MS: a task that became
+ * While a queue has a backlog, claims resume after the last task claimed
+ * from it, in the queue's order, by any session of the database.  Claimed
+ * tasks leave their entries at the head of the queue's index until vacuum
+ * removes them; a claim that started from the head every time would step
+ * over all of them (tens of index pages per claim after a few thousand
+ * tasks, read by every client at once), and one that resumed where its own
+ * session left off would step over the tasks every other session took
+ * since (hundreds of rows per claim with 32 clients claiming 10 each).  A
+ * resumed claim that comes back short is completed from the head, and the
+ * head is looked at at least every CLAIM_HEAD_MS: a task that became
  * claimable behind the resume point (a retry, or a run of higher priority)
  * waits at most that long while the backlog lasts.
  */
 #define CLAIM_HEAD_MS			100
 
-static struct
+/* where claims resume without the shared state (not preloaded) */
+static OrchClaimFrontier local_frontier;
+
+/* The slot of (this database, queue) in the shared state. */
+static int
+frontier_slot(const char *queue)
 {
-	bool		valid;
-	char		queue[NAMEDATALEN];
-	int64		neg_priority;	/* the key of the last task claimed */
-	int64		step_id;
-	TimestampTz head_at;		/* when a claim last started from the head */
-}			claim_cursor;
+	return (int) (hash_combine(hash_bytes_uint32((uint32) MyDatabaseId),
+							   hash_bytes((const unsigned char *) queue, (int) strlen(queue)))
+				  % ORCH_CLAIM_FRONTIERS);
+}
+
+/*
+ * The frontier of (this database, queue), taking over its slot if another
+ * queue has it; called with the mutex held.
+ */
+static OrchClaimFrontier *
+frontier_of(const char *queue, int slot)
+{
+	OrchClaimFrontier *f = OrchShared != NULL ? &OrchShared->frontiers[slot] : &local_frontier;
+
+	if (f->dboid != MyDatabaseId || strcmp(f->queue, queue) != 0)
+	{
+		memset(f, 0, sizeof(*f));
+		f->dboid = MyDatabaseId;
+		strlcpy(f->queue, queue, NAMEDATALEN);
+	}
+	return f;
+}
+
+static inline void
+frontier_lock(void)
+{
+	if (OrchShared != NULL)
+		SpinLockAcquire(&OrchShared->mutex);
+}
+
+static inline void
+frontier_unlock(void)
+{
+	if (OrchShared != NULL)
+		SpinLockRelease(&OrchShared->mutex);
+}
+
+/* Should a claim from the queue resume, and after which key? */
+static bool
+frontier_get(const char *queue, int64 *neg_priority, int64 *step_id)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	OrchClaimFrontier *f;
+	bool		resume;
+	int			slot;
+
+	if (strlen(queue) >= NAMEDATALEN)
+		return false;
+	slot = frontier_slot(queue);
+	frontier_lock();
+	f = frontier_of(queue, slot);
+	resume = f->valid && now - f->head_at < CLAIM_HEAD_MS * INT64CONST(1000);
+	*neg_priority = f->neg_priority;
+	*step_id = f->step_id;
+	frontier_unlock();
+	return resume;
+}
 
 /*
  * After a claim that returned n rows (columns 9 and 10 of its last row are
- * that task's key): resume after it next time if the claim got all it asked
- * for (full), else look from the head.
+ * that task's key), resumed or from the head: claims resume after the
+ * furthest task claimed while they come back full, and start from the head
+ * once one comes back short.
  */
 static void
-claim_cursor_set(const char *queue, SPITupleTable *last, uint64 n, bool full)
+frontier_note(const char *queue, SPITupleTable *last, uint64 n, bool full, bool from_head)
 {
-	bool		isnull;
+	int64		neg_priority = 0;
+	int64		step_id = 0;
+	TimestampTz now = GetCurrentTimestamp();
+	OrchClaimFrontier *f;
+	int			slot;
 
-	claim_cursor.valid = full && n > 0 && strlen(queue) < NAMEDATALEN;
-	if (!claim_cursor.valid)
+	if (strlen(queue) >= NAMEDATALEN)
 		return;
-	strcpy(claim_cursor.queue, queue);
-	claim_cursor.neg_priority =
-		-(int64) DatumGetInt32(SPI_getbinval(last->vals[n - 1], last->tupdesc, 9, &isnull));
-	claim_cursor.step_id = DatumGetInt64(SPI_getbinval(last->vals[n - 1], last->tupdesc, 10, &isnull));
+	slot = frontier_slot(queue);
+	if (n > 0)
+	{
+		bool		isnull;
+
+		neg_priority = -(int64) DatumGetInt32(SPI_getbinval(last->vals[n - 1], last->tupdesc, 9,
+															&isnull));
+		step_id = DatumGetInt64(SPI_getbinval(last->vals[n - 1], last->tupdesc, 10, &isnull));
+	}
+	frontier_lock();
+	f = frontier_of(queue, slot);
+	if (from_head)
+		f->head_at = now;
+	if (!full || n == 0)
+		f->valid = false;
+	else if (!f->valid || neg_priority > f->neg_priority ||
+			 (neg_priority == f->neg_priority && step_id > f->step_id))
+	{
+		f->valid = true;
+		f->neg_priority = neg_priority;
+		f->step_id = step_id;
+	}
+	frontier_unlock();
 }
 
 static int64
@@ -197,32 +280,11 @@ interval_to_usecs(const Interval *iv)
 		(int64) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
 }
 
-/*
- * orch.claim_tasks(queue, worker, max, lease, wait): lease up to max waiting
- * tasks of the queue.  The step's timeout and heartbeat_timeout cap the
- * lease.  With nothing to claim, wait up to `wait` for a commit
- * that queues tasks (a condition variable, not polling).
- */
-PG_FUNCTION_INFO_V1(orch_claim_tasks);
-Datum
-orch_claim_tasks(PG_FUNCTION_ARGS)
+/* The checks of a claim's arguments. */
+static void
+check_claim_args(text *worker, int32 max, Interval *lease)
 {
-	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	text	   *queue = PG_GETARG_TEXT_PP(0);
-	text	   *worker = PG_GETARG_TEXT_PP(1);
-	int32		max = PG_GETARG_INT32(2);
-	Interval   *lease = PG_GETARG_INTERVAL_P(3);
-	Interval   *wait = PG_GETARG_INTERVAL_P(4);
-	char	   *qname = text_to_cstring(queue);
-	Datum		args[6];
-	TimestampTz deadline;
 	int64		lease_us = interval_to_usecs(lease);
-	SPITupleTable *claimed[2];	/* a resumed claim, and one from the head */
-	uint64		nrows[2];
-	int			nparts = 0;
-	bool		may_wait;
-	uint64		nclaimed = 0;
-	int			nest_level;
 
 	if (max < 1 || max > 10000)
 		ereport(ERROR,
@@ -238,18 +300,32 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("worker must name the worker"),
 				 errhint("Attempts record it: use something an operator can find, such as host:pid.")));
-	if (IsolationUsesXactSnapshot() && interval_to_usecs(wait) > 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("orch.claim_tasks cannot wait inside a REPEATABLE READ or SERIALIZABLE transaction")));
-	if (OrchShared == NULL && interval_to_usecs(wait) > 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("orch.claim_tasks can wait only with orchestrator in shared_preload_libraries")));
+}
 
-	InitMaterializedSRF(fcinfo, 0);
-	deadline = GetCurrentTimestamp() + Max(interval_to_usecs(wait), 0);
-	may_wait = interval_to_usecs(wait) > 0 && OrchShared != NULL;
+/*
+ * Lease up to max waiting tasks of the queue into the caller's
+ * materialized result.  The step's timeout and heartbeat_timeout cap the
+ * lease.  With nothing to claim, wait up to wait_us for a commit that
+ * queues tasks (a condition variable, not polling).
+ */
+static void
+claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval *lease,
+		   int64 wait_us)
+{
+	char	   *qname = text_to_cstring(queue);
+	Datum		args[6];
+	TimestampTz deadline;
+	SPITupleTable *claimed[2];	/* a resumed claim, and one from the head */
+	uint64		nrows[2];
+	int			nparts = 0;
+	bool		may_wait;
+	uint64		nclaimed = 0;
+	int			nest_level;
+	int64		after_priority;
+	int64		after_step;
+
+	deadline = GetCurrentTimestamp() + Max(wait_us, 0);
+	may_wait = wait_us > 0 && OrchShared != NULL;
 
 	args[0] = PointerGetDatum(queue);
 	args[1] = PointerGetDatum(worker);
@@ -304,18 +380,17 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 				SPI_execute_plan(task_plan(T_LOCK_QUEUE), args, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not lock queue");
 			/* not read-only: a new snapshot, including the claims waited for */
-			if (claim_cursor.valid && strcmp(claim_cursor.queue, qname) == 0 &&
-				GetCurrentTimestamp() - claim_cursor.head_at < CLAIM_HEAD_MS * INT64CONST(1000))
+			if (frontier_get(qname, &after_priority, &after_step))
 			{
 				args[2] = Int32GetDatum(max);
-				args[4] = Int64GetDatum(claim_cursor.neg_priority);
-				args[5] = Int64GetDatum(claim_cursor.step_id);
+				args[4] = Int64GetDatum(after_priority);
+				args[5] = Int64GetDatum(after_step);
 				if (SPI_execute_plan(task_plan(T_CLAIM_AFTER), args, NULL, false, 0) != SPI_OK_SELECT)
 					elog(ERROR, "could not claim tasks");
 				claimed[nparts] = SPI_tuptable;
 				nrows[nparts++] = SPI_processed;
 				nclaimed = SPI_processed;
-				claim_cursor_set(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) max);
+				frontier_note(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) max, false);
 			}
 			if (nclaimed < (uint64) max)
 			{
@@ -327,8 +402,7 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 				claimed[nparts] = SPI_tuptable;
 				nrows[nparts++] = SPI_processed;
 				nclaimed += SPI_processed;
-				claim_cursor_set(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) asked);
-				claim_cursor.head_at = GetCurrentTimestamp();
+				frontier_note(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) asked, true);
 			}
 			if (nclaimed > 0 || limited)
 				break;
@@ -398,6 +472,68 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 		}
 	}
 	SPI_finish();
+}
+
+/* orch.claim_tasks(queue, worker, max, lease, wait) */
+PG_FUNCTION_INFO_V1(orch_claim_tasks);
+Datum
+orch_claim_tasks(PG_FUNCTION_ARGS)
+{
+	text	   *worker = PG_GETARG_TEXT_PP(1);
+	int32		max = PG_GETARG_INT32(2);
+	Interval   *lease = PG_GETARG_INTERVAL_P(3);
+	int64		wait_us = interval_to_usecs(PG_GETARG_INTERVAL_P(4));
+
+	check_claim_args(worker, max, lease);
+	if (IsolationUsesXactSnapshot() && wait_us > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("orch.claim_tasks cannot wait inside a REPEATABLE READ or SERIALIZABLE transaction")));
+	if (OrchShared == NULL && wait_us > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("orch.claim_tasks can wait only with orchestrator in shared_preload_libraries")));
+
+	InitMaterializedSRF(fcinfo, 0);
+	claim_into((ReturnSetInfo *) fcinfo->resultinfo, PG_GETARG_TEXT_PP(0), worker, max, lease,
+			   wait_us);
+	return (Datum) 0;
+}
+
+/*
+ * orch.complete_and_claim(token, output, queue, worker, max, lease): a
+ * worker's loop in one transaction and one round trip: complete the task
+ * it holds, then lease the next ones.  It never waits: the completion must
+ * commit before a worker sleeps, so a worker that gets nothing back waits
+ * in orch.claim_tasks.  A refused verdict is an error, as in
+ * orch.complete_task, and nothing is claimed.
+ */
+PG_FUNCTION_INFO_V1(orch_complete_and_claim);
+Datum
+orch_complete_and_claim(PG_FUNCTION_ARGS)
+{
+	static const char *const argname[6] = {"done_token", "output", "queue", "worker", "max", "lease"};
+	text	   *worker;
+	int32		max;
+	Interval   *lease;
+
+	for (int i = 0; i < 6; i++)
+		if (PG_ARGISNULL(i))
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("%s must not be NULL", argname[i]),
+					 i == 1 ? errhint("Complete with '{}' when there is nothing to report.") : 0));
+	worker = PG_GETARG_TEXT_PP(3);
+	max = PG_GETARG_INT32(4);
+	lease = PG_GETARG_INTERVAL_P(5);
+	check_claim_args(worker, max, lease);
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	orch_finish_task(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1), NULL, NULL, NULL);
+	SPI_finish();
+	claim_into((ReturnSetInfo *) fcinfo->resultinfo, PG_GETARG_TEXT_PP(2), worker, max, lease, 0);
 	return (Datum) 0;
 }
 

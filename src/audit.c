@@ -769,23 +769,33 @@ render_row(RelRender *rr, TupleTableSlot *slot, RenderWhich which, const bool *c
 static Oid	audit_seq = InvalidOid;	/* audit_id's sequence ... */
 static Oid	audit_seq_of = InvalidOid;	/* ... of this orch.audit_log */
 
-/* Audit rows of one statement (or one event), written in chunks. */
+/* The values of one audit row but those common to its statement. */
+typedef struct AuditPending
+{
+	Datum		id;
+	Datum		key;
+	Datum		old;
+	Datum		new;
+	Datum		run;
+	Datum		step;
+	Datum		hash;
+	bool		key_null;
+	bool		old_null;
+	bool		new_null;
+	bool		run_null;
+	bool		step_null;
+} AuditPending;
+
+/*
+ * Audit rows of one statement (or one event), written in chunks of at most
+ * cap rows: as many as the statement changed, up to AUDIT_FLUSH_ROWS.
+ */
 typedef struct AuditBatch
 {
 	OrchAuditRow common;		/* xid, at, table, operation, who, reason */
 	int			n;
-	Datum		ids[AUDIT_FLUSH_ROWS];
-	Datum		keys[AUDIT_FLUSH_ROWS];
-	bool		key_nulls[AUDIT_FLUSH_ROWS];
-	Datum		olds[AUDIT_FLUSH_ROWS];
-	bool		old_nulls[AUDIT_FLUSH_ROWS];
-	Datum		news[AUDIT_FLUSH_ROWS];
-	bool		new_nulls[AUDIT_FLUSH_ROWS];
-	Datum		runs[AUDIT_FLUSH_ROWS];
-	bool		run_nulls[AUDIT_FLUSH_ROWS];
-	Datum		steps[AUDIT_FLUSH_ROWS];
-	bool		step_nulls[AUDIT_FLUSH_ROWS];
-	Datum		hashes[AUDIT_FLUSH_ROWS];
+	int			cap;
+	AuditPending *rows;
 	MemoryContext rows_cxt;		/* the chunk's values */
 } AuditBatch;
 
@@ -881,25 +891,26 @@ batch_flush(AuditBatch *b)
 		TupleTableSlot *slot = table_slot_create(rel, &estate->es_tupleTable);
 		Datum	   *v = slot->tts_values;
 		bool	   *isnull = slot->tts_isnull;
+		AuditPending *p = &b->rows[i];
 
 		ExecClearTuple(slot);
 		memset(isnull, true, sizeof(bool) * desc->natts);
 #define SET(c, d, nul) (v[col[c]] = (d), isnull[col[c]] = (nul))
-		SET(0, b->ids[i], false);
+		SET(0, p->id, false);
 		SET(1, xid, false);
 		SET(2, at, false);
 		SET(3, table_name, false);
 		SET(4, operation, false);
-		SET(5, b->keys[i], b->key_nulls[i]);
-		SET(6, b->olds[i], b->old_nulls[i]);
-		SET(7, b->news[i], b->new_nulls[i]);
+		SET(5, p->key, p->key_null);
+		SET(6, p->old, p->old_null);
+		SET(7, p->new, p->new_null);
 		SET(8, actor, b->common.actor == NULL);
 		SET(9, db_user, false);
 		SET(10, session_role, false);
-		SET(11, b->runs[i], b->run_nulls[i]);
-		SET(12, b->steps[i], b->step_nulls[i]);
+		SET(11, p->run, p->run_null);
+		SET(12, p->step, p->step_null);
 		SET(13, reason, b->common.reason == NULL);
-		SET(14, b->hashes[i], false);
+		SET(14, p->hash, false);
 #undef SET
 		ExecStoreVirtualTuple(slot);
 		slots[i] = slot;
@@ -945,9 +956,9 @@ acting_user(void)
 	return user == orch_owner && GetOuterUserId() != user ? GetOuterUserId() : user;
 }
 
-/* Who, when and why, for every row of a statement. */
+/* Who, when and why, for every row of a statement that changed nrows rows. */
 static void
-batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation)
+batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation, int64 nrows)
 {
 	memset(&b->common, 0, sizeof(b->common));
 	b->common.xid = U64FromFullTransactionId(GetTopFullTransactionId());
@@ -961,6 +972,8 @@ batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation)
 	b->common.db_user = GetUserNameFromId(acting_user(), false);
 	b->common.session_role = GetUserNameFromId(GetSessionUserId(), false);
 	b->n = 0;
+	b->cap = (int) Min(Max(nrows, 1), AUDIT_FLUSH_ROWS);
+	b->rows = palloc(sizeof(AuditPending) * b->cap);
 	{
 		/* the extension may have been dropped and created again since */
 		Oid			relid = audit_log_relid();
@@ -981,7 +994,7 @@ batch_add(AuditBatch *b, Jsonb *row_key, Jsonb *old_row, Jsonb *new_row,
 	OrchAuditRow r = b->common;
 	MemoryContext oldcxt = MemoryContextSwitchTo(b->rows_cxt);
 	bytea	   *hash = palloc(VARHDRSZ + PG_SHA256_DIGEST_LENGTH);
-	int			i = b->n;
+	AuditPending *p = &b->rows[b->n];
 
 	r.audit_id = nextval_internal(audit_seq, false);
 	r.row_key = row_key;
@@ -993,27 +1006,28 @@ batch_add(AuditBatch *b, Jsonb *row_key, Jsonb *old_row, Jsonb *new_row,
 	SET_VARSIZE(hash, VARHDRSZ + PG_SHA256_DIGEST_LENGTH);
 	orch_audit_row_hash(&r, (uint8 *) VARDATA(hash));
 
-	b->ids[i] = Int64GetDatum(r.audit_id);
-	b->keys[i] = row_key ? JsonbPGetDatum(row_key) : (Datum) 0;
-	b->key_nulls[i] = row_key == NULL;
-	b->olds[i] = old_row ? JsonbPGetDatum(old_row) : (Datum) 0;
-	b->old_nulls[i] = old_row == NULL;
-	b->news[i] = new_row ? JsonbPGetDatum(new_row) : (Datum) 0;
-	b->new_nulls[i] = new_row == NULL;
+	p->id = Int64GetDatum(r.audit_id);
+	p->key = row_key ? JsonbPGetDatum(row_key) : (Datum) 0;
+	p->key_null = row_key == NULL;
+	p->old = old_row ? JsonbPGetDatum(old_row) : (Datum) 0;
+	p->old_null = old_row == NULL;
+	p->new = new_row ? JsonbPGetDatum(new_row) : (Datum) 0;
+	p->new_null = new_row == NULL;
+	p->run = (Datum) 0;
 	if (run_id != NULL)
 	{
 		pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
 
 		memcpy(u, run_id, sizeof(pg_uuid_t));
-		b->runs[i] = UUIDPGetDatum(u);
+		p->run = UUIDPGetDatum(u);
 	}
-	b->run_nulls[i] = run_id == NULL;
-	b->steps[i] = Int64GetDatum(step_id);
-	b->step_nulls[i] = !has_step;
-	b->hashes[i] = PointerGetDatum(hash);
+	p->run_null = run_id == NULL;
+	p->step = Int64GetDatum(step_id);
+	p->step_null = !has_step;
+	p->hash = PointerGetDatum(hash);
 	b->n++;
 	MemoryContextSwitchTo(oldcxt);
-	if (b->n == AUDIT_FLUSH_ROWS)
+	if (b->n == b->cap)
 		batch_flush(b);
 }
 
@@ -1137,7 +1151,7 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	b->rows_cxt = AllocSetContextCreate(cxt, "orchestrator audit rows", ALLOCSET_DEFAULT_SIZES);
 	table_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
 											RelationGetRelationName(rel));
-	batch_begin_stmt(b, table_name, operation);
+	batch_begin_stmt(b, table_name, operation, rows_a != NULL ? tuplestore_tuple_count(rows_a) : 1);
 
 	if (rows_a == NULL)
 	{
@@ -1263,7 +1277,7 @@ orch_audit_event(PG_FUNCTION_ARGS)
 	oldcxt = MemoryContextSwitchTo(cxt);
 	b = palloc0(sizeof(AuditBatch));
 	b->rows_cxt = AllocSetContextCreate(cxt, "orchestrator audit rows", ALLOCSET_DEFAULT_SIZES);
-	batch_begin_stmt(b, text_to_cstring(PG_GETARG_TEXT_PP(0)), text_to_cstring(PG_GETARG_TEXT_PP(1)));
+	batch_begin_stmt(b, text_to_cstring(PG_GETARG_TEXT_PP(0)), text_to_cstring(PG_GETARG_TEXT_PP(1)), 1);
 	detail = PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P_COPY(2);
 	batch_add(b, NULL, NULL, detail, step_context_set ? &step_context_run : NULL,
 			  step_context_set, step_context_step);

@@ -31,7 +31,7 @@ for my $file (sort glob("$docs/*.md"))
 # What the api.md examples promise.
 is($node->safe_psql('api_md', q{
 	SELECT string_agg(status::text, ',' ORDER BY created_at) FROM orch.runs}),
-	'succeeded,cancelled,succeeded,succeeded,succeeded,failed,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded',
+	'succeeded,cancelled,succeeded,succeeded,succeeded,failed,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded,succeeded',
 	'the example runs ended as the text says');
 is($node->safe_psql('api_md', q{
 	SELECT s.output->>'paid_by' || ':' || (s.resolution->>'action') || ':' || n.status
@@ -49,6 +49,12 @@ is($node->safe_psql('api_md', q{
 	  FROM orch.runs r JOIN orch.steps s USING (run_id)
 	 WHERE s.name = 'update' AND r.input->>'order_id' IN ('13', '14')}),
 	'C-1013,C-1014', 'complete_tasks gave each task its own output');
+is($node->safe_psql('api_md', q{
+	SELECT string_agg(s.output->>'crm_record' || ':' || a.worker, ',' ORDER BY r.input->>'order_id')
+	  FROM orch.runs r JOIN orch.steps s USING (run_id) JOIN orch.attempts a USING (step_id)
+	 WHERE s.name = 'update' AND r.input->>'order_id' IN ('15', '16')}),
+	'C-1015:crm-adapter-3,C-1016:crm-adapter-3',
+	'complete_and_claim completed each task it held with its own output, once');
 is($node->safe_psql('api_md', q{
 	SELECT count(*) FROM orch.attempts a JOIN orch.runs r USING (run_id) WHERE r.workflow = 'ship_order'}),
 	'2', 'the redriven step failed once, without retry, then succeeded');
