@@ -20,7 +20,7 @@ PG_CFLAGS    = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-in
 REGRESS      = setup define_workflow runs engine retry tasks circuits routing quarantine audit human events validation approvals subworkflow
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=$(srcdir)/test/regress.conf
 
-ISOLATION      = start_run_idempotency claim_race cancel_vs_complete task_lease cancel_vs_failure complete_tasks resolve_race event_race approval_race
+ISOLATION      = start_run_idempotency claim_race cancel_vs_complete task_lease cancel_vs_failure complete_tasks resolve_race event_race approval_race complete_and_claim
 ISOLATION_OPTS = --temp-instance=./tmp_isolation --temp-config=$(srcdir)/test/isolation.conf \
                  --inputdir=$(srcdir)/test/isolation --outputdir=output_iso
 
