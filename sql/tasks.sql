@@ -206,3 +206,26 @@ SELECT app.show_error($$SELECT count(*) FROM orch.complete_and_claim(NULL, '{}',
 SELECT app.show_error($$SELECT count(*) FROM orch.complete_and_claim(gen_random_uuid(), NULL, 'looped', 'looper')$$);
 SELECT app.show_error($$SELECT count(*) FROM orch.complete_and_claim(gen_random_uuid(), '{}', 'looped', 'looper', 0)$$);
 SELECT app.show_error($$SELECT count(*) FROM orch.complete_and_claim(gen_random_uuid(), '{}', 'looped', '')$$);
+
+-- A claim from the head of a queue sets the point where claims resume to
+-- where it stopped, even behind the old point: the claims after it take the
+-- tasks left behind (here two retries) before going on.
+SELECT orch.define_workflow('behind', '{"steps": [{"name": "t", "kind": "task", "queue": "behind",
+  "retry": {"max_attempts": 2, "initial_interval": "10ms"}}]}');
+SELECT count(orch.start_run('behind', jsonb_build_object('n', g))) FROM generate_series(1, 6) g;
+SELECT app.await($$SELECT count(*) = 6 FROM orch.steps WHERE queue = 'behind' AND status = 'waiting'$$);
+CREATE TEMP TABLE behind_claims (seq serial, n int, attempt int, token uuid);
+INSERT INTO behind_claims (n, attempt, token)
+SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('behind', 'w', 2, '1 min');
+INSERT INTO behind_claims (n, attempt, token)
+SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('behind', 'w', 2, '1 min');
+SELECT count(orch.fail_task(token, 'try again', 'transient')) FROM behind_claims WHERE n <= 2;
+SELECT app.await($$SELECT count(*) = 4 FROM orch.steps WHERE queue = 'behind' AND status = 'waiting'$$);
+SELECT pg_sleep(0.15);
+INSERT INTO behind_claims (n, attempt, token)
+SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('behind', 'w', 1, '1 min');
+INSERT INTO behind_claims (n, attempt, token)
+SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('behind', 'w', 1, '1 min');
+INSERT INTO behind_claims (n, attempt, token)
+SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('behind', 'w', 1, '1 min');
+SELECT n, attempt FROM behind_claims ORDER BY seq;

@@ -158,35 +158,56 @@ task_plan(int which)
  * over all of them (tens of index pages per claim after a few thousand
  * tasks, read by every client at once), and one that resumed where its own
  * session left off would step over the tasks every other session took
- * since (hundreds of rows per claim with 32 clients claiming 10 each).  A
- * resumed claim that comes back short is completed from the head, and the
- * head is looked at at least every CLAIM_HEAD_MS: a task that became
- * claimable behind the resume point (a retry, or a run of higher priority)
- * waits at most that long while the backlog lasts.
+ * since (hundreds of rows per claim with 32 clients claiming 10 each).
+ *
+ * A claim starts from the head when the last one from there is older than
+ * CLAIM_HEAD_MS, or when a resumed claim came back short.  A claim from the
+ * head that comes back full sets the resume point to its last task, behind
+ * the old one if it found tasks there (a retry, a run of higher priority,
+ * tasks a claim that aborted had locked), and starts a new generation: the
+ * claims still running from the old point do not move it forward again, so
+ * the claims after it work through those tasks first.  A task that became
+ * claimable behind the resume point waits at most CLAIM_HEAD_MS, plus the
+ * time the claims take to reach it, while the backlog lasts.
  */
 #define CLAIM_HEAD_MS			100
+
+/* slots looked at for a queue, from the one its hash names */
+#define FRONTIER_PROBES			4
 
 /* where claims resume without the shared state (not preloaded) */
 static OrchClaimFrontier local_frontier;
 
-/* The slot of (this database, queue) in the shared state. */
-static int
-frontier_slot(const char *queue)
-{
-	return (int) (hash_combine(hash_bytes_uint32((uint32) MyDatabaseId),
-							   hash_bytes((const unsigned char *) queue, (int) strlen(queue)))
-				  % ORCH_CLAIM_FRONTIERS);
-}
-
 /*
- * The frontier of (this database, queue), taking over its slot if another
- * queue has it; called with the mutex held.
+ * The frontier of (this database, queue): its slot among the
+ * FRONTIER_PROBES from the one its hash names, else a free one, else the
+ * one a claim looked at least recently, taken over.  Called with the
+ * frontiers' lock held; hash is frontier_hash(queue).
  */
 static OrchClaimFrontier *
-frontier_of(const char *queue, int slot)
+frontier_of(const char *queue, uint32 hash)
 {
-	OrchClaimFrontier *f = OrchShared != NULL ? &OrchShared->frontiers[slot] : &local_frontier;
+	OrchClaimFrontier *f = NULL;
 
+	if (OrchShared == NULL)
+		f = &local_frontier;
+	else
+	{
+		OrchClaimFrontier *stalest = NULL;
+
+		for (int i = 0; i < FRONTIER_PROBES && f == NULL; i++)
+		{
+			OrchClaimFrontier *c = &OrchShared->frontiers[(hash + i) % ORCH_CLAIM_FRONTIERS];
+
+			if (c->dboid == MyDatabaseId && strcmp(c->queue, queue) == 0)
+				f = c;
+			else if (stalest == NULL || c->dboid == InvalidOid ||
+					 (stalest->dboid != InvalidOid && c->head_at < stalest->head_at))
+				stalest = c;
+		}
+		if (f == NULL)
+			f = stalest;
+	}
 	if (f->dboid != MyDatabaseId || strcmp(f->queue, queue) != 0)
 	{
 		memset(f, 0, sizeof(*f));
@@ -196,59 +217,70 @@ frontier_of(const char *queue, int slot)
 	return f;
 }
 
+static uint32
+frontier_hash(const char *queue)
+{
+	return hash_combine(hash_bytes_uint32((uint32) MyDatabaseId),
+						hash_bytes((const unsigned char *) queue, (int) strlen(queue)));
+}
+
 static inline void
 frontier_lock(void)
 {
 	if (OrchShared != NULL)
-		SpinLockAcquire(&OrchShared->mutex);
+		SpinLockAcquire(&OrchShared->frontiers_lock);
 }
 
 static inline void
 frontier_unlock(void)
 {
 	if (OrchShared != NULL)
-		SpinLockRelease(&OrchShared->mutex);
+		SpinLockRelease(&OrchShared->frontiers_lock);
 }
 
-/* Should a claim from the queue resume, and after which key? */
+/*
+ * Should a claim from the queue resume, and after which key?  *generation
+ * is the resume point's, for frontier_note.
+ */
 static bool
-frontier_get(const char *queue, int64 *neg_priority, int64 *step_id)
+frontier_get(const char *queue, int64 *neg_priority, int64 *step_id, uint64 *generation)
 {
 	TimestampTz now = GetCurrentTimestamp();
+	uint32		hash;
 	OrchClaimFrontier *f;
 	bool		resume;
-	int			slot;
 
 	if (strlen(queue) >= NAMEDATALEN)
 		return false;
-	slot = frontier_slot(queue);
+	hash = frontier_hash(queue);
 	frontier_lock();
-	f = frontier_of(queue, slot);
+	f = frontier_of(queue, hash);
 	resume = f->valid && now - f->head_at < CLAIM_HEAD_MS * INT64CONST(1000);
 	*neg_priority = f->neg_priority;
 	*step_id = f->step_id;
+	*generation = f->generation;
 	frontier_unlock();
 	return resume;
 }
 
 /*
  * After a claim that returned n rows (columns 9 and 10 of its last row are
- * that task's key), resumed or from the head: claims resume after the
- * furthest task claimed while they come back full, and start from the head
- * once one comes back short.
+ * that task's key), from the head or resumed from the point of generation
+ * `generation`.
  */
 static void
-frontier_note(const char *queue, SPITupleTable *last, uint64 n, bool full, bool from_head)
+frontier_note(const char *queue, SPITupleTable *last, uint64 n, bool full, bool from_head,
+			  uint64 generation)
 {
 	int64		neg_priority = 0;
 	int64		step_id = 0;
 	TimestampTz now = GetCurrentTimestamp();
+	uint32		hash;
 	OrchClaimFrontier *f;
-	int			slot;
 
 	if (strlen(queue) >= NAMEDATALEN)
 		return;
-	slot = frontier_slot(queue);
+	hash = frontier_hash(queue);
 	if (n > 0)
 	{
 		bool		isnull;
@@ -258,17 +290,30 @@ frontier_note(const char *queue, SPITupleTable *last, uint64 n, bool full, bool 
 		step_id = DatumGetInt64(SPI_getbinval(last->vals[n - 1], last->tupdesc, 10, &isnull));
 	}
 	frontier_lock();
-	f = frontier_of(queue, slot);
+	f = frontier_of(queue, hash);
 	if (from_head)
-		f->head_at = now;
-	if (!full || n == 0)
-		f->valid = false;
-	else if (!f->valid || neg_priority > f->neg_priority ||
-			 (neg_priority == f->neg_priority && step_id > f->step_id))
 	{
-		f->valid = true;
+		/* a new resume point, wherever the old one was; or none */
+		f->head_at = now;
+		f->generation++;
+		f->valid = full && n > 0;
 		f->neg_priority = neg_priority;
 		f->step_id = step_id;
+	}
+	else if (generation == f->generation)
+	{
+		if (!full || n == 0)
+		{
+			/* nothing left after the point: the next claim looks from the head */
+			f->generation++;
+			f->valid = false;
+		}
+		else if (neg_priority > f->neg_priority ||
+				 (neg_priority == f->neg_priority && step_id > f->step_id))
+		{
+			f->neg_priority = neg_priority;
+			f->step_id = step_id;
+		}
 	}
 	frontier_unlock();
 }
@@ -323,6 +368,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 	int			nest_level;
 	int64		after_priority;
 	int64		after_step;
+	uint64		generation;
 
 	deadline = GetCurrentTimestamp() + Max(wait_us, 0);
 	may_wait = wait_us > 0 && OrchShared != NULL;
@@ -380,7 +426,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				SPI_execute_plan(task_plan(T_LOCK_QUEUE), args, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not lock queue");
 			/* not read-only: a new snapshot, including the claims waited for */
-			if (frontier_get(qname, &after_priority, &after_step))
+			if (frontier_get(qname, &after_priority, &after_step, &generation))
 			{
 				args[2] = Int32GetDatum(max);
 				args[4] = Int64GetDatum(after_priority);
@@ -390,7 +436,8 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				claimed[nparts] = SPI_tuptable;
 				nrows[nparts++] = SPI_processed;
 				nclaimed = SPI_processed;
-				frontier_note(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) max, false);
+				frontier_note(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) max, false,
+							  generation);
 			}
 			if (nclaimed < (uint64) max)
 			{
@@ -402,7 +449,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				claimed[nparts] = SPI_tuptable;
 				nrows[nparts++] = SPI_processed;
 				nclaimed += SPI_processed;
-				frontier_note(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) asked, true);
+				frontier_note(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) asked, true, 0);
 			}
 			if (nclaimed > 0 || limited)
 				break;
@@ -503,7 +550,8 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 /*
  * orch.complete_and_claim(token, output, queue, worker, max, lease): a
  * worker's loop in one transaction and one round trip: complete the task
- * it holds, then lease the next ones.  It never waits: the completion must
+ * it holds, then lease the next ones.  It never waits for tasks to come:
+ * the completion must
  * commit before a worker sleeps, so a worker that gets nothing back waits
  * in orch.claim_tasks.  A refused verdict is an error, as in
  * orch.complete_task, and nothing is claimed.

@@ -55,7 +55,7 @@ typedef struct OrchEngineSlot
  * Where claims from a task queue resume: the key, in claim order, of the
  * last task a claim from it took (api_tasks.c).  Shared by the sessions of
  * a database so that a claim does not step over the tasks the others took
- * since; a slot is chosen by a hash of database and queue, and a queue
+ * since; a slot is found by a hash of database and queue, and a queue
  * whose slot another takes over just claims from its head.
  */
 #define ORCH_CLAIM_FRONTIERS	64
@@ -65,6 +65,7 @@ typedef struct OrchClaimFrontier
 	Oid			dboid;			/* InvalidOid: unused */
 	char		queue[NAMEDATALEN];
 	bool		valid;			/* the last claim from here got all it asked for */
+	uint64		generation;		/* bumped when the point is set from the head */
 	int64		neg_priority;	/* its last task's key */
 	int64		step_id;
 	TimestampTz head_at;		/* when a claim last started from the head */
@@ -72,12 +73,13 @@ typedef struct OrchClaimFrontier
 
 typedef struct OrchSharedState
 {
-	slock_t		mutex;			/* protects everything below but the CV */
+	slock_t		mutex;			/* protects everything below but the CVs and frontiers */
 	pid_t		launcher_pid;
 	Latch	   *launcher_latch;
 	uint64		launcher_wakeups;	/* bumped by every request to look again */
 	ConditionVariable run_finished; /* broadcast when runs may have finished */
 	ConditionVariable tasks_ready;	/* broadcast when tasks may have been queued */
+	slock_t		frontiers_lock; /* protects frontiers */
 	OrchClaimFrontier frontiers[ORCH_CLAIM_FRONTIERS];
 	int			nslots;
 	OrchEngineSlot slots[FLEXIBLE_ARRAY_MEMBER];

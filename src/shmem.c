@@ -44,6 +44,7 @@ orch_shmem_startup(void)
 	{
 		memset(OrchShared, 0, orch_shmem_size());
 		SpinLockInit(&OrchShared->mutex);
+		SpinLockInit(&OrchShared->frontiers_lock);
 		ConditionVariableInit(&OrchShared->run_finished);
 		ConditionVariableInit(&OrchShared->tasks_ready);
 		OrchShared->nslots = max_worker_processes;
