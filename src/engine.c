@@ -368,24 +368,29 @@ orch_engine_main(Datum main_arg)
 			/* the batch failed and was rolled back; see run_batch */
 			continue;
 		}
-		if (orch_enabled && sealer && GetCurrentTimestamp() >= next_seal_at)
-		{
-			seal_audit_trail(loop_cxt);
-			next_seal_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													   orch_audit_seal_interval_ms);
-		}
 		if (orch_enabled)
 		{
+			/*
+			 * Wake the waiters first: a seal takes milliseconds, and a worker
+			 * waiting in claim_tasks or a client in wait_run should not wait
+			 * for it.
+			 */
 			if (result.runs_finished > 0)
 				ConditionVariableBroadcast(&OrchShared->run_finished);
 			if (result.tasks_queued > 0)
 				ConditionVariableBroadcast(&OrchShared->tasks_ready);
 			if (result.claimed > 0)
 				slot_update_after_batch(result.claimed);
-			/* Work begets work: a finished step may have made others ready. */
-			if (result.claimed > 0)
-				continue;
 		}
+		if (orch_enabled && sealer && GetCurrentTimestamp() >= next_seal_at)
+		{
+			seal_audit_trail(loop_cxt);
+			next_seal_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   orch_audit_seal_interval_ms);
+		}
+		/* Work begets work: a finished step may have made others ready. */
+		if (orch_enabled && result.claimed > 0)
+			continue;
 		sleep_ms = orch_max_sleep_ms;
 		if (orch_enabled && next_timer != DT_NOEND)
 		{

@@ -804,6 +804,13 @@ static const char *const engine_planner_settings[][2] = {
 	{"join_collapse_limit", "1"},
 
 	/*
+	 * The statements are written to plan alike whatever their parameters
+	 * and the statistics: plan each once per session, not at each of its
+	 * first executions (a claim's plan costs milliseconds to make).
+	 */
+	{"plan_cache_mode", "force_generic_plan"},
+
+	/*
 	 * A plan that needs a disabled node (a sort) costs 1e10 and more, far
 	 * above jit_above_cost: JIT compilation would cost a tenth of a second
 	 * at every execution of a statement that runs in well under a
