@@ -2733,18 +2733,29 @@ CREATE VIEW orch.queue_status AS
 	 GROUP BY q.queue;
 
 /*
- * Lease up to max waiting tasks of a queue.  The token fences the worker's
- * verdict; idempotency_key is the same for every attempt of the step, and
- * traceparent continues the run's W3C trace.  With nothing to claim, waits
+ * A task leased to a worker, as claims return it.  The token fences the
+ * worker's verdict; idempotency_key is the same for every attempt of the
+ * step, and traceparent continues the run's W3C trace.
+ */
+CREATE TYPE orch.task_lease AS (
+	token			uuid,
+	run_id			uuid,
+	step			text,
+	input			jsonb,
+	attempt			int,
+	idempotency_key	text,
+	traceparent		text,
+	lease_expires_at timestamptz
+);
+
+/*
+ * Lease up to max waiting tasks of a queue.  With nothing to claim, waits
  * up to `wait` for a commit that queues tasks.
  */
 CREATE FUNCTION orch.claim_tasks(queue text, worker text, max int DEFAULT 1,
 								 lease interval DEFAULT '5 minutes',
-								 wait interval DEFAULT '0 seconds',
-								 OUT token uuid, OUT run_id uuid, OUT step text, OUT input jsonb,
-								 OUT attempt int, OUT idempotency_key text, OUT traceparent text,
-								 OUT lease_expires_at timestamptz)
-	RETURNS SETOF record
+								 wait interval DEFAULT '0 seconds')
+	RETURNS SETOF orch.task_lease
 	LANGUAGE c STRICT
 	SECURITY DEFINER
 	SET search_path = pg_catalog, pg_temp
@@ -2790,11 +2801,8 @@ CREATE FUNCTION orch.complete_tasks(tokens uuid[], outputs jsonb[],
  * orch.claim_tasks without wait), in one transaction.
  */
 CREATE FUNCTION orch.complete_and_claim(done_token uuid, output jsonb, queue text, worker text,
-										max int DEFAULT 1, lease interval DEFAULT '5 minutes',
-										OUT token uuid, OUT run_id uuid, OUT step text, OUT input jsonb,
-										OUT attempt int, OUT idempotency_key text, OUT traceparent text,
-										OUT lease_expires_at timestamptz)
-	RETURNS SETOF record
+										max int DEFAULT 1, lease interval DEFAULT '5 minutes')
+	RETURNS SETOF orch.task_lease
 	LANGUAGE c
 	SECURITY DEFINER
 	SET search_path = pg_catalog, pg_temp

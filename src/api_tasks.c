@@ -548,47 +548,11 @@ orch_claim_tasks(PG_FUNCTION_ARGS)
 }
 
 /*
- * orch.complete_and_claim(token, output, queue, worker, max, lease): a
- * worker's loop in one transaction and one round trip: complete the task
- * it holds, then lease the next ones.  It never waits for tasks to come:
- * the completion must
- * commit before a worker sleeps, so a worker that gets nothing back waits
- * in orch.claim_tasks.  A refused verdict is an error, as in
- * orch.complete_task, and nothing is claimed.
+ * The checks of a success's lease token (argument 0) and output (argument
+ * 1), for orch.complete_task and orch.complete_and_claim.
  */
-PG_FUNCTION_INFO_V1(orch_complete_and_claim);
-Datum
-orch_complete_and_claim(PG_FUNCTION_ARGS)
-{
-	static const char *const argname[6] = {"done_token", "output", "queue", "worker", "max", "lease"};
-	text	   *worker;
-	int32		max;
-	Interval   *lease;
-
-	for (int i = 0; i < 6; i++)
-		if (PG_ARGISNULL(i))
-			ereport(ERROR,
-					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-					 errmsg("%s must not be NULL", argname[i]),
-					 i == 1 ? errhint("Complete with '{}' when there is nothing to report.") : 0));
-	worker = PG_GETARG_TEXT_PP(3);
-	max = PG_GETARG_INT32(4);
-	lease = PG_GETARG_INTERVAL_P(5);
-	check_claim_args(worker, max, lease);
-
-	InitMaterializedSRF(fcinfo, 0);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	orch_finish_task(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1), NULL, NULL, NULL);
-	SPI_finish();
-	claim_into((ReturnSetInfo *) fcinfo->resultinfo, PG_GETARG_TEXT_PP(2), worker, max, lease, 0);
-	return (Datum) 0;
-}
-
-/* orch.complete_task(token, output) */
-PG_FUNCTION_INFO_V1(orch_complete_task);
-Datum
-orch_complete_task(PG_FUNCTION_ARGS)
+static void
+check_completion_args(FunctionCallInfo fcinfo)
 {
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -599,11 +563,59 @@ orch_complete_task(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("the output of a task must not be NULL"),
 				 errhint("Complete with '{}' when there is nothing to report.")));
+}
 
+/* The task leased with token succeeded with this output. */
+static void
+complete_held_task(Datum token, Datum output)
+{
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	orch_finish_task(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1), NULL, NULL, NULL);
+	orch_finish_task(token, output, NULL, NULL, NULL);
 	SPI_finish();
+}
+
+/*
+ * orch.complete_and_claim(token, output, queue, worker, max, lease): a
+ * worker's loop in one transaction and one round trip: complete the task
+ * it holds, then lease the next ones.  It never waits for tasks to come:
+ * the completion must commit before a worker sleeps, so a worker that gets
+ * nothing back waits in orch.claim_tasks.  A refused verdict is an error,
+ * as in orch.complete_task, and nothing is claimed.
+ */
+PG_FUNCTION_INFO_V1(orch_complete_and_claim);
+Datum
+orch_complete_and_claim(PG_FUNCTION_ARGS)
+{
+	static const char *const argname[6] = {NULL, NULL, "queue", "worker", "max", "lease"};
+	text	   *worker;
+	int32		max;
+	Interval   *lease;
+
+	check_completion_args(fcinfo);
+	for (int i = 2; i < 6; i++)
+		if (PG_ARGISNULL(i))
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("%s must not be NULL", argname[i])));
+	worker = PG_GETARG_TEXT_PP(3);
+	max = PG_GETARG_INT32(4);
+	lease = PG_GETARG_INTERVAL_P(5);
+	check_claim_args(worker, max, lease);
+
+	InitMaterializedSRF(fcinfo, 0);
+	complete_held_task(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1));
+	claim_into((ReturnSetInfo *) fcinfo->resultinfo, PG_GETARG_TEXT_PP(2), worker, max, lease, 0);
+	return (Datum) 0;
+}
+
+/* orch.complete_task(token, output) */
+PG_FUNCTION_INFO_V1(orch_complete_task);
+Datum
+orch_complete_task(PG_FUNCTION_ARGS)
+{
+	check_completion_args(fcinfo);
+	complete_held_task(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1));
 	PG_RETURN_VOID();
 }
 
