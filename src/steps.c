@@ -199,14 +199,14 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 /* what the state machine needs of a step, its run and its definition */
 #define STEP_SELECT(first) STEP_COLUMNS(STEP_CONTEXT) STEP_FROM(first)
 /*
- * The same for a worker's verdict on tasks, by lease token ($1, or each
- * token of the array $1 in its order): no context (its subquery would be
- * set up at every execution, unused), and plain joins.  A verdict's lookup
- * reads one row per task, and setting up its plan costs more than running
- * it: the lateral subqueries above would double the plan's nodes.  The plan
- * is fixed all the same: the joins are explicit and taken in the order
- * written (join_collapse_limit = 1), each by a unique key, with no other
- * join or scan method enabled.
+ * A worker's verdict on one task, by its lease token $1: no context (its
+ * subquery would be set up at every execution, unused), and plain joins.
+ * The lookup reads one row, and setting up its plan costs more than running
+ * it: the lateral subqueries of STEP_FROM would double the plan's nodes.
+ * The plan is fixed all the same: the step is found by a unique key (one
+ * row, whatever the statistics say), and the joins are explicit, taken in
+ * the order written (join_collapse_limit = 1), each by a unique key of the
+ * rows before it, with no other join or scan method enabled.
  */
 #define VERDICT_SELECT STEP_COLUMNS("NULL::pg_catalog.jsonb")
 #define VERDICT_JOINS \
@@ -318,11 +318,13 @@ static const char *const plan_sql[P_COUNT] = {
 	" WHERE s.lease_token = $1"
 	" FOR UPDATE OF s, r",
 
-	/* tasks by their lease tokens (sorted by the caller: one locking order) */
+	/*
+	 * tasks by their lease tokens (sorted by the caller: one locking order),
+	 * with the engine's lateral lookups: here the steps to find are many,
+	 * and a plan made while orch.steps looked empty could scan it whole
+	 */
 	[P_TASKS_BY_TOKENS] =
-	VERDICT_SELECT
-	" FROM pg_catalog.unnest($1) AS k(key)"
-	"  JOIN orch.steps s ON s.lease_token = k.key" VERDICT_JOINS
+	VERDICT_SELECT STEP_FROM(STEPS_BY("$1", "lease_token"))
 	" FOR UPDATE OF s, r",
 
 	/*
