@@ -22,6 +22,8 @@
 #include "tcop/tcopprot.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_extension.h"
+#include "storage/lmgr.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/syscache.h"
@@ -61,6 +63,27 @@ static bool
 extension_present(void)
 {
 	return OidIsValid(get_extension_oid(ORCH_EXTENSION_NAME, true));
+}
+
+/*
+ * Lock the extension against DROP EXTENSION until the end of the current
+ * transaction, and say whether it is (still) installed.  Called before the
+ * transaction touches any of the extension's tables.  DROP EXTENSION locks
+ * the extension first and its tables after; an engine transaction that
+ * locked some of those tables first and then waited for another could
+ * deadlock with it, and the deadlock would fail the DROP.  Now one of the
+ * two waits for the other's whole transaction.
+ */
+static bool
+lock_extension(void)
+{
+	Oid			ext = get_extension_oid(ORCH_EXTENSION_NAME, true);
+
+	if (!OidIsValid(ext))
+		return false;
+	LockDatabaseObject(ExtensionRelationId, ext, 0, AccessShareLock);
+	/* a DROP EXTENSION we waited for has committed */
+	return get_extension_oid(ORCH_EXTENSION_NAME, true) == ext;
 }
 
 static void
@@ -116,9 +139,10 @@ refresh_misleading_statistics(void)
 }
 
 /*
- * Do work(arg) in a transaction of its own, with SPI connected; false
- * (logged, rolled back) if it failed.  read_committed: a fresh snapshot
- * for each statement, whatever default_transaction_isolation says.
+ * Do work(arg) in a transaction of its own, with SPI connected; false if it
+ * failed (logged, rolled back) or was not done (the extension is gone).
+ * read_committed: a fresh snapshot for each statement, whatever
+ * default_transaction_isolation says.
  */
 static bool
 in_own_transaction(void (*work) (void *arg), void *arg, bool read_committed)
@@ -132,12 +156,17 @@ in_own_transaction(void (*work) (void *arg), void *arg, bool read_committed)
 		StartTransactionCommand();
 		if (read_committed)
 			XactIsoLevel = XACT_READ_COMMITTED;
-		PushActiveSnapshot(GetTransactionSnapshot());
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		work(arg);
-		SPI_finish();
-		PopActiveSnapshot();
+		if (lock_extension())
+		{
+			PushActiveSnapshot(GetTransactionSnapshot());
+			if (SPI_connect() != SPI_OK_CONNECT)
+				elog(ERROR, "SPI_connect failed");
+			work(arg);
+			SPI_finish();
+			PopActiveSnapshot();
+		}
+		else
+			ok = false;			/* DROP EXTENSION: the next batch leaves */
 		CommitTransactionCommand();
 	}
 	PG_CATCH();
@@ -206,17 +235,16 @@ run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_c
 	{
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		if (!extension_present())
+		if (!lock_extension())
 		{
 			/* DROP EXTENSION: leave; the launcher looks again later */
-			PopActiveSnapshot();
 			CommitTransactionCommand();
 			SpinLockAcquire(&OrchShared->mutex);
 			OrchShared->slots[my_slotno].state = ORCH_SLOT_NO_EXTENSION;
 			SpinLockRelease(&OrchShared->mutex);
 			proc_exit(0);
 		}
+		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, "orchestrator: advancing runs");
 		MemoryContextSwitchTo(loop_cxt);
 		if (SPI_connect() != SPI_OK_CONNECT)

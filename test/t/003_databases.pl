@@ -1,7 +1,8 @@
 # The launcher gives every database that has the extension its own engine
 # worker, including databases created after start-up; databases without the
-# extension have none; DROP DATABASE is not blocked by a worker; and
-# nothing runs on a standby until it is promoted.
+# extension have none; DROP DATABASE is not blocked by a worker; DROP
+# EXTENSION does not deadlock with a busy engine; and nothing runs on a
+# standby until it is promoted.
 use strict;
 use warnings;
 use FindBin;
@@ -61,6 +62,36 @@ $node->safe_psql('copy', 'DROP EXTENSION orchestrator CASCADE');
 ok($node->poll_query_until('postgres',
 	"SELECT count(*) = 0 FROM orch.engine_workers WHERE database = 'copy'"),
 	'DROP EXTENSION ends the worker of that database');
+
+# DROP EXTENSION while the engine is busy, sealing every 10 ms and with
+# runs in flight: it never fails on a deadlock with the engine's locks.
+$node->safe_psql('postgres',
+	"ALTER SYSTEM SET orchestrator.audit_seal_interval = '10ms'; SELECT pg_reload_conf()");
+$node->safe_psql('postgres', 'CREATE DATABASE churn');
+my $drops_ok = 0;
+for my $i (1 .. 8)
+{
+	orch_install_app($node, 'churn');
+	$node->poll_query_until('postgres',
+		"SELECT count(*) = 1 FROM orch.engine_workers WHERE database = 'churn'")
+	  or last;
+	$node->safe_psql('churn',
+		"SELECT orch.start_run('chain3') FROM generate_series(1, 200)");
+	my ($ret, $out, $err) = $node->psql('churn', 'DROP EXTENSION orchestrator CASCADE');
+	if ($ret != 0)
+	{
+		diag("DROP EXTENSION, try $i: $err");
+		last;
+	}
+	$drops_ok++;
+	$node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM orch.engine_workers WHERE database = 'churn'")
+	  or last;
+	$node->safe_psql('churn', 'DROP SCHEMA IF EXISTS app CASCADE');
+}
+is($drops_ok, 8, 'DROP EXTENSION succeeds while the engine advances runs and seals');
+$node->safe_psql('postgres',
+	"ALTER SYSTEM RESET orchestrator.audit_seal_interval; SELECT pg_reload_conf()");
 
 # A streaming standby: no launcher or engine until promotion, then runs
 # started on the primary finish there.
