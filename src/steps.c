@@ -321,7 +321,8 @@ static const char *const plan_sql[P_COUNT] = {
 	/*
 	 * tasks by their lease tokens (sorted by the caller: one locking order),
 	 * with the engine's lateral lookups: here the steps to find are many,
-	 * and a plan made while orch.steps looked empty could scan it whole
+	 * and a plan made while orch.steps held a few rows would scan the whole
+	 * lease-token index for each call
 	 */
 	[P_TASKS_BY_TOKENS] =
 	VERDICT_SELECT STEP_FROM(STEPS_BY("$1", "lease_token"))
