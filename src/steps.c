@@ -199,21 +199,14 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 /* what the state machine needs of a step, its run and its definition */
 #define STEP_SELECT(first) STEP_COLUMNS(STEP_CONTEXT) STEP_FROM(first)
 /*
- * A worker's verdict on one task, by its lease token $1: no context (its
- * subquery would be set up at every execution, unused), and plain joins.
- * The lookup reads one row, and setting up its plan costs more than running
- * it: the lateral subqueries of STEP_FROM would double the plan's nodes.
- * The plan is fixed all the same: the step is found by a unique key (one
- * row, whatever the statistics say), and the joins are explicit, taken in
- * the order written (join_collapse_limit = 1), each by a unique key of the
- * rows before it, with no other join or scan method enabled.
+ * The same for a worker's verdict on a task, which needs no context: the
+ * context's subquery would be set up at every execution, unused.  Even for
+ * one task by its lease token the lookups stay lateral: with plain joins, a
+ * plan made while orch.steps was analyzed empty reads the whole index of
+ * (run_id, name) and filters on the token (seen in EXPLAIN), and nothing
+ * but cost decides which of steps and runs drives the join.
  */
-#define VERDICT_SELECT STEP_COLUMNS("NULL::pg_catalog.jsonb")
-#define VERDICT_JOINS \
-	"  JOIN orch.runs r ON r.run_id = s.run_id" \
-	"  JOIN orch.workflow_steps ws" \
-	"    ON ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name" \
-	"  LEFT JOIN orch.circuits c ON c.name = ws.circuit"
+#define VERDICT_SELECT(first) STEP_COLUMNS("NULL::pg_catalog.jsonb") STEP_FROM(first)
 #define STEP_COLUMNS(context) \
 	"SELECT s.step_id, s.run_id, s.name, s.status, s.attempt, s.needs_ok," \
 	"       pg_catalog.cardinality(ws.needs), ws.kind, ws.function::pg_catalog.oid," \
@@ -313,19 +306,12 @@ static const char *const plan_sql[P_COUNT] = {
 
 	/* a task by its lease token, for its worker's verdict */
 	[P_TASK_BY_TOKEN] =
-	VERDICT_SELECT
-	" FROM orch.steps s" VERDICT_JOINS
-	" WHERE s.lease_token = $1"
+	VERDICT_SELECT(STEPS_BY("ARRAY[$1]", "lease_token"))
 	" FOR UPDATE OF s, r",
 
-	/*
-	 * tasks by their lease tokens (sorted by the caller: one locking order),
-	 * with the engine's lateral lookups: here the steps to find are many,
-	 * and a plan made while orch.steps held a few rows would scan the whole
-	 * lease-token index for each call
-	 */
+	/* tasks by their lease tokens (sorted by the caller: one locking order) */
 	[P_TASKS_BY_TOKENS] =
-	VERDICT_SELECT STEP_FROM(STEPS_BY("$1", "lease_token"))
+	VERDICT_SELECT(STEPS_BY("$1", "lease_token"))
 	" FOR UPDATE OF s, r",
 
 	/*

@@ -77,7 +77,8 @@ for my $i (1 .. 8)
 	  or last;
 	$node->safe_psql('churn',
 		"SELECT orch.start_run('chain3') FROM generate_series(1, 200)");
-	my ($ret, $out, $err) = $node->psql('churn', 'DROP EXTENSION orchestrator CASCADE');
+	my ($ret, $out, $err) = $node->psql('churn', 'DROP EXTENSION orchestrator CASCADE',
+		timeout => $PostgreSQL::Test::Utils::timeout_default);
 	if ($ret != 0)
 	{
 		diag("DROP EXTENSION, try $i: $err");
@@ -90,6 +91,7 @@ for my $i (1 .. 8)
 	$node->safe_psql('churn', 'DROP SCHEMA IF EXISTS app CASCADE');
 }
 is($drops_ok, 8, 'DROP EXTENSION succeeds while the engine advances runs and seals');
+$node->safe_psql('postgres', 'DROP DATABASE churn');
 $node->safe_psql('postgres',
 	"ALTER SYSTEM RESET orchestrator.audit_seal_interval; SELECT pg_reload_conf()");
 
