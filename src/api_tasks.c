@@ -178,15 +178,35 @@ task_plan(int which)
 /* where claims resume without the shared state (not preloaded) */
 static OrchClaimFrontier local_frontier;
 
+/* A queue's name and the hash that places its frontier, taken once a claim */
+typedef struct FrontierKey
+{
+	const char *queue;
+	uint32		hash;
+	bool		usable;			/* the name fits a frontier's slot */
+} FrontierKey;
+
+static FrontierKey
+frontier_key(const char *queue)
+{
+	FrontierKey k = {queue, 0, strlen(queue) < NAMEDATALEN};
+
+	if (k.usable)
+		k.hash = hash_combine(hash_bytes_uint32((uint32) MyDatabaseId),
+							  hash_bytes((const unsigned char *) queue, (int) strlen(queue)));
+	return k;
+}
+
 /*
- * The frontier of (this database, queue): its slot among the
+ * The frontier of (this database, k's queue): its slot among the
  * FRONTIER_PROBES from the one its hash names, else a free one, else the
  * one a claim looked at least recently, taken over.  Called with the
- * frontiers' lock held; hash is frontier_hash(queue).
+ * frontiers' lock held.
  */
 static OrchClaimFrontier *
-frontier_of(const char *queue, uint32 hash)
+frontier_of(const FrontierKey *k)
 {
+	const char *queue = k->queue;
 	OrchClaimFrontier *f = NULL;
 
 	if (OrchShared == NULL)
@@ -197,7 +217,7 @@ frontier_of(const char *queue, uint32 hash)
 
 		for (int i = 0; i < FRONTIER_PROBES && f == NULL; i++)
 		{
-			OrchClaimFrontier *c = &OrchShared->frontiers[(hash + i) % ORCH_CLAIM_FRONTIERS];
+			OrchClaimFrontier *c = &OrchShared->frontiers[(k->hash + i) % ORCH_CLAIM_FRONTIERS];
 
 			if (c->dboid == MyDatabaseId && strcmp(c->queue, queue) == 0)
 				f = c;
@@ -215,13 +235,6 @@ frontier_of(const char *queue, uint32 hash)
 		strlcpy(f->queue, queue, NAMEDATALEN);
 	}
 	return f;
-}
-
-static uint32
-frontier_hash(const char *queue)
-{
-	return hash_combine(hash_bytes_uint32((uint32) MyDatabaseId),
-						hash_bytes((const unsigned char *) queue, (int) strlen(queue)));
 }
 
 static inline void
@@ -243,18 +256,16 @@ frontier_unlock(void)
  * is the resume point's, for frontier_note.
  */
 static bool
-frontier_get(const char *queue, int64 *neg_priority, int64 *step_id, uint64 *generation)
+frontier_get(const FrontierKey *k, int64 *neg_priority, int64 *step_id, uint64 *generation)
 {
 	TimestampTz now = GetCurrentTimestamp();
-	uint32		hash;
 	OrchClaimFrontier *f;
 	bool		resume;
 
-	if (strlen(queue) >= NAMEDATALEN)
+	if (!k->usable)
 		return false;
-	hash = frontier_hash(queue);
 	frontier_lock();
-	f = frontier_of(queue, hash);
+	f = frontier_of(k);
 	resume = f->valid && now - f->head_at < CLAIM_HEAD_MS * INT64CONST(1000);
 	*neg_priority = f->neg_priority;
 	*step_id = f->step_id;
@@ -269,18 +280,16 @@ frontier_get(const char *queue, int64 *neg_priority, int64 *step_id, uint64 *gen
  * `generation`.
  */
 static void
-frontier_note(const char *queue, SPITupleTable *last, uint64 n, bool full, bool from_head,
+frontier_note(const FrontierKey *k, SPITupleTable *last, uint64 n, bool full, bool from_head,
 			  uint64 generation)
 {
 	int64		neg_priority = 0;
 	int64		step_id = 0;
 	TimestampTz now = GetCurrentTimestamp();
-	uint32		hash;
 	OrchClaimFrontier *f;
 
-	if (strlen(queue) >= NAMEDATALEN)
+	if (!k->usable)
 		return;
-	hash = frontier_hash(queue);
 	if (n > 0)
 	{
 		bool		isnull;
@@ -290,7 +299,7 @@ frontier_note(const char *queue, SPITupleTable *last, uint64 n, bool full, bool 
 		step_id = DatumGetInt64(SPI_getbinval(last->vals[n - 1], last->tupdesc, 10, &isnull));
 	}
 	frontier_lock();
-	f = frontier_of(queue, hash);
+	f = frontier_of(k);
 	if (from_head)
 	{
 		/* a new resume point, wherever the old one was; or none */
@@ -357,7 +366,7 @@ static void
 claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval *lease,
 		   int64 wait_us)
 {
-	char	   *qname = text_to_cstring(queue);
+	FrontierKey fkey = frontier_key(text_to_cstring(queue));
 	Datum		args[6];
 	TimestampTz deadline;
 	SPITupleTable *claimed[2];	/* a resumed claim, and one from the head */
@@ -426,7 +435,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				SPI_execute_plan(task_plan(T_LOCK_QUEUE), args, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not lock queue");
 			/* not read-only: a new snapshot, including the claims waited for */
-			if (frontier_get(qname, &after_priority, &after_step, &generation))
+			if (frontier_get(&fkey, &after_priority, &after_step, &generation))
 			{
 				args[2] = Int32GetDatum(max);
 				args[4] = Int64GetDatum(after_priority);
@@ -436,7 +445,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				claimed[nparts] = SPI_tuptable;
 				nrows[nparts++] = SPI_processed;
 				nclaimed = SPI_processed;
-				frontier_note(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) max, false,
+				frontier_note(&fkey, SPI_tuptable, SPI_processed, SPI_processed == (uint64) max, false,
 							  generation);
 			}
 			if (nclaimed < (uint64) max)
@@ -449,7 +458,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				claimed[nparts] = SPI_tuptable;
 				nrows[nparts++] = SPI_processed;
 				nclaimed += SPI_processed;
-				frontier_note(qname, SPI_tuptable, SPI_processed, SPI_processed == (uint64) asked, true, 0);
+				frontier_note(&fkey, SPI_tuptable, SPI_processed, SPI_processed == (uint64) asked, true, 0);
 			}
 			if (nclaimed > 0 || limited)
 				break;
