@@ -58,13 +58,6 @@ engine_detach(int code, Datum arg)
 	SpinLockRelease(&OrchShared->mutex);
 }
 
-/* Is the extension installed here?  Called inside a transaction. */
-static bool
-extension_present(void)
-{
-	return OidIsValid(get_extension_oid(ORCH_EXTENSION_NAME, true));
-}
-
 /*
  * Lock the extension against DROP EXTENSION until the end of the current
  * transaction, and say whether it is (still) installed.  Called before the
@@ -355,7 +348,7 @@ orch_engine_main(Datum main_arg)
 	pgstat_report_appname("orchestrator engine");
 
 	StartTransactionCommand();
-	present = extension_present();
+	present = lock_extension();
 	CommitTransactionCommand();
 	if (!present)
 	{
