@@ -2844,31 +2844,36 @@ CREATE VIEW orch.engine_workers AS
  * The audit trail (docs/audit.md)
  * ------------------------------------------------------------------------ */
 
--- One row per row changed in an audited table (and per audit event): who,
--- what, when and why, and the SHA-256 of the row's canonical encoding.
--- Append-only; the sealer chains finished rows into orch.audit_blocks.
-CREATE TABLE orch.audit_log (
-	audit_id		bigint		GENERATED ALWAYS AS IDENTITY (CACHE 64),
+-- The audit trail is one event per row changed in an audited table (and
+-- per audit event): who, what, when and why, and the SHA-256 of the event's
+-- canonical encoding.  An event's row images and its run and step are
+-- stored in that encoding, so the values hashed are the values stored.
+-- The events of one statement (up to 1,000) share a record, which holds
+-- what they have in common once; orch.audit_log shows one row per event.
+-- Append-only; the sealer chains finished events into orch.audit_blocks.
+CREATE TABLE orch.audit_records (
+	record_id		bigint		GENERATED ALWAYS AS IDENTITY (CACHE 64),
 	xid				xid8		NOT NULL,	-- the writing (top-level) transaction
 	at				timestamptz	NOT NULL,
 	table_name		text		NOT NULL,	-- schema-qualified
 	operation		text		NOT NULL,	-- INSERT UPDATE DELETE TRUNCATE, or an event
-	row_key			jsonb,					-- the primary key's columns
-	old_row			jsonb,					-- DELETE: the row; UPDATE: the changed columns before
-	new_row			jsonb,					-- INSERT: the row; UPDATE: the changed columns after
 	actor			text,					-- the application's actor
 	db_user			text		NOT NULL,	-- current_user
 	session_role	text		NOT NULL,	-- session_user
-	run_id			uuid,
-	step_id			bigint,
 	reason			text,
-	row_hash		bytea		NOT NULL,
-	-- the order in which the sealer takes rows: transaction, then id
-	PRIMARY KEY (xid, audit_id)
+	n_events		int			NOT NULL,
+	events			bytea		NOT NULL,	-- each event's row_key, old_row, new_row, run_id, step_id
+	hashes			bytea		NOT NULL,	-- each event's row_hash, 32 bytes
+	run_ids			uuid[],					-- the runs of its events, to find them by
+	-- the order in which the sealer takes events: transaction, record, event
+	PRIMARY KEY (xid, record_id)
 );
-CREATE INDEX audit_log_run ON orch.audit_log (run_id) WHERE run_id IS NOT NULL;
+CREATE INDEX audit_records_runs ON orch.audit_records USING gin (run_ids);
 -- the purges, which verification looks up first
-CREATE INDEX audit_log_purges ON orch.audit_log (audit_id) WHERE operation = 'PURGE';
+CREATE INDEX audit_records_purges ON orch.audit_records (record_id) WHERE operation = 'PURGE';
+-- a statement's events repeat their column names: they compress well
+ALTER TABLE orch.audit_records ALTER COLUMN events SET COMPRESSION lz4,
+	ALTER COLUMN hashes SET STORAGE EXTERNAL;
 
 -- A block seals the rows of the transactions with xid_from <= xid < xid_to,
 -- all of which had ended when it was sealed.
@@ -2904,11 +2909,30 @@ CREATE FUNCTION orch._audit_event(table_name text, operation text, detail jsonb)
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', 'orch_audit_event';
 
+-- The events of a record, their row images as jsonb.
+CREATE FUNCTION orch._audit_unpack(record_id bigint, n_events int, events bytea, hashes bytea,
+								   OUT audit_id bigint, OUT row_key jsonb, OUT old_row jsonb,
+								   OUT new_row jsonb, OUT run_id uuid, OUT step_id bigint,
+								   OUT row_hash bytea)
+	RETURNS SETOF record
+	LANGUAGE c IMMUTABLE STRICT
+	AS 'MODULE_PATHNAME', 'orch_audit_unpack';
+
+-- One row per event: the audit trail as the sealer and the verifiers see
+-- it.  An event's audit_id is its record's record_id times 1,000 plus its
+-- place in the record (0 to 999).
+CREATE VIEW orch.audit_log AS
+	SELECT e.audit_id, r.xid, r.at, r.table_name, r.operation, e.row_key, e.old_row, e.new_row,
+		   r.actor, r.db_user, r.session_role, e.run_id, e.step_id, r.reason, e.row_hash,
+		   r.record_id
+	  FROM orch.audit_records r
+	 CROSS JOIN LATERAL orch._audit_unpack(r.record_id, r.n_events, r.events, r.hashes) e;
+
 -- UPDATE, DELETE and TRUNCATE of the audit tables are refused for every
 -- role, whatever session_replication_role says.
-CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON orch.audit_log
+CREATE TRIGGER audit_records_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON orch.audit_records
 	FOR EACH STATEMENT EXECUTE FUNCTION orch._audit_append_only();
-ALTER TABLE orch.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
+ALTER TABLE orch.audit_records ENABLE ALWAYS TRIGGER audit_records_append_only;
 CREATE TRIGGER audit_blocks_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON orch.audit_blocks
 	FOR EACH STATEMENT EXECUTE FUNCTION orch._audit_append_only();
 ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
@@ -3150,14 +3174,15 @@ CREATE VIEW orch.audit_seal_status AS
 	  FROM (SELECT NULL) dummy
 	  LEFT JOIN LATERAL (SELECT * FROM orch.audit_blocks ORDER BY block_id DESC LIMIT 1) b ON true
 	  CROSS JOIN LATERAL (
-		SELECT pg_catalog.count(*) AS unsealed_rows, pg_catalog.min(l.at) AS oldest_unsealed_at
-		  FROM orch.audit_log l
-		 WHERE l.xid >= COALESCE(b.xid_to, '0'::xid8)) u;
+		SELECT COALESCE(pg_catalog.sum(r.n_events), 0)::bigint AS unsealed_rows,
+			   pg_catalog.min(r.at) AS oldest_unsealed_at
+		  FROM orch.audit_records r
+		 WHERE r.xid >= COALESCE(b.xid_to, '0'::xid8)) u;
 
-SELECT pg_catalog.pg_extension_config_dump('orch.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('orch.audit_records', '');
 SELECT pg_catalog.pg_extension_config_dump('orch.audit_blocks', '');
 SELECT pg_catalog.pg_extension_config_dump(
-	pg_catalog.pg_get_serial_sequence('orch.audit_log', 'audit_id')::pg_catalog.regclass, '');
+	pg_catalog.pg_get_serial_sequence('orch.audit_records', 'record_id')::pg_catalog.regclass, '');
 
 /* ------------------------------------------------------------------------
  * Privileges

@@ -98,17 +98,20 @@ INSERT INTO app.no_key VALUES ('x');
 SELECT operation, row_key, new_row FROM app.audit_of('app.no_key', 1);
 
 -- The audit tables are append-only, for their owner and superusers too.
-SELECT app.show_error($$UPDATE orch.audit_log SET reason = 'rewritten'$$);
-SELECT app.show_error($$DELETE FROM orch.audit_log$$);
-SELECT app.show_error($$TRUNCATE orch.audit_log$$);
+SELECT app.show_error($$UPDATE orch.audit_records SET reason = 'rewritten'$$);
+SELECT app.show_error($$DELETE FROM orch.audit_records$$);
+SELECT app.show_error($$TRUNCATE orch.audit_records$$);
 SELECT app.show_error($$DELETE FROM orch.audit_blocks$$);
 SET session_replication_role = replica;
-SELECT app.show_error($$DELETE FROM orch.audit_log$$);
+SELECT app.show_error($$DELETE FROM orch.audit_records$$);
 RESET session_replication_role;
+-- orch.audit_log, one row per event, is a view of them.
+SELECT app.show_error($$DELETE FROM orch.audit_log$$);
 -- Nobody but the trigger writes to them.
 SET ROLE audit_stranger;
-SELECT app.show_error($$INSERT INTO orch.audit_log (xid, at, table_name, operation, db_user, session_role, row_hash)
-						VALUES ('1', now(), 'x', 'INSERT', 'x', 'x', '\x00')$$);
+SELECT app.show_error($$INSERT INTO orch.audit_records (xid, at, table_name, operation, db_user, session_role,
+														n_events, events, hashes)
+						VALUES ('1', now(), 'x', 'INSERT', 'x', 'x', 0, '', '')$$);
 RESET ROLE;
 
 -- Sealing takes every row of the transactions that have ended; the chain

@@ -129,6 +129,18 @@ put_u32(StringInfo buf, uint32 v)
 	buf->len += 4;
 }
 
+/* Overwrite the 4 bytes at offset at with v, big-endian. */
+static void
+patch_u32(StringInfo buf, int at, uint32 v)
+{
+	unsigned char *p = (unsigned char *) buf->data + at;
+
+	p[0] = (unsigned char) (v >> 24);
+	p[1] = (unsigned char) (v >> 16);
+	p[2] = (unsigned char) (v >> 8);
+	p[3] = (unsigned char) v;
+}
+
 static void
 put_u64(StringInfo buf, uint64 v)
 {
@@ -330,10 +342,7 @@ enc_jsonb(StringInfo buf, Jsonb *jb)
 	put_u32(buf, 0);			/* the length, filled in below */
 	json_canon(buf, &jb->root);
 	len = (uint32) (buf->len - len_at - 4);
-	buf->data[len_at] = (char) (len >> 24);
-	buf->data[len_at + 1] = (char) (len >> 16);
-	buf->data[len_at + 2] = (char) (len >> 8);
-	buf->data[len_at + 3] = (char) len;
+	patch_u32(buf, len_at, len);
 }
 
 /* Microseconds since 1970-01-01 00:00 UTC. */
@@ -375,36 +384,144 @@ orch_sha256(const void *data, size_t len, uint8 *out)
 		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(sha256_ctx));
 }
 
-/* The canonical encoding of an audit row (version 1) and its SHA-256. */
+/*
+ * The encoding of what a record's events share, in the three runs that
+ * each event's fields interleave with: c->enc[0] is xid, at, table_name,
+ * operation; c->enc[1] actor, db_user, session_role; c->enc[2] reason.
+ */
 void
-orch_audit_row_hash(const OrchAuditRow *r, uint8 *out)
+orch_audit_common_encode(OrchAuditCommon *c)
 {
-	StringInfoData buf;
+	for (int i = 0; i < 3; i++)
+		initStringInfo(&c->enc[i]);
+	enc_u64(&c->enc[0], c->xid);
+	enc_u64(&c->enc[0], (uint64) unix_usecs(c->at));
+	enc_cstring(&c->enc[0], c->table_name);
+	enc_cstring(&c->enc[0], c->operation);
+	enc_cstring(&c->enc[1], c->actor);
+	enc_cstring(&c->enc[1], c->db_user);
+	enc_cstring(&c->enc[1], c->session_role);
+	enc_cstring(&c->enc[2], c->reason);
+}
 
-	initStringInfo(&buf);
-	put_byte(&buf, ORCH_AUDIT_ENCODING_VERSION);
-	enc_u64(&buf, (uint64) r->audit_id);
-	enc_u64(&buf, r->xid);
-	enc_u64(&buf, (uint64) unix_usecs(r->at));
-	enc_cstring(&buf, r->table_name);
-	enc_cstring(&buf, r->operation);
-	enc_jsonb(&buf, r->row_key);
-	enc_jsonb(&buf, r->old_row);
-	enc_jsonb(&buf, r->new_row);
-	enc_cstring(&buf, r->actor);
-	enc_cstring(&buf, r->db_user);
-	enc_cstring(&buf, r->session_role);
-	if (r->run_id != NULL)
-		enc_bytes(&buf, r->run_id->data, UUID_LEN);
-	else
-		enc_null(&buf);
-	if (r->has_step)
-		enc_u64(&buf, (uint64) r->step_id);
-	else
-		enc_null(&buf);
-	enc_cstring(&buf, r->reason);
-	orch_sha256(buf.data, buf.len, out);
-	pfree(buf.data);
+/*
+ * The SHA-256 of an event's canonical encoding (version 1): the version,
+ * audit_id, what its record shares and the event's own fields, in the
+ * order of docs/audit.md.  event holds its five fields, len bytes, the
+ * run_id field starting at middle.
+ */
+void
+orch_audit_event_hash(const OrchAuditCommon *c, int64 audit_id, const char *event, int middle,
+					  int len, uint8 *out)
+{
+	unsigned char head[1 + 1 + 4 + 8];
+	const void *parts[6];
+	size_t		lens[6];
+
+	/* the version byte, then audit_id: a field of 8 bytes, big-endian */
+	head[0] = ORCH_AUDIT_ENCODING_VERSION;
+	head[1] = 1;
+	head[2] = head[3] = head[4] = 0;
+	head[5] = 8;
+	for (int i = 0; i < 8; i++)
+		head[6 + i] = (unsigned char) ((uint64) audit_id >> (56 - 8 * i));
+	parts[0] = head;
+	lens[0] = sizeof(head);
+	parts[1] = c->enc[0].data;
+	lens[1] = c->enc[0].len;
+	parts[2] = event;
+	lens[2] = middle;
+	parts[3] = c->enc[1].data;
+	lens[3] = c->enc[1].len;
+	parts[4] = event + middle;
+	lens[4] = len - middle;
+	parts[5] = c->enc[2].data;
+	lens[5] = c->enc[2].len;
+	orch_sha256_parts(6, parts, lens, out);
+}
+
+/*
+ * Split nfields fields of the encoding starting at p, which ends before
+ * end; returns where the next byte is, or NULL if they are not well
+ * formed.
+ */
+const char *
+orch_audit_split_fields(const char *p, const char *end, OrchAuditField *f, int nfields)
+{
+	for (int i = 0; i < nfields; i++)
+	{
+		const unsigned char *u = (const unsigned char *) p;
+		uint32		len;
+
+		if (p >= end)
+			return NULL;
+		if (*p == 0)
+		{
+			f[i].isnull = true;
+			f[i].data = NULL;
+			f[i].len = 0;
+			p++;
+			continue;
+		}
+		if (*p != 1 || end - p < 5)
+			return NULL;
+		len = ((uint32) u[1] << 24) | ((uint32) u[2] << 16) | ((uint32) u[3] << 8) | u[4];
+		if ((uint32) (end - p - 5) < len)
+			return NULL;
+		f[i].isnull = false;
+		f[i].data = p + 5;
+		f[i].len = len;
+		p += 5 + len;
+	}
+	return p;
+}
+
+/*
+ * Split a record's events (len bytes at data) into n events of five
+ * fields each; false if they are not exactly that.
+ */
+bool
+orch_audit_split_events(const char *data, int len, int n, OrchAuditEvents *ev)
+{
+	const char *p = data;
+	const char *end = data + len;
+
+	ev->n = n;
+	ev->base = data;
+	ev->start = palloc(sizeof(int) * (Max(n, 0) + 1));
+	ev->middle = palloc(sizeof(int) * Max(n, 1));
+	if (n < 0 || n > ORCH_AUDIT_RECORD_EVENTS)
+		return false;
+	for (int i = 0; i < n; i++)
+	{
+		OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
+
+		ev->start[i] = (int) (p - data);
+		p = orch_audit_split_fields(p, end, f, 3);
+		if (p == NULL)
+			return false;
+		ev->middle[i] = (int) (p - data) - ev->start[i];
+		p = orch_audit_split_fields(p, end, f + 3, 2);
+		if (p == NULL)
+			return false;
+	}
+	ev->start[n] = (int) (p - data);
+	return p == end;
+}
+
+/* The SHA-256 of n byte strings one after the other. */
+void
+orch_sha256_parts(int n, const void *const *data, const size_t *len, uint8 *out)
+{
+	if (sha256_ctx == NULL)
+		orch_sha256("", 0, out);	/* creates the context */
+	if (pg_cryptohash_init(sha256_ctx) < 0)
+		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(sha256_ctx));
+	for (int i = 0; i < n; i++)
+		if (pg_cryptohash_update(sha256_ctx, data[i], len[i]) < 0)
+			elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(sha256_ctx));
+	if (pg_cryptohash_final(sha256_ctx, out, PG_SHA256_DIGEST_LENGTH) < 0)
+		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(sha256_ctx));
 }
 
 /* The canonical encoding of a block (version 1) and its SHA-256. */
@@ -462,7 +579,7 @@ orch_merkle_root(const uint8 *leaves, int64 n, uint8 *out)
 }
 
 /* ------------------------------------------------------------------------
- * Row values as jsonb, independent of the session's settings
+ * Row images in canonical form, independent of the session's settings
  * ------------------------------------------------------------------------ */
 
 /*
@@ -507,10 +624,27 @@ typedef struct RelRender
 	FmgrInfo   *output;			/* per attribute, for RK_OUTPUT */
 	int			settings_level; /* GUC nest level of render_settings, or 0 */
 	FmgrInfo   *to_jsonb;		/* per attribute; fn_oid InvalidOid if dropped */
+	int		   *order;			/* the live attributes' indexes, in jsonb's key order */
+	int			ncols;			/* how many */
 	Bitmapset  *key_attrs;		/* primary key attribute numbers */
 	AttrNumber	run_attr;		/* "run_id uuid", or 0 */
 	AttrNumber	step_attr;		/* "step_id bigint", or 0 */
 } RelRender;
+
+/* jsonb's order of keys: shorter names first, then by their bytes */
+static int
+key_order_cmp(const void *a, const void *b, void *arg)
+{
+	TupleDesc	desc = (TupleDesc) arg;
+	const char *x = NameStr(TupleDescAttr(desc, *(const int *) a)->attname);
+	const char *y = NameStr(TupleDescAttr(desc, *(const int *) b)->attname);
+	size_t		lx = strlen(x);
+	size_t		ly = strlen(y);
+
+	if (lx != ly)
+		return lx < ly ? -1 : 1;
+	return memcmp(x, y, lx);
+}
 
 static void
 rel_render_init(RelRender *rr, Relation rel)
@@ -525,6 +659,8 @@ rel_render_init(RelRender *rr, Relation rel)
 	rr->output = palloc0(sizeof(FmgrInfo) * desc->natts);
 	rr->settings_level = 0;
 	rr->to_jsonb = palloc0(sizeof(FmgrInfo) * desc->natts);
+	rr->order = palloc(sizeof(int) * Max(desc->natts, 1));
+	rr->ncols = 0;
 	rr->key_attrs = NULL;
 	rr->run_attr = 0;
 	rr->step_attr = 0;
@@ -536,6 +672,7 @@ rel_render_init(RelRender *rr, Relation rel)
 
 		if (att->attisdropped)
 			continue;
+		rr->order[rr->ncols++] = i;
 		/* the common types directly; the others as to_jsonb renders them */
 		base = getBaseType(att->atttypid);
 		rr->base_type[i] = base;
@@ -585,99 +722,84 @@ rel_render_init(RelRender *rr, Relation rel)
 		if (strcmp(NameStr(att->attname), "step_id") == 0 && att->atttypid == INT8OID)
 			rr->step_attr = att->attnum;
 	}
+	qsort_arg(rr->order, rr->ncols, sizeof(int), key_order_cmp, desc);
 	a = -1;
 	while ((a = bms_next_member(pk, a)) >= 0)
 		rr->key_attrs = bms_add_member(rr->key_attrs, a + FirstLowInvalidHeapAttributeNumber);
 }
 
-/* Push one column's value as the value of its key. */
+/*
+ * One column's value in canonical form (docs/audit.md), as to_jsonb would
+ * render it under render_settings: the common types directly, the others
+ * through to_jsonb.
+ */
 static void
-push_column(JsonbParseState **state, RelRender *rr, int i, Datum value, bool isnull)
+enc_value(StringInfo out, RelRender *rr, int i, Datum value, bool isnull)
 {
-	Form_pg_attribute att = TupleDescAttr(rr->desc, i);
-	JsonbValue	key;
-	JsonbValue	val;
+	Jsonb	   *jb;
 
-	key.type = jbvString;
-	key.val.string.val = NameStr(att->attname);
-	key.val.string.len = (int) strlen(NameStr(att->attname));
-	(void) pushJsonbValue(state, WJB_KEY, &key);
 	if (isnull)
 	{
-		val.type = jbvNull;
-		(void) pushJsonbValue(state, WJB_VALUE, &val);
+		put_byte(out, 'Z');
 		return;
 	}
 	switch (rr->kind[i])
 	{
 		case RK_INTEGER:
-			val.type = jbvNumeric;
-			val.val.numeric = int64_to_numeric(rr->base_type[i] == INT2OID ? DatumGetInt16(value) :
-											   rr->base_type[i] == INT4OID ? DatumGetInt32(value) :
-											   DatumGetInt64(value));
-			(void) pushJsonbValue(state, WJB_VALUE, &val);
-			return;
+			{
+				char		num[MAXINT8LEN + 1];
+				int			len = pg_lltoa(rr->base_type[i] == INT2OID ? DatumGetInt16(value) :
+										   rr->base_type[i] == INT4OID ? DatumGetInt32(value) :
+										   DatumGetInt64(value), num);
+
+				put_byte(out, 'N');
+				put_u32(out, (uint32) len);
+				put_raw(out, num, len);
+				return;
+			}
 		case RK_NUMERIC:
 			if (numeric_is_nan(DatumGetNumeric(value)) || numeric_is_inf(DatumGetNumeric(value)))
 				break;			/* not a JSON number: as to_jsonb has it */
-			val.type = jbvNumeric;
-			val.val.numeric = DatumGetNumeric(value);
-			(void) pushJsonbValue(state, WJB_VALUE, &val);
+			put_number(out, DatumGetNumeric(value));
 			return;
 		case RK_BOOL:
-			val.type = jbvBool;
-			val.val.boolean = DatumGetBool(value);
-			(void) pushJsonbValue(state, WJB_VALUE, &val);
+			put_byte(out, DatumGetBool(value) ? 'T' : 'F');
 			return;
 		case RK_TEXT:
 			{
 				text	   *t = DatumGetTextPP(value);
 
-				val.type = jbvString;
-				val.val.string.val = VARDATA_ANY(t);
-				val.val.string.len = (int) VARSIZE_ANY_EXHDR(t);
-				(void) pushJsonbValue(state, WJB_VALUE, &val);
+				put_byte(out, 'S');
+				put_string(out, VARDATA_ANY(t), (int) VARSIZE_ANY_EXHDR(t));
 				return;
 			}
 		case RK_OUTPUT:
-			val.type = jbvString;
-			val.val.string.val = OutputFunctionCall(&rr->output[i], value);
-			val.val.string.len = (int) strlen(val.val.string.val);
-			(void) pushJsonbValue(state, WJB_VALUE, &val);
-			return;
+			{
+				char	   *str = OutputFunctionCall(&rr->output[i], value);
+
+				put_byte(out, 'S');
+				put_string(out, str, (int) strlen(str));
+				return;
+			}
 		case RK_TIMESTAMPTZ:
 			{
 				static const int utc = 0;
+				char	   *str = JsonEncodeDateTime(NULL, value, TIMESTAMPTZOID, &utc);
 
-				val.type = jbvString;
-				val.val.string.val = JsonEncodeDateTime(NULL, value, TIMESTAMPTZOID, &utc);
-				val.val.string.len = (int) strlen(val.val.string.val);
-				(void) pushJsonbValue(state, WJB_VALUE, &val);
+				put_byte(out, 'S');
+				put_string(out, str, (int) strlen(str));
 				return;
 			}
 		case RK_JSONB:
+			json_canon(out, &DatumGetJsonbP(value)->root);
+			return;
 		case RK_TO_JSONB:
 			break;
 	}
-	if (rr->kind[i] != RK_JSONB && rr->settings_level == 0)
+	if (rr->settings_level == 0)
 		rr->settings_level = render_settings_push();	/* until the statement's rows are done */
-	{
-		Jsonb	   *jb = rr->kind[i] == RK_JSONB ? DatumGetJsonbP(value) :
-			DatumGetJsonbP(FunctionCall1(&rr->to_jsonb[i], value));
-
-		if (JB_ROOT_IS_SCALAR(jb))
-		{
-			if (!JsonbExtractScalar(&jb->root, &val))
-				elog(ERROR, "could not read a scalar jsonb");
-		}
-		else
-		{
-			val.type = jbvBinary;
-			val.val.binary.data = &jb->root;
-			val.val.binary.len = (int) (VARSIZE(jb) - VARHDRSZ);
-		}
-		(void) pushJsonbValue(state, WJB_VALUE, &val);
-	}
+	jb = DatumGetJsonbP(FunctionCall1(&rr->to_jsonb[i], value));
+	json_canon(out, &jb->root);
 }
 
 /*
@@ -738,79 +860,77 @@ changed_columns(RelRender *rr, TupleTableSlot *before, TupleTableSlot *after, bo
 	}
 }
 
-static Jsonb *
-render_row(RelRender *rr, TupleTableSlot *slot, RenderWhich which, const bool *changed)
+/*
+ * A row image as a field of the encoding: a JSON object of the columns
+ * (keys in jsonb's order), with the length and count filled in at the end.
+ */
+static void
+enc_row(StringInfo out, RelRender *rr, TupleTableSlot *slot, RenderWhich which, const bool *changed)
 {
-	JsonbParseState *state = NULL;
-	JsonbValue *res;
+	int			len_at;
+	int			count_at;
+	uint32		count = 0;
 
 	slot_getallattrs(slot);
-	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	for (int i = 0; i < rr->desc->natts; i++)
+	put_byte(out, 1);
+	len_at = out->len;
+	put_u32(out, 0);
+	put_byte(out, 'O');
+	count_at = out->len;
+	put_u32(out, 0);
+	for (int k = 0; k < rr->ncols; k++)
 	{
+		int			i = rr->order[k];
 		Form_pg_attribute att = TupleDescAttr(rr->desc, i);
 
-		if (att->attisdropped)
-			continue;
 		if (which == RENDER_KEY && !bms_is_member(att->attnum, rr->key_attrs))
 			continue;
 		if (which == RENDER_CHANGED && !changed[i])
 			continue;
-		push_column(&state, rr, i, slot->tts_values[i], slot->tts_isnull[i]);
+		put_string(out, NameStr(att->attname), (int) strlen(NameStr(att->attname)));
+		enc_value(out, rr, i, slot->tts_values[i], slot->tts_isnull[i]);
+		count++;
 	}
-	res = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
-	return JsonbValueToJsonb(res);
+	patch_u32(out, count_at, count);
+	patch_u32(out, len_at, (uint32) (out->len - len_at - 4));
 }
 
 /* ------------------------------------------------------------------------
  * Writing audit rows
  * ------------------------------------------------------------------------ */
 
-static Oid	audit_seq = InvalidOid;	/* audit_id's sequence ... */
-static Oid	audit_seq_of = InvalidOid;	/* ... of this orch.audit_log */
-
-/* The values of one audit row but those common to its statement. */
-typedef struct AuditPending
-{
-	Datum		id;
-	Datum		key;
-	Datum		old;
-	Datum		new;
-	Datum		run;
-	Datum		step;
-	Datum		hash;
-	bool		key_null;
-	bool		old_null;
-	bool		new_null;
-	bool		run_null;
-	bool		step_null;
-} AuditPending;
+static Oid	audit_seq = InvalidOid;	/* record_id's sequence ... */
+static Oid	audit_seq_of = InvalidOid;	/* ... of this orch.audit_records */
 
 /*
- * Audit rows of one statement (or one event), written in chunks of at most
- * cap rows: as many as the statement changed, up to AUDIT_FLUSH_ROWS.
+ * The events of one statement (or one audit event), written as records of
+ * at most cap events: as many as the statement changed, up to
+ * ORCH_AUDIT_RECORD_EVENTS.
  */
 typedef struct AuditBatch
 {
-	OrchAuditRow common;		/* xid, at, table, operation, who, reason */
-	int			n;
+	OrchAuditCommon common;		/* xid, at, table, operation, who, reason */
+	int64		record_id;		/* of the record being filled; 0 before its first event */
+	int			n;				/* its events so far */
 	int			cap;
-	AuditPending *rows;
-	MemoryContext rows_cxt;		/* the chunk's values */
+	StringInfoData events;		/* their fields */
+	StringInfoData hashes;		/* their hashes */
+	pg_uuid_t  *runs;			/* their runs, nruns of them, repeats included */
+	int			nruns;
+	int			event_start;	/* where the event being added starts in events */
 } AuditBatch;
 
 /*
- * Where orch.audit_log's columns are in a tuple descriptor of it, in the
- * order of the encoding: audit_id, xid, at, table_name, operation, row_key,
- * old_row, new_row, actor, db_user, session_role, run_id, step_id, reason,
- * and row_hash last.
+ * Where orch.audit_records' columns are in a tuple descriptor of it:
+ * record_id, xid, at, table_name, operation, actor, db_user, session_role,
+ * reason, n_events, events, hashes, run_ids.
  */
 void
 orch_audit_column_map(TupleDesc desc, int *col)
 {
 	static const char *const names[ORCH_AUDIT_NCOLS] = {
-		"audit_id", "xid", "at", "table_name", "operation", "row_key", "old_row", "new_row",
-		"actor", "db_user", "session_role", "run_id", "step_id", "reason", "row_hash"
+		"record_id", "xid", "at", "table_name", "operation", "actor", "db_user", "session_role",
+		"reason", "n_events", "events", "hashes", "run_ids"
 	};
 
 	for (int c = 0; c < ORCH_AUDIT_NCOLS; c++)
@@ -821,119 +941,124 @@ orch_audit_column_map(TupleDesc desc, int *col)
 				strcmp(NameStr(TupleDescAttr(desc, a)->attname), names[c]) == 0)
 				col[c] = a;
 		if (col[c] < 0)
-			elog(ERROR, "orch.audit_log has no column %s", names[c]);
+			elog(ERROR, "orch.audit_records has no column %s", names[c]);
 	}
 }
 
 static Oid
-audit_log_relid(void)
+audit_records_relid(void)
 {
 	Oid			nsp = get_namespace_oid("orch", false);
-	Oid			relid = get_relname_relid("audit_log", nsp);
+	Oid			relid = get_relname_relid("audit_records", nsp);
 
 	if (!OidIsValid(relid))
-		elog(ERROR, "orch.audit_log is missing");
+		elog(ERROR, "orch.audit_records is missing");
 	return relid;
 }
 
+static int
+uuid_order(const void *a, const void *b)
+{
+	return memcmp(a, b, sizeof(pg_uuid_t));
+}
+
+/* The distinct runs of the record's events, as a uuid[]; NULL if none. */
+static ArrayType *
+record_runs(AuditBatch *b)
+{
+	Datum	   *elems;
+	int			n = 0;
+
+	if (b->nruns == 0)
+		return NULL;
+	qsort(b->runs, b->nruns, sizeof(pg_uuid_t), uuid_order);
+	elems = palloc(sizeof(Datum) * b->nruns);
+	for (int i = 0; i < b->nruns; i++)
+		if (i == 0 || memcmp(&b->runs[i], &b->runs[i - 1], sizeof(pg_uuid_t)) != 0)
+			elems[n++] = UUIDPGetDatum(&b->runs[i]);
+	return construct_array(elems, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR);
+}
+
+static bytea *
+to_bytea(StringInfo s)
+{
+	bytea	   *b = palloc(VARHDRSZ + s->len);
+
+	SET_VARSIZE(b, VARHDRSZ + s->len);
+	memcpy(VARDATA(b), s->data, s->len);
+	return b;
+}
+
 /*
- * Write the batch's rows to orch.audit_log, as COPY does: one multi-insert
- * (a WAL record per page, not per row), then their index entries.  No
- * trigger, rule or privilege check stands between: the user whose change
- * is recorded may not write to the audit trail, and its only triggers
- * refuse updates and deletes.
+ * Write the record being filled to orch.audit_records, with its index
+ * entries: one row for up to ORCH_AUDIT_RECORD_EVENTS events, its events
+ * compressed and stored out of line when large.  No trigger, rule or
+ * privilege check stands between: the user whose change is recorded may
+ * not write to the audit trail, and its only triggers refuse updates and
+ * deletes.
  */
 static void
 batch_flush(AuditBatch *b)
 {
+	static Oid	col_of = InvalidOid;
+	static int	col[ORCH_AUDIT_NCOLS];
 	Relation	rel;
-	TupleDesc	desc;
 	ResultRelInfo *rri;
 	EState	   *estate;
-	TupleTableSlot **slots;
-	BulkInsertState bis;
+	TupleTableSlot *slot;
 	CommandId	cid = GetCurrentCommandId(true);
-	int			col[ORCH_AUDIT_NCOLS];
-	Datum		xid;
-	Datum		at;
-	Datum		table_name;
-	Datum		operation;
-	Datum		actor;
-	Datum		db_user;
-	Datum		session_role;
-	Datum		reason;
+	ArrayType  *runs;
+	List	   *recheck;
 
 	if (b->n == 0)
 		return;
 
-	rel = table_open(audit_log_relid(), RowExclusiveLock);
-	desc = RelationGetDescr(rel);
-	orch_audit_column_map(desc, col);
-
-	xid = FullTransactionIdGetDatum(FullTransactionIdFromU64(b->common.xid));
-	at = TimestampTzGetDatum(b->common.at);
-	table_name = CStringGetTextDatum(b->common.table_name);
-	operation = CStringGetTextDatum(b->common.operation);
-	actor = b->common.actor ? CStringGetTextDatum(b->common.actor) : (Datum) 0;
-	db_user = CStringGetTextDatum(b->common.db_user);
-	session_role = CStringGetTextDatum(b->common.session_role);
-	reason = b->common.reason ? CStringGetTextDatum(b->common.reason) : (Datum) 0;
+	rel = table_open(audit_records_relid(), RowExclusiveLock);
+	if (RelationGetRelid(rel) != col_of)
+	{
+		orch_audit_column_map(RelationGetDescr(rel), col);
+		col_of = RelationGetRelid(rel);
+	}
 
 	estate = CreateExecutorState();
 	estate->es_output_cid = cid;
 	rri = makeNode(ResultRelInfo);
 	InitResultRelInfo(rri, rel, 1, NULL, 0);
 	ExecOpenIndices(rri, false);
-
-	slots = palloc(sizeof(TupleTableSlot *) * b->n);
-	for (int i = 0; i < b->n; i++)
-	{
-		TupleTableSlot *slot = table_slot_create(rel, &estate->es_tupleTable);
-		Datum	   *v = slot->tts_values;
-		bool	   *isnull = slot->tts_isnull;
-		AuditPending *p = &b->rows[i];
-
-		ExecClearTuple(slot);
-		memset(isnull, true, sizeof(bool) * desc->natts);
-#define SET(c, d, nul) (v[col[c]] = (d), isnull[col[c]] = (nul))
-		SET(0, p->id, false);
-		SET(1, xid, false);
-		SET(2, at, false);
-		SET(3, table_name, false);
-		SET(4, operation, false);
-		SET(5, p->key, p->key_null);
-		SET(6, p->old, p->old_null);
-		SET(7, p->new, p->new_null);
-		SET(8, actor, b->common.actor == NULL);
-		SET(9, db_user, false);
-		SET(10, session_role, false);
-		SET(11, p->run, p->run_null);
-		SET(12, p->step, p->step_null);
-		SET(13, reason, b->common.reason == NULL);
-		SET(14, p->hash, false);
+	slot = table_slot_create(rel, &estate->es_tupleTable);
+	ExecClearTuple(slot);
+	memset(slot->tts_isnull, true, sizeof(bool) * RelationGetDescr(rel)->natts);
+	runs = record_runs(b);
+#define SET(c, d, nul) (slot->tts_values[col[c]] = (d), slot->tts_isnull[col[c]] = (nul))
+	SET(0, Int64GetDatum(b->record_id), false);
+	SET(1, FullTransactionIdGetDatum(FullTransactionIdFromU64(b->common.xid)), false);
+	SET(2, TimestampTzGetDatum(b->common.at), false);
+	SET(3, CStringGetTextDatum(b->common.table_name), false);
+	SET(4, CStringGetTextDatum(b->common.operation), false);
+	SET(5, b->common.actor ? CStringGetTextDatum(b->common.actor) : (Datum) 0, b->common.actor == NULL);
+	SET(6, CStringGetTextDatum(b->common.db_user), false);
+	SET(7, CStringGetTextDatum(b->common.session_role), false);
+	SET(8, b->common.reason ? CStringGetTextDatum(b->common.reason) : (Datum) 0, b->common.reason == NULL);
+	SET(9, Int32GetDatum(b->n), false);
+	SET(10, PointerGetDatum(to_bytea(&b->events)), false);
+	SET(11, PointerGetDatum(to_bytea(&b->hashes)), false);
+	SET(12, PointerGetDatum(runs), runs == NULL);
 #undef SET
-		ExecStoreVirtualTuple(slot);
-		slots[i] = slot;
-	}
-
-	bis = GetBulkInsertState();
-	table_multi_insert(rel, slots, b->n, cid, 0, bis);
-	FreeBulkInsertState(bis);
-	for (int i = 0; i < b->n; i++)
-	{
-		List	   *recheck = ExecInsertIndexTuples(rri, slots[i], estate, false, false, NULL, NIL);
-
-		list_free(recheck);
-		ResetPerTupleExprContext(estate);
-	}
+	ExecStoreVirtualTuple(slot);
+	table_tuple_insert(rel, slot, cid, 0, NULL);
+	recheck = ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL);
+	list_free(recheck);
 
 	ExecCloseIndices(rri);
 	ExecResetTupleTable(estate->es_tupleTable, false);
 	FreeExecutorState(estate);
 	table_close(rel, NoLock);
 
+	b->record_id = 0;
 	b->n = 0;
-	MemoryContextReset(b->rows_cxt);
+	b->nruns = 0;
+	resetStringInfo(&b->events);
+	resetStringInfo(&b->hashes);
 }
 
 /*
@@ -960,7 +1085,7 @@ acting_user(void)
 static void
 batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation, int64 nrows)
 {
-	memset(&b->common, 0, sizeof(b->common));
+	memset(b, 0, sizeof(*b));
 	b->common.xid = U64FromFullTransactionId(GetTopFullTransactionId());
 	b->common.at = GetCurrentTimestamp();
 	b->common.table_name = table_name;
@@ -971,12 +1096,14 @@ batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation, i
 		pstrdup(orch_audit_reason) : NULL;
 	b->common.db_user = GetUserNameFromId(acting_user(), false);
 	b->common.session_role = GetUserNameFromId(GetSessionUserId(), false);
-	b->n = 0;
-	b->cap = (int) Min(Max(nrows, 1), AUDIT_FLUSH_ROWS);
-	b->rows = palloc(sizeof(AuditPending) * b->cap);
+	orch_audit_common_encode(&b->common);
+	b->cap = (int) Min(Max(nrows, 1), ORCH_AUDIT_RECORD_EVENTS);
+	initStringInfo(&b->events);
+	initStringInfo(&b->hashes);
+	b->runs = palloc(sizeof(pg_uuid_t) * b->cap);
 	{
 		/* the extension may have been dropped and created again since */
-		Oid			relid = audit_log_relid();
+		Oid			relid = audit_records_relid();
 
 		if (relid != audit_seq_of)
 		{
@@ -986,47 +1113,41 @@ batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation, i
 	}
 }
 
-/* Add one row: its hash is taken over every field, audit_id included. */
+/*
+ * Start an event: its row_key, old_row and new_row fields are appended to
+ * b->events next, then batch_end_event adds its run and step.
+ */
 static void
-batch_add(AuditBatch *b, Jsonb *row_key, Jsonb *old_row, Jsonb *new_row,
-		  pg_uuid_t *run_id, bool has_step, int64 step_id)
+batch_begin_event(AuditBatch *b)
 {
-	OrchAuditRow r = b->common;
-	MemoryContext oldcxt = MemoryContextSwitchTo(b->rows_cxt);
-	bytea	   *hash = palloc(VARHDRSZ + PG_SHA256_DIGEST_LENGTH);
-	AuditPending *p = &b->rows[b->n];
+	if (b->record_id == 0)
+		b->record_id = nextval_internal(audit_seq, false);
+	b->event_start = b->events.len;
+}
 
-	r.audit_id = nextval_internal(audit_seq, false);
-	r.row_key = row_key;
-	r.old_row = old_row;
-	r.new_row = new_row;
-	r.run_id = run_id;
-	r.has_step = has_step;
-	r.step_id = step_id;
-	SET_VARSIZE(hash, VARHDRSZ + PG_SHA256_DIGEST_LENGTH);
-	orch_audit_row_hash(&r, (uint8 *) VARDATA(hash));
+/* Finish the event: its run and step, then its hash over every field. */
+static void
+batch_end_event(AuditBatch *b, const pg_uuid_t *run_id, bool has_step, int64 step_id)
+{
+	int			middle = b->events.len - b->event_start;
+	uint8		hash[ORCH_HASH_LEN];
 
-	p->id = Int64GetDatum(r.audit_id);
-	p->key = row_key ? JsonbPGetDatum(row_key) : (Datum) 0;
-	p->key_null = row_key == NULL;
-	p->old = old_row ? JsonbPGetDatum(old_row) : (Datum) 0;
-	p->old_null = old_row == NULL;
-	p->new = new_row ? JsonbPGetDatum(new_row) : (Datum) 0;
-	p->new_null = new_row == NULL;
-	p->run = (Datum) 0;
 	if (run_id != NULL)
 	{
-		pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
-
-		memcpy(u, run_id, sizeof(pg_uuid_t));
-		p->run = UUIDPGetDatum(u);
+		enc_bytes(&b->events, run_id->data, UUID_LEN);
+		b->runs[b->nruns++] = *run_id;
 	}
-	p->run_null = run_id == NULL;
-	p->step = Int64GetDatum(step_id);
-	p->step_null = !has_step;
-	p->hash = PointerGetDatum(hash);
+	else
+		enc_null(&b->events);
+	if (has_step)
+		enc_u64(&b->events, (uint64) step_id);
+	else
+		enc_null(&b->events);
+	orch_audit_event_hash(&b->common, b->record_id * ORCH_AUDIT_RECORD_EVENTS + b->n,
+						  b->events.data + b->event_start, middle,
+						  b->events.len - b->event_start, hash);
+	put_raw(&b->hashes, (const char *) hash, ORCH_HASH_LEN);
 	b->n++;
-	MemoryContextSwitchTo(oldcxt);
 	if (b->n == b->cap)
 		batch_flush(b);
 }
@@ -1098,6 +1219,7 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	AuditBatch *b;
 	MemoryContext cxt;
 	MemoryContext oldcxt;
+	MemoryContext rowcxt;
 	char	   *table_name;
 	bool	   *changed;
 
@@ -1148,7 +1270,6 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 								ALLOCSET_DEFAULT_SIZES);
 	oldcxt = MemoryContextSwitchTo(cxt);
 	b = palloc0(sizeof(AuditBatch));
-	b->rows_cxt = AllocSetContextCreate(cxt, "orchestrator audit rows", ALLOCSET_DEFAULT_SIZES);
 	table_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
 											RelationGetRelationName(rel));
 	batch_begin_stmt(b, table_name, operation, rows_a != NULL ? tuplestore_tuple_count(rows_a) : 1);
@@ -1156,9 +1277,12 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	if (rows_a == NULL)
 	{
 		/* TRUNCATE: one event, no rows */
-		pg_uuid_t  *run_id = step_context_set ? &step_context_run : NULL;
-
-		batch_add(b, NULL, NULL, NULL, run_id, step_context_set, step_context_step);
+		batch_begin_event(b);
+		enc_null(&b->events);
+		enc_null(&b->events);
+		enc_null(&b->events);
+		batch_end_event(b, step_context_set ? &step_context_run : NULL, step_context_set,
+						step_context_step);
 		batch_flush(b);
 		MemoryContextSwitchTo(oldcxt);
 		MemoryContextDelete(cxt);
@@ -1167,6 +1291,7 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 
 	rel_render_init(&rr, rel);
 	changed = palloc(sizeof(bool) * Max(rr.desc->natts, 1));
+	rowcxt = AllocSetContextCreate(cxt, "orchestrator audit row", ALLOCSET_DEFAULT_SIZES);
 	slot_a = MakeSingleTupleTableSlot(rr.desc, &TTSOpsMinimalTuple);
 	transition_rescan(rows_a);
 	if (rows_b != NULL)
@@ -1177,10 +1302,6 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 
 	while (tuplestore_gettupleslot(rows_a, true, false, slot_a))
 	{
-		MemoryContext rowcxt;
-		Jsonb	   *key;
-		Jsonb	   *old_row = NULL;
-		Jsonb	   *new_row = NULL;
 		pg_uuid_t  *run_id;
 		bool		has_step;
 		int64		step_id;
@@ -1189,31 +1310,45 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 		CHECK_FOR_INTERRUPTS();
 		/*
 		 * The two transition tables list an UPDATE's rows in the same order.
-		 * Read in this context: a tuple read back from a transition table
-		 * that went to disk belongs to its slot until the next read, and the
-		 * rows' context is reset at every flush.
+		 * Read in the statement's context: a tuple read back from a
+		 * transition table that went to disk belongs to its slot until the
+		 * next read, and the row's context is reset for every row.
 		 */
 		if (slot_b != NULL && !tuplestore_gettupleslot(rows_b, true, false, slot_b))
 			ereport(ERROR,
 					(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 					 errmsg("the transition tables of an UPDATE of %s differ in length", table_name),
 					 errhint("The audit trail pairs each updated row with its old version.")));
-		rowcxt = MemoryContextSwitchTo(b->rows_cxt);
+		MemoryContextReset(rowcxt);
+		MemoryContextSwitchTo(rowcxt);
 		if (slot_b != NULL)
 		{
 			current = slot_b;
 			changed_columns(&rr, slot_a, slot_b, changed);
-			old_row = render_row(&rr, slot_a, RENDER_CHANGED, changed);
-			new_row = render_row(&rr, slot_b, RENDER_CHANGED, changed);
+		}
+		batch_begin_event(b);
+		if (bms_is_empty(rr.key_attrs))
+			enc_null(&b->events);
+		else
+			enc_row(&b->events, &rr, current, RENDER_KEY, NULL);
+		if (slot_b != NULL)
+		{
+			enc_row(&b->events, &rr, slot_a, RENDER_CHANGED, changed);
+			enc_row(&b->events, &rr, slot_b, RENDER_CHANGED, changed);
 		}
 		else if (strcmp(operation, "INSERT") == 0)
-			new_row = render_row(&rr, slot_a, RENDER_ALL, NULL);
+		{
+			enc_null(&b->events);
+			enc_row(&b->events, &rr, slot_a, RENDER_ALL, NULL);
+		}
 		else
-			old_row = render_row(&rr, slot_a, RENDER_ALL, NULL);
-		key = bms_is_empty(rr.key_attrs) ? NULL : render_row(&rr, current, RENDER_KEY, NULL);
+		{
+			enc_row(&b->events, &rr, slot_a, RENDER_ALL, NULL);
+			enc_null(&b->events);
+		}
 		row_context(&rr, current, own, &run_id, &has_step, &step_id);
-		MemoryContextSwitchTo(rowcxt);
-		batch_add(b, key, old_row, new_row, run_id, has_step, step_id);
+		batch_end_event(b, run_id, has_step, step_id);
+		MemoryContextSwitchTo(cxt);
 	}
 	if (rr.settings_level > 0)
 		AtEOXact_GUC(true, rr.settings_level);
@@ -1225,6 +1360,255 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	MemoryContextSwitchTo(oldcxt);
 	MemoryContextDelete(cxt);
 	return PointerGetDatum(NULL);
+}
+
+/* ------------------------------------------------------------------------
+ * Reading events back
+ * ------------------------------------------------------------------------ */
+
+/* A canonical JSON value being read: bytes from p up to end. */
+typedef struct Decoder
+{
+	const char *p;
+	const char *end;
+} Decoder;
+
+static bool
+get_u32(Decoder *d, uint32 *v)
+{
+	const unsigned char *u = (const unsigned char *) d->p;
+
+	if (d->end - d->p < 4)
+		return false;
+	*v = ((uint32) u[0] << 24) | ((uint32) u[1] << 16) | ((uint32) u[2] << 8) | u[3];
+	d->p += 4;
+	return true;
+}
+
+/* A length and UTF-8 bytes, as a jsonb string of the database's encoding. */
+static bool
+get_string(Decoder *d, JsonbValue *v)
+{
+	uint32		len;
+
+	if (!get_u32(d, &len) || (uint32) (d->end - d->p) < len)
+		return false;
+	v->type = jbvString;
+	if (GetDatabaseEncoding() == PG_UTF8 || GetDatabaseEncoding() == PG_SQL_ASCII)
+	{
+		v->val.string.val = pnstrdup(d->p, len);
+		v->val.string.len = (int) len;
+	}
+	else
+	{
+		char	   *c = pg_any_to_server(d->p, (int) len, PG_UTF8);
+
+		v->val.string.val = c == d->p ? pnstrdup(d->p, len) : c;
+		v->val.string.len = c == d->p ? (int) len : (int) strlen(c);
+	}
+	d->p += len;
+	return true;
+}
+
+/* numeric_out's text: an optional minus, digits, optionally a point and digits */
+static bool
+is_number_text(const char *s, uint32 len)
+{
+	uint32		i = 0;
+	bool		digits = false;
+
+	if (i < len && s[i] == '-')
+		i++;
+	for (; i < len && isdigit((unsigned char) s[i]); i++)
+		digits = true;
+	if (i < len && s[i] == '.')
+		for (i++; i < len && isdigit((unsigned char) s[i]); i++)
+			;
+	return digits && i == len;
+}
+
+/*
+ * Read one value into the jsonb being built in *st, as tok (WJB_VALUE or
+ * WJB_ELEM); a value at the top is returned in *res instead.  False if the
+ * bytes are not a canonical JSON value.
+ */
+static bool
+decode_value(Decoder *d, JsonbParseState **st, JsonbIteratorToken tok, JsonbValue **res)
+{
+	JsonbValue	v;
+	uint32		n;
+	char		tag;
+
+	check_stack_depth();
+	if (d->p >= d->end)
+		return false;
+	tag = *d->p++;
+	switch (tag)
+	{
+		case 'Z':
+			v.type = jbvNull;
+			break;
+		case 'T':
+		case 'F':
+			v.type = jbvBool;
+			v.val.boolean = tag == 'T';
+			break;
+		case 'S':
+			if (!get_string(d, &v))
+				return false;
+			break;
+		case 'N':
+			{
+				char	   *txt;
+
+				if (!get_u32(d, &n) || (uint32) (d->end - d->p) < n || !is_number_text(d->p, n))
+					return false;
+				txt = pnstrdup(d->p, n);
+				d->p += n;
+				v.type = jbvNumeric;
+				v.val.numeric = DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(txt),
+																	ObjectIdGetDatum(InvalidOid),
+																	Int32GetDatum(-1)));
+				break;
+			}
+		case 'O':
+		case 'A':
+			if (!get_u32(d, &n))
+				return false;
+			*res = pushJsonbValue(st, tag == 'O' ? WJB_BEGIN_OBJECT : WJB_BEGIN_ARRAY, NULL);
+			for (uint32 i = 0; i < n; i++)
+			{
+				if (tag == 'O')
+				{
+					JsonbValue	key;
+
+					if (!get_string(d, &key))
+						return false;
+					(void) pushJsonbValue(st, WJB_KEY, &key);
+				}
+				if (!decode_value(d, st, tag == 'O' ? WJB_VALUE : WJB_ELEM, res))
+					return false;
+			}
+			*res = pushJsonbValue(st, tag == 'O' ? WJB_END_OBJECT : WJB_END_ARRAY, NULL);
+			return true;
+		default:
+			return false;
+	}
+	if (*st == NULL)
+	{
+		*res = palloc(sizeof(JsonbValue));
+		**res = v;
+	}
+	else
+		(void) pushJsonbValue(st, tok, &v);
+	return true;
+}
+
+/*
+ * A JSON field of an event (row_key, old_row, new_row) as jsonb: NULL for
+ * SQL NULL; *ok is set false if it is not a canonical JSON value.
+ */
+Jsonb *
+orch_audit_decode_json(const OrchAuditField *f, bool *ok)
+{
+	Decoder		d;
+	JsonbParseState *st = NULL;
+	JsonbValue *res = NULL;
+
+	if (f->isnull)
+		return NULL;
+	d.p = f->data;
+	d.end = f->data + f->len;
+	if (!decode_value(&d, &st, WJB_VALUE, &res) || d.p != d.end || res == NULL)
+	{
+		*ok = false;
+		return NULL;
+	}
+	return JsonbValueToJsonb(res);
+}
+
+/*
+ * orch._audit_unpack(record_id, n_events, events, hashes): the events of a
+ * record of orch.audit_records, one row each, their row images as jsonb
+ * (orch.audit_log shows them).
+ */
+PG_FUNCTION_INFO_V1(orch_audit_unpack);
+Datum
+orch_audit_unpack(PG_FUNCTION_ARGS)
+{
+	int64		record_id = PG_GETARG_INT64(0);
+	int32		n = PG_GETARG_INT32(1);
+	bytea	   *events = PG_GETARG_BYTEA_PP(2);
+	bytea	   *hashes = PG_GETARG_BYTEA_PP(3);
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	OrchAuditEvents ev;
+	bool		hashes_ok;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (!orch_audit_split_events(VARDATA_ANY(events), (int) VARSIZE_ANY_EXHDR(events), n, &ev))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("audit record %lld does not hold the %d events it says it does",
+						(long long) record_id, n),
+				 errhint("orch.verify_audit() reports what was changed.")));
+	hashes_ok = VARSIZE_ANY_EXHDR(hashes) == (Size) n * ORCH_HASH_LEN;
+	for (int i = 0; i < n; i++)
+	{
+		OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
+		Datum		values[7];
+		bool		nulls[7];
+		bool		ok = true;
+		int64		audit_id = record_id * ORCH_AUDIT_RECORD_EVENTS + i;
+
+		memset(nulls, false, sizeof(nulls));
+		(void) orch_audit_split_fields(ev.base + ev.start[i], ev.base + ev.start[i + 1], f,
+									   ORCH_AUDIT_EVENT_FIELDS);
+		values[0] = Int64GetDatum(audit_id);
+		for (int j = 0; j < 3; j++)
+		{
+			Jsonb	   *jb = orch_audit_decode_json(&f[j], &ok);
+
+			nulls[1 + j] = jb == NULL;
+			values[1 + j] = PointerGetDatum(jb);
+		}
+		nulls[4] = f[3].isnull;
+		if (!f[3].isnull)
+		{
+			pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
+
+			ok = ok && f[3].len == UUID_LEN;
+			if (ok)
+				memcpy(u->data, f[3].data, UUID_LEN);
+			values[4] = UUIDPGetDatum(u);
+		}
+		nulls[5] = f[4].isnull;
+		if (!f[4].isnull)
+		{
+			uint64		step = 0;
+
+			ok = ok && f[4].len == 8;
+			for (uint32 k = 0; ok && k < 8; k++)
+				step = (step << 8) | (unsigned char) f[4].data[k];
+			values[5] = Int64GetDatum((int64) step);
+		}
+		if (!ok)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_CORRUPTED),
+					 errmsg("audit event %lld (of record %lld) is not well formed",
+							(long long) audit_id, (long long) record_id),
+					 errhint("orch.verify_audit() reports what was changed.")));
+		nulls[6] = !hashes_ok;
+		if (hashes_ok)
+		{
+			bytea	   *h = palloc(VARHDRSZ + ORCH_HASH_LEN);
+
+			SET_VARSIZE(h, VARHDRSZ + ORCH_HASH_LEN);
+			memcpy(VARDATA(h), VARDATA_ANY(hashes) + (Size) i * ORCH_HASH_LEN, ORCH_HASH_LEN);
+			values[6] = PointerGetDatum(h);
+		}
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }
 
 /*
@@ -1276,11 +1660,14 @@ orch_audit_event(PG_FUNCTION_ARGS)
 								ALLOCSET_DEFAULT_SIZES);
 	oldcxt = MemoryContextSwitchTo(cxt);
 	b = palloc0(sizeof(AuditBatch));
-	b->rows_cxt = AllocSetContextCreate(cxt, "orchestrator audit rows", ALLOCSET_DEFAULT_SIZES);
 	batch_begin_stmt(b, text_to_cstring(PG_GETARG_TEXT_PP(0)), text_to_cstring(PG_GETARG_TEXT_PP(1)), 1);
-	detail = PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P_COPY(2);
-	batch_add(b, NULL, NULL, detail, step_context_set ? &step_context_run : NULL,
-			  step_context_set, step_context_step);
+	detail = PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2);
+	batch_begin_event(b);
+	enc_null(&b->events);
+	enc_null(&b->events);
+	enc_jsonb(&b->events, detail);
+	batch_end_event(b, step_context_set ? &step_context_run : NULL, step_context_set,
+					step_context_step);
 	batch_flush(b);
 	MemoryContextSwitchTo(oldcxt);
 	MemoryContextDelete(cxt);

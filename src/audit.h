@@ -8,6 +8,7 @@
 #define ORCH_AUDIT_H
 
 #include "access/tupdesc.h"
+#include "lib/stringinfo.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -16,25 +17,51 @@
 #define ORCH_AUDIT_ENCODING_VERSION	1
 #define ORCH_HASH_LEN				32
 
-/* One row of orch.audit_log, as its hash sees it. */
-typedef struct OrchAuditRow
+/* a record holds the events of one statement, at most this many */
+#define ORCH_AUDIT_RECORD_EVENTS	1000
+
+/*
+ * What the events of one record of orch.audit_records share, and its
+ * canonical encoding in the three runs that an event's own fields
+ * interleave with (docs/audit.md): xid, at, table_name, operation; actor,
+ * db_user, session_role; reason.
+ */
+typedef struct OrchAuditCommon
 {
-	int64		audit_id;
 	uint64		xid;
 	TimestampTz at;
 	const char *table_name;
 	const char *operation;
-	Jsonb	   *row_key;		/* NULL: SQL NULL */
-	Jsonb	   *old_row;
-	Jsonb	   *new_row;
-	const char *actor;
+	const char *actor;			/* NULL: SQL NULL */
 	const char *db_user;
 	const char *session_role;
-	pg_uuid_t  *run_id;
-	bool		has_step;
-	int64		step_id;
 	const char *reason;
-} OrchAuditRow;
+	StringInfoData enc[3];		/* filled by orch_audit_common_encode */
+} OrchAuditCommon;
+
+/*
+ * An event's own fields, as stored in a record's events: row_key, old_row,
+ * new_row, run_id, step_id, each a field of the canonical encoding.  The
+ * first three precede actor in the event's encoding, the last two follow
+ * session_role.
+ */
+#define ORCH_AUDIT_EVENT_FIELDS		5
+
+typedef struct OrchAuditField
+{
+	bool		isnull;
+	const char *data;			/* the value's bytes, len of them */
+	uint32		len;
+} OrchAuditField;
+
+/* A record's events, split: where each one's fields start, its middle, its end. */
+typedef struct OrchAuditEvents
+{
+	int			n;
+	const char *base;
+	int		   *start;			/* n + 1 offsets: event i is [start[i], start[i + 1]) */
+	int		   *middle;			/* where event i's run_id field starts */
+} OrchAuditEvents;
 
 /* One row of orch.audit_blocks, as its hash sees it. */
 typedef struct OrchAuditBlock
@@ -56,12 +83,19 @@ extern int	orch_audit_seal_interval_ms;
 extern int	orch_audit_heartbeat_s;
 extern bool orch_audit_purging;
 
-/* orch.audit_log's columns, in the order the encoding takes them */
-#define ORCH_AUDIT_NCOLS	15
+/* orch.audit_records' columns, in the order of its definition */
+#define ORCH_AUDIT_NCOLS	13
 extern void orch_audit_column_map(TupleDesc desc, int *col);
 
 extern void orch_sha256(const void *data, size_t len, uint8 *out);
-extern void orch_audit_row_hash(const OrchAuditRow *r, uint8 *out);
+extern void orch_sha256_parts(int n, const void *const *data, const size_t *len, uint8 *out);
+extern void orch_audit_common_encode(OrchAuditCommon *c);
+extern void orch_audit_event_hash(const OrchAuditCommon *c, int64 audit_id, const char *event,
+								  int middle, int len, uint8 *out);
+extern const char *orch_audit_split_fields(const char *p, const char *end, OrchAuditField *f,
+										   int nfields);
+extern bool orch_audit_split_events(const char *data, int len, int n, OrchAuditEvents *ev);
+extern Jsonb *orch_audit_decode_json(const OrchAuditField *f, bool *ok);
 extern void orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out);
 extern void orch_merkle_root(const uint8 *leaves, int64 n, uint8 *out);
 

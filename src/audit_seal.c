@@ -115,9 +115,9 @@ xid8_value(Datum d)
 
 #define HORIZON_SQL "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())"
 
-#define ROWS_TO_SEAL_SQL \
-	"SELECT audit_id, xid, row_hash FROM orch.audit_log" \
-	" WHERE xid >= $1 AND xid < $2 ORDER BY xid, audit_id"
+#define RECORDS_TO_SEAL_SQL \
+	"SELECT record_id, xid, n_events, hashes FROM orch.audit_records" \
+	" WHERE xid >= $1 AND xid < $2 ORDER BY xid, record_id"
 
 #define INSERT_BLOCK_SQL \
 	"INSERT INTO orch.audit_blocks (block_id, xid_from, xid_to, sealed_at, n_rows, audit_ids," \
@@ -202,19 +202,22 @@ seal(bool heartbeat_due, bool wait)
 	args[0] = FullTransactionIdGetDatum(FullTransactionIdFromU64(blk.xid_from));
 	args[1] = FullTransactionIdGetDatum(FullTransactionIdFromU64(xid_to));
 	/* a later statement, a later snapshot: it sees all those transactions' rows */
-	portal = SPI_cursor_open_with_args(NULL, ROWS_TO_SEAL_SQL, 2, types, args, NULL, false, 0);
+	portal = SPI_cursor_open_with_args(NULL, RECORDS_TO_SEAL_SQL, 2, types, args, NULL, false, 0);
 	while (more)
 	{
-		SPI_cursor_fetch(portal, true, FETCH_ROWS);
+		SPI_cursor_fetch(portal, true, FETCH_ROWS / 100);
 		if (SPI_processed == 0)
 			break;
 		for (uint64 i = 0; i < SPI_processed; i++)
 		{
 			HeapTuple	t = SPI_tuptable->vals[i];
 			TupleDesc	d = SPI_tuptable->tupdesc;
+			int64		record_id = DatumGetInt64(SPI_getbinval(t, d, 1, &isnull));
 			uint64		xid = xid8_value(SPI_getbinval(t, d, 2, &isnull));
+			int32		n_events = DatumGetInt32(SPI_getbinval(t, d, 3, &isnull));
+			bytea	   *hashes = DatumGetByteaPP(SPI_getbinval(t, d, 4, &isnull));
 
-			/* a full block ends where the next transaction's rows begin */
+			/* a full block ends where the next transaction's events begin */
 			if (n >= MAX_BLOCK_ROWS && xid != last_xid)
 			{
 				xid_to = xid;
@@ -222,21 +225,24 @@ seal(bool heartbeat_due, bool wait)
 				break;
 			}
 			last_xid = xid;
-			if (n == cap)
+			if (n_events < 0 || n_events > ORCH_AUDIT_RECORD_EVENTS ||
+				VARSIZE_ANY_EXHDR(hashes) != (Size) n_events * ORCH_HASH_LEN)
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("audit record %lld does not hold a 32-byte hash for each of its %d events",
+								(long long) record_id, n_events),
+						 errdetail("Events are sealed with their hash; these cannot be."),
+						 errhint("orch.verify_audit() reports what else was changed.")));
+			while (n + n_events > cap)
 			{
 				cap *= 2;
 				ids = repalloc(ids, sizeof(Datum) * cap);
 				leaves = repalloc(leaves, ORCH_HASH_LEN * cap);
 			}
-			ids[n] = SPI_getbinval(t, d, 1, &isnull);
-			if (!get_hash(SPI_getbinval(t, d, 3, &isnull), leaves + n * ORCH_HASH_LEN))
-				ereport(ERROR,
-						(errcode(ERRCODE_DATA_CORRUPTED),
-						 errmsg("audit row %lld has a row_hash that is not 32 bytes long",
-								(long long) DatumGetInt64(ids[n])),
-						 errdetail("Rows are sealed with their hash; this one cannot be."),
-						 errhint("orch.verify_audit() reports what else was changed.")));
-			n++;
+			for (int e = 0; e < n_events; e++)
+				ids[n + e] = Int64GetDatum(record_id * ORCH_AUDIT_RECORD_EVENTS + e);
+			memcpy(leaves + n * ORCH_HASH_LEN, VARDATA_ANY(hashes), (Size) n_events * ORCH_HASH_LEN);
+			n += n_events;
 		}
 		SPI_freetuptable(SPI_tuptable);
 	}
@@ -372,12 +378,13 @@ report(Verifier *v, int64 block_id, int64 audit_id, const char *finding, const c
 	v->findings++;
 }
 
-/* The audit row's columns, in this order, as the verifier reads them. */
-#define AUDIT_COLUMNS \
-	"audit_id, xid, at, table_name, operation, row_key, old_row, new_row, actor, db_user," \
-	" session_role, run_id, step_id, reason, row_hash"
-
-#define AUDIT_NCOLS ORCH_AUDIT_NCOLS
+/*
+ * A record's columns, in this order (that of orch_audit_column_map), as
+ * the verifier reads them.
+ */
+#define RECORD_COLUMNS \
+	"record_id, xid, at, table_name, operation, actor, db_user, session_role, reason," \
+	" n_events, events, hashes, run_ids"
 
 static const char *
 opt_text(Datum *v, bool *n, int c)
@@ -385,64 +392,148 @@ opt_text(Datum *v, bool *n, int c)
 	return n[c] ? NULL : TextDatumGetCString(v[c]);
 }
 
-static Jsonb *
-opt_jsonb(Datum *v, bool *n, int c)
+/*
+ * The events of one record, read one by one: each one's hash recomputed
+ * from the stored fields, and whether the record's stored hash for it
+ * matches.  Events that do not split as the record says hash to nothing
+ * (32 zero bytes), so that each is reported.
+ */
+typedef struct RecordEvents
 {
-	return n[c] ? NULL : DatumGetJsonbP(v[c]);
+	OrchAuditCommon c;
+	int64		record_id;
+	int			n;
+	int			next;
+	bool		well_formed;	/* the events split into n of them */
+	OrchAuditEvents ev;
+	const uint8 *hashes;		/* as stored, if hashes_ok */
+	bool		hashes_ok;
+	bool		runs_ok;		/* run_ids lists the runs of its events, each once */
+	/* the current event */
+	int64		audit_id;
+	uint64		xid;
+	uint8		h[ORCH_HASH_LEN];
+	bool		stored_ok;
+	bool		has_run;
+	pg_uuid_t	run;
+} RecordEvents;
+
+static int
+uuid_order(const void *a, const void *b)
+{
+	return memcmp(a, b, UUID_LEN);
 }
 
 /*
- * Recompute an audit row's hash from its columns (in AUDIT_COLUMNS order);
- * *stored_ok tells whether the stored row_hash matches it.
+ * Does a record's run_ids (NULL: none) list the distinct runs of its
+ * events, which the writer put there sorted?  It is not hashed; verify_run
+ * finds a run's events by it.
  */
-static void
-row_hash_of(Datum *v, bool *n, uint8 *out, bool *stored_ok, int64 *audit_id, uint64 *xid)
+static bool
+runs_match(const OrchAuditEvents *ev, ArrayType *run_ids)
 {
-	OrchAuditRow r;
-	uint8		stored[ORCH_HASH_LEN];
+	pg_uuid_t  *runs = palloc(sizeof(pg_uuid_t) * Max(ev->n, 1));
+	int			nruns = 0;
+	int			distinct = 0;
+	Datum	   *elems;
+	bool	   *nulls;
+	int			nelems = 0;
 
-	memset(&r, 0, sizeof(r));
-	r.audit_id = DatumGetInt64(v[0]);
-	r.xid = xid8_value(v[1]);
-	r.at = DatumGetTimestampTz(v[2]);
-	r.table_name = opt_text(v, n, 3);
-	r.operation = opt_text(v, n, 4);
-	r.row_key = opt_jsonb(v, n, 5);
-	r.old_row = opt_jsonb(v, n, 6);
-	r.new_row = opt_jsonb(v, n, 7);
-	r.actor = opt_text(v, n, 8);
-	r.db_user = opt_text(v, n, 9);
-	r.session_role = opt_text(v, n, 10);
-	r.run_id = n[11] ? NULL : DatumGetUUIDP(v[11]);
-	r.has_step = !n[12];
-	r.step_id = n[12] ? 0 : DatumGetInt64(v[12]);
-	r.reason = opt_text(v, n, 13);
-	orch_audit_row_hash(&r, out);
-	*stored_ok = !n[14] && get_hash(v[14], stored) && memcmp(stored, out, ORCH_HASH_LEN) == 0;
-	*audit_id = r.audit_id;
-	*xid = r.xid;
+	for (int i = 0; i < ev->n; i++)
+	{
+		OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
+
+		(void) orch_audit_split_fields(ev->base + ev->start[i], ev->base + ev->start[i + 1], f,
+									   ORCH_AUDIT_EVENT_FIELDS);
+		if (!f[3].isnull && f[3].len == UUID_LEN)
+			memcpy(runs[nruns++].data, f[3].data, UUID_LEN);
+	}
+	qsort(runs, nruns, sizeof(pg_uuid_t), uuid_order);
+	for (int i = 0; i < nruns; i++)
+		if (i == 0 || memcmp(&runs[i], &runs[distinct - 1], UUID_LEN) != 0)
+			runs[distinct++] = runs[i];
+	if (run_ids != NULL)
+	{
+		if (ARR_ELEMTYPE(run_ids) != UUIDOID || ARR_NDIM(run_ids) > 1)
+			return false;
+		deconstruct_array(run_ids, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR, &elems, &nulls, &nelems);
+	}
+	if (nelems != distinct)
+		return false;
+	for (int i = 0; i < nelems; i++)
+		if (nulls[i] || memcmp(DatumGetUUIDP(elems[i])->data, runs[i].data, UUID_LEN) != 0)
+			return false;
+	return true;
 }
 
-/* The same for a row fetched by SPI with AUDIT_COLUMNS. */
+/* Read a record's columns (RECORD_COLUMNS order). */
 static void
-spi_row_hash_of(HeapTuple t, TupleDesc d, uint8 *out, bool *stored_ok, int64 *audit_id,
-				uint64 *xid)
+record_events_load(RecordEvents *re, Datum *v, bool *n)
 {
-	Datum		v[AUDIT_NCOLS];
-	bool		n[AUDIT_NCOLS];
+	bytea	   *events = n[10] ? NULL : DatumGetByteaPP(v[10]);
+	bytea	   *hashes = n[11] ? NULL : DatumGetByteaPP(v[11]);
 
-	for (int c = 0; c < AUDIT_NCOLS; c++)
-		v[c] = SPI_getbinval(t, d, c + 1, &n[c]);
-	row_hash_of(v, n, out, stored_ok, audit_id, xid);
+	memset(re, 0, sizeof(*re));
+	re->record_id = DatumGetInt64(v[0]);
+	re->c.xid = xid8_value(v[1]);
+	re->c.at = DatumGetTimestampTz(v[2]);
+	re->c.table_name = opt_text(v, n, 3);
+	re->c.operation = opt_text(v, n, 4);
+	re->c.actor = opt_text(v, n, 5);
+	re->c.db_user = opt_text(v, n, 6);
+	re->c.session_role = opt_text(v, n, 7);
+	re->c.reason = opt_text(v, n, 8);
+	re->n = n[9] ? 0 : Min(Max(DatumGetInt32(v[9]), 0), ORCH_AUDIT_RECORD_EVENTS);
+	orch_audit_common_encode(&re->c);
+	re->well_formed = events != NULL && !n[9] && DatumGetInt32(v[9]) == re->n &&
+		orch_audit_split_events(VARDATA_ANY(events), (int) VARSIZE_ANY_EXHDR(events), re->n, &re->ev);
+	re->hashes_ok = hashes != NULL && VARSIZE_ANY_EXHDR(hashes) == (Size) re->n * ORCH_HASH_LEN;
+	re->hashes = re->hashes_ok ? (const uint8 *) VARDATA_ANY(hashes) : NULL;
+	re->runs_ok = !re->well_formed || runs_match(&re->ev, n[12] ? NULL : DatumGetArrayTypeP(v[12]));
+}
+
+/* The record's next event; false after the last. */
+static bool
+record_events_next(RecordEvents *re)
+{
+	int			i;
+
+	if (re->next >= re->n)
+		return false;
+	i = re->next++;
+	re->audit_id = re->record_id * ORCH_AUDIT_RECORD_EVENTS + i;
+	re->xid = re->c.xid;
+	re->has_run = false;
+	if (re->well_formed)
+	{
+		const char *e = re->ev.base + re->ev.start[i];
+		OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
+
+		orch_audit_event_hash(&re->c, re->audit_id, e, re->ev.middle[i],
+							  re->ev.start[i + 1] - re->ev.start[i], re->h);
+		(void) orch_audit_split_fields(e, re->ev.base + re->ev.start[i + 1], f,
+									   ORCH_AUDIT_EVENT_FIELDS);
+		if (!f[3].isnull && f[3].len == UUID_LEN)
+		{
+			re->has_run = true;
+			memcpy(re->run.data, f[3].data, UUID_LEN);
+		}
+	}
+	else
+		memset(re->h, 0, ORCH_HASH_LEN);
+	re->stored_ok = re->well_formed && re->hashes_ok &&
+		memcmp(re->hashes + (Size) i * ORCH_HASH_LEN, re->h, ORCH_HASH_LEN) == 0;
+	return true;
 }
 
 /* rowscan_begin's `to` for a scan with no end */
 #define NO_END	PG_UINT64_MAX
 
 /*
- * Audit rows with xid in [from, to) (to NO_END: no end), in (xid, audit_id)
- * order, read straight from the primary key's index into a slot: the
- * verifier's hot loop, with no copy of each row into a result set.
+ * The events of the records with xid in [from, to) (to NO_END: no end), in
+ * (xid, record_id, place) order, read straight from the primary key's index
+ * into a slot: the verifier's hot loop, with no copy of each record into a
+ * result set.
  */
 typedef struct RowScan
 {
@@ -450,10 +541,12 @@ typedef struct RowScan
 	Relation	idx;
 	IndexScanDesc scan;
 	TupleTableSlot *slot;
-	int			col[AUDIT_NCOLS];
-	Datum		v[AUDIT_NCOLS];
-	bool		n[AUDIT_NCOLS];
-	MemoryContext rowcxt;		/* what one row's checks allocate */
+	int			col[ORCH_AUDIT_NCOLS];
+	Datum		v[ORCH_AUDIT_NCOLS];
+	bool		n[ORCH_AUDIT_NCOLS];
+	bool		loaded;			/* re holds a record */
+	RecordEvents re;			/* the record being read, and its current event */
+	MemoryContext rowcxt;		/* what one record's checks allocate */
 	MemoryContext oldcxt;
 } RowScan;
 
@@ -464,11 +557,11 @@ rowscan_begin(RowScan *rs, uint64 from, uint64 to)
 	int			nkeys = 1;
 	Oid			pk;
 
-	rs->rel = table_open(orch_relid("audit_log"), AccessShareLock);
+	rs->rel = table_open(orch_relid("audit_records"), AccessShareLock);
 	orch_audit_column_map(RelationGetDescr(rs->rel), rs->col);
 	pk = RelationGetPrimaryKeyIndex(rs->rel);
 	if (!OidIsValid(pk))
-		elog(ERROR, "orch.audit_log has no primary key");
+		elog(ERROR, "orch.audit_records has no primary key");
 	rs->idx = index_open(pk, AccessShareLock);
 	ScanKeyInit(&keys[0], 1, BTGreaterEqualStrategyNumber, F_XID8GE,
 				FullTransactionIdGetDatum(FullTransactionIdFromU64(from)));
@@ -481,28 +574,36 @@ rowscan_begin(RowScan *rs, uint64 from, uint64 to)
 	rs->scan = index_beginscan(rs->rel, rs->idx, GetActiveSnapshot(), nkeys, 0);
 	index_rescan(rs->scan, keys, nkeys, NULL, 0);
 	rs->slot = table_slot_create(rs->rel, NULL);
-	rs->rowcxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator audit row",
+	rs->loaded = false;
+	rs->rowcxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator audit record",
 									   ALLOCSET_DEFAULT_SIZES);
 	rs->oldcxt = CurrentMemoryContext;
 }
 
-/* The next row, its columns in rs->v and rs->n; false at the end. */
+/* The next event, in rs->re; false at the end. */
 static bool
 rowscan_next(RowScan *rs)
 {
-	MemoryContextSwitchTo(rs->oldcxt);
-	MemoryContextReset(rs->rowcxt);
-	CHECK_FOR_INTERRUPTS();
-	if (!index_getnext_slot(rs->scan, ForwardScanDirection, rs->slot))
-		return false;
-	slot_getallattrs(rs->slot);
-	for (int c = 0; c < AUDIT_NCOLS; c++)
+	for (;;)
 	{
-		rs->v[c] = rs->slot->tts_values[rs->col[c]];
-		rs->n[c] = rs->slot->tts_isnull[rs->col[c]];
+		if (rs->loaded && record_events_next(&rs->re))
+			return true;
+		MemoryContextSwitchTo(rs->oldcxt);
+		MemoryContextReset(rs->rowcxt);
+		rs->loaded = false;
+		CHECK_FOR_INTERRUPTS();
+		if (!index_getnext_slot(rs->scan, ForwardScanDirection, rs->slot))
+			return false;
+		slot_getallattrs(rs->slot);
+		for (int c = 0; c < ORCH_AUDIT_NCOLS; c++)
+		{
+			rs->v[c] = rs->slot->tts_values[rs->col[c]];
+			rs->n[c] = rs->slot->tts_isnull[rs->col[c]];
+		}
+		MemoryContextSwitchTo(rs->rowcxt);
+		record_events_load(&rs->re, rs->v, rs->n);
+		rs->loaded = true;
 	}
-	MemoryContextSwitchTo(rs->rowcxt);
-	return true;
 }
 
 static void
@@ -679,6 +780,18 @@ check_sealed_row(Verifier *v, ReadBlock *rb, bool *seen, int64 audit_id, uint64 
 			   "the row's values do not match the hash sealed for it");
 }
 
+/*
+ * At a record's first event: a record whose run_ids does not list the runs
+ * of its events hides them from verify_run; reported once, at that event.
+ */
+static void
+check_record_runs(Verifier *v, int64 block_id, RecordEvents *re)
+{
+	if (re->next == 1 && !re->runs_ok)
+		report(v, block_id, re->audit_id, "modified row",
+			   "its record's run_ids does not list the runs of its events");
+}
+
 /* Check the rows of a block's xid range against its ids and leaves. */
 static void
 check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
@@ -689,17 +802,14 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 	rowscan_begin(&rs, rb->b.xid_from, rb->b.xid_to);
 	while (rowscan_next(&rs))
 	{
-		uint8		h[ORCH_HASH_LEN];
-		bool		stored_ok;
-		int64		audit_id;
-		uint64		xid;
-
-		row_hash_of(rs.v, rs.n, h, &stored_ok, &audit_id, &xid);
 		if (purged)
-			report(v, rb->b.block_id, audit_id, "forged row",
+			report(v, rb->b.block_id, rs.re.audit_id, "forged row",
 				   "the row is in a range that was purged");
 		else
-			check_sealed_row(v, rb, seen, audit_id, xid, h, stored_ok);
+		{
+			check_sealed_row(v, rb, seen, rs.re.audit_id, rs.re.xid, rs.re.h, rs.re.stored_ok);
+			check_record_runs(v, rb->b.block_id, &rs.re);
+		}
 	}
 	rowscan_end(&rs);
 
@@ -719,17 +829,44 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 static int64
 purged_through(void)
 {
-	bool		isnull;
-	Datum		d;
+	int64		through = 0;
 
-	if (SPI_execute("SELECT pg_catalog.max((new_row OPERATOR(pg_catalog.->>) 'purged_through_block')::bigint)"
-					"  FROM orch.audit_log l"
-					" WHERE l.operation OPERATOR(pg_catalog.=) 'PURGE'"
-					"   AND l.table_name OPERATOR(pg_catalog.=) 'orch.audit_log'",
-					true, 1) != SPI_OK_SELECT)
+	if (SPI_execute("SELECT n_events, events FROM orch.audit_records"
+					" WHERE operation OPERATOR(pg_catalog.=) 'PURGE'"
+					"   AND table_name OPERATOR(pg_catalog.=) 'orch.audit_log'",
+					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read audit purges");
-	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	return isnull ? 0 : DatumGetInt64(d);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		bool		isnull;
+		int32		n = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull));
+		bytea	   *events = DatumGetByteaPP(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2, &isnull));
+		OrchAuditEvents ev;
+
+		/* a record that does not read back is reported as modified */
+		if (!orch_audit_split_events(VARDATA_ANY(events), (int) VARSIZE_ANY_EXHDR(events), n, &ev))
+			continue;
+		for (int i = 0; i < n; i++)
+		{
+			OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
+			bool		ok = true;
+			Jsonb	   *detail;
+			JsonbValue *block;
+
+			(void) orch_audit_split_fields(ev.base + ev.start[i], ev.base + ev.start[i + 1], f,
+										   ORCH_AUDIT_EVENT_FIELDS);
+			detail = orch_audit_decode_json(&f[2], &ok);
+			if (detail == NULL || !JB_ROOT_IS_OBJECT(detail))
+				continue;
+			block = getKeyJsonValueFromContainer(&detail->root, "purged_through_block",
+												 strlen("purged_through_block"), NULL);
+			if (block != NULL && block->type == jbvNumeric)
+				through = Max(through, DatumGetInt64(DirectFunctionCall1(numeric_int8,
+																		 NumericGetDatum(block->val.numeric))));
+		}
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return through;
 }
 
 /* Rows of transactions that no block covers, below the newest block: forged. */
@@ -740,9 +877,9 @@ check_uncovered_rows(Verifier *v, uint64 from, uint64 to)
 
 	rowscan_begin(&rs, from, to);
 	while (rowscan_next(&rs))
-		report(v, 0, DatumGetInt64(rs.v[0]), "forged row",
+		report(v, 0, rs.re.audit_id, "forged row",
 			   "no block covers transaction %llu, below the newest block",
-			   (unsigned long long) xid8_value(rs.v[1]));
+			   (unsigned long long) rs.re.xid);
 	rowscan_end(&rs);
 }
 
@@ -894,20 +1031,88 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 		rowscan_begin(&rs, prev_xid_to, NO_END);
 		while (rowscan_next(&rs))
 		{
-			uint8		h[ORCH_HASH_LEN];
-			bool		stored_ok;
-			int64		audit_id;
-			uint64		xid;
-
-			row_hash_of(rs.v, rs.n, h, &stored_ok, &audit_id, &xid);
-			if (!stored_ok)
-				report(&v, 0, audit_id, "modified row",
+			if (!rs.re.stored_ok)
+				report(&v, 0, rs.re.audit_id, "modified row",
 					   "the row's values do not match its hash (not sealed yet)");
+			check_record_runs(&v, 0, &rs.re);
 		}
 		rowscan_end(&rs);
 	}
 	SPI_finish();
 	return (Datum) 0;
+}
+
+/*
+ * One event of the run: against the block that sealed it (read when the
+ * event is past the block at hand, with the block before it), or, not
+ * sealed yet, against its own stored hash.
+ */
+static void
+verify_run_event(Verifier *v, RecordEvents *re, ReadBlock *cur, bool *have_block,
+				 MemoryContext blockcxt, int64 purged, uint64 sealed_to)
+{
+	bool		isnull;
+
+	if (!*have_block || re->xid >= cur->b.xid_to || re->xid < cur->b.xid_from)
+	{
+		/* the block that sealed this row, and the one before it */
+		Oid			btypes[1] = {XID8OID};
+		Datum		bargs[1] = {FullTransactionIdGetDatum(FullTransactionIdFromU64(re->xid))};
+		MemoryContext oldcxt;
+
+		if (SPI_execute_with_args("SELECT " BLOCK_COLUMNS " FROM orch.audit_blocks"
+								  " WHERE xid_from <= $1 AND $1 < xid_to",
+								  1, btypes, bargs, NULL, true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "could not read audit blocks");
+		*have_block = SPI_processed > 0;
+		MemoryContextReset(blockcxt);
+		if (*have_block)
+		{
+			oldcxt = MemoryContextSwitchTo(blockcxt);
+			read_block(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, cur);
+			MemoryContextSwitchTo(oldcxt);
+			SPI_freetuptable(SPI_tuptable);
+			check_block(v, cur);
+			if (cur->b.block_id > 1)
+			{
+				Datum		pargs[1] = {Int64GetDatum(cur->b.block_id - 1)};
+				Oid			ptypes[1] = {INT8OID};
+				uint8		ph[ORCH_HASH_LEN];
+
+				if (SPI_execute_with_args("SELECT block_hash FROM orch.audit_blocks WHERE block_id = $1",
+										  1, ptypes, pargs, NULL, true, 1) != SPI_OK_SELECT)
+					elog(ERROR, "could not read audit blocks");
+				if (SPI_processed == 0)
+					report(v, cur->b.block_id - 1, 0, "missing block",
+						   "the block before block %lld is gone", (long long) cur->b.block_id);
+				else if (!get_hash(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull), ph) ||
+						 memcmp(ph, cur->b.prev_hash, ORCH_HASH_LEN) != 0)
+					report(v, cur->b.block_id, 0, "broken link",
+						   "the block before it does not have the hash it follows");
+				SPI_freetuptable(SPI_tuptable);
+			}
+		}
+		else
+			SPI_freetuptable(SPI_tuptable);
+	}
+	if (!*have_block)
+	{
+		if (re->xid < sealed_to)
+			report(v, 0, re->audit_id, "forged row",
+				   "no block covers transaction %llu, below the newest block",
+				   (unsigned long long) re->xid);
+		else if (!re->stored_ok)
+			report(v, 0, re->audit_id, "modified row",
+				   "the row's values do not match its hash (not sealed yet)");
+		return;
+	}
+	if (cur->b.block_id <= purged)
+	{
+		report(v, cur->b.block_id, re->audit_id, "forged row",
+			   "the row is in a range that was purged");
+		return;
+	}
+	check_sealed_row(v, cur, NULL, re->audit_id, re->xid, re->h, re->stored_ok);
 }
 
 /*
@@ -927,6 +1132,7 @@ orch_verify_run(PG_FUNCTION_ARGS)
 	ReadBlock	cur;
 	bool		have_block = false;
 	MemoryContext blockcxt;		/* the current block's ids, leaves, index */
+	MemoryContext recordcxt;	/* the current record's events */
 	int64		purged;
 	uint64		sealed_to = 0;	/* the newest block's xid_to */
 	bool		isnull;
@@ -950,86 +1156,42 @@ orch_verify_run(PG_FUNCTION_ARGS)
 			sealed_to = xid8_value(d);
 		SPI_freetuptable(SPI_tuptable);
 	}
+	/* the records that hold events of the run, found by their run_ids */
 	portal = SPI_cursor_open_with_args(NULL,
-									   "SELECT " AUDIT_COLUMNS " FROM orch.audit_log"
-									   " WHERE run_id = $1 ORDER BY xid, audit_id",
+									   "SELECT " RECORD_COLUMNS " FROM orch.audit_records"
+									   " WHERE run_ids OPERATOR(pg_catalog.@>) ARRAY[$1]"
+									   " ORDER BY xid, record_id",
 									   1, types, args, NULL, true, 0);
+	recordcxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator audit record",
+									  ALLOCSET_DEFAULT_SIZES);
 	for (;;)
 	{
 		SPITupleTable *rows;
 
-		SPI_cursor_fetch(portal, true, FETCH_ROWS);
+		SPI_cursor_fetch(portal, true, FETCH_ROWS / 100);
 		if (SPI_processed == 0)
 			break;
 		rows = SPI_tuptable;
 		for (uint64 i = 0; i < rows->numvals; i++)
 		{
-			uint8		h[ORCH_HASH_LEN];
-			bool		stored_ok;
-			int64		audit_id;
-			uint64		xid;
+			Datum		rv[ORCH_AUDIT_NCOLS];
+			bool		rn[ORCH_AUDIT_NCOLS];
+			RecordEvents re;
+			MemoryContext oldcxt = MemoryContextSwitchTo(recordcxt);
 
-			spi_row_hash_of(rows->vals[i], rows->tupdesc, h, &stored_ok, &audit_id, &xid);
-			if (!have_block || xid >= cur.b.xid_to || xid < cur.b.xid_from)
+			for (int c = 0; c < ORCH_AUDIT_NCOLS; c++)
+				rv[c] = SPI_getbinval(rows->vals[i], rows->tupdesc, c + 1, &rn[c]);
+			record_events_load(&re, rv, rn);
+			MemoryContextSwitchTo(oldcxt);
+			while (record_events_next(&re))
 			{
-				/* the block that sealed this row, and the one before it */
-				Oid			btypes[1] = {XID8OID};
-				Datum		bargs[1] = {FullTransactionIdGetDatum(FullTransactionIdFromU64(xid))};
-				MemoryContext oldcxt;
-
-				if (SPI_execute_with_args("SELECT " BLOCK_COLUMNS " FROM orch.audit_blocks"
-										  " WHERE xid_from <= $1 AND $1 < xid_to",
-										  1, btypes, bargs, NULL, true, 1) != SPI_OK_SELECT)
-					elog(ERROR, "could not read audit blocks");
-				have_block = SPI_processed > 0;
-				MemoryContextReset(blockcxt);
-				if (have_block)
-				{
-					oldcxt = MemoryContextSwitchTo(blockcxt);
-					read_block(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &cur);
-					MemoryContextSwitchTo(oldcxt);
-					SPI_freetuptable(SPI_tuptable);
-					check_block(&v, &cur);
-					if (cur.b.block_id > 1)
-					{
-						Datum		pargs[1] = {Int64GetDatum(cur.b.block_id - 1)};
-						Oid			ptypes[1] = {INT8OID};
-						uint8		ph[ORCH_HASH_LEN];
-
-						if (SPI_execute_with_args("SELECT block_hash FROM orch.audit_blocks WHERE block_id = $1",
-												  1, ptypes, pargs, NULL, true, 1) != SPI_OK_SELECT)
-							elog(ERROR, "could not read audit blocks");
-						if (SPI_processed == 0)
-							report(&v, cur.b.block_id - 1, 0, "missing block",
-								   "the block before block %lld is gone", (long long) cur.b.block_id);
-						else if (!get_hash(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull), ph) ||
-								 memcmp(ph, cur.b.prev_hash, ORCH_HASH_LEN) != 0)
-							report(&v, cur.b.block_id, 0, "broken link",
-								   "the block before it does not have the hash it follows");
-						SPI_freetuptable(SPI_tuptable);
-					}
-				}
-				else
-					SPI_freetuptable(SPI_tuptable);
+				/* a record that does not read back: each of its events counts */
+				if (re.well_formed &&
+					(!re.has_run || memcmp(re.run.data, DatumGetUUIDP(run_id)->data, UUID_LEN) != 0))
+					continue;
+				verify_run_event(&v, &re, &cur, &have_block, blockcxt, purged, sealed_to);
 			}
-			if (!have_block)
-			{
-				if (xid < sealed_to)
-					report(&v, 0, audit_id, "forged row",
-						   "no block covers transaction %llu, below the newest block",
-						   (unsigned long long) xid);
-				else if (!stored_ok)
-					report(&v, 0, audit_id, "modified row",
-						   "the row's values do not match its hash (not sealed yet)");
-				continue;
-			}
-			if (cur.b.block_id <= purged)
-			{
-				report(&v, cur.b.block_id, audit_id, "forged row",
-					   "the row is in a range that was purged");
-				continue;
-			}
-			check_sealed_row(&v, &cur, NULL, audit_id, xid, h, stored_ok);
+			MemoryContextReset(recordcxt);
 		}
 		SPI_freetuptable(rows);
 	}
@@ -1077,10 +1239,12 @@ orch_purge_audit(PG_FUNCTION_ARGS)
 	orch_audit_purging = true;
 	PG_TRY();
 	{
-		if (SPI_execute_with_args("DELETE FROM orch.audit_log WHERE xid < $2 AND $1 IS NOT NULL",
-								  2, types, args, NULL, false, 0) != SPI_OK_DELETE)
+		if (SPI_execute_with_args("WITH gone AS (DELETE FROM orch.audit_records"
+								  "               WHERE xid < $2 AND $1 IS NOT NULL RETURNING n_events)"
+								  " SELECT COALESCE(pg_catalog.sum(n_events), 0)::bigint FROM gone",
+								  2, types, args, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not purge audit rows");
-		removed = (int64) SPI_processed;
+		removed = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	}
 	PG_FINALLY();
 	{

@@ -1,5 +1,5 @@
-# The audit trail on a real server.  Tampering as a superuser (a row
-# modified, a row deleted, a row forged, the newest blocks dropped) is
+# The audit trail on a real server.  Tampering as a superuser (an event
+# modified, a record deleted, a record forged, the newest blocks dropped) is
 # reported exactly, by orch.verify_audit and by the independent verifier
 # (tools/verify-audit), which agree; kill -9 in the middle of a seal leaves
 # a chain that goes on and verifies; the engine seals on its own.
@@ -84,40 +84,60 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM orch.verify_run('$a_run')"
 
 my $digest = $node->safe_psql('postgres', 'SELECT orch.audit_digest()');
 
-# Tamper as a superuser, with the append-only triggers out of the way: the
-# first UPDATE and the first INSERT of app.accounts, and a row forged into
-# the block of that INSERT.  Each is looked up with its block, since the
-# engine's sealer may have split block A's statements over several blocks.
+# Tamper as a superuser, with the append-only triggers out of the way: one
+# event of the first UPDATE of app.accounts (a number in its new row), the
+# record of its DELETE (five events), and a record forged into the block
+# of its INSERT, with one event that claims a run.  Each is looked up with
+# its block, since the engine's sealer may have split block A's statements
+# over several blocks.
 my $in_block = q{(SELECT b.block_id FROM orch.audit_blocks b
 				   WHERE l.xid >= b.xid_from AND l.xid < b.xid_to)};
-my ($block_m, $modified) = split /\|/, $node->safe_psql('postgres', qq{
-	SELECT $in_block, l.audit_id FROM orch.audit_log l
-	 WHERE l.table_name = 'app.accounts' AND l.operation = 'UPDATE' ORDER BY l.audit_id LIMIT 1});
-my ($block_a, $deleted, $forged_xid) = split /\|/, $node->safe_psql('postgres', qq{
-	SELECT $in_block, l.audit_id, l.xid FROM orch.audit_log l
+my ($block_m, $modified, $modified_record) = split /\|/, $node->safe_psql('postgres', qq{
+	SELECT $in_block, l.audit_id, l.record_id FROM orch.audit_log l
+	 WHERE l.table_name = 'app.accounts' AND l.operation = 'UPDATE' AND l.row_key = '{"id": 5}'
+	 ORDER BY l.audit_id LIMIT 1});
+my @deleted = split /\n/, $node->safe_psql('postgres', qq{
+	SELECT $in_block || ' ' || l.audit_id FROM orch.audit_log l
+	 WHERE l.table_name = 'app.accounts' AND l.operation = 'DELETE' ORDER BY l.audit_id});
+is(scalar(@deleted), 5, 'the DELETE recorded five events');
+my ($deleted_record) = $node->safe_psql('postgres', q{
+	SELECT record_id FROM orch.audit_records WHERE table_name = 'app.accounts' AND operation = 'DELETE'});
+my ($block_a, $forged_xid) = split /\|/, $node->safe_psql('postgres', qq{
+	SELECT $in_block, l.xid FROM orch.audit_log l
 	 WHERE l.table_name = 'app.accounts' AND l.operation = 'INSERT' ORDER BY l.audit_id LIMIT 1});
+# and the run_ids of a record of block B, which hides its events from verify_run
+my ($block_r, $runs_record, $runs_event) = split /\|/, $node->safe_psql('postgres', qq{
+	SELECT $in_block, l.record_id, min(l.audit_id) FROM orch.audit_log l
+	 WHERE l.table_name = 'orch.steps' GROUP BY 1, 2 ORDER BY 2 LIMIT 1});
 my ($block_c, $block_d) = ($last - 1, $last);
 $node->safe_psql('postgres', qq{
-ALTER TABLE orch.audit_log DISABLE TRIGGER audit_log_append_only;
+ALTER TABLE orch.audit_records DISABLE TRIGGER audit_records_append_only;
 ALTER TABLE orch.audit_blocks DISABLE TRIGGER audit_blocks_append_only;
-UPDATE orch.audit_log SET new_row = new_row || '{"balance": 1000000}' WHERE audit_id = $modified;
-DELETE FROM orch.audit_log WHERE audit_id = $deleted;
-INSERT INTO orch.audit_log (audit_id, xid, at, table_name, operation, row_key, new_row,
-							db_user, session_role, run_id, row_hash)
+-- the balance 53.5 becomes 99.5 in the new row of the event of id 5
+UPDATE orch.audit_records
+   SET events = overlay(events placing convert_to('99.5', 'UTF8')
+						from position(convert_to('53.5', 'UTF8') in events))
+ WHERE record_id = $modified_record;
+DELETE FROM orch.audit_records WHERE record_id = $deleted_record;
+UPDATE orch.audit_records SET run_ids = NULL WHERE record_id = $runs_record;
+INSERT INTO orch.audit_records (record_id, xid, at, table_name, operation, db_user, session_role,
+								n_events, events, hashes, run_ids)
 	OVERRIDING SYSTEM VALUE
-	VALUES (999999999, '$forged_xid', now(), 'app.accounts', 'INSERT', '{"id": 77}',
-			'{"id": 77, "owner": "mallory"}', 'postgres', 'postgres', '$a_run', '\\x00');
+	VALUES (999999, '$forged_xid', now(), 'app.accounts', 'INSERT', 'postgres', 'postgres', 1,
+			'\\x000000'::bytea || '\\x0100000010'::bytea || uuid_send('$a_run') || '\\x00'::bytea,
+			decode(repeat('00', 32), 'hex'), ARRAY['$a_run'::uuid]);
 DELETE FROM orch.audit_blocks WHERE block_id >= $block_c;
-ALTER TABLE orch.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
+ALTER TABLE orch.audit_records ENABLE ALWAYS TRIGGER audit_records_append_only;
 ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
 });
 
 my $expected = join("\n",
-	"$block_a $deleted deleted row",
-	"$block_a 999999999 forged row",
+	(map { "$_ deleted row" } @deleted),
+	"$block_a 999999000 forged row",
 	"$block_c  missing block",
 	"$block_d  missing block",
-	"$block_m $modified modified row");
+	"$block_m $modified modified row",
+	"$block_r $runs_event modified row");
 is(findings('postgres', $digest), $expected,
 	'verify_audit reports each change, naming its block and row');
 ($rc, $out, $err) = independent('postgres', $digest);
@@ -126,10 +146,11 @@ is($out, $expected, 'the independent verifier reports exactly the same');
 is($node->safe_psql('postgres', qq{
 	SELECT coalesce(block_id::text, '') || ' ' || audit_id || ' ' || finding
 	  FROM orch.verify_run('$a_run')}),
-	"$block_a 999999999 forged row", 'verify_run finds the row forged into the run');
+	"$block_a 999999000 forged row", 'verify_run finds the row forged into the run');
 # Without the digest the dropped tail cannot be seen: the chain is shorter, not broken.
 is(findings('postgres'),
-	"$block_a $deleted deleted row\n$block_a 999999999 forged row\n$block_m $modified modified row",
+	join("\n", (map { "$_ deleted row" } @deleted), "$block_a 999999000 forged row",
+		 "$block_m $modified modified row", "$block_r $runs_event modified row"),
 	'without the exported digest, a dropped tail is not a finding');
 
 # A broken link: a block rewritten consistently in itself, but not its successor.
@@ -189,7 +210,7 @@ ok($node->poll_query_until('crashdb', 'SELECT unsealed_rows = 0 FROM orch.audit_
 is($node->safe_psql('crashdb', 'SELECT count(*) = max(block_id) FROM orch.audit_blocks'), 't',
 	'the chain goes on without a gap');
 is($node->safe_psql('crashdb', 'SELECT sum(n_rows) FROM orch.audit_blocks'),
-	$node->safe_psql('crashdb', 'SELECT count(*) FROM orch.audit_log'),
+	$node->safe_psql('crashdb', 'SELECT sum(n_events) FROM orch.audit_records'),
 	'every row is sealed exactly once');
 is(findings('crashdb'), '', 'the chain verifies after the crash');
 ($rc, $out, $err) = independent('crashdb');
