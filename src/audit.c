@@ -28,7 +28,6 @@
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
-#include "common/cryptohash.h"
 #include "common/sha2.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
@@ -47,13 +46,15 @@
 #include "utils/numeric.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
-#include "utils/resowner.h"
 #include "utils/syscache.h"
 #include "utils/uuid.h"
 #include "utils/xid8.h"
 
 #include "orchestrator.h"
 #include "audit.h"
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
 
 /* settings: the application's actor and reason, usually transaction-local */
 char	   *orch_audit_actor = NULL;
@@ -353,35 +354,51 @@ unix_usecs(TimestampTz t)
 }
 
 /*
- * One SHA-256 context serves the backend for its life: creating one sets up
- * OpenSSL state and registers it with a resource owner, which for the
- * nodes of a Merkle tree costs more than their hashing.  It is registered
- * with a resource owner of its own that is never released.
+ * SHA-256 through OpenSSL, with the digest fetched once and one context
+ * that serves the backend for its life.  pg_cryptohash looks the digest up
+ * again at every initialisation, which for the 65-byte nodes of a Merkle
+ * tree and for a 300-byte event took longer than hashing them.  Both live
+ * in OpenSSL's memory, outside any memory context, and are never freed.
  */
-static pg_cryptohash_ctx *sha256_ctx = NULL;
+static EVP_MD *sha256_md = NULL;
+static EVP_MD_CTX *sha256_evp = NULL;
 
-void
-orch_sha256(const void *data, size_t len, uint8 *out)
+static void
+sha256_failed(void)
 {
-	if (sha256_ctx == NULL)
-	{
-		static ResourceOwner owner = NULL;
-		ResourceOwner saved = CurrentResourceOwner;
+	const char *reason = ERR_reason_error_string(ERR_get_error());
 
-		if (owner == NULL)
-			owner = ResourceOwnerCreate(NULL, "orchestrator SHA-256");
-		CurrentResourceOwner = owner;
-		sha256_ctx = pg_cryptohash_create(PG_SHA256);
-		CurrentResourceOwner = saved;
-		if (sha256_ctx == NULL)
+	ereport(ERROR,
+			(errcode(ERRCODE_INTERNAL_ERROR),
+			 errmsg("could not compute SHA-256: %s", reason ? reason : "no reason given")));
+}
+
+/* The SHA-256 of n byte strings one after the other. */
+void
+orch_sha256_parts(int n, const void *const *data, const size_t *len, uint8 *out)
+{
+	if (sha256_evp == NULL)
+	{
+		if (sha256_md == NULL && (sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL)) == NULL)
+			sha256_failed();
+		if ((sha256_evp = EVP_MD_CTX_new()) == NULL)
 			ereport(ERROR,
 					(errcode(ERRCODE_OUT_OF_MEMORY),
 					 errmsg("out of memory")));
 	}
-	if (pg_cryptohash_init(sha256_ctx) < 0 ||
-		pg_cryptohash_update(sha256_ctx, data, len) < 0 ||
-		pg_cryptohash_final(sha256_ctx, out, PG_SHA256_DIGEST_LENGTH) < 0)
-		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(sha256_ctx));
+	if (EVP_DigestInit_ex2(sha256_evp, sha256_md, NULL) != 1)
+		sha256_failed();
+	for (int i = 0; i < n; i++)
+		if (EVP_DigestUpdate(sha256_evp, data[i], len[i]) != 1)
+			sha256_failed();
+	if (EVP_DigestFinal_ex(sha256_evp, out, NULL) != 1)
+		sha256_failed();
+}
+
+void
+orch_sha256(const void *data, size_t len, uint8 *out)
+{
+	orch_sha256_parts(1, &data, &len, out);
 }
 
 /*
@@ -507,21 +524,6 @@ orch_audit_split_events(const char *data, int len, int n, OrchAuditEvents *ev)
 	}
 	ev->start[n] = (int) (p - data);
 	return p == end;
-}
-
-/* The SHA-256 of n byte strings one after the other. */
-void
-orch_sha256_parts(int n, const void *const *data, const size_t *len, uint8 *out)
-{
-	if (sha256_ctx == NULL)
-		orch_sha256("", 0, out);	/* creates the context */
-	if (pg_cryptohash_init(sha256_ctx) < 0)
-		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(sha256_ctx));
-	for (int i = 0; i < n; i++)
-		if (pg_cryptohash_update(sha256_ctx, data[i], len[i]) < 0)
-			elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(sha256_ctx));
-	if (pg_cryptohash_final(sha256_ctx, out, PG_SHA256_DIGEST_LENGTH) < 0)
-		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(sha256_ctx));
 }
 
 /* The canonical encoding of a block (version 1) and its SHA-256. */
