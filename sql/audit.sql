@@ -97,6 +97,25 @@ SELECT orch.enable_audit('app.no_key');
 INSERT INTO app.no_key VALUES ('x');
 SELECT operation, row_key, new_row FROM app.audit_of('app.no_key', 1);
 
+-- A table's columns, key and name are read again after it changes: a
+-- column added, then dropped, a primary key made, the table and its schema
+-- renamed, each within the one session that audits the table throughout.
+CREATE SCHEMA shop;
+CREATE TABLE shop.items (sku text, price numeric);
+SELECT orch.enable_audit('shop.items');
+INSERT INTO shop.items VALUES ('a-1', 5);
+ALTER TABLE shop.items ADD COLUMN stock int DEFAULT 3;
+INSERT INTO shop.items VALUES ('b-2', 7);
+ALTER TABLE shop.items DROP COLUMN price, ADD PRIMARY KEY (sku);
+UPDATE shop.items SET stock = 4 WHERE sku = 'b-2';
+ALTER TABLE shop.items RENAME TO goods;
+DELETE FROM shop.goods WHERE sku = 'a-1';
+ALTER SCHEMA shop RENAME TO store;
+INSERT INTO store.goods VALUES ('c-3', 1);
+SELECT table_name, operation, row_key, old_row, new_row
+  FROM orch.audit_log WHERE table_name IN ('shop.items', 'shop.goods', 'store.goods')
+ ORDER BY xid, audit_id;
+
 -- The audit tables are append-only, for their owner and superusers too.
 SELECT app.show_error($$UPDATE orch.audit_records SET reason = 'rewritten'$$);
 SELECT app.show_error($$DELETE FROM orch.audit_records$$);

@@ -41,10 +41,13 @@
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
 #include "utils/uuid.h"
@@ -624,7 +627,7 @@ typedef struct RelRender
 	RenderKind *kind;			/* per attribute */
 	Oid		   *base_type;		/* per attribute: the type under any domain */
 	FmgrInfo   *output;			/* per attribute, for RK_OUTPUT */
-	int			settings_level; /* GUC nest level of render_settings, or 0 */
+	int			settings_level; /* GUC nest level of render_settings, or 0; per statement */
 	FmgrInfo   *to_jsonb;		/* per attribute; fn_oid InvalidOid if dropped */
 	int		   *order;			/* the live attributes' indexes, in jsonb's key order */
 	int			ncols;			/* how many */
@@ -651,7 +654,7 @@ key_order_cmp(const void *a, const void *b, void *arg)
 static void
 rel_render_init(RelRender *rr, Relation rel)
 {
-	TupleDesc	desc = RelationGetDescr(rel);
+	TupleDesc	desc = CreateTupleDescCopyConstr(RelationGetDescr(rel));	/* with missing values */
 	Bitmapset  *pk = RelationGetIndexAttrBitmap(rel, INDEX_ATTR_BITMAP_PRIMARY_KEY);
 	int			a;
 
@@ -728,6 +731,96 @@ rel_render_init(RelRender *rr, Relation rel)
 	a = -1;
 	while ((a = bms_next_member(pk, a)) >= 0)
 		rr->key_attrs = bms_add_member(rr->key_attrs, a + FirstLowInvalidHeapAttributeNumber);
+}
+
+/*
+ * How to render each audited table, kept for the backend's life: building
+ * it looks up every column's type and output function, which for a
+ * statement that changes one row costs more than rendering the row.  An
+ * entry is built again after an invalidation of its table (ALTER TABLE, a
+ * new primary key) or of every table, and after any change to a schema,
+ * which may rename the table's.  An invalidation only marks the entry; it
+ * is freed when it is built again, never while a statement renders with it.
+ */
+typedef struct RenderCacheEntry
+{
+	Oid			relid;			/* the hash key */
+	bool		valid;
+	MemoryContext cxt;			/* holds rr and table_name */
+	RelRender	rr;
+	char	   *table_name;		/* schema-qualified, quoted where needed */
+} RenderCacheEntry;
+
+static HTAB *render_cache = NULL;
+
+static void
+render_cache_forget(Datum arg, Oid relid)
+{
+	HASH_SEQ_STATUS seq;
+	RenderCacheEntry *e;
+
+	if (render_cache == NULL)
+		return;
+	if (OidIsValid(relid))
+	{
+		e = hash_search(render_cache, &relid, HASH_FIND, NULL);
+		if (e != NULL)
+			e->valid = false;
+		return;
+	}
+	hash_seq_init(&seq, render_cache);
+	while ((e = hash_seq_search(&seq)) != NULL)
+		e->valid = false;
+}
+
+static void
+render_cache_forget_all(Datum arg, int cacheid, uint32 hashvalue)
+{
+	render_cache_forget(arg, InvalidOid);
+}
+
+static RenderCacheEntry *
+render_for(Relation rel)
+{
+	Oid			relid = RelationGetRelid(rel);
+	RenderCacheEntry *e;
+	bool		found;
+
+	if (render_cache == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(Oid);
+		ctl.entrysize = sizeof(RenderCacheEntry);
+		ctl.hcxt = CacheMemoryContext;
+		render_cache = hash_create("orchestrator audit rendering", 32, &ctl,
+								   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+		CacheRegisterRelcacheCallback(render_cache_forget, (Datum) 0);
+		CacheRegisterSyscacheCallback(NAMESPACEOID, render_cache_forget_all, (Datum) 0);
+	}
+	e = hash_search(render_cache, &relid, HASH_ENTER, &found);
+	if (!found)
+	{
+		e->valid = false;
+		e->cxt = NULL;
+	}
+	if (!e->valid)
+	{
+		MemoryContext oldcxt;
+
+		if (e->cxt != NULL)
+			MemoryContextDelete(e->cxt);
+		e->cxt = AllocSetContextCreate(CacheMemoryContext, "orchestrator audit rendering",
+									   ALLOCSET_SMALL_SIZES);
+		oldcxt = MemoryContextSwitchTo(e->cxt);
+		rel_render_init(&e->rr, rel);
+		e->table_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+												   RelationGetRelationName(rel));
+		MemoryContextSwitchTo(oldcxt);
+		e->valid = true;
+	}
+	e->rr.settings_level = 0;
+	return e;
 }
 
 /*
@@ -1217,7 +1310,8 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	Tuplestorestate *rows_b;	/* new rows of an UPDATE */
 	TupleTableSlot *slot_a;
 	TupleTableSlot *slot_b = NULL;
-	RelRender	rr;
+	RenderCacheEntry *render;
+	RelRender  *rr;
 	AuditBatch *b;
 	MemoryContext cxt;
 	MemoryContext oldcxt;
@@ -1272,8 +1366,9 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 								ALLOCSET_DEFAULT_SIZES);
 	oldcxt = MemoryContextSwitchTo(cxt);
 	b = palloc0(sizeof(AuditBatch));
-	table_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-											RelationGetRelationName(rel));
+	render = render_for(rel);
+	rr = &render->rr;
+	table_name = pstrdup(render->table_name);
 	batch_begin_stmt(b, table_name, operation, rows_a != NULL ? tuplestore_tuple_count(rows_a) : 1);
 
 	if (rows_a == NULL)
@@ -1291,14 +1386,13 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 		return PointerGetDatum(NULL);
 	}
 
-	rel_render_init(&rr, rel);
-	changed = palloc(sizeof(bool) * Max(rr.desc->natts, 1));
+	changed = palloc(sizeof(bool) * Max(rr->desc->natts, 1));
 	rowcxt = AllocSetContextCreate(cxt, "orchestrator audit row", ALLOCSET_DEFAULT_SIZES);
-	slot_a = MakeSingleTupleTableSlot(rr.desc, &TTSOpsMinimalTuple);
+	slot_a = MakeSingleTupleTableSlot(rr->desc, &TTSOpsMinimalTuple);
 	transition_rescan(rows_a);
 	if (rows_b != NULL)
 	{
-		slot_b = MakeSingleTupleTableSlot(rr.desc, &TTSOpsMinimalTuple);
+		slot_b = MakeSingleTupleTableSlot(rr->desc, &TTSOpsMinimalTuple);
 		transition_rescan(rows_b);
 	}
 
@@ -1326,34 +1420,35 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 		if (slot_b != NULL)
 		{
 			current = slot_b;
-			changed_columns(&rr, slot_a, slot_b, changed);
+			changed_columns(rr, slot_a, slot_b, changed);
 		}
 		batch_begin_event(b);
-		if (bms_is_empty(rr.key_attrs))
+		if (bms_is_empty(rr->key_attrs))
 			enc_null(&b->events);
 		else
-			enc_row(&b->events, &rr, current, RENDER_KEY, NULL);
+			enc_row(&b->events, rr, current, RENDER_KEY, NULL);
 		if (slot_b != NULL)
 		{
-			enc_row(&b->events, &rr, slot_a, RENDER_CHANGED, changed);
-			enc_row(&b->events, &rr, slot_b, RENDER_CHANGED, changed);
+			enc_row(&b->events, rr, slot_a, RENDER_CHANGED, changed);
+			enc_row(&b->events, rr, slot_b, RENDER_CHANGED, changed);
 		}
 		else if (strcmp(operation, "INSERT") == 0)
 		{
 			enc_null(&b->events);
-			enc_row(&b->events, &rr, slot_a, RENDER_ALL, NULL);
+			enc_row(&b->events, rr, slot_a, RENDER_ALL, NULL);
 		}
 		else
 		{
-			enc_row(&b->events, &rr, slot_a, RENDER_ALL, NULL);
+			enc_row(&b->events, rr, slot_a, RENDER_ALL, NULL);
 			enc_null(&b->events);
 		}
-		row_context(&rr, current, own, &run_id, &has_step, &step_id);
+		row_context(rr, current, own, &run_id, &has_step, &step_id);
 		batch_end_event(b, run_id, has_step, step_id);
 		MemoryContextSwitchTo(cxt);
 	}
-	if (rr.settings_level > 0)
-		AtEOXact_GUC(true, rr.settings_level);
+	if (rr->settings_level > 0)
+		AtEOXact_GUC(true, rr->settings_level);
+	rr->settings_level = 0;
 	batch_flush(b);
 
 	ExecDropSingleTupleTableSlot(slot_a);
