@@ -290,6 +290,17 @@ seal(bool heartbeat_due, bool wait)
 		if (SPI_execute_with_args(INSERT_BLOCK_SQL, 12, itypes, args, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "could not write audit block %lld", (long long) blk.block_id);
 	}
+
+	/*
+	 * Writers append their records' runs to the GIN index's pending list;
+	 * merge it here, in the background, before it grows to
+	 * gin_pending_list_limit and a writer has to merge it in the middle of
+	 * its transaction.
+	 */
+	if (n > 0 &&
+		SPI_execute("SELECT pg_catalog.gin_clean_pending_list('orch.audit_records_runs'::pg_catalog.regclass)",
+					false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not merge the pending entries of orch.audit_records_runs");
 	SPI_finish();
 	return n;
 }
