@@ -3208,6 +3208,8 @@ GRANT EXECUTE ON FUNCTION orch.claim_tasks(text, text, int, interval, interval),
 	orch.complete_and_claim(uuid, jsonb, text, text, int, interval) TO orch_worker;
 GRANT EXECUTE ON FUNCTION orch._engine_workers() TO orch_reader;
 GRANT SELECT ON orch.audit_events, orch.audit_blocks, orch.audit_seal_status TO orch_reader;
+-- orch.audit_events reads the records through orch.audit_log, which calls it
+GRANT EXECUTE ON FUNCTION orch._audit_unpack(bigint, int, bytea, bytea) TO orch_reader;
 GRANT EXECUTE ON FUNCTION orch.verify_audit(jsonb), orch.verify_run(uuid),
 	orch.audit_digest() TO orch_reader;
 GRANT EXECUTE ON FUNCTION orch.enable_audit(regclass), orch.disable_audit(regclass),

@@ -116,6 +116,19 @@ SELECT table_name, operation, row_key, old_row, new_row
   FROM orch.audit_log WHERE table_name IN ('shop.items', 'shop.goods', 'store.goods')
  ORDER BY xid, audit_id;
 
+-- orch_reader reads the events, which orch.audit_log unpacks from the records.
+CREATE ROLE audit_reader IN ROLE orch_reader;
+SET ROLE audit_reader;
+SELECT count(*) AS events, count(DISTINCT audit_id / 1000) AS records
+  FROM orch.audit_events WHERE table_name IN ('shop.items', 'shop.goods', 'store.goods');
+RESET ROLE;
+-- A record's stored fields read back as jsonb; bytes that are not what the
+-- trigger writes (here a NUL inside a string) are refused, not read past.
+SELECT audit_id, row_key, new_row, run_id, row_hash
+  FROM orch._audit_unpack(7, 1, '\x000001000000065300000001410000'::bytea, ''::bytea);
+SELECT app.show_error($$SELECT * FROM orch._audit_unpack(7, 1, '\x00000100000007530000000241000000'::bytea, '')$$);
+SELECT app.show_error($$SELECT * FROM orch._audit_unpack(7, 2, '\x000001000000065300000001410000'::bytea, '')$$);
+
 -- The audit tables are append-only, for their owner and superusers too.
 SELECT app.show_error($$UPDATE orch.audit_records SET reason = 'rewritten'$$);
 SELECT app.show_error($$DELETE FROM orch.audit_records$$);

@@ -71,8 +71,13 @@ static int64 step_context_step;
 /* set only while orch.purge_audit removes sealed ranges */
 bool		orch_audit_purging = false;
 
-/* audit rows written with one INSERT at most */
-#define AUDIT_FLUSH_ROWS	1000
+/*
+ * A record's events are written once they reach this size, even if the
+ * statement changed more rows (a record holds at most
+ * ORCH_AUDIT_RECORD_EVENTS): a statement's row images are held in memory
+ * until then, and copied once more when compressed.
+ */
+#define AUDIT_RECORD_BYTES	(8 * 1024 * 1024)
 
 void
 orch_audit_set_step(Datum run_id, int64 step_id)
@@ -506,12 +511,12 @@ orch_audit_split_events(const char *data, int len, int n, OrchAuditEvents *ev)
 	const char *p = data;
 	const char *end = data + len;
 
+	if (n < 1 || n > ORCH_AUDIT_RECORD_EVENTS)
+		return false;
 	ev->n = n;
 	ev->base = data;
-	ev->start = palloc(sizeof(int) * (Max(n, 0) + 1));
-	ev->middle = palloc(sizeof(int) * Max(n, 1));
-	if (n < 0 || n > ORCH_AUDIT_RECORD_EVENTS)
-		return false;
+	ev->start = palloc(sizeof(int) * (n + 1));
+	ev->middle = palloc(sizeof(int) * n);
 	for (int i = 0; i < n; i++)
 	{
 		OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
@@ -627,7 +632,6 @@ typedef struct RelRender
 	RenderKind *kind;			/* per attribute */
 	Oid		   *base_type;		/* per attribute: the type under any domain */
 	FmgrInfo   *output;			/* per attribute, for RK_OUTPUT */
-	int			settings_level; /* GUC nest level of render_settings, or 0; per statement */
 	FmgrInfo   *to_jsonb;		/* per attribute; fn_oid InvalidOid if dropped */
 	int		   *order;			/* the live attributes' indexes, in jsonb's key order */
 	int			ncols;			/* how many */
@@ -635,6 +639,13 @@ typedef struct RelRender
 	AttrNumber	run_attr;		/* "run_id uuid", or 0 */
 	AttrNumber	step_attr;		/* "step_id bigint", or 0 */
 } RelRender;
+
+/* One statement's rendering: its table's, and whether render_settings are in force. */
+typedef struct RenderStmt
+{
+	const RelRender *rr;
+	int			settings_level; /* GUC nest level of render_settings, or 0 */
+} RenderStmt;
 
 /* jsonb's order of keys: shorter names first, then by their bytes */
 static int
@@ -662,7 +673,6 @@ rel_render_init(RelRender *rr, Relation rel)
 	rr->kind = palloc0(sizeof(RenderKind) * desc->natts);
 	rr->base_type = palloc0(sizeof(Oid) * desc->natts);
 	rr->output = palloc0(sizeof(FmgrInfo) * desc->natts);
-	rr->settings_level = 0;
 	rr->to_jsonb = palloc0(sizeof(FmgrInfo) * desc->natts);
 	rr->order = palloc(sizeof(int) * Max(desc->natts, 1));
 	rr->ncols = 0;
@@ -739,19 +749,28 @@ rel_render_init(RelRender *rr, Relation rel)
  * statement that changes one row costs more than rendering the row.  An
  * entry is built again after an invalidation of its table (ALTER TABLE, a
  * new primary key) or of every table, and after any change to a schema,
- * which may rename the table's.  An invalidation only marks the entry; it
- * is freed when it is built again, never while a statement renders with it.
+ * which may rename the table's.
+ *
+ * A statement renders with the RelRender it got, to its end, even if the
+ * entry is built again meanwhile (by the trigger of a statement that runs
+ * inside its rendering): an entry's old memory is handed to the
+ * transaction, which frees it at its end, and an entry built while an
+ * invalidation arrived is built once more.
  */
 typedef struct RenderCacheEntry
 {
 	Oid			relid;			/* the hash key */
 	bool		valid;
 	MemoryContext cxt;			/* holds rr and table_name */
-	RelRender	rr;
+	RelRender  *rr;
 	char	   *table_name;		/* schema-qualified, quoted where needed */
 } RenderCacheEntry;
 
 static HTAB *render_cache = NULL;
+static uint64 render_invalidations = 0;
+
+/* entries of dropped tables are removed when the cache holds more than this */
+#define RENDER_CACHE_SWEEP	256
 
 static void
 render_cache_forget(Datum arg, Oid relid)
@@ -759,6 +778,7 @@ render_cache_forget(Datum arg, Oid relid)
 	HASH_SEQ_STATUS seq;
 	RenderCacheEntry *e;
 
+	render_invalidations++;
 	if (render_cache == NULL)
 		return;
 	if (OidIsValid(relid))
@@ -777,6 +797,33 @@ static void
 render_cache_forget_all(Datum arg, int cacheid, uint32 hashvalue)
 {
 	render_cache_forget(arg, InvalidOid);
+}
+
+/* Hand an entry's memory to the transaction, which frees it at its end. */
+static void
+render_cache_retire(RenderCacheEntry *e)
+{
+	if (e->cxt != NULL)
+		MemoryContextSetParent(e->cxt, TopTransactionContext);
+	e->cxt = NULL;
+	e->rr = NULL;
+	e->table_name = NULL;
+}
+
+/* Remove the entries no statement has asked for since they were invalidated. */
+static void
+render_cache_sweep(Oid keep)
+{
+	HASH_SEQ_STATUS seq;
+	RenderCacheEntry *e;
+
+	hash_seq_init(&seq, render_cache);
+	while ((e = hash_seq_search(&seq)) != NULL)
+		if (!e->valid && e->relid != keep)
+		{
+			render_cache_retire(e);
+			(void) hash_search(render_cache, &e->relid, HASH_REMOVE, NULL);
+		}
 }
 
 static RenderCacheEntry *
@@ -803,23 +850,41 @@ render_for(Relation rel)
 	{
 		e->valid = false;
 		e->cxt = NULL;
+		e->rr = NULL;
+		e->table_name = NULL;
 	}
-	if (!e->valid)
+	while (!e->valid)
 	{
+		uint64		seen = render_invalidations;
+		MemoryContext cxt;
 		MemoryContext oldcxt;
+		RelRender  *rr;
+		char	   *table_name;
 
-		if (e->cxt != NULL)
-			MemoryContextDelete(e->cxt);
-		e->cxt = AllocSetContextCreate(CacheMemoryContext, "orchestrator audit rendering",
-									   ALLOCSET_SMALL_SIZES);
-		oldcxt = MemoryContextSwitchTo(e->cxt);
-		rel_render_init(&e->rr, rel);
-		e->table_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-												   RelationGetRelationName(rel));
+		/* under the transaction until built: an error mid-way frees it */
+		cxt = AllocSetContextCreate(TopTransactionContext, "orchestrator audit rendering",
+									ALLOCSET_SMALL_SIZES);
+		oldcxt = MemoryContextSwitchTo(cxt);
+		rr = palloc(sizeof(RelRender));
+		rel_render_init(rr, rel);
+		table_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+												RelationGetRelationName(rel));
 		MemoryContextSwitchTo(oldcxt);
+		if (render_invalidations != seen)
+		{
+			/* built from catalogs that changed meanwhile: again */
+			MemoryContextDelete(cxt);
+			continue;
+		}
+		render_cache_retire(e);
+		MemoryContextSetParent(cxt, CacheMemoryContext);
+		e->cxt = cxt;
+		e->rr = rr;
+		e->table_name = table_name;
 		e->valid = true;
+		if (hash_get_num_entries(render_cache) > RENDER_CACHE_SWEEP)
+			render_cache_sweep(relid);
 	}
-	e->rr.settings_level = 0;
 	return e;
 }
 
@@ -829,8 +894,9 @@ render_for(Relation rel)
  * through to_jsonb.
  */
 static void
-enc_value(StringInfo out, RelRender *rr, int i, Datum value, bool isnull)
+enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
 {
+	const RelRender *rr = rs->rr;
 	Jsonb	   *jb;
 
 	if (isnull)
@@ -891,8 +957,8 @@ enc_value(StringInfo out, RelRender *rr, int i, Datum value, bool isnull)
 		case RK_TO_JSONB:
 			break;
 	}
-	if (rr->settings_level == 0)
-		rr->settings_level = render_settings_push();	/* until the statement's rows are done */
+	if (rs->settings_level == 0)
+		rs->settings_level = render_settings_push();	/* until the statement's rows are done */
 	jb = DatumGetJsonbP(FunctionCall1(&rr->to_jsonb[i], value));
 	json_canon(out, &jb->root);
 }
@@ -941,7 +1007,7 @@ column_changed(Form_pg_attribute att, Datum a, bool anull, Datum b, bool bnull)
 
 /* Which columns an UPDATE changed: changed[i] for attribute i. */
 static void
-changed_columns(RelRender *rr, TupleTableSlot *before, TupleTableSlot *after, bool *changed)
+changed_columns(const RelRender *rr, TupleTableSlot *before, TupleTableSlot *after, bool *changed)
 {
 	slot_getallattrs(before);
 	slot_getallattrs(after);
@@ -960,8 +1026,9 @@ changed_columns(RelRender *rr, TupleTableSlot *before, TupleTableSlot *after, bo
  * (keys in jsonb's order), with the length and count filled in at the end.
  */
 static void
-enc_row(StringInfo out, RelRender *rr, TupleTableSlot *slot, RenderWhich which, const bool *changed)
+enc_row(StringInfo out, RenderStmt *rs, TupleTableSlot *slot, RenderWhich which, const bool *changed)
 {
+	const RelRender *rr = rs->rr;
 	int			len_at;
 	int			count_at;
 	uint32		count = 0;
@@ -983,7 +1050,7 @@ enc_row(StringInfo out, RelRender *rr, TupleTableSlot *slot, RenderWhich which, 
 		if (which == RENDER_CHANGED && !changed[i])
 			continue;
 		put_string(out, NameStr(att->attname), (int) strlen(NameStr(att->attname)));
-		enc_value(out, rr, i, slot->tts_values[i], slot->tts_isnull[i]);
+		enc_value(out, rs, i, slot->tts_values[i], slot->tts_isnull[i]);
 		count++;
 	}
 	patch_u32(out, count_at, count);
@@ -1074,14 +1141,23 @@ record_runs(AuditBatch *b)
 	return construct_array(elems, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR);
 }
 
-static bytea *
-to_bytea(StringInfo s)
+/*
+ * A buffer begun with room for a varlena header (buffer_begin) as a bytea,
+ * in place.
+ */
+static void
+buffer_begin(StringInfo s)
 {
-	bytea	   *b = palloc(VARHDRSZ + s->len);
+	resetStringInfo(s);
+	reserve(s, VARHDRSZ);
+	s->len = VARHDRSZ;
+}
 
-	SET_VARSIZE(b, VARHDRSZ + s->len);
-	memcpy(VARDATA(b), s->data, s->len);
-	return b;
+static bytea *
+buffer_bytea(StringInfo s)
+{
+	SET_VARSIZE(s->data, s->len);
+	return (bytea *) s->data;
 }
 
 /*
@@ -1135,8 +1211,8 @@ batch_flush(AuditBatch *b)
 	SET(7, CStringGetTextDatum(b->common.session_role), false);
 	SET(8, b->common.reason ? CStringGetTextDatum(b->common.reason) : (Datum) 0, b->common.reason == NULL);
 	SET(9, Int32GetDatum(b->n), false);
-	SET(10, PointerGetDatum(to_bytea(&b->events)), false);
-	SET(11, PointerGetDatum(to_bytea(&b->hashes)), false);
+	SET(10, PointerGetDatum(buffer_bytea(&b->events)), false);
+	SET(11, PointerGetDatum(buffer_bytea(&b->hashes)), false);
 	SET(12, PointerGetDatum(runs), runs == NULL);
 #undef SET
 	ExecStoreVirtualTuple(slot);
@@ -1152,8 +1228,8 @@ batch_flush(AuditBatch *b)
 	b->record_id = 0;
 	b->n = 0;
 	b->nruns = 0;
-	resetStringInfo(&b->events);
-	resetStringInfo(&b->hashes);
+	buffer_begin(&b->events);
+	buffer_begin(&b->hashes);
 }
 
 /*
@@ -1195,6 +1271,8 @@ batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation, i
 	b->cap = (int) Min(Max(nrows, 1), ORCH_AUDIT_RECORD_EVENTS);
 	initStringInfo(&b->events);
 	initStringInfo(&b->hashes);
+	buffer_begin(&b->events);
+	buffer_begin(&b->hashes);
 	b->runs = palloc(sizeof(pg_uuid_t) * b->cap);
 	{
 		/* the extension may have been dropped and created again since */
@@ -1243,7 +1321,7 @@ batch_end_event(AuditBatch *b, const pg_uuid_t *run_id, bool has_step, int64 ste
 						  b->events.len - b->event_start, hash);
 	put_raw(&b->hashes, (const char *) hash, ORCH_HASH_LEN);
 	b->n++;
-	if (b->n == b->cap)
+	if (b->n == b->cap || b->events.len >= AUDIT_RECORD_BYTES)
 		batch_flush(b);
 }
 
@@ -1259,7 +1337,7 @@ transition_rescan(Tuplestorestate *ts)
 
 /* The run and step a row belongs to: its own columns, else the running step. */
 static void
-row_context(RelRender *rr, TupleTableSlot *slot, bool own, pg_uuid_t **run_id,
+row_context(const RelRender *rr, TupleTableSlot *slot, bool own, pg_uuid_t **run_id,
 			bool *has_step, int64 *step_id)
 {
 	bool		isnull;
@@ -1311,7 +1389,8 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	TupleTableSlot *slot_a;
 	TupleTableSlot *slot_b = NULL;
 	RenderCacheEntry *render;
-	RelRender  *rr;
+	const RelRender *rr;
+	RenderStmt	rs;
 	AuditBatch *b;
 	MemoryContext cxt;
 	MemoryContext oldcxt;
@@ -1367,7 +1446,9 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	oldcxt = MemoryContextSwitchTo(cxt);
 	b = palloc0(sizeof(AuditBatch));
 	render = render_for(rel);
-	rr = &render->rr;
+	rr = render->rr;
+	rs.rr = rr;
+	rs.settings_level = 0;
 	table_name = pstrdup(render->table_name);
 	batch_begin_stmt(b, table_name, operation, rows_a != NULL ? tuplestore_tuple_count(rows_a) : 1);
 
@@ -1426,29 +1507,28 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 		if (bms_is_empty(rr->key_attrs))
 			enc_null(&b->events);
 		else
-			enc_row(&b->events, rr, current, RENDER_KEY, NULL);
+			enc_row(&b->events, &rs, current, RENDER_KEY, NULL);
 		if (slot_b != NULL)
 		{
-			enc_row(&b->events, rr, slot_a, RENDER_CHANGED, changed);
-			enc_row(&b->events, rr, slot_b, RENDER_CHANGED, changed);
+			enc_row(&b->events, &rs, slot_a, RENDER_CHANGED, changed);
+			enc_row(&b->events, &rs, slot_b, RENDER_CHANGED, changed);
 		}
 		else if (strcmp(operation, "INSERT") == 0)
 		{
 			enc_null(&b->events);
-			enc_row(&b->events, rr, slot_a, RENDER_ALL, NULL);
+			enc_row(&b->events, &rs, slot_a, RENDER_ALL, NULL);
 		}
 		else
 		{
-			enc_row(&b->events, rr, slot_a, RENDER_ALL, NULL);
+			enc_row(&b->events, &rs, slot_a, RENDER_ALL, NULL);
 			enc_null(&b->events);
 		}
 		row_context(rr, current, own, &run_id, &has_step, &step_id);
 		batch_end_event(b, run_id, has_step, step_id);
 		MemoryContextSwitchTo(cxt);
 	}
-	if (rr->settings_level > 0)
-		AtEOXact_GUC(true, rr->settings_level);
-	rr->settings_level = 0;
+	if (rs.settings_level > 0)
+		AtEOXact_GUC(true, rs.settings_level);
 	batch_flush(b);
 
 	ExecDropSingleTupleTableSlot(slot_a);
@@ -1482,26 +1562,37 @@ get_u32(Decoder *d, uint32 *v)
 	return true;
 }
 
-/* A length and UTF-8 bytes, as a jsonb string of the database's encoding. */
+/*
+ * A length and UTF-8 bytes, as a jsonb string of the database's encoding;
+ * false for bytes that are not text of that encoding (a NUL, invalid
+ * UTF-8), which the writer never stores.
+ */
 static bool
 get_string(Decoder *d, JsonbValue *v)
 {
 	uint32		len;
+	char	   *c;
 
-	if (!get_u32(d, &len) || (uint32) (d->end - d->p) < len)
+	if (!get_u32(d, &len) || (uint32) (d->end - d->p) < len || len > MaxAllocSize / 2 ||
+		memchr(d->p, '\0', len) != NULL)
+		return false;
+	if (GetDatabaseEncoding() != PG_SQL_ASCII &&
+		pg_verify_mbstr_len(PG_UTF8, d->p, (int) len, true) < 0)
 		return false;
 	v->type = jbvString;
-	if (GetDatabaseEncoding() == PG_UTF8 || GetDatabaseEncoding() == PG_SQL_ASCII)
+	c = GetDatabaseEncoding() == PG_UTF8 || GetDatabaseEncoding() == PG_SQL_ASCII ?
+		(char *) d->p : pg_any_to_server(d->p, (int) len, PG_UTF8);
+	if (c == d->p)
 	{
-		v->val.string.val = pnstrdup(d->p, len);
+		v->val.string.val = palloc(len + 1);
+		memcpy(v->val.string.val, d->p, len);
+		v->val.string.val[len] = '\0';
 		v->val.string.len = (int) len;
 	}
 	else
 	{
-		char	   *c = pg_any_to_server(d->p, (int) len, PG_UTF8);
-
-		v->val.string.val = c == d->p ? pnstrdup(d->p, len) : c;
-		v->val.string.len = c == d->p ? (int) len : (int) strlen(c);
+		v->val.string.val = c;
+		v->val.string.len = (int) strlen(c);
 	}
 	d->p += len;
 	return true;

@@ -298,9 +298,13 @@ seal(bool heartbeat_due, bool wait)
 	 * its transaction.
 	 */
 	if (n > 0 &&
-		SPI_execute("SELECT pg_catalog.gin_clean_pending_list('orch.audit_records_runs'::pg_catalog.regclass)",
+		SPI_execute("SELECT pg_catalog.gin_clean_pending_list(i.indexrelid::pg_catalog.regclass)"
+					"  FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid"
+					"  JOIN pg_catalog.pg_am a ON a.oid = c.relam"
+					" WHERE i.indrelid OPERATOR(pg_catalog.=) 'orch.audit_records'::pg_catalog.regclass"
+					"   AND a.amname OPERATOR(pg_catalog.=) 'gin'",
 					false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "could not merge the pending entries of orch.audit_records_runs");
+		elog(ERROR, "could not merge the pending entries of orch.audit_records' run index");
 	SPI_finish();
 	return n;
 }
@@ -494,7 +498,8 @@ record_events_load(RecordEvents *re, Datum *v, bool *n)
 	re->c.db_user = opt_text(v, n, 6);
 	re->c.session_role = opt_text(v, n, 7);
 	re->c.reason = opt_text(v, n, 8);
-	re->n = n[9] ? 0 : Min(Max(DatumGetInt32(v[9]), 0), ORCH_AUDIT_RECORD_EVENTS);
+	/* a record claiming no events (or too many) is read as one, or 1,000, malformed */
+	re->n = n[9] ? 1 : Min(Max(DatumGetInt32(v[9]), 1), ORCH_AUDIT_RECORD_EVENTS);
 	orch_audit_common_encode(&re->c);
 	re->well_formed = events != NULL && !n[9] && DatumGetInt32(v[9]) == re->n &&
 		orch_audit_split_events(VARDATA_ANY(events), (int) VARSIZE_ANY_EXHDR(events), re->n, &re->ev);
@@ -832,10 +837,132 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 	pfree(seen);
 }
 
+/* The 4 bytes at p as a big-endian unsigned integer. */
+static inline uint32
+be32(const char *p)
+{
+	const unsigned char *u = (const unsigned char *) p;
+
+	return ((uint32) u[0] << 24) | ((uint32) u[1] << 16) | ((uint32) u[2] << 8) | u[3];
+}
+
+/* Past one canonical JSON value at *p (before end); false if malformed. */
+static bool
+canon_skip(const char **p, const char *end, int depth)
+{
+	char		tag;
+	uint32		n;
+
+	if (*p >= end || depth > 100)
+		return false;
+	tag = *(*p)++;
+	switch (tag)
+	{
+		case 'Z':
+		case 'T':
+		case 'F':
+			return true;
+		case 'S':
+		case 'N':
+		case 'A':
+		case 'O':
+			if (end - *p < 4)
+				return false;
+			n = be32(*p);
+			*p += 4;
+			if (tag == 'S' || tag == 'N')
+			{
+				if ((uint32) (end - *p) < n)
+					return false;
+				*p += n;
+				return true;
+			}
+			for (uint32 i = 0; i < n; i++)
+			{
+				if (tag == 'O')
+				{
+					/* a key: a length and bytes, without a tag */
+					uint32		klen;
+
+					if (end - *p < 4)
+						return false;
+					klen = be32(*p);
+					*p += 4;
+					if ((uint32) (end - *p) < klen)
+						return false;
+					*p += klen;
+				}
+				if (!canon_skip(p, end, depth + 1))
+					return false;
+			}
+			return true;
+		default:
+			return false;
+	}
+}
+
+/*
+ * The block a PURGE event's detail names (new_row, a canonical JSON
+ * object): the value of its first key purged_through_block, if that is a
+ * number written with digits alone that fits a bigint; else -1.  The same
+ * rule as tools/verify-audit's and docs/audit.md's.
+ */
+static int64
+purge_detail_block(const OrchAuditField *f)
+{
+	const char *p = f->data;
+	const char *end = f->data + f->len;
+	static const char key[] = "purged_through_block";
+	uint32		n;
+
+	if (f->isnull || end - p < 5 || *p != 'O')
+		return -1;
+	n = be32(p + 1);
+	p += 5;
+	for (uint32 i = 0; i < n; i++)
+	{
+		uint32		klen;
+		bool		match;
+
+		if (end - p < 4)
+			return -1;
+		klen = be32(p);
+		p += 4;
+		if ((uint32) (end - p) < klen)
+			return -1;
+		match = klen == sizeof(key) - 1 && memcmp(p, key, klen) == 0;
+		p += klen;
+		if (match)
+		{
+			uint32		len;
+			uint64		v = 0;
+
+			if (end - p < 5 || *p != 'N')
+				return -1;
+			len = be32(p + 1);
+			p += 5;
+			if (len == 0 || len > 19 || (uint32) (end - p) < len)
+				return -1;
+			for (uint32 d = 0; d < len; d++)
+			{
+				if (p[d] < '0' || p[d] > '9')
+					return -1;
+				v = v * 10 + (uint64) (p[d] - '0');
+			}
+			return v > (uint64) PG_INT64_MAX ? -1 : (int64) v;
+		}
+		if (!canon_skip(&p, end, 0))
+			return -1;
+	}
+	return -1;
+}
+
 /*
  * The highest block whose rows a purge removed, or 0.  A purge's event
  * counts before it is sealed, so that the trail verifies right after the
  * purge; an event forged into a sealed range is reported as a forged row.
+ * A record that does not read back is reported as modified, and counts no
+ * purge.
  */
 static int64
 purged_through(void)
@@ -849,31 +976,26 @@ purged_through(void)
 		elog(ERROR, "could not read audit purges");
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
-		bool		isnull;
-		int32		n = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull));
-		bytea	   *events = DatumGetByteaPP(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2, &isnull));
+		bool		n_null;
+		bool		events_null;
+		Datum		n = SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &n_null);
+		Datum		events = SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2, &events_null);
+		bytea	   *ev_bytes;
 		OrchAuditEvents ev;
 
-		/* a record that does not read back is reported as modified */
-		if (!orch_audit_split_events(VARDATA_ANY(events), (int) VARSIZE_ANY_EXHDR(events), n, &ev))
+		if (n_null || events_null)
 			continue;
-		for (int i = 0; i < n; i++)
+		ev_bytes = DatumGetByteaPP(events);
+		if (!orch_audit_split_events(VARDATA_ANY(ev_bytes), (int) VARSIZE_ANY_EXHDR(ev_bytes),
+									 DatumGetInt32(n), &ev))
+			continue;
+		for (int i = 0; i < ev.n; i++)
 		{
 			OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
-			bool		ok = true;
-			Jsonb	   *detail;
-			JsonbValue *block;
 
 			(void) orch_audit_split_fields(ev.base + ev.start[i], ev.base + ev.start[i + 1], f,
 										   ORCH_AUDIT_EVENT_FIELDS);
-			detail = orch_audit_decode_json(&f[2], &ok);
-			if (detail == NULL || !JB_ROOT_IS_OBJECT(detail))
-				continue;
-			block = getKeyJsonValueFromContainer(&detail->root, "purged_through_block",
-												 strlen("purged_through_block"), NULL);
-			if (block != NULL && block->type == jbvNumeric)
-				through = Max(through, DatumGetInt64(DirectFunctionCall1(numeric_int8,
-																		 NumericGetDatum(block->val.numeric))));
+			through = Max(through, purge_detail_block(&f[2]));
 		}
 	}
 	SPI_freetuptable(SPI_tuptable);

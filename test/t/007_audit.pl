@@ -86,9 +86,10 @@ my $digest = $node->safe_psql('postgres', 'SELECT orch.audit_digest()');
 
 # Tamper as a superuser, with the append-only triggers out of the way: one
 # event of the first UPDATE of app.accounts (a number in its new row), the
-# record of its DELETE (five events), and a record forged into the block
-# of its INSERT, with one event that claims a run.  Each is looked up with
-# its block, since the engine's sealer may have split block A's statements
+# record of its DELETE (five events), two records forged into the block of
+# its INSERT (one with an event that claims a run, one that claims to hold
+# no events), and the run_ids of a record.  Each is looked up with its
+# block, since the engine's sealer may have split block A's statements
 # over several blocks.
 my $in_block = q{(SELECT b.block_id FROM orch.audit_blocks b
 				   WHERE l.xid >= b.xid_from AND l.xid < b.xid_to)};
@@ -125,7 +126,9 @@ INSERT INTO orch.audit_records (record_id, xid, at, table_name, operation, db_us
 	OVERRIDING SYSTEM VALUE
 	VALUES (999999, '$forged_xid', now(), 'app.accounts', 'INSERT', 'postgres', 'postgres', 1,
 			'\\x000000'::bytea || '\\x0100000010'::bytea || uuid_send('$a_run') || '\\x00'::bytea,
-			decode(repeat('00', 32), 'hex'), ARRAY['$a_run'::uuid]);
+			decode(repeat('00', 32), 'hex'), ARRAY['$a_run'::uuid]),
+		   (999998, '$forged_xid', now(), 'app.accounts', 'INSERT', 'postgres', 'postgres', 0,
+			'', '', NULL);
 DELETE FROM orch.audit_blocks WHERE block_id >= $block_c;
 ALTER TABLE orch.audit_records ENABLE ALWAYS TRIGGER audit_records_append_only;
 ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
@@ -133,6 +136,7 @@ ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
 
 my $expected = join("\n",
 	(map { "$_ deleted row" } @deleted),
+	"$block_a 999998000 forged row",
 	"$block_a 999999000 forged row",
 	"$block_c  missing block",
 	"$block_d  missing block",
@@ -149,7 +153,8 @@ is($node->safe_psql('postgres', qq{
 	"$block_a 999999000 forged row", 'verify_run finds the row forged into the run');
 # Without the digest the dropped tail cannot be seen: the chain is shorter, not broken.
 is(findings('postgres'),
-	join("\n", (map { "$_ deleted row" } @deleted), "$block_a 999999000 forged row",
+	join("\n", (map { "$_ deleted row" } @deleted), "$block_a 999998000 forged row",
+		 "$block_a 999999000 forged row",
 		 "$block_m $modified modified row", "$block_r $runs_event modified row"),
 	'without the exported digest, a dropped tail is not a finding');
 
