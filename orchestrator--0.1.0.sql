@@ -2871,9 +2871,12 @@ CREATE TABLE orch.audit_records (
 CREATE INDEX audit_records_runs ON orch.audit_records USING gin (run_ids);
 -- the purges, which verification looks up first
 CREATE INDEX audit_records_purges ON orch.audit_records (record_id) WHERE operation = 'PURGE';
--- a statement's events repeat their column names: they compress well
+-- A statement's events repeat their column names: they compress well.
+-- Hashes do not compress at all, and run ids little (lz4, which gives up
+-- quickly, instead of the default pglz).
 ALTER TABLE orch.audit_records ALTER COLUMN events SET COMPRESSION lz4,
-	ALTER COLUMN hashes SET STORAGE EXTERNAL;
+	ALTER COLUMN hashes SET STORAGE EXTERNAL,
+	ALTER COLUMN run_ids SET COMPRESSION lz4;
 
 -- A block seals the rows of the transactions with xid_from <= xid < xid_to,
 -- all of which had ended when it was sealed.
