@@ -470,12 +470,11 @@ orch_audit_event_hash(const OrchAuditCommon *c, int64 audit_id, const char *even
  * end; returns where the next byte is, or NULL if they are not well
  * formed.
  */
-const char *
-orch_audit_split_fields(const char *p, const char *end, OrchAuditField *f, int nfields)
+static const char *
+split_fields(const char *p, const char *end, OrchAuditField *f, int nfields)
 {
 	for (int i = 0; i < nfields; i++)
 	{
-		const unsigned char *u = (const unsigned char *) p;
 		uint32		len;
 
 		if (p >= end)
@@ -490,7 +489,7 @@ orch_audit_split_fields(const char *p, const char *end, OrchAuditField *f, int n
 		}
 		if (*p != 1 || end - p < 5)
 			return NULL;
-		len = ((uint32) u[1] << 24) | ((uint32) u[2] << 16) | ((uint32) u[3] << 8) | u[4];
+		len = orch_be32(p + 1);
 		if ((uint32) (end - p - 5) < len)
 			return NULL;
 		f[i].isnull = false;
@@ -503,7 +502,8 @@ orch_audit_split_fields(const char *p, const char *end, OrchAuditField *f, int n
 
 /*
  * Split a record's events (len bytes at data) into n events of five
- * fields each; false if they are not exactly that.
+ * fields each; false if they are not exactly that.  Each reader of a
+ * record splits it once, here.
  */
 bool
 orch_audit_split_events(const char *data, int len, int n, OrchAuditEvents *ev)
@@ -517,16 +517,18 @@ orch_audit_split_events(const char *data, int len, int n, OrchAuditEvents *ev)
 	ev->base = data;
 	ev->start = palloc(sizeof(int) * (n + 1));
 	ev->middle = palloc(sizeof(int) * n);
+	ev->fields = palloc(sizeof(OrchAuditField) * n * ORCH_AUDIT_EVENT_FIELDS);
 	for (int i = 0; i < n; i++)
 	{
-		OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
+		OrchAuditField *f = &ev->fields[i * ORCH_AUDIT_EVENT_FIELDS];
 
 		ev->start[i] = (int) (p - data);
-		p = orch_audit_split_fields(p, end, f, 3);
+		p = split_fields(p, end, f, ORCH_AUDIT_FIELD_RUN_ID);
 		if (p == NULL)
 			return false;
 		ev->middle[i] = (int) (p - data) - ev->start[i];
-		p = orch_audit_split_fields(p, end, f + 3, 2);
+		p = split_fields(p, end, f + ORCH_AUDIT_FIELD_RUN_ID,
+						 ORCH_AUDIT_EVENT_FIELDS - ORCH_AUDIT_FIELD_RUN_ID);
 		if (p == NULL)
 			return false;
 	}
@@ -1072,6 +1074,7 @@ static Oid	audit_seq_of = InvalidOid;	/* ... of this orch.audit_records */
 typedef struct AuditBatch
 {
 	OrchAuditCommon common;		/* xid, at, table, operation, who, reason */
+	Oid			relid;			/* orch.audit_records */
 	int64		record_id;		/* of the record being filled; 0 before its first event */
 	int			n;				/* its events so far */
 	int			cap;
@@ -1124,20 +1127,36 @@ uuid_order(const void *a, const void *b)
 	return memcmp(a, b, sizeof(pg_uuid_t));
 }
 
+/*
+ * Sort n run ids and keep each once, in place; returns how many remain.  A
+ * record's run_ids is this of its events' runs, for the writer and the
+ * verifier alike.
+ */
+int
+orch_audit_distinct_runs(pg_uuid_t *runs, int n)
+{
+	int			distinct = 0;
+
+	qsort(runs, n, sizeof(pg_uuid_t), uuid_order);
+	for (int i = 0; i < n; i++)
+		if (distinct == 0 || memcmp(&runs[i], &runs[distinct - 1], sizeof(pg_uuid_t)) != 0)
+			runs[distinct++] = runs[i];
+	return distinct;
+}
+
 /* The distinct runs of the record's events, as a uuid[]; NULL if none. */
 static ArrayType *
 record_runs(AuditBatch *b)
 {
 	Datum	   *elems;
-	int			n = 0;
+	int			n;
 
 	if (b->nruns == 0)
 		return NULL;
-	qsort(b->runs, b->nruns, sizeof(pg_uuid_t), uuid_order);
-	elems = palloc(sizeof(Datum) * b->nruns);
-	for (int i = 0; i < b->nruns; i++)
-		if (i == 0 || memcmp(&b->runs[i], &b->runs[i - 1], sizeof(pg_uuid_t)) != 0)
-			elems[n++] = UUIDPGetDatum(&b->runs[i]);
+	n = orch_audit_distinct_runs(b->runs, b->nruns);
+	elems = palloc(sizeof(Datum) * n);
+	for (int i = 0; i < n; i++)
+		elems[i] = UUIDPGetDatum(&b->runs[i]);
 	return construct_array(elems, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR);
 }
 
@@ -1184,7 +1203,7 @@ batch_flush(AuditBatch *b)
 	if (b->n == 0)
 		return;
 
-	rel = table_open(audit_records_relid(), RowExclusiveLock);
+	rel = table_open(b->relid, RowExclusiveLock);
 	if (RelationGetRelid(rel) != col_of)
 	{
 		orch_audit_column_map(RelationGetDescr(rel), col);
@@ -1274,15 +1293,12 @@ batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation, i
 	buffer_begin(&b->events);
 	buffer_begin(&b->hashes);
 	b->runs = palloc(sizeof(pg_uuid_t) * b->cap);
+	b->relid = audit_records_relid();
+	/* the extension may have been dropped and created again since */
+	if (b->relid != audit_seq_of)
 	{
-		/* the extension may have been dropped and created again since */
-		Oid			relid = audit_records_relid();
-
-		if (relid != audit_seq_of)
-		{
-			audit_seq = getIdentitySequence(relid, 1, false);
-			audit_seq_of = relid;
-		}
+		audit_seq = getIdentitySequence(b->relid, 1, false);
+		audit_seq_of = b->relid;
 	}
 }
 
@@ -1553,11 +1569,9 @@ typedef struct Decoder
 static bool
 get_u32(Decoder *d, uint32 *v)
 {
-	const unsigned char *u = (const unsigned char *) d->p;
-
 	if (d->end - d->p < 4)
 		return false;
-	*v = ((uint32) u[0] << 24) | ((uint32) u[1] << 16) | ((uint32) u[2] << 8) | u[3];
+	*v = orch_be32(d->p);
 	d->p += 4;
 	return true;
 }
@@ -1692,6 +1706,100 @@ decode_value(Decoder *d, JsonbParseState **st, JsonbIteratorToken tok, JsonbValu
 	return true;
 }
 
+/* Past one value, without building it; false if malformed or nested too deep. */
+static bool
+skip_value(Decoder *d, int depth)
+{
+	uint32		n;
+	uint32		len;
+	char		tag;
+
+	if (d->p >= d->end || depth > 100)
+		return false;
+	tag = *d->p++;
+	switch (tag)
+	{
+		case 'Z':
+		case 'T':
+		case 'F':
+			return true;
+		case 'S':
+		case 'N':
+			if (!get_u32(d, &len) || (uint32) (d->end - d->p) < len)
+				return false;
+			d->p += len;
+			return true;
+		case 'O':
+		case 'A':
+			if (!get_u32(d, &n))
+				return false;
+			for (uint32 i = 0; i < n; i++)
+			{
+				/* an object's key: a length and bytes, without a tag */
+				if (tag == 'O')
+				{
+					if (!get_u32(d, &len) || (uint32) (d->end - d->p) < len)
+						return false;
+					d->p += len;
+				}
+				if (!skip_value(d, depth + 1))
+					return false;
+			}
+			return true;
+		default:
+			return false;
+	}
+}
+
+/*
+ * The block a PURGE event's detail names (its new_row, a canonical JSON
+ * object): the value of its first key purged_through_block, if that is a
+ * number written with digits alone that fits a bigint; else -1.  Read
+ * without building jsonb, so that no stored bytes can raise an error: the
+ * same rule as tools/verify-audit's and docs/audit.md's.
+ */
+int64
+orch_audit_purge_block(const OrchAuditField *detail)
+{
+	static const char key[] = "purged_through_block";
+	Decoder		d;
+	uint32		n;
+
+	if (detail->isnull)
+		return -1;
+	d.p = detail->data;
+	d.end = detail->data + detail->len;
+	if (d.p >= d.end || *d.p++ != 'O' || !get_u32(&d, &n))
+		return -1;
+	for (uint32 i = 0; i < n; i++)
+	{
+		uint32		klen;
+		uint32		len;
+		uint64		v = 0;
+
+		if (!get_u32(&d, &klen) || (uint32) (d.end - d.p) < klen)
+			return -1;
+		d.p += klen;
+		if (klen != sizeof(key) - 1 || memcmp(d.p - klen, key, klen) != 0)
+		{
+			if (!skip_value(&d, 0))
+				return -1;
+			continue;
+		}
+		if (d.p >= d.end || *d.p++ != 'N' || !get_u32(&d, &len) ||
+			len == 0 || len > 19 || (uint32) (d.end - d.p) < len)
+			return -1;
+		for (uint32 k = 0; k < len; k++)
+		{
+			if (d.p[k] < '0' || d.p[k] > '9')
+				return -1;
+			v = v * 10 + (uint64) (d.p[k] - '0');
+		}
+		return v > (uint64) PG_INT64_MAX ? -1 : (int64) v;
+	}
+	return -1;
+}
+
 /*
  * A JSON field of an event (row_key, old_row, new_row) as jsonb: NULL for
  * SQL NULL; *ok is set false if it is not a canonical JSON value.
@@ -1742,15 +1850,13 @@ orch_audit_unpack(PG_FUNCTION_ARGS)
 	hashes_ok = VARSIZE_ANY_EXHDR(hashes) == (Size) n * ORCH_HASH_LEN;
 	for (int i = 0; i < n; i++)
 	{
-		OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
+		const OrchAuditField *f = &ev.fields[i * ORCH_AUDIT_EVENT_FIELDS];
 		Datum		values[7];
 		bool		nulls[7];
 		bool		ok = true;
 		int64		audit_id = record_id * ORCH_AUDIT_RECORD_EVENTS + i;
 
 		memset(nulls, false, sizeof(nulls));
-		(void) orch_audit_split_fields(ev.base + ev.start[i], ev.base + ev.start[i + 1], f,
-									   ORCH_AUDIT_EVENT_FIELDS);
 		values[0] = Int64GetDatum(audit_id);
 		for (int j = 0; j < 3; j++)
 		{
@@ -1759,24 +1865,24 @@ orch_audit_unpack(PG_FUNCTION_ARGS)
 			nulls[1 + j] = jb == NULL;
 			values[1 + j] = PointerGetDatum(jb);
 		}
-		nulls[4] = f[3].isnull;
-		if (!f[3].isnull)
+		nulls[4] = f[ORCH_AUDIT_FIELD_RUN_ID].isnull;
+		if (!f[ORCH_AUDIT_FIELD_RUN_ID].isnull)
 		{
 			pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
 
-			ok = ok && f[3].len == UUID_LEN;
+			ok = ok && f[ORCH_AUDIT_FIELD_RUN_ID].len == UUID_LEN;
 			if (ok)
-				memcpy(u->data, f[3].data, UUID_LEN);
+				memcpy(u->data, f[ORCH_AUDIT_FIELD_RUN_ID].data, UUID_LEN);
 			values[4] = UUIDPGetDatum(u);
 		}
-		nulls[5] = f[4].isnull;
-		if (!f[4].isnull)
+		nulls[5] = f[ORCH_AUDIT_FIELD_STEP_ID].isnull;
+		if (!f[ORCH_AUDIT_FIELD_STEP_ID].isnull)
 		{
 			uint64		step = 0;
 
-			ok = ok && f[4].len == 8;
+			ok = ok && f[ORCH_AUDIT_FIELD_STEP_ID].len == 8;
 			for (uint32 k = 0; ok && k < 8; k++)
-				step = (step << 8) | (unsigned char) f[4].data[k];
+				step = (step << 8) | (unsigned char) f[ORCH_AUDIT_FIELD_STEP_ID].data[k];
 			values[5] = Int64GetDatum((int64) step);
 		}
 		if (!ok)

@@ -54,14 +54,32 @@ typedef struct OrchAuditField
 	uint32		len;
 } OrchAuditField;
 
-/* A record's events, split: where each one's fields start, its middle, its end. */
+/* where each of an event's fields is in OrchAuditEvents.fields */
+#define ORCH_AUDIT_FIELD_NEW_ROW	2
+#define ORCH_AUDIT_FIELD_RUN_ID		3
+#define ORCH_AUDIT_FIELD_STEP_ID	4
+
+/*
+ * A record's events, split: where each one's fields start, its middle (the
+ * run_id field), its end, and the fields themselves.
+ */
 typedef struct OrchAuditEvents
 {
 	int			n;
 	const char *base;
 	int		   *start;			/* n + 1 offsets: event i is [start[i], start[i + 1]) */
-	int		   *middle;			/* where event i's run_id field starts */
+	int		   *middle;			/* where event i's run_id field starts, from start[i] */
+	OrchAuditField *fields;		/* event i's are fields[i * ORCH_AUDIT_EVENT_FIELDS ...] */
 } OrchAuditEvents;
+
+/* The 4 bytes at p, a big-endian unsigned integer as the encoding writes it. */
+static inline uint32
+orch_be32(const char *p)
+{
+	const unsigned char *u = (const unsigned char *) p;
+
+	return ((uint32) u[0] << 24) | ((uint32) u[1] << 16) | ((uint32) u[2] << 8) | u[3];
+}
 
 /* One row of orch.audit_blocks, as its hash sees it. */
 typedef struct OrchAuditBlock
@@ -92,10 +110,10 @@ extern void orch_sha256_parts(int n, const void *const *data, const size_t *len,
 extern void orch_audit_common_encode(OrchAuditCommon *c);
 extern void orch_audit_event_hash(const OrchAuditCommon *c, int64 audit_id, const char *event,
 								  int middle, int len, uint8 *out);
-extern const char *orch_audit_split_fields(const char *p, const char *end, OrchAuditField *f,
-										   int nfields);
 extern bool orch_audit_split_events(const char *data, int len, int n, OrchAuditEvents *ev);
 extern Jsonb *orch_audit_decode_json(const OrchAuditField *f, bool *ok);
+extern int64 orch_audit_purge_block(const OrchAuditField *detail);
+extern int	orch_audit_distinct_runs(pg_uuid_t *runs, int n);
 extern void orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out);
 extern void orch_merkle_root(const uint8 *leaves, int64 n, uint8 *out);
 

@@ -433,12 +433,6 @@ typedef struct RecordEvents
 	pg_uuid_t	run;
 } RecordEvents;
 
-static int
-uuid_order(const void *a, const void *b)
-{
-	return memcmp(a, b, UUID_LEN);
-}
-
 /*
  * Does a record's run_ids (NULL: none) list the distinct runs of its
  * events, which the writer put there sorted?  It is not hashed; verify_run
@@ -449,24 +443,19 @@ runs_match(const OrchAuditEvents *ev, ArrayType *run_ids)
 {
 	pg_uuid_t  *runs = palloc(sizeof(pg_uuid_t) * Max(ev->n, 1));
 	int			nruns = 0;
-	int			distinct = 0;
+	int			distinct;
 	Datum	   *elems;
 	bool	   *nulls;
 	int			nelems = 0;
 
 	for (int i = 0; i < ev->n; i++)
 	{
-		OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
+		const OrchAuditField *run = &ev->fields[i * ORCH_AUDIT_EVENT_FIELDS + ORCH_AUDIT_FIELD_RUN_ID];
 
-		(void) orch_audit_split_fields(ev->base + ev->start[i], ev->base + ev->start[i + 1], f,
-									   ORCH_AUDIT_EVENT_FIELDS);
-		if (!f[3].isnull && f[3].len == UUID_LEN)
-			memcpy(runs[nruns++].data, f[3].data, UUID_LEN);
+		if (!run->isnull && run->len == UUID_LEN)
+			memcpy(runs[nruns++].data, run->data, UUID_LEN);
 	}
-	qsort(runs, nruns, sizeof(pg_uuid_t), uuid_order);
-	for (int i = 0; i < nruns; i++)
-		if (i == 0 || memcmp(&runs[i], &runs[distinct - 1], UUID_LEN) != 0)
-			runs[distinct++] = runs[i];
+	distinct = orch_audit_distinct_runs(runs, nruns);
 	if (run_ids != NULL)
 	{
 		if (ARR_ELEMTYPE(run_ids) != UUIDOID || ARR_NDIM(run_ids) > 1)
@@ -522,17 +511,15 @@ record_events_next(RecordEvents *re)
 	re->has_run = false;
 	if (re->well_formed)
 	{
-		const char *e = re->ev.base + re->ev.start[i];
-		OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
+		const OrchAuditField *run = &re->ev.fields[i * ORCH_AUDIT_EVENT_FIELDS +
+												   ORCH_AUDIT_FIELD_RUN_ID];
 
-		orch_audit_event_hash(&re->c, re->audit_id, e, re->ev.middle[i],
-							  re->ev.start[i + 1] - re->ev.start[i], re->h);
-		(void) orch_audit_split_fields(e, re->ev.base + re->ev.start[i + 1], f,
-									   ORCH_AUDIT_EVENT_FIELDS);
-		if (!f[3].isnull && f[3].len == UUID_LEN)
+		orch_audit_event_hash(&re->c, re->audit_id, re->ev.base + re->ev.start[i],
+							  re->ev.middle[i], re->ev.start[i + 1] - re->ev.start[i], re->h);
+		if (!run->isnull && run->len == UUID_LEN)
 		{
 			re->has_run = true;
-			memcpy(re->run.data, f[3].data, UUID_LEN);
+			memcpy(re->run.data, run->data, UUID_LEN);
 		}
 	}
 	else
@@ -837,126 +824,6 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 	pfree(seen);
 }
 
-/* The 4 bytes at p as a big-endian unsigned integer. */
-static inline uint32
-be32(const char *p)
-{
-	const unsigned char *u = (const unsigned char *) p;
-
-	return ((uint32) u[0] << 24) | ((uint32) u[1] << 16) | ((uint32) u[2] << 8) | u[3];
-}
-
-/* Past one canonical JSON value at *p (before end); false if malformed. */
-static bool
-canon_skip(const char **p, const char *end, int depth)
-{
-	char		tag;
-	uint32		n;
-
-	if (*p >= end || depth > 100)
-		return false;
-	tag = *(*p)++;
-	switch (tag)
-	{
-		case 'Z':
-		case 'T':
-		case 'F':
-			return true;
-		case 'S':
-		case 'N':
-		case 'A':
-		case 'O':
-			if (end - *p < 4)
-				return false;
-			n = be32(*p);
-			*p += 4;
-			if (tag == 'S' || tag == 'N')
-			{
-				if ((uint32) (end - *p) < n)
-					return false;
-				*p += n;
-				return true;
-			}
-			for (uint32 i = 0; i < n; i++)
-			{
-				if (tag == 'O')
-				{
-					/* a key: a length and bytes, without a tag */
-					uint32		klen;
-
-					if (end - *p < 4)
-						return false;
-					klen = be32(*p);
-					*p += 4;
-					if ((uint32) (end - *p) < klen)
-						return false;
-					*p += klen;
-				}
-				if (!canon_skip(p, end, depth + 1))
-					return false;
-			}
-			return true;
-		default:
-			return false;
-	}
-}
-
-/*
- * The block a PURGE event's detail names (new_row, a canonical JSON
- * object): the value of its first key purged_through_block, if that is a
- * number written with digits alone that fits a bigint; else -1.  The same
- * rule as tools/verify-audit's and docs/audit.md's.
- */
-static int64
-purge_detail_block(const OrchAuditField *f)
-{
-	const char *p = f->data;
-	const char *end = f->data + f->len;
-	static const char key[] = "purged_through_block";
-	uint32		n;
-
-	if (f->isnull || end - p < 5 || *p != 'O')
-		return -1;
-	n = be32(p + 1);
-	p += 5;
-	for (uint32 i = 0; i < n; i++)
-	{
-		uint32		klen;
-		bool		match;
-
-		if (end - p < 4)
-			return -1;
-		klen = be32(p);
-		p += 4;
-		if ((uint32) (end - p) < klen)
-			return -1;
-		match = klen == sizeof(key) - 1 && memcmp(p, key, klen) == 0;
-		p += klen;
-		if (match)
-		{
-			uint32		len;
-			uint64		v = 0;
-
-			if (end - p < 5 || *p != 'N')
-				return -1;
-			len = be32(p + 1);
-			p += 5;
-			if (len == 0 || len > 19 || (uint32) (end - p) < len)
-				return -1;
-			for (uint32 d = 0; d < len; d++)
-			{
-				if (p[d] < '0' || p[d] > '9')
-					return -1;
-				v = v * 10 + (uint64) (p[d] - '0');
-			}
-			return v > (uint64) PG_INT64_MAX ? -1 : (int64) v;
-		}
-		if (!canon_skip(&p, end, 0))
-			return -1;
-	}
-	return -1;
-}
-
 /*
  * The highest block whose rows a purge removed, or 0.  A purge's event
  * counts before it is sealed, so that the trail verifies right after the
@@ -990,13 +857,8 @@ purged_through(void)
 									 DatumGetInt32(n), &ev))
 			continue;
 		for (int i = 0; i < ev.n; i++)
-		{
-			OrchAuditField f[ORCH_AUDIT_EVENT_FIELDS];
-
-			(void) orch_audit_split_fields(ev.base + ev.start[i], ev.base + ev.start[i + 1], f,
-										   ORCH_AUDIT_EVENT_FIELDS);
-			through = Max(through, purge_detail_block(&f[2]));
-		}
+			through = Max(through, orch_audit_purge_block(&ev.fields[i * ORCH_AUDIT_EVENT_FIELDS +
+																	 ORCH_AUDIT_FIELD_NEW_ROW]));
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return through;
