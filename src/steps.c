@@ -197,7 +197,7 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
  * run failing).  Executor start-up is then paid per round, not per step.
  */
 /* what the state machine needs of a step, its run and its definition */
-#define STEP_SELECT(first) STEP_COLUMNS(STEP_CONTEXT) STEP_FROM(first)
+#define STEP_SELECT(first, lock) STEP_COLUMNS(STEP_CONTEXT) STEP_FROM(first, lock)
 /*
  * The same for a worker's verdict on a task, which needs no context: the
  * context's subquery would be set up at every execution, unused.  Even for
@@ -206,13 +206,15 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
  * (run_id, name) and filters on the token (seen in EXPLAIN), and nothing
  * but cost decides which of steps and runs drives the join.
  */
-#define VERDICT_SELECT(first) STEP_COLUMNS("NULL::pg_catalog.jsonb") STEP_FROM(first)
+#define VERDICT_SELECT(first, lock) STEP_COLUMNS("NULL::pg_catalog.jsonb") STEP_FROM(first, lock)
+#define STEP_NCOLS 52			/* the columns of STEP_COLUMNS */
 #define STEP_COLUMNS(context) \
-	"SELECT s.step_id, s.run_id, s.name, s.status, s.attempt, s.needs_ok," \
+	"SELECT s.step_id, s.run_id, s.name, s.status::pg_catalog.text, s.attempt, s.needs_ok," \
 	"       pg_catalog.cardinality(ws.needs), ws.kind, ws.function::pg_catalog.oid," \
 	"       ws.function_name, ws.guard, ws.sleep_for, ws.sleep_until, ws.max_attempts," \
 	"       ws.initial_interval, ws.backoff_coefficient, ws.max_interval, ws.jitter," \
-	"       ws.timeout, ws.non_retryable, ws.dependents, r.status, r.owner," \
+	"       ws.timeout, ws.non_retryable, ws.dependents, r.status::pg_catalog.text," \
+	"       r.owner::pg_catalog.text," \
 	context "," \
 	"       s.wake_at, ws.schedule_to_close, s.attempt_base, s.started_at," \
 	"       s.attempt_started_at, s.worker, ws.circuit, c.state, c.failures," \
@@ -252,12 +254,19 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
  * big start_run transaction was open describes orch.steps as empty.  A
  * lookup by key is then the only plan without a sort (sorts are off for the
  * engine's statements), and the LATERAL reference fixes the join order.
- * FOR UPDATE OF s, r reaches the tables inside the subqueries.
+ *
+ * lock locks the step (in first) and its run, each inside its own subquery:
+ * a locking clause on the whole statement would lock the same rows, but
+ * also carry a copy of every joined row through the plan, for a recheck
+ * that nothing here needs.  The subqueries name only the columns used,
+ * which keeps every node of the plan narrow.
  */
-#define STEP_FROM(first) \
+#define STEP_FROM(first, lock) \
 	first \
-	"  CROSS JOIN LATERAL (SELECT * FROM orch.runs r0 WHERE r0.run_id = s.run_id" \
-	"                       ORDER BY r0.run_id OFFSET 0) r" \
+	"  CROSS JOIN LATERAL (SELECT r0.run_id, r0.workflow, r0.version, r0.status, r0.owner," \
+	"                             r0.input, r0.business_key, r0.error" \
+	"                        FROM orch.runs r0 WHERE r0.run_id = s.run_id" \
+	"                       ORDER BY r0.run_id OFFSET 0 " lock ") r" \
 	"  CROSS JOIN LATERAL (SELECT * FROM orch.workflow_steps w0" \
 	"                       WHERE w0.workflow = r.workflow AND w0.version = r.version" \
 	"                         AND w0.name = s.name" \
@@ -266,10 +275,14 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"                      ORDER BY c0.name OFFSET 0) c ON true"
 
 /* steps by a key: an array of ids or tokens, in the array's order */
-#define STEPS_BY(array, column) \
+#define STEPS_BY(array, column, lock) \
 	" FROM pg_catalog.unnest(" array ") AS k(key)" \
-	"  CROSS JOIN LATERAL (SELECT * FROM orch.steps s0 WHERE s0." column " = k.key" \
-	"                       ORDER BY s0." column " OFFSET 0) s"
+	"  CROSS JOIN LATERAL (SELECT s0.step_id, s0.run_id, s0.name, s0.status, s0.attempt," \
+	"                             s0.needs_ok, s0.wake_at, s0.attempt_base, s0.started_at," \
+	"                             s0.attempt_started_at, s0.worker, s0.phase, s0.compensations," \
+	"                             s0.lease_token, s0.resolution, s0.output, s0.error, s0.cause" \
+	"                        FROM orch.steps s0 WHERE s0." column " = k.key" \
+	"                       ORDER BY s0." column " OFFSET 0 " lock ") s"
 
 static const char *const plan_sql[P_COUNT] = {
 	/*
@@ -300,19 +313,16 @@ static const char *const plan_sql[P_COUNT] = {
 	"   ORDER BY d.wake_at, d.step_id LIMIT $1) d",
 
 	[P_CLAIM] =
-	STEP_SELECT(STEPS_BY("$1", "step_id"))
-	" LIMIT $2"
-	" FOR UPDATE OF s, r SKIP LOCKED",
+	STEP_SELECT(STEPS_BY("$1", "step_id", "FOR UPDATE SKIP LOCKED"), "FOR UPDATE SKIP LOCKED")
+	" LIMIT $2",
 
 	/* a task by its lease token, for its worker's verdict */
 	[P_TASK_BY_TOKEN] =
-	VERDICT_SELECT(STEPS_BY("ARRAY[$1]", "lease_token"))
-	" FOR UPDATE OF s, r",
+	VERDICT_SELECT(STEPS_BY("ARRAY[$1]", "lease_token", "FOR UPDATE"), "FOR UPDATE"),
 
 	/* tasks by their lease tokens (sorted by the caller: one locking order) */
 	[P_TASKS_BY_TOKENS] =
-	VERDICT_SELECT(STEPS_BY("$1", "lease_token"))
-	" FOR UPDATE OF s, r",
+	VERDICT_SELECT(STEPS_BY("$1", "lease_token", "FOR UPDATE"), "FOR UPDATE"),
 
 	/*
 	 * The runs of those tasks, locked first and in run_id order, so that
@@ -320,7 +330,7 @@ static const char *const plan_sql[P_COUNT] = {
 	 */
 	[P_LOCK_RUNS_OF_TOKENS] =
 	"SELECT 1"
-	"  FROM (SELECT DISTINCT s.run_id" STEPS_BY("$1", "lease_token") ") d"
+	"  FROM (SELECT DISTINCT s.run_id" STEPS_BY("$1", "lease_token", "") ") d"
 	"  CROSS JOIN LATERAL (SELECT r0.run_id FROM orch.runs r0 WHERE r0.run_id = d.run_id"
 	"                       ORDER BY r0.run_id OFFSET 0) r"
 	" ORDER BY d.run_id"
@@ -598,6 +608,10 @@ typedef struct RowBuffer
 	int			cap;
 	Datum	   *values[MAX_COLS];
 	bool	   *nulls[MAX_COLS];
+	bool		have_typinfo;	/* the next three are filled in */
+	int16		typlen[MAX_COLS];
+	bool		typbyval[MAX_COLS];
+	char		typalign[MAX_COLS];
 } RowBuffer;
 
 static RowBuffer finish_rows = {P_FINISH, 6,
@@ -669,19 +683,21 @@ buffer_add(RowBuffer *b, const Datum *values, const bool *nulls)
 		}
 		b->cap = newcap;
 	}
+	if (!b->have_typinfo)
+	{
+		for (int c = 0; c < b->ncols; c++)
+			get_typlenbyvalalign(b->types[c], &b->typlen[c], &b->typbyval[c], &b->typalign[c]);
+		b->have_typinfo = true;
+	}
 	for (int c = 0; c < b->ncols; c++)
 	{
-		int16		len;
-		bool		byval;
-
 		b->nulls[c][b->nrows] = nulls != NULL && nulls[c];
 		if (b->nulls[c][b->nrows])
 		{
 			b->values[c][b->nrows] = (Datum) 0;
 			continue;
 		}
-		get_typlenbyval(b->types[c], &len, &byval);
-		b->values[c][b->nrows] = datumCopy(values[c], byval, len);
+		b->values[c][b->nrows] = datumCopy(values[c], b->typbyval[c], b->typlen[c]);
 	}
 	b->nrows++;
 	MemoryContextSwitchTo(oldcxt);
@@ -700,16 +716,11 @@ buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
 	if (b->nrows == 0)
 		return;
 	dims[0] = b->nrows;
+	Assert(b->have_typinfo);
 	for (int c = 0; c < b->ncols; c++)
-	{
-		int16		len;
-		bool		byval;
-		char		align;
-
-		get_typlenbyvalalign(b->types[c], &len, &byval, &align);
 		params[c] = PointerGetDatum(construct_md_array(b->values[c], b->nulls[c], 1, dims, lbs,
-													   b->types[c], len, byval, align));
-	}
+													   b->types[c], b->typlen[c], b->typbyval[c],
+													   b->typalign[c]));
 	params[b->ncols] = extra;
 
 	switch (b->plan)
@@ -804,6 +815,8 @@ get_plan(int which)
 static const char *const engine_planner_settings[][2] = {
 	{"enable_seqscan", "off"}, {"enable_bitmapscan", "off"}, {"enable_hashjoin", "off"},
 	{"enable_mergejoin", "off"}, {"enable_sort", "off"},
+	/* every inner side is a lookup by key: a cache in front of it only costs its set-up */
+	{"enable_memoize", "off"},
 	/* explicit JOINs in the order written: the first relation drives */
 	{"join_collapse_limit", "1"},
 
@@ -889,6 +902,38 @@ get_copy(HeapTuple tup, TupleDesc desc, int col, bool *isnull)
 	return datumCopy(d, att->attbyval, att->attlen);
 }
 
+/*
+ * A column of a row deformed into values and nulls (col counts from 1),
+ * as SPI_getbinval, SPI_getvalue and get_copy give it from the tuple.  A
+ * row of a STEP_SELECT is deformed once: reading its 52 columns one by one
+ * walks the tuple from its start for each column after a NULL.
+ */
+static inline Datum
+col_value(const Datum *v, const bool *nulls, int col, bool *isnull)
+{
+	*isnull = nulls[col - 1];
+	return *isnull ? (Datum) 0 : v[col - 1];
+}
+
+static Datum
+col_copy(const Datum *v, const bool *nulls, TupleDesc desc, int col, bool *isnull)
+{
+	Form_pg_attribute att = TupleDescAttr(desc, col - 1);
+
+	*isnull = nulls[col - 1];
+	if (*isnull)
+		return (Datum) 0;
+	return datumCopy(v[col - 1], att->attbyval, att->attlen);
+}
+
+/* a text column (STEP_COLUMNS casts the others it gives as text) */
+static char *
+col_text(const Datum *v, const bool *nulls, TupleDesc desc, int col)
+{
+	Assert(TupleDescAttr(desc, col - 1)->atttypid == TEXTOID);
+	return nulls[col - 1] ? NULL : TextDatumGetCString(v[col - 1]);
+}
+
 /* Run a STEP_SELECT statement and copy its rows out of SPI memory into cxt. */
 static int
 fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
@@ -896,83 +941,88 @@ fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
 	ClaimedStep *steps;
 	uint64		n;
 	MemoryContext oldcxt;
+	TupleDesc	desc;
+	Datum		v[STEP_NCOLS];
+	bool		nulls[STEP_NCOLS];
 
 	exec_plan(plan, args, NULL, SPI_OK_SELECT);
 	n = SPI_processed;
 
+	desc = SPI_tuptable->tupdesc;
+	Assert(desc->natts == STEP_NCOLS);
 	oldcxt = MemoryContextSwitchTo(cxt);
 	steps = palloc0(sizeof(ClaimedStep) * Max(n, 1));
 	for (uint64 i = 0; i < n; i++)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
 		ClaimedStep *s = &steps[i];
 		bool		isnull;
 		Datum		d;
 
-		s->step_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
-		s->run_id = get_copy(tup, desc, 2, &isnull);
-		s->name = get_text(tup, desc, 3);
-		s->status = get_text(tup, desc, 4);
-		s->attempt = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
-		s->needs_ok = DatumGetInt32(SPI_getbinval(tup, desc, 6, &isnull));
-		s->n_needs = DatumGetInt32(SPI_getbinval(tup, desc, 7, &isnull));
-		s->kind = get_text(tup, desc, 8);
-		d = SPI_getbinval(tup, desc, 9, &isnull);
+		heap_deform_tuple(SPI_tuptable->vals[i], desc, v, nulls);
+
+		s->step_id = DatumGetInt64(v[1 - 1]);
+		s->run_id = col_copy(v, nulls, desc, 2, &isnull);
+		s->name = col_text(v, nulls, desc, 3);
+		s->status = col_text(v, nulls, desc, 4);
+		s->attempt = DatumGetInt32(col_value(v, nulls, 5, &isnull));
+		s->needs_ok = DatumGetInt32(col_value(v, nulls, 6, &isnull));
+		s->n_needs = DatumGetInt32(col_value(v, nulls, 7, &isnull));
+		s->kind = col_text(v, nulls, desc, 8);
+		d = col_value(v, nulls, 9, &isnull);
 		s->function = isnull ? InvalidOid : DatumGetObjectId(d);
-		s->function_name = get_text(tup, desc, 10);
-		s->guard = get_copy(tup, desc, 11, &isnull);
-		d = get_copy(tup, desc, 12, &isnull);
+		s->function_name = col_text(v, nulls, desc, 10);
+		s->guard = col_copy(v, nulls, desc, 11, &isnull);
+		d = col_copy(v, nulls, desc, 12, &isnull);
 		s->sleep_for = isnull ? NULL : DatumGetIntervalP(d);
-		s->sleep_until = get_copy(tup, desc, 13, &isnull);
-		s->max_attempts = DatumGetInt32(SPI_getbinval(tup, desc, 14, &isnull));
-		s->initial_interval = DatumGetIntervalP(get_copy(tup, desc, 15, &isnull));
-		s->backoff_coefficient = DatumGetFloat8(SPI_getbinval(tup, desc, 16, &isnull));
-		s->max_interval = DatumGetIntervalP(get_copy(tup, desc, 17, &isnull));
-		s->jitter = DatumGetBool(SPI_getbinval(tup, desc, 18, &isnull));
-		d = get_copy(tup, desc, 19, &isnull);
+		s->sleep_until = col_copy(v, nulls, desc, 13, &isnull);
+		s->max_attempts = DatumGetInt32(col_value(v, nulls, 14, &isnull));
+		s->initial_interval = DatumGetIntervalP(col_copy(v, nulls, desc, 15, &isnull));
+		s->backoff_coefficient = DatumGetFloat8(col_value(v, nulls, 16, &isnull));
+		s->max_interval = DatumGetIntervalP(col_copy(v, nulls, desc, 17, &isnull));
+		s->jitter = DatumGetBool(col_value(v, nulls, 18, &isnull));
+		d = col_copy(v, nulls, desc, 19, &isnull);
 		s->timeout = isnull ? NULL : DatumGetIntervalP(d);
-		s->non_retryable = get_copy(tup, desc, 20, &isnull);
-		s->dependents = get_copy(tup, desc, 21, &isnull);
-		s->run_status = get_text(tup, desc, 22);
-		s->owner = get_text(tup, desc, 23);
-		s->ctx = get_copy(tup, desc, 24, &isnull);
-		s->wake_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 25, &isnull));
-		d = get_copy(tup, desc, 26, &isnull);
+		s->non_retryable = col_copy(v, nulls, desc, 20, &isnull);
+		s->dependents = col_copy(v, nulls, desc, 21, &isnull);
+		s->run_status = col_text(v, nulls, desc, 22);
+		s->owner = col_text(v, nulls, desc, 23);
+		s->ctx = col_copy(v, nulls, desc, 24, &isnull);
+		s->wake_at = DatumGetTimestampTz(col_value(v, nulls, 25, &isnull));
+		d = col_copy(v, nulls, desc, 26, &isnull);
 		s->schedule_to_close = isnull ? NULL : DatumGetIntervalP(d);
-		s->attempt_base = DatumGetInt32(SPI_getbinval(tup, desc, 27, &isnull));
-		d = SPI_getbinval(tup, desc, 28, &isnull);
+		s->attempt_base = DatumGetInt32(col_value(v, nulls, 27, &isnull));
+		d = col_value(v, nulls, 28, &isnull);
 		s->started_at = isnull ? 0 : DatumGetTimestampTz(d);
-		d = SPI_getbinval(tup, desc, 29, &isnull);
+		d = col_value(v, nulls, 29, &isnull);
 		s->attempt_started_at = isnull ? 0 : DatumGetTimestampTz(d);
-		s->worker = get_text(tup, desc, 30);
-		s->circuit = get_text(tup, desc, 31);
-		s->circuit_state = get_text(tup, desc, 32);
-		d = SPI_getbinval(tup, desc, 33, &isnull);
+		s->worker = col_text(v, nulls, desc, 30);
+		s->circuit = col_text(v, nulls, desc, 31);
+		s->circuit_state = col_text(v, nulls, desc, 32);
+		d = col_value(v, nulls, 33, &isnull);
 		s->circuit_failures = isnull ? 0 : DatumGetInt32(d);
-		d = SPI_getbinval(tup, desc, 34, &isnull);
+		d = col_value(v, nulls, 34, &isnull);
 		s->circuit_probe_after = isnull ? 0 : DatumGetTimestampTz(d);
-		d = get_copy(tup, desc, 35, &isnull);
+		d = col_copy(v, nulls, desc, 35, &isnull);
 		s->schedule_to_start = isnull ? NULL : DatumGetIntervalP(d);
-		s->phase = get_text(tup, desc, 36);
-		s->idempotent = DatumGetBool(SPI_getbinval(tup, desc, 37, &isnull));
-		d = SPI_getbinval(tup, desc, 38, &isnull);
+		s->phase = col_text(v, nulls, desc, 36);
+		s->idempotent = DatumGetBool(col_value(v, nulls, 37, &isnull));
+		d = col_value(v, nulls, 38, &isnull);
 		s->verify = isnull ? InvalidOid : DatumGetObjectId(d);
-		s->verify_name = get_text(tup, desc, 39);
-		d = SPI_getbinval(tup, desc, 40, &isnull);
+		s->verify_name = col_text(v, nulls, desc, 39);
+		d = col_value(v, nulls, 40, &isnull);
 		s->compensate = isnull ? InvalidOid : DatumGetObjectId(d);
-		s->compensate_name = get_text(tup, desc, 41);
-		s->on_error = get_copy(tup, desc, 42, &isnull);
-		s->routes = get_copy(tup, desc, 43, &isnull);
-		s->route_target = DatumGetBool(SPI_getbinval(tup, desc, 44, &isnull));
-		s->compensations = DatumGetInt32(SPI_getbinval(tup, desc, 45, &isnull));
-		s->lease_token = get_copy(tup, desc, 46, &isnull);
-		s->resolution = get_copy(tup, desc, 47, &isnull);
-		s->event = get_text(tup, desc, 48);
-		s->on_timeout = get_text(tup, desc, 49);
-		s->input_schema = get_copy(tup, desc, 50, &isnull);
-		s->output_schema = get_copy(tup, desc, 51, &isnull);
-		s->review_if = get_copy(tup, desc, 52, &isnull);
+		s->compensate_name = col_text(v, nulls, desc, 41);
+		s->on_error = col_copy(v, nulls, desc, 42, &isnull);
+		s->routes = col_copy(v, nulls, desc, 43, &isnull);
+		s->route_target = DatumGetBool(col_value(v, nulls, 44, &isnull));
+		s->compensations = DatumGetInt32(col_value(v, nulls, 45, &isnull));
+		s->lease_token = col_copy(v, nulls, desc, 46, &isnull);
+		s->resolution = col_copy(v, nulls, desc, 47, &isnull);
+		s->event = col_text(v, nulls, desc, 48);
+		s->on_timeout = col_text(v, nulls, desc, 49);
+		s->input_schema = col_copy(v, nulls, desc, 50, &isnull);
+		s->output_schema = col_copy(v, nulls, desc, 51, &isnull);
+		s->review_if = col_copy(v, nulls, desc, 52, &isnull);
 	}
 	MemoryContextSwitchTo(oldcxt);
 	SPI_freetuptable(SPI_tuptable);
