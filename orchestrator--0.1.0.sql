@@ -2647,6 +2647,10 @@ CREATE FUNCTION orch._wake_parent_step() RETURNS trigger
 	SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+	IF NEW.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+	   OR OLD.status IS NOT DISTINCT FROM NEW.status THEN
+		RETURN NULL;
+	END IF;
 	UPDATE orch.steps SET wake_at = now()
 	 WHERE step_id = (SELECT p.step_id FROM orch.steps p
 					   WHERE p.step_id = NEW.parent_step_id AND p.status = 'waiting'
@@ -2655,11 +2659,12 @@ BEGIN
 	RETURN NULL;
 END
 $$;
+-- The WHEN clause is read and prepared at every statement that updates a
+-- run's status, for every run or none: it is kept to the test that rules
+-- out all but child runs, and the function tests the rest.
 CREATE TRIGGER runs_wake_parent AFTER UPDATE OF status ON orch.runs
 	FOR EACH ROW
-	WHEN (NEW.parent_step_id IS NOT NULL
-		  AND NEW.status IN ('succeeded', 'failed', 'cancelled', 'timed_out')
-		  AND OLD.status IS DISTINCT FROM NEW.status)
+	WHEN (NEW.parent_step_id IS NOT NULL)
 	EXECUTE FUNCTION orch._wake_parent_step();
 
 /*
