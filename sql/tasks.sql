@@ -229,3 +229,21 @@ SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('behind
 INSERT INTO behind_claims (n, attempt, token)
 SELECT (input->'input'->>'n')::int, attempt, token FROM orch.claim_tasks('behind', 'w', 1, '1 min');
 SELECT n, attempt FROM behind_claims ORDER BY seq;
+
+-- The run context a task is handed, in full: the run, the step and its
+-- attempt, the run's input and business key, the outputs of the steps done,
+-- and the error when the run was routed to the task by one.
+CREATE FUNCTION app.refuse(ctx jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+BEGIN
+	RAISE EXCEPTION 'out of stock' USING ERRCODE = '23514';
+END
+$$;
+SELECT orch.define_workflow('picking', '{"steps": [
+  {"name": "reserve", "kind": "sql", "function": "app.record"},
+  {"name": "pick", "kind": "sql", "function": "app.refuse", "needs": ["reserve"],
+   "retry": {"max_attempts": 1}, "on_error": [{"errors": ["permanent"], "goto": "by_hand"}]},
+  {"name": "by_hand", "kind": "task", "queue": "picking"}]}');
+SELECT orch.start_run('picking', '{"order": 9, "lines": [1, 2.50, null, "x"]}',
+					  business_key => 'order-9') AS picking_run \gset
+SELECT input->>'run_id' = :'picking_run' AS its_run, jsonb_pretty(input - 'run_id') AS context
+  FROM orch.claim_tasks('picking', 'picker', 1, '1 min', wait => '10s');
