@@ -137,6 +137,11 @@ enum
 	P_ATTEMPT,
 	P_PROPAGATE,
 	P_RUNS,
+	P_FINISH_1,
+	P_DEFER_1,
+	P_ATTEMPT_1,
+	P_PROPAGATE_1,
+	P_RUNS_1,
 	P_RUN_FAIL,
 	P_RUN_CANCEL_STEPS,
 	P_RUN_NEEDS_HUMAN,
@@ -284,6 +289,62 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"                        FROM orch.steps s0 WHERE s0." column " = k.key" \
 	"                       ORDER BY s0." column " OFFSET 0 " lock ") s"
 
+/* rows from arrays, one element each: u(columns) */
+#define UNNEST_FROM(arrays, columns) "  FROM unnest(" arrays ") AS u(" columns ")"
+
+/* steps that finished: succeeded, skipped, failed ($7: the time) */
+#define FINISH_SQL(from, id, status, output, error, attempt, finished_at) \
+	"UPDATE orch.steps s" \
+	"   SET status = " status "::orch.step_status, output = " output ", error = " error "," \
+	"       attempt = " attempt ", started_at = COALESCE(s.started_at, $7)," \
+	"       finished_at = " finished_at ", wake_at = NULL, lease_token = NULL, phase = NULL" \
+	from \
+	" WHERE s.step_id = " id " AND s.status <> 'cancelled'"
+
+/* steps that wait for a time: sleeping, retrying, parked ($7: the time) */
+#define DEFER_SQL(from, id, status, wake_at, attempt, error, phase) \
+	"UPDATE orch.steps s" \
+	"   SET status = " status "::orch.step_status, wake_at = " wake_at ", attempt = " attempt "," \
+	"       error = COALESCE(" error ", s.error), lease_token = NULL, phase = " phase "," \
+	"       started_at = CASE WHEN " status " IN ('waiting', 'retrying', 'needs_human')" \
+	"                         THEN COALESCE(s.started_at, $7) ELSE s.started_at END" \
+	from \
+	" WHERE s.step_id = " id " AND s.status <> 'cancelled'"
+
+#define ATTEMPT_SQL(rows) \
+	"INSERT INTO orch.attempts (step_id, attempt, run_id, worker, started_at, finished_at," \
+	"                           outcome, error_class, sqlstate, message, detail, hint, context," \
+	"                           kind) " \
+	rows
+
+/* n needs of (run, step) finished, ok of them succeeded */
+#define PROPAGATE_SQL(from, run, name, n, ok) \
+	"UPDATE orch.steps s" \
+	"   SET pending_needs = s.pending_needs - " n "," \
+	"       needs_ok = s.needs_ok + " ok "," \
+	"       status = CASE WHEN s.pending_needs = " n " THEN 'ready' ELSE s.status END," \
+	"       wake_at = CASE WHEN s.pending_needs = " n " THEN pg_catalog.now() ELSE s.wake_at END" \
+	from \
+	" WHERE s.run_id = " run " AND s.name = " name " AND s.status = 'pending'"
+
+/* n steps of a run moved: count down, start, finish ($3: the time) */
+#define RUNS_SQL(from, run, n) \
+	"UPDATE orch.runs r" \
+	"   SET steps_left = r.steps_left - " n "," \
+	"       status = CASE WHEN r.steps_left - " n " = 0 THEN 'succeeded'" \
+	"                     WHEN r.status = 'pending' THEN 'running' ELSE r.status END," \
+	"       started_at = COALESCE(r.started_at, $3)," \
+	"       finished_at = CASE WHEN r.steps_left - " n " = 0 THEN $3 END," \
+	"       output = CASE WHEN r.steps_left - " n " = 0 THEN" \
+	"         (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
+	"            FROM (SELECT p0.name, p0.output FROM orch.steps p0" \
+	"                   WHERE p0.run_id = r.run_id AND p0.status = 'succeeded'" \
+	"                   ORDER BY p0.run_id, p0.name OFFSET 0) p) END" \
+	from \
+	" WHERE r.run_id = " run \
+	"   AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')" \
+	" RETURNING r.status = 'succeeded'"
+
 static const char *const plan_sql[P_COUNT] = {
 	/*
 	 * Claiming due steps takes two statements.  The first picks candidates,
@@ -336,66 +397,47 @@ static const char *const plan_sql[P_COUNT] = {
 	" ORDER BY d.run_id"
 	" FOR UPDATE OF r",
 
-	/* steps that finished: succeeded, skipped, failed */
-	[P_FINISH] =
-	"UPDATE orch.steps s"
-	"   SET status = u.status::orch.step_status, output = u.output, error = u.error,"
-	"       attempt = u.attempt, started_at = COALESCE(s.started_at, $7),"
-	"       finished_at = u.finished_at, wake_at = NULL, lease_token = NULL, phase = NULL"
-	"  FROM unnest($1, $2, $3, $4, $5, $6) AS u(id, status, output, error, attempt, finished_at)"
-	" WHERE s.step_id = u.id AND s.status <> 'cancelled'",
+	/*
+	 * The set-wise writes, each in two forms: from arrays, one element per
+	 * row ($1 ...), and for a single row from plain parameters, which saves
+	 * the arrays and the set-up of a function scan per column (a task's
+	 * verdict writes one row of each).
+	 */
+	[P_FINISH] = FINISH_SQL(UNNEST_FROM("$1, $2, $3, $4, $5, $6",
+										"id, status, output, error, attempt, finished_at"),
+							"u.id", "u.status", "u.output", "u.error", "u.attempt", "u.finished_at"),
+	[P_FINISH_1] = FINISH_SQL("", "$1", "$2", "$3", "$4", "$5", "$6"),
 
-	/* steps that wait for a time: sleeping, retrying, parked */
-	[P_DEFER] =
-	"UPDATE orch.steps s"
-	"   SET status = u.status::orch.step_status, wake_at = u.wake_at, attempt = u.attempt,"
-	"       error = COALESCE(u.error, s.error), lease_token = NULL, phase = u.phase,"
-	"       started_at = CASE WHEN u.status IN ('waiting', 'retrying', 'needs_human')"
-	"                         THEN COALESCE(s.started_at, $7) ELSE s.started_at END"
-	"  FROM unnest($1, $2, $3, $4, $5, $6) AS u(id, status, wake_at, attempt, error, phase)"
-	" WHERE s.step_id = u.id AND s.status <> 'cancelled'",
+	[P_DEFER] = DEFER_SQL(UNNEST_FROM("$1, $2, $3, $4, $5, $6",
+									  "id, status, wake_at, attempt, error, phase"),
+						  "u.id", "u.status", "u.wake_at", "u.attempt", "u.error", "u.phase"),
+	[P_DEFER_1] = DEFER_SQL("", "$1", "$2", "$3", "$4", "$5", "$6"),
 
-	[P_ATTEMPT] =
-	"INSERT INTO orch.attempts (step_id, attempt, run_id, worker, started_at, finished_at,"
-	"                           outcome, error_class, sqlstate, message, detail, hint, context,"
-	"                           kind)"
-	"SELECT u.step_id, u.attempt, u.run_id, u.worker, u.started_at, u.finished_at,"
-	"       u.outcome::orch.attempt_outcome, u.error_class, u.sqlstate, u.message, u.detail,"
-	"       u.hint, u.context, u.kind::orch.attempt_kind"
-	"  FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-	"    AS u(step_id, attempt, run_id, worker, started_at, finished_at, outcome,"
-	"         error_class, sqlstate, message, detail, hint, context, kind)",
+	[P_ATTEMPT] = ATTEMPT_SQL(
+		"SELECT u.step_id, u.attempt, u.run_id, u.worker, u.started_at, u.finished_at,"
+		"       u.outcome::orch.attempt_outcome, u.error_class, u.sqlstate, u.message, u.detail,"
+		"       u.hint, u.context, u.kind::orch.attempt_kind"
+		UNNEST_FROM("$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14",
+					"step_id, attempt, run_id, worker, started_at, finished_at, outcome,"
+					" error_class, sqlstate, message, detail, hint, context, kind")),
+	[P_ATTEMPT_1] = ATTEMPT_SQL(
+		"VALUES ($1, $2, $3, $4, $5, $6, $7::orch.attempt_outcome, $8, $9, $10, $11, $12, $13,"
+		"        $14::orch.attempt_kind)"),
 
 	/* a need of (run, step) finished; ok is 1 if it succeeded */
-	[P_PROPAGATE] =
-	"UPDATE orch.steps s"
-	"   SET pending_needs = s.pending_needs - d.n,"
-	"       needs_ok = s.needs_ok + d.ok,"
-	"       status = CASE WHEN s.pending_needs = d.n THEN 'ready' ELSE s.status END,"
-	"       wake_at = CASE WHEN s.pending_needs = d.n THEN pg_catalog.now() ELSE s.wake_at END"
-	"  FROM (SELECT u.run_id, u.name, pg_catalog.count(*)::int AS n, pg_catalog.sum(u.ok)::int AS ok"
-	"          FROM unnest($1, $2, $3) AS u(run_id, name, ok)"
-	"         GROUP BY 1, 2) d"
-	" WHERE s.run_id = d.run_id AND s.name = d.name AND s.status = 'pending'",
+	[P_PROPAGATE] = PROPAGATE_SQL(
+		"  FROM (SELECT u.run_id, u.name, pg_catalog.count(*)::int AS n,"
+		"               pg_catalog.sum(u.ok)::int AS ok"
+		"          FROM unnest($1, $2, $3) AS u(run_id, name, ok)"
+		"         GROUP BY 1, 2) d",
+		"d.run_id", "d.name", "d.n", "d.ok"),
+	[P_PROPAGATE_1] = PROPAGATE_SQL("", "$1", "$2", "1", "$3"),
 
 	/* runs whose steps moved: count down, start, finish */
-	[P_RUNS] =
-	"UPDATE orch.runs r"
-	"   SET steps_left = r.steps_left - d.n,"
-	"       status = CASE WHEN r.steps_left - d.n = 0 THEN 'succeeded'"
-	"                     WHEN r.status = 'pending' THEN 'running' ELSE r.status END,"
-	"       started_at = COALESCE(r.started_at, $3),"
-	"       finished_at = CASE WHEN r.steps_left - d.n = 0 THEN $3 END,"
-	"       output = CASE WHEN r.steps_left - d.n = 0 THEN"
-	"         (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')"
-	"            FROM (SELECT p0.name, p0.output FROM orch.steps p0"
-	"                   WHERE p0.run_id = r.run_id AND p0.status = 'succeeded'"
-	"                   ORDER BY p0.run_id, p0.name OFFSET 0) p) END"
-	"  FROM (SELECT u.run_id, pg_catalog.sum(u.n)::int AS n"
-	"          FROM unnest($1, $2) AS u(run_id, n) GROUP BY 1) d"
-	" WHERE r.run_id = d.run_id"
-	"   AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')"
-	" RETURNING r.status = 'succeeded'",
+	[P_RUNS] = RUNS_SQL("  FROM (SELECT u.run_id, pg_catalog.sum(u.n)::int AS n"
+						"          FROM unnest($1, $2) AS u(run_id, n) GROUP BY 1) d",
+						"d.run_id", "d.n"),
+	[P_RUNS_1] = RUNS_SQL("", "$1", "$2"),
 
 	/* $1 run, $2 error, $3 time */
 	[P_RUN_FAIL] =
@@ -548,7 +590,8 @@ static const char *const plan_sql[P_COUNT] = {
 
 static const int plan_nargs[P_COUNT] = {
 	[P_CANDIDATES] = 1,[P_CANDIDATES_AFTER] = 3,[P_CLAIM] = 2,[P_TASK_BY_TOKEN] = 1,[P_TASKS_BY_TOKENS] = 1,[P_LOCK_RUNS_OF_TOKENS] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
-	[P_PROPAGATE] = 3,[P_RUNS] = 3,[P_RUN_FAIL] = 3,
+	[P_PROPAGATE] = 3,[P_RUNS] = 3,
+	[P_FINISH_1] = 7,[P_DEFER_1] = 7,[P_ATTEMPT_1] = 14,[P_PROPAGATE_1] = 3,[P_RUNS_1] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
 	[P_CIRCUIT_PROBE] = 1,[P_CIRCUIT_CLOSE] = 1,[P_CIRCUIT_FAIL] = 1,[P_DEADLINES] = 0,
 	[P_NEXT_TIMER] = 0,[P_ROUTE] = 3,[P_SET_CAUSE] = 3,[P_STEP_SET] = 6,[P_COMPENSATE_NEXT] = 1,
@@ -572,6 +615,12 @@ static const Oid plan_argtypes[P_COUNT][14] = {
 	TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID},
 	[P_PROPAGATE] = {UUIDARRAYOID, TEXTARRAYOID, INT4ARRAYOID},
 	[P_RUNS] = {UUIDARRAYOID, INT4ARRAYOID, TIMESTAMPTZOID},
+	[P_FINISH_1] = {INT8OID, TEXTOID, JSONBOID, JSONBOID, INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID},
+	[P_DEFER_1] = {INT8OID, TEXTOID, TIMESTAMPTZOID, INT4OID, JSONBOID, TEXTOID, TIMESTAMPTZOID},
+	[P_ATTEMPT_1] = {INT8OID, INT4OID, UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID,
+	TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID},
+	[P_PROPAGATE_1] = {UUIDOID, TEXTOID, INT4OID},
+	[P_RUNS_1] = {UUIDOID, INT4OID, TIMESTAMPTZOID},
 	[P_RUN_FAIL] = {UUIDOID, JSONBOID, TIMESTAMPTZOID},
 	[P_RUN_CANCEL_STEPS] = {UUIDOID, TIMESTAMPTZOID},
 	[P_RUN_NEEDS_HUMAN] = {UUIDOID},
@@ -601,7 +650,8 @@ static const Oid plan_argtypes[P_COUNT][14] = {
 
 typedef struct RowBuffer
 {
-	int			plan;
+	int			plan;			/* its statement, from arrays */
+	int			plan_1;			/* the same for one row, from plain parameters */
 	int			ncols;
 	Oid			types[MAX_COLS];	/* element types */
 	int			nrows;
@@ -614,15 +664,15 @@ typedef struct RowBuffer
 	char		typalign[MAX_COLS];
 } RowBuffer;
 
-static RowBuffer finish_rows = {P_FINISH, 6,
+static RowBuffer finish_rows = {P_FINISH, P_FINISH_1, 6,
 {INT8OID, TEXTOID, JSONBOID, JSONBOID, INT4OID, TIMESTAMPTZOID}};
-static RowBuffer defer_rows = {P_DEFER, 6,
+static RowBuffer defer_rows = {P_DEFER, P_DEFER_1, 6,
 {INT8OID, TEXTOID, TIMESTAMPTZOID, INT4OID, JSONBOID, TEXTOID}};
-static RowBuffer attempt_rows = {P_ATTEMPT, 14,
+static RowBuffer attempt_rows = {P_ATTEMPT, P_ATTEMPT_1, 14,
 	{INT8OID, INT4OID, UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID,
 TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID}};
-static RowBuffer propagate_rows = {P_PROPAGATE, 3, {UUIDOID, TEXTOID, INT4OID}};
-static RowBuffer run_rows = {P_RUNS, 2, {UUIDOID, INT4OID}};
+static RowBuffer propagate_rows = {P_PROPAGATE, P_PROPAGATE_1, 3, {UUIDOID, TEXTOID, INT4OID}};
+static RowBuffer run_rows = {P_RUNS, P_RUNS_1, 2, {UUIDOID, INT4OID}};
 
 /* in the order they are written: a step's row before its dependents' and run's */
 static RowBuffer *const all_buffers[] = {
@@ -710,28 +760,46 @@ static void
 buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
 {
 	Datum		params[MAX_COLS + 1];
-	int			dims[1];
-	int			lbs[1] = {1};
+	char		nulls[MAX_COLS + 2];
+	int			plan;
 
 	if (b->nrows == 0)
 		return;
-	dims[0] = b->nrows;
 	Assert(b->have_typinfo);
-	for (int c = 0; c < b->ncols; c++)
-		params[c] = PointerGetDatum(construct_md_array(b->values[c], b->nulls[c], 1, dims, lbs,
-													   b->types[c], b->typlen[c], b->typbyval[c],
-													   b->typalign[c]));
+	memset(nulls, ' ', b->ncols + 1);
+	nulls[b->ncols + 1] = '\0';
+	if (b->nrows == 1)
+	{
+		plan = b->plan_1;
+		for (int c = 0; c < b->ncols; c++)
+		{
+			params[c] = b->values[c][0];
+			if (b->nulls[c][0])
+				nulls[c] = 'n';
+		}
+	}
+	else
+	{
+		int			dims[1] = {b->nrows};
+		int			lbs[1] = {1};
+
+		plan = b->plan;
+		for (int c = 0; c < b->ncols; c++)
+			params[c] = PointerGetDatum(construct_md_array(b->values[c], b->nulls[c], 1, dims, lbs,
+														   b->types[c], b->typlen[c],
+														   b->typbyval[c], b->typalign[c]));
+	}
 	params[b->ncols] = extra;
 
 	switch (b->plan)
 	{
 		case P_PROPAGATE:
-			exec_plan(b->plan, params, NULL, SPI_OK_UPDATE);
+			exec_plan(plan, params, nulls, SPI_OK_UPDATE);
 			if (SPI_processed > 0)
 				result->made_ready = true;
 			break;
 		case P_RUNS:
-			exec_plan(b->plan, params, NULL, SPI_OK_UPDATE_RETURNING);
+			exec_plan(plan, params, nulls, SPI_OK_UPDATE_RETURNING);
 			for (uint64 i = 0; i < SPI_processed; i++)
 			{
 				bool		isnull;
@@ -743,10 +811,10 @@ buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
 			SPI_freetuptable(SPI_tuptable);
 			break;
 		case P_ATTEMPT:
-			exec_plan(b->plan, params, NULL, SPI_OK_INSERT);
+			exec_plan(plan, params, nulls, SPI_OK_INSERT);
 			break;
 		default:
-			exec_plan(b->plan, params, NULL, SPI_OK_UPDATE);
+			exec_plan(plan, params, nulls, SPI_OK_UPDATE);
 			break;
 	}
 	b->nrows = 0;
