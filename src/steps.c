@@ -279,15 +279,24 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"  LEFT JOIN LATERAL (SELECT * FROM orch.circuits c0 WHERE c0.name = ws.circuit" \
 	"                      ORDER BY c0.name OFFSET 0) c ON true"
 
+/* the step columns the statements above read */
+#define STEP_COLS \
+	"SELECT s0.step_id, s0.run_id, s0.name, s0.status, s0.attempt, s0.needs_ok, s0.wake_at," \
+	"       s0.attempt_base, s0.started_at, s0.attempt_started_at, s0.worker, s0.phase," \
+	"       s0.compensations, s0.lease_token, s0.resolution, s0.output, s0.error, s0.cause"
+
 /* steps by a key: an array of ids or tokens, in the array's order */
 #define STEPS_BY(array, column, lock) \
 	" FROM pg_catalog.unnest(" array ") AS k(key)" \
-	"  CROSS JOIN LATERAL (SELECT s0.step_id, s0.run_id, s0.name, s0.status, s0.attempt," \
-	"                             s0.needs_ok, s0.wake_at, s0.attempt_base, s0.started_at," \
-	"                             s0.attempt_started_at, s0.worker, s0.phase, s0.compensations," \
-	"                             s0.lease_token, s0.resolution, s0.output, s0.error, s0.cause" \
+	"  CROSS JOIN LATERAL (" STEP_COLS \
 	"                        FROM orch.steps s0 WHERE s0." column " = k.key" \
 	"                       ORDER BY s0." column " OFFSET 0 " lock ") s"
+
+/* one step by a key, a parameter */
+#define STEP_BY(param, column, lock) \
+	" FROM (" STEP_COLS \
+	"         FROM orch.steps s0 WHERE s0." column " = " param \
+	"        ORDER BY s0." column " OFFSET 0 " lock ") s"
 
 /* rows from arrays, one element each: u(columns) */
 #define UNNEST_FROM(arrays, columns) "  FROM unnest(" arrays ") AS u(" columns ")"
@@ -379,7 +388,7 @@ static const char *const plan_sql[P_COUNT] = {
 
 	/* a task by its lease token, for its worker's verdict */
 	[P_TASK_BY_TOKEN] =
-	VERDICT_SELECT(STEPS_BY("ARRAY[$1]", "lease_token", "FOR UPDATE"), "FOR UPDATE"),
+	VERDICT_SELECT(STEP_BY("$1", "lease_token", "FOR UPDATE"), "FOR UPDATE"),
 
 	/* tasks by their lease tokens (sorted by the caller: one locking order) */
 	[P_TASKS_BY_TOKENS] =
