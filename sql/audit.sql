@@ -122,6 +122,38 @@ SET ROLE audit_reader;
 SELECT count(*) AS events, count(DISTINCT audit_id / 1000) AS records
   FROM orch.audit_events WHERE table_name IN ('shop.items', 'shop.goods', 'store.goods');
 RESET ROLE;
+-- A transaction's records go to orch.audit_records opened once for all of
+-- them: a savepoint rolled back takes its records with it, a released one
+-- keeps them.
+BEGIN;
+SELECT pg_current_xact_id() AS tx \gset
+INSERT INTO store.goods VALUES ('d-4', 1);
+SAVEPOINT a;
+INSERT INTO store.goods VALUES ('e-5', 1);
+ROLLBACK TO a;
+SAVEPOINT b;
+UPDATE store.goods SET stock = 9 WHERE sku = 'd-4';
+RELEASE b;
+COMMIT;
+SELECT operation, row_key, old_row, new_row FROM orch.audit_log WHERE xid = :'tx' ORDER BY audit_id;
+-- The audit tables can be changed in a transaction that wrote records
+-- (nothing of them is left open across a utility statement), and an index
+-- added to orch.audit_records gets the records written after it.
+BEGIN;
+INSERT INTO store.goods VALUES ('f-6', 1);
+CREATE INDEX audit_records_goods ON orch.audit_records (record_id) WHERE table_name = 'store.goods';
+INSERT INTO store.goods VALUES ('g-7', 1);
+SET LOCAL enable_seqscan = off;
+SET LOCAL enable_bitmapscan = off;
+EXPLAIN (COSTS OFF) SELECT count(*) FROM orch.audit_records WHERE table_name = 'store.goods';
+SELECT count(*) AS in_index FROM orch.audit_records WHERE table_name = 'store.goods' \gset
+SET LOCAL enable_seqscan = on;
+SET LOCAL enable_indexscan = off;
+SET LOCAL enable_indexonlyscan = off;
+SELECT count(*) = :in_index AS the_index_has_every_record, count(*) >= 5 AS five_or_more
+  FROM orch.audit_records WHERE table_name = 'store.goods';
+ROLLBACK;
+
 -- A record's stored fields read back as jsonb; bytes that are not what the
 -- trigger writes (here a NUL inside a string) are refused, not read past.
 SELECT audit_id, row_key, new_row, run_id, row_hash

@@ -48,6 +48,7 @@
 #include "utils/numeric.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
 #include "utils/uuid.h"
@@ -1180,6 +1181,133 @@ buffer_bytea(StringInfo s)
 }
 
 /*
+ * Where a transaction's records go: orch.audit_records, its indexes and
+ * what inserting into them needs, opened at the transaction's first record
+ * and kept until its end.  Opening them for every record (each audited
+ * statement writes one) cost as much as the insert itself: the indexes'
+ * descriptors, the run index's GIN state, the partial index's predicate.
+ *
+ * They are opened under the transaction's own resource owner, not a
+ * subtransaction's: a step's subtransaction that commits would otherwise
+ * report them as leaked, and one that rolls back would close them under
+ * us.  They are closed before commit (and before PREPARE), forgotten on
+ * abort (the resource owner closes them), closed before any utility
+ * statement of the session (one that drops or alters orch.audit_records
+ * must not find it in use), and reopened after a relcache invalidation of
+ * orch.audit_records (an index added).
+ */
+typedef struct AuditTarget
+{
+	Oid			relid;			/* InvalidOid: nothing open */
+	bool		stale;			/* invalidated: reopen before use */
+	Relation	rel;
+	EState	   *estate;
+	ResultRelInfo *rri;
+	TupleTableSlot *slot;
+} AuditTarget;
+
+static AuditTarget audit_target_open;
+
+static void
+audit_target_close(bool abort)
+{
+	AuditTarget *t = &audit_target_open;
+
+	if (t->relid == InvalidOid)
+		return;
+	if (!abort)
+	{
+		ResourceOwner save = CurrentResourceOwner;
+
+		CurrentResourceOwner = TopTransactionResourceOwner;
+		ExecCloseIndices(t->rri);
+		ExecResetTupleTable(t->estate->es_tupleTable, false);
+		FreeExecutorState(t->estate);
+		table_close(t->rel, NoLock);
+		CurrentResourceOwner = save;
+	}
+	/* on abort, the resource owner closes them and the memory goes with the transaction */
+	memset(t, 0, sizeof(*t));
+}
+
+static void
+audit_target_xact(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_PRE_COMMIT:
+		case XACT_EVENT_PARALLEL_PRE_COMMIT:
+		case XACT_EVENT_PRE_PREPARE:
+			audit_target_close(false);
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+		case XACT_EVENT_PREPARE:
+			audit_target_close(true);
+			break;
+	}
+}
+
+static void
+audit_target_invalidate(Datum arg, Oid relid)
+{
+	if (audit_target_open.relid != InvalidOid &&
+		(relid == InvalidOid || relid == audit_target_open.relid))
+		audit_target_open.stale = true;
+}
+
+/* Before a utility statement: nothing of the audit tables stays open. */
+void
+orch_audit_before_utility(void)
+{
+	if (audit_target_open.relid != InvalidOid && IsTransactionState())
+		audit_target_close(false);
+}
+
+static AuditTarget *
+audit_target(Oid relid)
+{
+	static bool callbacks = false;
+	AuditTarget *t = &audit_target_open;
+	ResourceOwner save;
+	MemoryContext oldcxt;
+
+	if (!callbacks)
+	{
+		RegisterXactCallback(audit_target_xact, NULL);
+		CacheRegisterRelcacheCallback(audit_target_invalidate, (Datum) 0);
+		callbacks = true;
+	}
+	if (t->relid == relid && !t->stale)
+		return t;
+	audit_target_close(false);
+
+	save = CurrentResourceOwner;
+	CurrentResourceOwner = TopTransactionResourceOwner;
+	oldcxt = MemoryContextSwitchTo(TopTransactionContext);
+	PG_TRY();
+	{
+		t->rel = table_open(relid, RowExclusiveLock);
+		t->estate = CreateExecutorState();
+		t->rri = makeNode(ResultRelInfo);
+		InitResultRelInfo(t->rri, t->rel, 1, NULL, 0);
+		ExecOpenIndices(t->rri, false);
+		t->slot = table_slot_create(t->rel, &t->estate->es_tupleTable);
+		t->relid = relid;
+		t->stale = false;
+	}
+	PG_FINALLY();
+	{
+		CurrentResourceOwner = save;
+		MemoryContextSwitchTo(oldcxt);
+	}
+	PG_END_TRY();
+	return t;
+}
+
+/*
  * Write the record being filled to orch.audit_records, with its index
  * entries: one row for up to ORCH_AUDIT_RECORD_EVENTS events, its events
  * compressed and stored out of line when large.  No trigger, rule or
@@ -1192,9 +1320,7 @@ batch_flush(AuditBatch *b)
 {
 	static Oid	col_of = InvalidOid;
 	static int	col[ORCH_AUDIT_NCOLS];
-	Relation	rel;
-	ResultRelInfo *rri;
-	EState	   *estate;
+	AuditTarget *t;
 	TupleTableSlot *slot;
 	CommandId	cid = GetCurrentCommandId(true);
 	ArrayType  *runs;
@@ -1203,21 +1329,15 @@ batch_flush(AuditBatch *b)
 	if (b->n == 0)
 		return;
 
-	rel = table_open(b->relid, RowExclusiveLock);
-	if (RelationGetRelid(rel) != col_of)
+	t = audit_target(b->relid);
+	if (t->relid != col_of)
 	{
-		orch_audit_column_map(RelationGetDescr(rel), col);
-		col_of = RelationGetRelid(rel);
+		orch_audit_column_map(RelationGetDescr(t->rel), col);
+		col_of = t->relid;
 	}
-
-	estate = CreateExecutorState();
-	estate->es_output_cid = cid;
-	rri = makeNode(ResultRelInfo);
-	InitResultRelInfo(rri, rel, 1, NULL, 0);
-	ExecOpenIndices(rri, false);
-	slot = table_slot_create(rel, &estate->es_tupleTable);
+	slot = t->slot;
 	ExecClearTuple(slot);
-	memset(slot->tts_isnull, true, sizeof(bool) * RelationGetDescr(rel)->natts);
+	memset(slot->tts_isnull, true, sizeof(bool) * RelationGetDescr(t->rel)->natts);
 	runs = record_runs(b);
 #define SET(c, d, nul) (slot->tts_values[col[c]] = (d), slot->tts_isnull[col[c]] = (nul))
 	SET(0, Int64GetDatum(b->record_id), false);
@@ -1235,14 +1355,12 @@ batch_flush(AuditBatch *b)
 	SET(12, PointerGetDatum(runs), runs == NULL);
 #undef SET
 	ExecStoreVirtualTuple(slot);
-	table_tuple_insert(rel, slot, cid, 0, NULL);
-	recheck = ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL);
+	t->estate->es_output_cid = cid;
+	table_tuple_insert(t->rel, slot, cid, 0, NULL);
+	recheck = ExecInsertIndexTuples(t->rri, slot, t->estate, false, false, NULL, NIL);
 	list_free(recheck);
-
-	ExecCloseIndices(rri);
-	ExecResetTupleTable(estate->es_tupleTable, false);
-	FreeExecutorState(estate);
-	table_close(rel, NoLock);
+	ExecClearTuple(slot);
+	ResetPerTupleExprContext(t->estate);
 
 	b->record_id = 0;
 	b->n = 0;

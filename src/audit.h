@@ -120,6 +120,7 @@ extern void orch_merkle_root(const uint8 *leaves, int64 n, uint8 *out);
 /* the step whose function runs now: its business-table changes carry it */
 extern void orch_audit_set_step(Datum run_id, int64 step_id);
 extern void orch_audit_clear_step(void);
+extern void orch_audit_before_utility(void);
 
 /* audit_seal.c: seal finished rows into a block; -1 if another sealer holds the lock */
 extern int64 orch_audit_seal(bool heartbeat_due);

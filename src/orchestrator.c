@@ -62,6 +62,7 @@ orch_process_utility(PlannedStmt *pstmt, const char *queryString,
 {
 	Node	   *parsetree = pstmt->utilityStmt;
 
+	orch_audit_before_utility();
 	if (OrchShared != NULL)
 	{
 		if (IsA(parsetree, DropdbStmt))
