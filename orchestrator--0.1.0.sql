@@ -2647,8 +2647,7 @@ CREATE FUNCTION orch._wake_parent_step() RETURNS trigger
 	SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-	IF NEW.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')
-	   OR OLD.status IS NOT DISTINCT FROM NEW.status THEN
+	IF NEW.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') THEN
 		RETURN NULL;
 	END IF;
 	UPDATE orch.steps SET wake_at = now()
@@ -2659,12 +2658,13 @@ BEGIN
 	RETURN NULL;
 END
 $$;
--- The WHEN clause is read and prepared at every statement that updates a
--- run's status, for every run or none: it is kept to the test that rules
--- out all but child runs, and the function tests the rest.
+-- PostgreSQL sets up a WHEN clause once for every statement that updates
+-- runs' status, however many of them are child runs (usually none): the
+-- clause only rules out all but child runs whose status changed, and the
+-- function looks for the statuses that end a run.
 CREATE TRIGGER runs_wake_parent AFTER UPDATE OF status ON orch.runs
 	FOR EACH ROW
-	WHEN (NEW.parent_step_id IS NOT NULL)
+	WHEN (NEW.parent_step_id IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status)
 	EXECUTE FUNCTION orch._wake_parent_step();
 
 /*

@@ -427,7 +427,7 @@ push_int(JsonbParseState **ps, const char *key, int32 i)
  * ..., 'attempt', ..., 'input', ..., 'business_key', ..., 'steps', ...),
  * with 'error' too when the run was routed to the step by an error.  Built
  * here: jsonb_build_object looks up how to convert each argument's type at
- * every call, a sixth of a claim's cost.
+ * every call, about 40,000 instructions per claimed task.
  */
 static Datum
 task_context(const Datum *v, const bool *nulls)

@@ -1298,12 +1298,24 @@ audit_target(Oid relid)
 		t->relid = relid;
 		t->stale = false;
 	}
-	PG_FINALLY();
+	PG_CATCH();
 	{
+		/*
+		 * Close the table if it was opened (an index that failed to open
+		 * leaves ExecOpenIndices's arrays half filled: the indexes opened
+		 * before it are left to the transaction's resource owner).
+		 */
+		CurrentResourceOwner = TopTransactionResourceOwner;
+		if (t->rel != NULL)
+			table_close(t->rel, NoLock);
+		memset(t, 0, sizeof(*t));
 		CurrentResourceOwner = save;
 		MemoryContextSwitchTo(oldcxt);
+		PG_RE_THROW();
 	}
 	PG_END_TRY();
+	CurrentResourceOwner = save;
+	MemoryContextSwitchTo(oldcxt);
 	return t;
 }
 
@@ -1337,7 +1349,7 @@ batch_flush(AuditBatch *b)
 	}
 	slot = t->slot;
 	ExecClearTuple(slot);
-	memset(slot->tts_isnull, true, sizeof(bool) * RelationGetDescr(t->rel)->natts);
+	memset(slot->tts_isnull, true, sizeof(bool) * slot->tts_tupleDescriptor->natts);
 	runs = record_runs(b);
 #define SET(c, d, nul) (slot->tts_values[col[c]] = (d), slot->tts_isnull[col[c]] = (nul))
 	SET(0, Int64GetDatum(b->record_id), false);

@@ -154,6 +154,13 @@ _PG_init(void)
 
 	orch_register_xact_callback();
 
+	/*
+	 * Also when loaded on demand (by an audit trigger): the audit trail
+	 * closes what it keeps open before any utility statement.
+	 */
+	prev_ProcessUtility = ProcessUtility_hook;
+	ProcessUtility_hook = orch_process_utility;
+
 	if (!process_shared_preload_libraries_in_progress)
 		return;
 
@@ -161,8 +168,6 @@ _PG_init(void)
 	shmem_request_hook = orch_shmem_request_hook;
 	prev_shmem_startup_hook = shmem_startup_hook;
 	shmem_startup_hook = orch_shmem_startup_hook;
-	prev_ProcessUtility = ProcessUtility_hook;
-	ProcessUtility_hook = orch_process_utility;
 
 	orch_launcher_register();
 }

@@ -206,7 +206,8 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 /*
  * The same for a worker's verdict on a task, which needs no context: the
  * context's subquery would be set up at every execution, unused.  Even for
- * one task by its lease token the lookups stay lateral: with plain joins, a
+ * one task by its lease token the lookups stay subqueries ordered by their
+ * keys (STEP_BY, then the lateral ones of STEP_FROM): with plain joins, a
  * plan made while orch.steps was analyzed empty reads the whole index of
  * (run_id, name) and filters on the token (seen in EXPLAIN), and nothing
  * but cost decides which of steps and runs drives the join.
@@ -260,11 +261,12 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
  * lookup by key is then the only plan without a sort (sorts are off for the
  * engine's statements), and the LATERAL reference fixes the join order.
  *
- * lock locks the step (in first) and its run, each inside its own subquery:
- * a locking clause on the whole statement would lock the same rows, but
- * also carry a copy of every joined row through the plan, for a recheck
- * that nothing here needs.  The subqueries name only the columns used,
- * which keeps every node of the plan narrow.
+ * Each locked row is locked inside its own subquery: the run by lock here,
+ * the step by the same clause given to STEPS_BY or STEP_BY in first.  A
+ * locking clause on the whole statement would lock the same rows, but also
+ * carry a copy of every joined row through the plan, for a recheck that
+ * nothing here needs.  The subqueries name only the columns used, which
+ * keeps every node of the plan narrow.
  */
 #define STEP_FROM(first, lock) \
 	first \
