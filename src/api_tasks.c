@@ -91,10 +91,7 @@
 	"         || pg_catalog.lpad(pg_catalog.to_hex(u.step_id), 16, '0') || '-01'," \
 	"       u.wake_at, u.priority, u.step_id," \
 	"       u.workflow, u.version, u.input, u.business_key," \
-	"       (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
-	"          FROM (SELECT p0.name, p0.output FROM orch.steps p0" \
-	"                 WHERE p0.run_id = u.run_id AND p0.status = 'succeeded'" \
-	"                 ORDER BY p0.run_id, p0.name OFFSET 0) p)," \
+	"       " ORCH_STEP_OUTPUTS_SQL("u.run_id") "," \
 	"       u.cause" \
 	"  FROM u" \
 	" ORDER BY u.priority DESC, u.step_id"

@@ -16,6 +16,19 @@
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
+/*
+ * The outputs of a run's succeeded steps by name, as a jsonb object ('{}'
+ * when none): a scalar subquery for the run whose id is the SQL expression
+ * run.  Ordered by the key of orch.steps' (run_id, name) index, which, with
+ * sorts off for the engine's statements, leaves the planner that index
+ * alone whatever the statistics say.
+ */
+#define ORCH_STEP_OUTPUTS_SQL(run) \
+	"(SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
+	"   FROM (SELECT p0.name, p0.output FROM orch.steps p0" \
+	"          WHERE p0.run_id = " run " AND p0.status = 'succeeded'" \
+	"          ORDER BY p0.run_id, p0.name OFFSET 0) p)"
+
 #define ORCH_EXTENSION_NAME		"orchestrator"
 #define ORCH_MAX_WORKERS_PER_DB	16
 

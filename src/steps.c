@@ -241,10 +241,7 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"                                   WHEN 'compensate' THEN s.compensations + 1" \
 	"                                   ELSE s.attempt + 1 END," \
 	"           'input', r.input, 'business_key', r.business_key," \
-	"           'steps', (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
-	"                       FROM (SELECT p0.name, p0.output FROM orch.steps p0" \
-	"                              WHERE p0.run_id = s.run_id AND p0.status = 'succeeded'" \
-	"                              ORDER BY p0.run_id, p0.name OFFSET 0) p))" \
+	"           'steps', " ORCH_STEP_OUTPUTS_SQL("s.run_id") ")" \
 	"         || CASE WHEN s.phase = 'verify' THEN pg_catalog.jsonb_build_object('error', s.error)" \
 	"                 WHEN s.phase = 'compensate' THEN pg_catalog.jsonb_build_object(" \
 	"                   'output', s.output, 'run_status', r.status, 'run_error', r.error)" \
@@ -346,11 +343,8 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"                     WHEN r.status = 'pending' THEN 'running' ELSE r.status END," \
 	"       started_at = COALESCE(r.started_at, $3)," \
 	"       finished_at = CASE WHEN r.steps_left - " n " = 0 THEN $3 END," \
-	"       output = CASE WHEN r.steps_left - " n " = 0 THEN" \
-	"         (SELECT COALESCE(pg_catalog.jsonb_object_agg(p.name, p.output), '{}')" \
-	"            FROM (SELECT p0.name, p0.output FROM orch.steps p0" \
-	"                   WHERE p0.run_id = r.run_id AND p0.status = 'succeeded'" \
-	"                   ORDER BY p0.run_id, p0.name OFFSET 0) p) END" \
+	"       output = CASE WHEN r.steps_left - " n " = 0" \
+	"                THEN " ORCH_STEP_OUTPUTS_SQL("r.run_id") " END" \
 	from \
 	" WHERE r.run_id = " run \
 	"   AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')" \
