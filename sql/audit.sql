@@ -214,3 +214,46 @@ SELECT count(*) AS findings FROM orch.verify_audit();
 SELECT orch.disable_audit('app.accounts');
 SELECT orch.disable_audit('app.no_key');
 DROP ROLE audit_stranger;
+
+-- Timestamps, enums and uuids are rendered as to_jsonb renders them in UTC,
+-- whatever the session's settings: fractions without trailing zeros, the
+-- years to_jsonb writes differently, infinities; an enum label renamed or
+-- added after the table was first audited.
+CREATE TYPE app.mood AS ENUM ('calm', 'busy');
+CREATE TABLE app.moments (id int PRIMARY KEY, at timestamptz, mood app.mood, ref uuid);
+SELECT orch.enable_audit('app.moments');
+SET TimeZone = 'Asia/Kathmandu';
+SET DateStyle = 'German';
+INSERT INTO app.moments VALUES
+	(1, '2026-01-02 03:04:05+00', 'calm', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'),
+	(2, '2026-01-02 03:04:05.1+00', 'busy', '00000000-0000-0000-0000-000000000000'),
+	(3, '2026-01-02 03:04:05.000001+00', NULL, 'ffffffff-ffff-ffff-ffff-ffffffffffff'),
+	(4, '2026-01-02 03:04:05.120000+00', 'calm', NULL),
+	(5, '2000-02-29 23:59:59.999999+00', 'calm', NULL),
+	(6, '0001-01-01 00:00:00+00', 'calm', NULL),
+	(7, '9999-12-31 23:59:59.5+00', 'calm', NULL),
+	(8, '0044-03-15 12:00:00+00 BC', 'calm', NULL),
+	(9, '10000-01-01 00:00:00+00', 'calm', NULL),
+	(10, 'infinity', 'calm', NULL),
+	(11, '-infinity', 'calm', NULL),
+	(12, '1969-12-31 23:59:59.75+00', 'busy', NULL);
+ALTER TYPE app.mood RENAME VALUE 'busy' TO 'hectic';
+ALTER TYPE app.mood ADD VALUE 'sleepy';
+UPDATE app.moments SET mood = 'sleepy' WHERE id = 1;
+UPDATE app.moments SET at = at WHERE id = 2;	-- changes nothing: no column
+UPDATE app.moments SET mood = 'calm' WHERE id = 12;	-- was 'busy', now called 'hectic'
+RESET TimeZone;
+RESET DateStyle;
+SET TimeZone = 'UTC';
+SELECT m.id, l.new_row->'at' AS rendered, l.new_row->'at' = to_jsonb(m.at) AS as_to_jsonb,
+	   l.new_row->'mood' AS mood, l.new_row->'ref' AS ref,
+	   l.new_row->'ref' = COALESCE(to_jsonb(m.ref), 'null') AS ref_as_to_jsonb
+  FROM orch.audit_log l JOIN app.moments m ON m.id = (l.row_key->>'id')::int
+ WHERE l.table_name = 'app.moments' AND l.operation = 'INSERT'
+ ORDER BY m.id;
+SELECT row_key, old_row, new_row
+  FROM orch.audit_log
+ WHERE table_name = 'app.moments' AND operation = 'UPDATE'
+ ORDER BY xid, audit_id;
+RESET TimeZone;
+SELECT orch.disable_audit('app.moments');

@@ -24,6 +24,7 @@
 #include "catalog/dependency.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_enum.h"
 #include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
@@ -38,6 +39,8 @@
 #include "nodes/makefuncs.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/catcache.h"
+#include "utils/datetime.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
@@ -51,6 +54,7 @@
 #include "utils/resowner.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
+#include "utils/timestamp.h"
 #include "utils/uuid.h"
 #include "utils/xid8.h"
 
@@ -624,17 +628,33 @@ typedef enum RenderKind
 	RK_NUMERIC,
 	RK_BOOL,
 	RK_TEXT,					/* text, varchar: a string of its bytes */
-	RK_OUTPUT,					/* uuid, enums: a string of their output */
+	RK_UUID,					/* a string of its output */
+	RK_ENUM,					/* a string of its label */
 	RK_JSONB,
 	RK_TIMESTAMPTZ				/* ISO 8601 in UTC */
 } RenderKind;
+
+/*
+ * The labels of an enum, by the OID of each (ascending): enum_out looks its
+ * label up in the catalog cache for every value.  A value added since is
+ * rendered with enum_out; a renamed one invalidates the cache (below).
+ */
+typedef struct EnumLabels
+{
+	int			n;
+	Oid		   *oids;
+	char	  **labels;
+	FmgrInfo	output;			/* enum_out, for a value not listed */
+} EnumLabels;
 
 typedef struct RelRender
 {
 	TupleDesc	desc;
 	RenderKind *kind;			/* per attribute */
 	Oid		   *base_type;		/* per attribute: the type under any domain */
-	FmgrInfo   *output;			/* per attribute, for RK_OUTPUT */
+	EnumLabels **labels;		/* per attribute, for RK_ENUM */
+	int		   *name_len;		/* per attribute: strlen of its name */
+	bool	   *is_key;			/* per attribute: in the primary key */
 	FmgrInfo   *to_jsonb;		/* per attribute; fn_oid InvalidOid if dropped */
 	int		   *order;			/* the live attributes' indexes, in jsonb's key order */
 	int			ncols;			/* how many */
@@ -665,6 +685,43 @@ key_order_cmp(const void *a, const void *b, void *arg)
 	return memcmp(x, y, lx);
 }
 
+static int
+oid_order(const void *a, const void *b)
+{
+	Oid			x = *(const Oid *) a;
+	Oid			y = *(const Oid *) b;
+
+	return x < y ? -1 : x > y;
+}
+
+static EnumLabels *
+enum_labels(Oid enumtype)
+{
+	EnumLabels *el = palloc(sizeof(EnumLabels));
+	CatCList   *list = SearchSysCacheList1(ENUMTYPOIDNAME, ObjectIdGetDatum(enumtype));
+	Oid			outfn;
+	bool		varlena;
+
+	el->n = list->n_members;
+	el->oids = palloc(sizeof(Oid) * Max(el->n, 1));
+	for (int i = 0; i < el->n; i++)
+		el->oids[i] = ((Form_pg_enum) GETSTRUCT(&list->members[i]->tuple))->oid;
+	qsort(el->oids, el->n, sizeof(Oid), oid_order);
+	el->labels = palloc(sizeof(char *) * Max(el->n, 1));
+	for (int i = 0; i < el->n; i++)
+	{
+		HeapTuple	tup = &list->members[i]->tuple;
+		Form_pg_enum e = (Form_pg_enum) GETSTRUCT(tup);
+		Oid		   *at = bsearch(&e->oid, el->oids, el->n, sizeof(Oid), oid_order);
+
+		el->labels[at - el->oids] = pstrdup(NameStr(e->enumlabel));
+	}
+	ReleaseSysCacheList(list);
+	getTypeOutputInfo(enumtype, &outfn, &varlena);
+	fmgr_info(outfn, &el->output);
+	return el;
+}
+
 static void
 rel_render_init(RelRender *rr, Relation rel)
 {
@@ -675,7 +732,9 @@ rel_render_init(RelRender *rr, Relation rel)
 	rr->desc = desc;
 	rr->kind = palloc0(sizeof(RenderKind) * desc->natts);
 	rr->base_type = palloc0(sizeof(Oid) * desc->natts);
-	rr->output = palloc0(sizeof(FmgrInfo) * desc->natts);
+	rr->labels = palloc0(sizeof(EnumLabels *) * desc->natts);
+	rr->name_len = palloc0(sizeof(int) * desc->natts);
+	rr->is_key = palloc0(sizeof(bool) * desc->natts);
 	rr->to_jsonb = palloc0(sizeof(FmgrInfo) * desc->natts);
 	rr->order = palloc(sizeof(int) * Max(desc->natts, 1));
 	rr->ncols = 0;
@@ -691,6 +750,8 @@ rel_render_init(RelRender *rr, Relation rel)
 		if (att->attisdropped)
 			continue;
 		rr->order[rr->ncols++] = i;
+		rr->name_len[i] = (int) strlen(NameStr(att->attname));
+		rr->is_key[i] = bms_is_member(att->attnum - FirstLowInvalidHeapAttributeNumber, pk);
 		/* the common types directly; the others as to_jsonb renders them */
 		base = getBaseType(att->atttypid);
 		rr->base_type[i] = base;
@@ -717,17 +778,18 @@ rel_render_init(RelRender *rr, Relation rel)
 			case TIMESTAMPTZOID:
 				rr->kind[i] = RK_TIMESTAMPTZ;
 				break;
-			default:
-				rr->kind[i] = base == UUIDOID || type_is_enum(base) ? RK_OUTPUT : RK_TO_JSONB;
+			case UUIDOID:
+				rr->kind[i] = RK_UUID;
 				break;
-		}
-		if (rr->kind[i] == RK_OUTPUT)
-		{
-			Oid			outfn;
-			bool		varlena;
-
-			getTypeOutputInfo(base, &outfn, &varlena);
-			fmgr_info(outfn, &rr->output[i]);
+			default:
+				if (type_is_enum(base))
+				{
+					rr->kind[i] = RK_ENUM;
+					rr->labels[i] = enum_labels(base);
+				}
+				else
+					rr->kind[i] = RK_TO_JSONB;
+				break;
 		}
 		/* to_jsonb(anyelement) learns the type from its call expression */
 		fmgr_info(F_TO_JSONB, &rr->to_jsonb[i]);
@@ -847,6 +909,7 @@ render_for(Relation rel)
 								   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 		CacheRegisterRelcacheCallback(render_cache_forget, (Datum) 0);
 		CacheRegisterSyscacheCallback(NAMESPACEOID, render_cache_forget_all, (Datum) 0);
+		CacheRegisterSyscacheCallback(ENUMOID, render_cache_forget_all, (Datum) 0);
 	}
 	e = hash_search(render_cache, &relid, HASH_ENTER, &found);
 	if (!found)
@@ -889,6 +952,58 @@ render_for(Relation rel)
 			render_cache_sweep(relid);
 	}
 	return e;
+}
+
+static char *
+put_digits(char *p, int v, int width)
+{
+	for (int k = width - 1; k >= 0; k--, v /= 10)
+		p[k] = (char) ('0' + v % 10);
+	return p + width;
+}
+
+/*
+ * A timestamptz as to_jsonb writes it in UTC (JsonEncodeDateTime):
+ * YYYY-MM-DDTHH:MM:SS, the fraction of a second without its trailing
+ * zeros, then +00:00.  Returns its length, or 0 for what it leaves to
+ * JsonEncodeDateTime (infinities, years before 1 and after 9999), which
+ * for the common ones takes longer than the rest of a row.
+ */
+static int
+utc_iso8601(TimestampTz t, char *buf)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+	char	   *p = buf;
+
+	if (TIMESTAMP_NOT_FINITE(t) || timestamp2tm(t, NULL, &tm, &fsec, NULL, NULL) != 0 ||
+		tm.tm_year < 1 || tm.tm_year > 9999)
+		return 0;
+	p = put_digits(p, tm.tm_year, 4);
+	*p++ = '-';
+	p = put_digits(p, tm.tm_mon, 2);
+	*p++ = '-';
+	p = put_digits(p, tm.tm_mday, 2);
+	*p++ = 'T';
+	p = put_digits(p, tm.tm_hour, 2);
+	*p++ = ':';
+	p = put_digits(p, tm.tm_min, 2);
+	*p++ = ':';
+	p = put_digits(p, tm.tm_sec, 2);
+	if (fsec != 0)
+	{
+		int			digits = 6;
+
+		while (fsec % 10 == 0)
+		{
+			fsec /= 10;
+			digits--;
+		}
+		*p++ = '.';
+		p = put_digits(p, fsec, digits);
+	}
+	memcpy(p, "+00:00", 6);
+	return (int) (p - buf) + 6;
 }
 
 /*
@@ -937,9 +1052,31 @@ enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
 				put_string(out, VARDATA_ANY(t), (int) VARSIZE_ANY_EXHDR(t));
 				return;
 			}
-		case RK_OUTPUT:
+		case RK_UUID:
 			{
-				char	   *str = OutputFunctionCall(&rr->output[i], value);
+				static const char hex[] = "0123456789abcdef";
+				const unsigned char *u = DatumGetUUIDP(value)->data;
+				char		str[36];
+				int			k = 0;
+
+				for (int j = 0; j < UUID_LEN; j++)
+				{
+					if (j == 4 || j == 6 || j == 8 || j == 10)
+						str[k++] = '-';
+					str[k++] = hex[u[j] >> 4];
+					str[k++] = hex[u[j] & 0x0F];
+				}
+				put_byte(out, 'S');
+				put_string(out, str, k);
+				return;
+			}
+		case RK_ENUM:
+			{
+				const EnumLabels *el = rr->labels[i];
+				Oid			oid = DatumGetObjectId(value);
+				const Oid  *at = bsearch(&oid, el->oids, el->n, sizeof(Oid), oid_order);
+				const char *str = at != NULL ? el->labels[at - el->oids]
+					: OutputFunctionCall((FmgrInfo *) &el->output, value);
 
 				put_byte(out, 'S');
 				put_string(out, str, (int) strlen(str));
@@ -948,10 +1085,13 @@ enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
 		case RK_TIMESTAMPTZ:
 			{
 				static const int utc = 0;
-				char	   *str = JsonEncodeDateTime(NULL, value, TIMESTAMPTZOID, &utc);
+				char		buf[MAXDATELEN + 1];
+				int			len = utc_iso8601(DatumGetTimestampTz(value), buf);
+				char	   *str = len > 0 ? buf
+					: JsonEncodeDateTime(NULL, value, TIMESTAMPTZOID, &utc);
 
 				put_byte(out, 'S');
-				put_string(out, str, (int) strlen(str));
+				put_string(out, str, len > 0 ? len : (int) strlen(str));
 				return;
 			}
 		case RK_JSONB:
@@ -1048,11 +1188,11 @@ enc_row(StringInfo out, RenderStmt *rs, TupleTableSlot *slot, RenderWhich which,
 		int			i = rr->order[k];
 		Form_pg_attribute att = TupleDescAttr(rr->desc, i);
 
-		if (which == RENDER_KEY && !bms_is_member(att->attnum, rr->key_attrs))
+		if (which == RENDER_KEY && !rr->is_key[i])
 			continue;
 		if (which == RENDER_CHANGED && !changed[i])
 			continue;
-		put_string(out, NameStr(att->attname), (int) strlen(NameStr(att->attname)));
+		put_string(out, NameStr(att->attname), rr->name_len[i]);
 		enc_value(out, rs, i, slot->tts_values[i], slot->tts_isnull[i]);
 		count++;
 	}
