@@ -335,7 +335,17 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	from \
 	" WHERE s.run_id = " run " AND s.name = " name " AND s.status = 'pending'"
 
-/* n steps of a run moved: count down, start, finish ($3: the time) */
+/*
+ * n steps of a run moved: count down, start, finish ($3: the time).
+ *
+ * The run is found by its key alone.  Whether it is still unfinished is
+ * asked in a CASE, which the planner neither estimates from the statistics
+ * nor matches to the partial index runs_active: written as status NOT IN
+ * (...), statistics taken while every run had finished (a quiet hour before
+ * a burst of starts) estimate one unfinished run, and the plan then scanned
+ * runs_active for every run of the batch (or, for one run, instead of the
+ * primary key): a burst of 20,000 runs advanced 16 times slower.
+ */
 #define RUNS_SQL(from, run, n) \
 	"UPDATE orch.runs r" \
 	"   SET steps_left = r.steps_left - " n "," \
@@ -347,7 +357,8 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"                THEN " ORCH_STEP_OUTPUTS_SQL("r.run_id") " END" \
 	from \
 	" WHERE r.run_id = " run \
-	"   AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')" \
+	"   AND CASE WHEN r.status IN ('succeeded', 'failed', 'cancelled', 'timed_out')" \
+	"            THEN false ELSE true END" \
 	" RETURNING r.status = 'succeeded'"
 
 static const char *const plan_sql[P_COUNT] = {
