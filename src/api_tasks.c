@@ -43,7 +43,7 @@
 #define ANY_WAITING_SQL \
 	"SELECT EXISTS (SELECT FROM orch.steps w JOIN orch.runs r ON r.run_id = w.run_id" \
 	"                WHERE w.queue = $1 AND w.status = 'waiting'" \
-	"                  AND r.status IN ('pending', 'running'))"
+	"                  AND " ORCH_RUN_STATUS_IN("r", "'pending', 'running'") ")"
 
 /* Could a claim from this limited queue get anything now?  NULL: no limit. */
 #define QUEUE_ROOM_SQL \
@@ -66,7 +66,8 @@
 	"    FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL)," \
 	" c AS (" \
 	"  SELECT s.step_id FROM orch.steps s JOIN orch.runs r ON r.run_id = s.run_id" \
-	"   WHERE s.queue = $1 AND s.status = 'waiting' AND r.status IN ('pending', 'running')" \
+	"   WHERE s.queue = $1 AND s.status = 'waiting'" \
+	"     AND " ORCH_RUN_STATUS_IN("r", "'pending', 'running'") \
 	after \
 	"   ORDER BY s.queue, - s.priority::pg_catalog.int8, s.step_id" \
 	"   LIMIT LEAST($3, COALESCE((SELECT GREATEST(free, 0) FROM lim), $3))" \

@@ -17,6 +17,18 @@
 #include "utils/timestamp.h"
 
 /*
+ * Whether the run alias's status is one of statuses (a list of quoted
+ * labels), for a statement that reaches the run by its key.  Written as a
+ * CASE, which the planner neither estimates from the statistics nor matches
+ * to the partial index runs_active: as status IN (...), statistics taken
+ * while every run had finished (a quiet hour before a burst of starts)
+ * estimate a single unfinished run, and the cached plan then scanned all of
+ * runs_active for each run it looked up, instead of its primary key.
+ */
+#define ORCH_RUN_STATUS_IN(run, statuses) \
+	"CASE WHEN " run ".status IN (" statuses ") THEN true ELSE false END"
+
+/*
  * The outputs of a run's succeeded steps by name, as a jsonb object ('{}'
  * when none): a scalar subquery for the run whose id is the SQL expression
  * run.  Ordered by the key of orch.steps' (run_id, name) index, which, with

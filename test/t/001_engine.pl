@@ -43,6 +43,22 @@ is($node->safe_psql('postgres', q{
 	ROLLBACK}),
 	'300 runs, runs_active scanned 0 times',
 	'a burst after statistics of finished runs: each run counted down by its key');
+# The same for tasks: a claim joins each waiting task to its run by key.
+$node->safe_psql('postgres', q{
+	SELECT orch.define_workflow('burst_task', '{"steps": [{"name": "work", "kind": "task", "queue": "burst"}]}')});
+is($node->safe_psql('postgres', q{
+	BEGIN;
+	SELECT count(orch.start_run('burst_task', jsonb_build_object('burst', g))) FROM generate_series(1, 300) g \gset
+	DO $$ BEGIN WHILE orch.tick(100) > 0 LOOP END LOOP; END $$;
+	SELECT count(*) FROM orch.claim_tasks('burst', 'w', 300, '1 min') c
+	 CROSS JOIN LATERAL orch.complete_task(c.token, '{}') done \gset
+	DO $$ BEGIN WHILE orch.tick(100) > 0 LOOP END LOOP; END $$;
+	SELECT :count || ' completed, ' || count(*) FILTER (WHERE status = 'succeeded') || ' runs, runs_active scanned '
+		   || pg_stat_get_xact_numscans('orch.runs_active'::regclass) || ' times'
+	  FROM orch.runs WHERE workflow = 'burst_task';
+	ROLLBACK}),
+	'300 completed, 300 runs, runs_active scanned 0 times',
+	'a burst of tasks after statistics of finished runs: each claimed by its run\'s key');
 
 # An idle engine: one 3-step run, timed from the client.  No assertion on
 # time (shared machines are noisy); the benchmark measures latency.
