@@ -59,6 +59,22 @@ is($node->safe_psql('postgres', q{
 	ROLLBACK}),
 	'300 completed, 300 runs, runs_active scanned 0 times',
 	'a burst of tasks after statistics of finished runs: each claimed by its run\'s key');
+# And for events sent by business key.
+$node->safe_psql('postgres', q{
+	SELECT orch.define_workflow('burst_event', '{"steps": [{"name": "answer", "kind": "wait_event", "event": "answered"}]}')});
+is($node->safe_psql('postgres', q{
+	BEGIN;
+	SELECT count(orch.start_run('burst_event', business_key => 'K-' || g)) FROM generate_series(1, 300) g \gset
+	DO $$ BEGIN WHILE orch.tick(100) > 0 LOOP END LOOP; END $$;
+	SELECT sum(orch.send_event_by_key('burst_event', 'K-' || g, 'answered')) AS sent
+	  FROM generate_series(1, 300) g \gset
+	DO $$ BEGIN WHILE orch.tick(100) > 0 LOOP END LOOP; END $$;
+	SELECT :sent || ' sent, ' || count(*) FILTER (WHERE status = 'succeeded') || ' runs, runs_active scanned '
+		   || pg_stat_get_xact_numscans('orch.runs_active'::regclass) || ' times'
+	  FROM orch.runs WHERE workflow = 'burst_event';
+	ROLLBACK}),
+	'300 sent, 300 runs, runs_active scanned 0 times',
+	'events sent by business key in a burst after statistics of finished runs: found by the key');
 
 # An idle engine: one 3-step run, timed from the client.  No assertion on
 # time (shared machines are noisy); the benchmark measures latency.
