@@ -220,7 +220,10 @@ DROP ROLE audit_stranger;
 -- years to_jsonb writes differently, infinities; an enum label renamed or
 -- added after the table was first audited.
 CREATE TYPE app.mood AS ENUM ('calm', 'busy');
-CREATE TABLE app.moments (id int PRIMARY KEY, at timestamptz, mood app.mood, ref uuid);
+CREATE DOMAIN app.mood_d AS app.mood;
+CREATE DOMAIN app.ref_d AS uuid;
+CREATE TABLE app.moments (id int PRIMARY KEY, at timestamptz, mood app.mood, ref uuid,
+						  mood_d app.mood_d, ref_d app.ref_d);
 SELECT orch.enable_audit('app.moments');
 SET TimeZone = 'Asia/Kathmandu';
 SET DateStyle = 'German';
@@ -237,6 +240,7 @@ INSERT INTO app.moments VALUES
 	(10, 'infinity', 'calm', NULL),
 	(11, '-infinity', 'calm', NULL),
 	(12, '1969-12-31 23:59:59.75+00', 'busy', NULL);
+UPDATE app.moments SET mood_d = mood, ref_d = ref WHERE id IN (1, 2, 3);
 ALTER TYPE app.mood RENAME VALUE 'busy' TO 'hectic';
 ALTER TYPE app.mood ADD VALUE 'sleepy';
 UPDATE app.moments SET mood = 'sleepy' WHERE id = 1;
@@ -255,5 +259,16 @@ SELECT row_key, old_row, new_row
   FROM orch.audit_log
  WHERE table_name = 'app.moments' AND operation = 'UPDATE'
  ORDER BY xid, audit_id;
+-- Columns of domains over an enum and a uuid, as to_jsonb renders them; an
+-- enum's label as it was when the row changed ('busy', since renamed).
+SELECT (l.row_key->>'id')::int AS id, l.new_row->'mood_d' AS mood_d,
+	   to_jsonb(m.mood_d) AS mood_d_now, l.new_row->'ref_d' = to_jsonb(m.ref_d) AS ref_d_as_to_jsonb
+  FROM orch.audit_log l JOIN app.moments m ON m.id = (l.row_key->>'id')::int
+ WHERE l.table_name = 'app.moments' AND l.operation = 'UPDATE' AND l.new_row ? 'ref_d'
+ ORDER BY 1;
 RESET TimeZone;
 SELECT orch.disable_audit('app.moments');
+DROP TABLE app.moments;
+DROP DOMAIN app.mood_d;
+DROP DOMAIN app.ref_d;
+DROP TYPE app.mood;

@@ -636,8 +636,10 @@ typedef enum RenderKind
 
 /*
  * The labels of an enum, by the OID of each (ascending): enum_out looks its
- * label up in the catalog cache for every value.  A value added since is
- * rendered with enum_out; a renamed one invalidates the cache (below).
+ * label up in the catalog cache for every value.  Adding or renaming a
+ * value invalidates the rendering of every audited table (render_for); a
+ * value not listed, added by a change whose invalidation has not been
+ * processed yet, is rendered by enum_out.
  */
 typedef struct EnumLabels
 {
@@ -966,8 +968,9 @@ put_digits(char *p, int v, int width)
  * A timestamptz as to_jsonb writes it in UTC (JsonEncodeDateTime):
  * YYYY-MM-DDTHH:MM:SS, the fraction of a second without its trailing
  * zeros, then +00:00.  Returns its length, or 0 for what it leaves to
- * JsonEncodeDateTime (infinities, years before 1 and after 9999), which
- * for the common ones takes longer than the rest of a row.
+ * JsonEncodeDateTime (infinities, years before 1 and after 9999).
+ * JsonEncodeDateTime's general formatting took longer per timestamp than
+ * the rest of a typical row took.
  */
 static int
 utc_iso8601(TimestampTz t, char *buf)
