@@ -641,11 +641,16 @@ typedef enum RenderKind
  * value not listed, added by a change whose invalidation has not been
  * processed yet, is rendered by enum_out.
  */
+typedef struct EnumLabel
+{
+	Oid			oid;			/* first: the sort and search key */
+	char	   *label;
+} EnumLabel;
+
 typedef struct EnumLabels
 {
 	int			n;
-	Oid		   *oids;
-	char	  **labels;
+	EnumLabel  *values;			/* by oid */
 	FmgrInfo	output;			/* enum_out, for a value not listed */
 } EnumLabels;
 
@@ -687,6 +692,7 @@ key_order_cmp(const void *a, const void *b, void *arg)
 	return memcmp(x, y, lx);
 }
 
+/* EnumLabels.values' order, and a search in it with an Oid as the key */
 static int
 oid_order(const void *a, const void *b)
 {
@@ -705,20 +711,16 @@ enum_labels(Oid enumtype)
 	bool		varlena;
 
 	el->n = list->n_members;
-	el->oids = palloc(sizeof(Oid) * Max(el->n, 1));
-	for (int i = 0; i < el->n; i++)
-		el->oids[i] = ((Form_pg_enum) GETSTRUCT(&list->members[i]->tuple))->oid;
-	qsort(el->oids, el->n, sizeof(Oid), oid_order);
-	el->labels = palloc(sizeof(char *) * Max(el->n, 1));
+	el->values = palloc(sizeof(EnumLabel) * Max(el->n, 1));
 	for (int i = 0; i < el->n; i++)
 	{
-		HeapTuple	tup = &list->members[i]->tuple;
-		Form_pg_enum e = (Form_pg_enum) GETSTRUCT(tup);
-		Oid		   *at = bsearch(&e->oid, el->oids, el->n, sizeof(Oid), oid_order);
+		Form_pg_enum e = (Form_pg_enum) GETSTRUCT(&list->members[i]->tuple);
 
-		el->labels[at - el->oids] = pstrdup(NameStr(e->enumlabel));
+		el->values[i].oid = e->oid;
+		el->values[i].label = pstrdup(NameStr(e->enumlabel));
 	}
 	ReleaseSysCacheList(list);
+	qsort(el->values, el->n, sizeof(EnumLabel), oid_order);
 	getTypeOutputInfo(enumtype, &outfn, &varlena);
 	fmgr_info(outfn, &el->output);
 	return el;
@@ -1077,8 +1079,8 @@ enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
 			{
 				const EnumLabels *el = rr->labels[i];
 				Oid			oid = DatumGetObjectId(value);
-				const Oid  *at = bsearch(&oid, el->oids, el->n, sizeof(Oid), oid_order);
-				const char *str = at != NULL ? el->labels[at - el->oids]
+				const EnumLabel *at = bsearch(&oid, el->values, el->n, sizeof(EnumLabel), oid_order);
+				const char *str = at != NULL ? at->label
 					: OutputFunctionCall((FmgrInfo *) &el->output, value);
 
 				put_byte(out, 'S');
