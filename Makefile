@@ -11,7 +11,7 @@ EXTENSION    = orchestrator
 MODULE_big   = orchestrator
 OBJS         = src/orchestrator.o src/shmem.o src/wakeup.o src/launcher.o \
                src/engine.o src/steps.o src/api_wait.o src/api_tasks.o \
-               src/audit.o src/audit_seal.o src/uuid_v7.o \
+               src/audit.o src/audit_seal.o src/uuid_v7.o src/rowfetch.o \
                src/jsonschema.o
 DATA         = orchestrator--0.1.0.sql
 PG_CPPFLAGS  = -I$(srcdir)/src

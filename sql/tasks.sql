@@ -120,6 +120,14 @@ SELECT count(*) FROM orch.claim_tasks('ranked', 'worker-2', 10, '30s');
 SELECT orch.complete_task(lease_token, '{}') FROM orch.steps WHERE run_id = :'high_run';
 SELECT input->'input'->>'n' AS claimed FROM orch.claim_tasks('ranked', 'worker-2', 10, '30s');
 SELECT app.show_error($$SELECT orch.define_queue('ranked', max_running => 0)$$);
+-- A claim that may wait gets nothing at the limit, and returns when its wait
+-- is over; once the limit is lifted, the next claim takes the task.
+SELECT orch.start_run('ranked', '{"n": "late"}') AS late_run \gset
+SELECT app.await($$SELECT count(*) = 1 FROM orch.steps WHERE queue = 'ranked' AND status = 'waiting'$$);
+SELECT count(*) FROM orch.claim_tasks('ranked', 'worker-3', 10, '30s', wait => '200ms');
+SELECT orch.define_queue('ranked', max_running => NULL);
+SELECT input->'input'->>'n' AS claimed FROM orch.claim_tasks('ranked', 'worker-3', 10, '30s', wait => '10s');
+SELECT name, waiting, running, max_running FROM orch.queue_status WHERE name = 'ranked';
 
 -- Bad calls.
 SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', 'w', 0)$$);
@@ -247,3 +255,18 @@ SELECT orch.start_run('picking', '{"order": 9, "lines": [1, 2.50, null, "x"]}',
 					  business_key => 'order-9') AS picking_run \gset
 SELECT input->>'run_id' = :'picking_run' AS its_run, jsonb_pretty(input - 'run_id') AS context
   FROM orch.claim_tasks('picking', 'picker', 1, '1 min', wait => '10s');
+
+-- A verdict reads its task's rows through the indexes of their keys, which
+-- it looks up once per session: an index built anew (a new OID) in the same
+-- session is found.
+SELECT orch.define_workflow('rebuilt', '{"steps": [{"name": "t", "kind": "task", "queue": "rebuilt"}]}');
+SELECT count(orch.start_run('rebuilt')) FROM generate_series(1, 2);
+SELECT app.await($$SELECT count(*) = 2 FROM orch.steps WHERE queue = 'rebuilt' AND status = 'waiting'$$);
+SELECT orch.complete_task(token, '{"n": 1}') FROM orch.claim_tasks('rebuilt', 'w', 1, '1 min');
+BEGIN;
+DROP INDEX orch.steps_lease_token;
+CREATE UNIQUE INDEX steps_lease_token ON orch.steps (lease_token) WHERE lease_token IS NOT NULL;
+COMMIT;
+SELECT orch.complete_task(token, '{"n": 2}') FROM orch.claim_tasks('rebuilt', 'w', 1, '1 min');
+SELECT s.output, s.status, r.status AS run FROM orch.steps s JOIN orch.runs r USING (run_id)
+ WHERE r.workflow = 'rebuilt' ORDER BY s.step_id;

@@ -31,7 +31,9 @@
  * A queue with a limit is locked while claiming from it, so that concurrent
  * claims cannot together exceed it; a queue without one is not.  The lock is
  * taken by a statement of its own: the claim after it then counts the leased
- * tasks with a snapshot that includes the claims it waited for.
+ * tasks with a snapshot that includes the claims it waited for.  Whether a
+ * queue has a limit is read first, without a plan (queue_limited): a claim
+ * from a queue without one is then a single statement.
  */
 #define LOCK_QUEUE_SQL \
 	"SELECT 1 FROM orch.queues WHERE name = $1 AND max_running IS NOT NULL FOR UPDATE"
@@ -57,20 +59,18 @@
  * steps are updated by primary key (= ANY of an array, which the planner
  * takes for a handful of rows), and the run's columns come back through the
  * UPDATE's RETURNING: however many tasks wait in the queue, a claim reads
- * only the rows it leases.
+ * only the rows it leases.  From a queue with a limit, lim and limit are
+ * CLAIM_LIM and CLAIM_LIMIT_ROOM: no more than the room left under it.
  */
-#define CLAIM_TASKS_SQL(after) \
-	"WITH lim AS (" \
-	"  SELECT q.max_running - (SELECT pg_catalog.count(*) FROM orch.steps x" \
-	"                           WHERE x.queue = $1 AND x.status = 'running') AS free" \
-	"    FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL)," \
+#define CLAIM_TASKS_SQL(after, lim, limit) \
+	"WITH " lim \
 	" c AS (" \
 	"  SELECT s.step_id FROM orch.steps s JOIN orch.runs r ON r.run_id = s.run_id" \
 	"   WHERE s.queue = $1 AND s.status = 'waiting'" \
 	"     AND " ORCH_RUN_STATUS_IN("r", "'pending', 'running'") \
 	after \
 	"   ORDER BY s.queue, - s.priority::pg_catalog.int8, s.step_id" \
-	"   LIMIT LEAST($3, COALESCE((SELECT GREATEST(free, 0) FROM lim), $3))" \
+	limit \
 	"   FOR UPDATE OF s SKIP LOCKED)," \
 	" u AS (" \
 	"  UPDATE orch.steps s" \
@@ -97,6 +97,15 @@
 	"  FROM u" \
 	" ORDER BY u.priority DESC, u.step_id"
 
+#define CLAIM_LIM \
+	"lim AS (" \
+	"  SELECT q.max_running - (SELECT pg_catalog.count(*) FROM orch.steps x" \
+	"                           WHERE x.queue = $1 AND x.status = 'running') AS free" \
+	"    FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL),"
+#define CLAIM_LIMIT_ROOM \
+	"   LIMIT LEAST($3, COALESCE((SELECT GREATEST(free, 0) FROM lim), $3))"
+#define CLAIM_LIMIT "   LIMIT $3"
+
 /*
  * A claim that resumes after the task its session claimed last, in the
  * queue's order: $5 is its negated priority, $6 its step.  Only the queue's
@@ -112,6 +121,8 @@ enum
 	T_QUEUE_ROOM,
 	T_CLAIM,
 	T_CLAIM_AFTER,
+	T_CLAIM_LIMITED,
+	T_CLAIM_AFTER_LIMITED,
 	T_ANY_WAITING,
 	T_COUNT
 };
@@ -119,8 +130,10 @@ static SPIPlanPtr task_plans[T_COUNT];
 static const char *const task_sql[T_COUNT] = {
 	[T_LOCK_QUEUE] = LOCK_QUEUE_SQL,
 	[T_QUEUE_ROOM] = QUEUE_ROOM_SQL,
-	[T_CLAIM] = CLAIM_TASKS_SQL(""),
-	[T_CLAIM_AFTER] = CLAIM_TASKS_SQL(CLAIM_AFTER),
+	[T_CLAIM] = CLAIM_TASKS_SQL("", "", CLAIM_LIMIT),
+	[T_CLAIM_AFTER] = CLAIM_TASKS_SQL(CLAIM_AFTER, "", CLAIM_LIMIT),
+	[T_CLAIM_LIMITED] = CLAIM_TASKS_SQL("", CLAIM_LIM, CLAIM_LIMIT_ROOM),
+	[T_CLAIM_AFTER_LIMITED] = CLAIM_TASKS_SQL(CLAIM_AFTER, CLAIM_LIM, CLAIM_LIMIT_ROOM),
 	[T_ANY_WAITING] = ANY_WAITING_SQL,
 };
 
@@ -131,7 +144,8 @@ task_plan(int which)
 
 	if (task_plans[which] == NULL)
 	{
-		int			nargs = which == T_CLAIM ? 4 : which == T_CLAIM_AFTER ? 6 : 1;
+		int			nargs = which == T_CLAIM || which == T_CLAIM_LIMITED ? 4 :
+			which == T_CLAIM_AFTER || which == T_CLAIM_AFTER_LIMITED ? 6 : 1;
 		SPIPlanPtr	plan = SPI_prepare(task_sql[which], nargs, argtypes);
 
 		if (plan == NULL)
@@ -461,6 +475,25 @@ task_context(const Datum *v, const bool *nulls)
 	return JsonbPGetDatum(JsonbValueToJsonb(res));
 }
 
+/* orch.queues' max_running, by the queue's name */
+static OrchRowSource queue_source = {
+	"queues", "queues_pkey", 1, 1, {"max_running"}
+};
+
+/*
+ * Has the queue a limit (max_running), as a new snapshot sees it?  A queue
+ * that was never defined has none.
+ */
+static bool
+queue_limited(text *queue)
+{
+	Datum		key = PointerGetDatum(queue);
+	Datum		max_running;
+	bool		isnull;
+
+	return orch_row_fetch(&queue_source, &key, false, &max_running, &isnull) && !isnull;
+}
+
 /*
  * Lease up to max waiting tasks of the queue into the caller's
  * materialized result.  The step's timeout and heartbeat_timeout cap the
@@ -501,8 +534,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 	{
 		long		remaining_ms;
 		bool		locked_out = false;
-
-		bool		limited;
+		bool		limited = queue_limited(queue);
 		bool		room = true;
 
 		if (OrchShared != NULL)
@@ -511,32 +543,26 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 		/*
 		 * A limited queue's lock is held until commit: never sleep holding
 		 * it.  A claim that may wait looks for room without it, then locks
-		 * and claims once; one that does not wait locks (if the queue has a
-		 * limit) and claims at once.
+		 * and claims once; one that does not wait locks and claims at once.
 		 */
-		if (!may_wait)
-		{
-			if (SPI_execute_plan(task_plan(T_LOCK_QUEUE), args, NULL, false, 1) != SPI_OK_SELECT)
-				elog(ERROR, "could not lock queue");
-			limited = true;		/* claim once, whatever the queue */
-		}
-		else
+		if (limited && may_wait)
 		{
 			if (SPI_execute_plan(task_plan(T_QUEUE_ROOM), args, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not read queue");
-			limited = SPI_processed > 0;
-			if (limited)
+			if (SPI_processed > 0)
 			{
 				bool		isnull;
 
 				room = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
 												  &isnull));
 			}
+			else
+				limited = false;	/* lifted since */
 			SPI_freetuptable(SPI_tuptable);
 		}
 		if (room)
 		{
-			if (may_wait && limited &&
+			if (limited &&
 				SPI_execute_plan(task_plan(T_LOCK_QUEUE), args, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not lock queue");
 			/* not read-only: a new snapshot, including the claims waited for */
@@ -545,7 +571,8 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				args[2] = Int32GetDatum(max);
 				args[4] = Int64GetDatum(after_priority);
 				args[5] = Int64GetDatum(after_step);
-				if (SPI_execute_plan(task_plan(T_CLAIM_AFTER), args, NULL, false, 0) != SPI_OK_SELECT)
+				if (SPI_execute_plan(task_plan(limited ? T_CLAIM_AFTER_LIMITED : T_CLAIM_AFTER),
+									 args, NULL, false, 0) != SPI_OK_SELECT)
 					elog(ERROR, "could not claim tasks");
 				claimed[nparts] = SPI_tuptable;
 				nrows[nparts++] = SPI_processed;
@@ -558,14 +585,15 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				int32		asked = max - (int32) nclaimed;
 
 				args[2] = Int32GetDatum(asked);
-				if (SPI_execute_plan(task_plan(T_CLAIM), args, NULL, false, 0) != SPI_OK_SELECT)
+				if (SPI_execute_plan(task_plan(limited ? T_CLAIM_LIMITED : T_CLAIM),
+									 args, NULL, false, 0) != SPI_OK_SELECT)
 					elog(ERROR, "could not claim tasks");
 				claimed[nparts] = SPI_tuptable;
 				nrows[nparts++] = SPI_processed;
 				nclaimed += SPI_processed;
 				frontier_note(&fkey, SPI_tuptable, SPI_processed, SPI_processed == (uint64) asked, true, 0);
 			}
-			if (nclaimed > 0 || limited)
+			if (nclaimed > 0 || limited || !may_wait)
 				break;
 
 			/*

@@ -160,4 +160,37 @@ extern void orch_finish_task(Datum token, Datum output, const char *error,
 extern bool orch_schema_first_violation(Jsonb *value, Jsonb *schema, char **path,
 										char **message);
 
+/*
+ * rowfetch.c: a row source for orch_row_fetch: table orch.<table>, read
+ * by the key of its unique btree index orch.<index> (nkeys columns), the
+ * columns cols.  Declared static by the caller with table, index, nkeys,
+ * ncols and cols set; the rest is filled on first use.
+ */
+#define ORCH_ROW_MAX_KEYS	3
+#define ORCH_ROW_MAX_COLS	40
+
+typedef struct OrchRowSource
+{
+	const char *table;
+	const char *index;
+	int			nkeys;
+	int			ncols;
+	const char *cols[ORCH_ROW_MAX_COLS];
+	/* resolved on first use, and again after an invalidation */
+	bool		ready;
+	bool		registered;
+	struct OrchRowSource *next;
+	Oid			relid;
+	Oid			indexid;
+	Oid			key_eq[ORCH_ROW_MAX_KEYS];	/* equality function */
+	Oid			key_collation[ORCH_ROW_MAX_KEYS];
+	int16		key_attnum[ORCH_ROW_MAX_KEYS];
+	int16		attnum[ORCH_ROW_MAX_COLS];
+	int16		typlen[ORCH_ROW_MAX_COLS];
+	bool		typbyval[ORCH_ROW_MAX_COLS];
+} OrchRowSource;
+
+extern bool orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock,
+						   Datum *values, bool *nulls);
+
 #endif							/* ORCHESTRATOR_H */

@@ -26,6 +26,7 @@
 
 #include "access/xact.h"
 #include "catalog/pg_collation.h"
+#include "catalog/pg_enum.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "common/pg_prng.h"
@@ -129,7 +130,6 @@ enum
 	P_CANDIDATES,
 	P_CANDIDATES_AFTER,
 	P_CLAIM,
-	P_TASK_BY_TOKEN,
 	P_TASKS_BY_TOKENS,
 	P_LOCK_RUNS_OF_TOKENS,
 	P_FINISH,
@@ -204,13 +204,14 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 /* what the state machine needs of a step, its run and its definition */
 #define STEP_SELECT(first, lock) STEP_COLUMNS(STEP_CONTEXT) STEP_FROM(first, lock)
 /*
- * The same for a worker's verdict on a task, which needs no context: the
- * context's subquery would be set up at every execution, unused.  Even for
- * one task by its lease token the lookups stay subqueries ordered by their
- * keys (STEP_BY, then the lateral ones of STEP_FROM): with plain joins, a
- * plan made while orch.steps was analyzed empty reads the whole index of
- * (run_id, name) and filters on the token (seen in EXPLAIN), and nothing
- * but cost decides which of steps and runs drives the join.
+ * The same for workers' verdicts on a batch of tasks, which need no
+ * context: the context's subquery would be set up at every execution,
+ * unused.  The lookups stay subqueries ordered by their keys (STEPS_BY,
+ * then the lateral ones of STEP_FROM): with plain joins, a plan made while
+ * orch.steps was analyzed empty reads the whole index of (run_id, name) and
+ * filters on the token (seen in EXPLAIN), and nothing but cost decides
+ * which of steps and runs drives the join.  A verdict on one task reads
+ * the same rows without a plan (fetch_task_by_token).
  */
 #define VERDICT_SELECT(first, lock) STEP_COLUMNS("NULL::pg_catalog.jsonb") STEP_FROM(first, lock)
 #define STEP_NCOLS 52			/* the columns of STEP_COLUMNS */
@@ -259,7 +260,7 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
  * engine's statements), and the LATERAL reference fixes the join order.
  *
  * Each locked row is locked inside its own subquery: the run by lock here,
- * the step by the same clause given to STEPS_BY or STEP_BY in first.  A
+ * the step by the same clause given to STEPS_BY in first.  A
  * locking clause on the whole statement would lock the same rows, but also
  * carry a copy of every joined row through the plan, for a recheck that
  * nothing here needs.  The subqueries name only the columns used, which
@@ -271,11 +272,20 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"                             r0.input, r0.business_key, r0.error" \
 	"                        FROM orch.runs r0 WHERE r0.run_id = s.run_id" \
 	"                       ORDER BY r0.run_id OFFSET 0 " lock ") r" \
-	"  CROSS JOIN LATERAL (SELECT * FROM orch.workflow_steps w0" \
+	"  CROSS JOIN LATERAL (SELECT w0.needs, w0.kind, w0.function, w0.function_name, w0.guard," \
+	"                             w0.sleep_for, w0.sleep_until, w0.max_attempts, w0.initial_interval," \
+	"                             w0.backoff_coefficient, w0.max_interval, w0.jitter, w0.timeout," \
+	"                             w0.non_retryable, w0.dependents, w0.schedule_to_close, w0.circuit," \
+	"                             w0.schedule_to_start, w0.idempotent, w0.verify, w0.verify_name," \
+	"                             w0.compensate, w0.compensate_name, w0.on_error, w0.routes," \
+	"                             w0.route_target, w0.event, w0.on_timeout, w0.input_schema," \
+	"                             w0.output_schema, w0.review_if" \
+	"                        FROM orch.workflow_steps w0" \
 	"                       WHERE w0.workflow = r.workflow AND w0.version = r.version" \
 	"                         AND w0.name = s.name" \
 	"                       ORDER BY w0.workflow, w0.version, w0.name OFFSET 0) ws" \
-	"  LEFT JOIN LATERAL (SELECT * FROM orch.circuits c0 WHERE c0.name = ws.circuit" \
+	"  LEFT JOIN LATERAL (SELECT c0.state, c0.failures, c0.opened_at, c0.cooldown" \
+	"                       FROM orch.circuits c0 WHERE c0.name = ws.circuit" \
 	"                      ORDER BY c0.name OFFSET 0) c ON true"
 
 /* the step columns the statements above read */
@@ -290,12 +300,6 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"  CROSS JOIN LATERAL (" STEP_COLS \
 	"                        FROM orch.steps s0 WHERE s0." column " = k.key" \
 	"                       ORDER BY s0." column " OFFSET 0 " lock ") s"
-
-/* one step by a key, a parameter */
-#define STEP_BY(param, column, lock) \
-	" FROM (" STEP_COLS \
-	"         FROM orch.steps s0 WHERE s0." column " = " param \
-	"        ORDER BY s0." column " OFFSET 0 " lock ") s"
 
 /* rows from arrays, one element each: u(columns) */
 #define UNNEST_FROM(arrays, columns) "  FROM unnest(" arrays ") AS u(" columns ")"
@@ -384,10 +388,6 @@ static const char *const plan_sql[P_COUNT] = {
 	[P_CLAIM] =
 	STEP_SELECT(STEPS_BY("$1", "step_id", "FOR UPDATE SKIP LOCKED"), "FOR UPDATE SKIP LOCKED")
 	" LIMIT $2",
-
-	/* a task by its lease token, for its worker's verdict */
-	[P_TASK_BY_TOKEN] =
-	VERDICT_SELECT(STEP_BY("$1", "lease_token", "FOR UPDATE"), "FOR UPDATE"),
 
 	/* tasks by their lease tokens (sorted by the caller: one locking order) */
 	[P_TASKS_BY_TOKENS] =
@@ -597,7 +597,7 @@ static const char *const plan_sql[P_COUNT] = {
 };
 
 static const int plan_nargs[P_COUNT] = {
-	[P_CANDIDATES] = 1,[P_CANDIDATES_AFTER] = 3,[P_CLAIM] = 2,[P_TASK_BY_TOKEN] = 1,[P_TASKS_BY_TOKENS] = 1,[P_LOCK_RUNS_OF_TOKENS] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
+	[P_CANDIDATES] = 1,[P_CANDIDATES_AFTER] = 3,[P_CLAIM] = 2,[P_TASKS_BY_TOKENS] = 1,[P_LOCK_RUNS_OF_TOKENS] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,
 	[P_FINISH_1] = 7,[P_DEFER_1] = 7,[P_ATTEMPT_1] = 14,[P_PROPAGATE_1] = 3,[P_RUNS_1] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
@@ -611,7 +611,6 @@ static const Oid plan_argtypes[P_COUNT][14] = {
 	[P_CANDIDATES] = {INT4OID},
 	[P_CANDIDATES_AFTER] = {INT4OID, TIMESTAMPTZOID, INT8OID},
 	[P_CLAIM] = {INT8ARRAYOID, INT4OID},
-	[P_TASK_BY_TOKEN] = {UUIDOID},
 	[P_TASKS_BY_TOKENS] = {UUIDARRAYOID},
 	[P_LOCK_RUNS_OF_TOKENS] = {UUIDARRAYOID},
 	[P_FINISH] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, JSONBARRAYOID, INT4ARRAYOID,
@@ -1105,6 +1104,187 @@ fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
 
 	*steps_out = steps;
 	return (int) n;
+}
+
+/*
+ * A task by its lease token, for its worker's verdict: what VERDICT_SELECT
+ * reads for one token, read row by row (rowfetch.c), which costs a fraction
+ * of that statement's set-up.  The step and then its run are locked FOR
+ * UPDATE, in that order; then the step's definition and its circuit are
+ * read.  The
+ * context is not built (a verdict needs none).  Returns false when no step
+ * holds the lease.
+ */
+enum
+{
+	TS_STEP_ID, TS_RUN_ID, TS_NAME, TS_STATUS, TS_ATTEMPT, TS_NEEDS_OK, TS_WAKE_AT,
+	TS_ATTEMPT_BASE, TS_STARTED_AT, TS_ATTEMPT_STARTED_AT, TS_WORKER, TS_PHASE,
+	TS_COMPENSATIONS, TS_LEASE_TOKEN, TS_RESOLUTION, TS_NCOLS
+};
+static OrchRowSource task_step_source = {
+	"steps", "steps_lease_token", 1, TS_NCOLS,
+	{"step_id", "run_id", "name", "status", "attempt", "needs_ok", "wake_at",
+	"attempt_base", "started_at", "attempt_started_at", "worker", "phase",
+	"compensations", "lease_token", "resolution"}
+};
+
+enum
+{
+	TR_WORKFLOW, TR_VERSION, TR_STATUS, TR_OWNER, TR_NCOLS
+};
+static OrchRowSource task_run_source = {
+	"runs", "runs_pkey", 1, TR_NCOLS,
+	{"workflow", "version", "status", "owner"}
+};
+
+enum
+{
+	TW_NEEDS, TW_KIND, TW_FUNCTION, TW_FUNCTION_NAME, TW_GUARD, TW_SLEEP_FOR,
+	TW_SLEEP_UNTIL, TW_MAX_ATTEMPTS, TW_INITIAL_INTERVAL, TW_BACKOFF_COEFFICIENT,
+	TW_MAX_INTERVAL, TW_JITTER, TW_TIMEOUT, TW_NON_RETRYABLE, TW_DEPENDENTS,
+	TW_SCHEDULE_TO_CLOSE, TW_CIRCUIT, TW_SCHEDULE_TO_START, TW_IDEMPOTENT, TW_VERIFY,
+	TW_VERIFY_NAME, TW_COMPENSATE, TW_COMPENSATE_NAME, TW_ON_ERROR, TW_ROUTES,
+	TW_ROUTE_TARGET, TW_EVENT, TW_ON_TIMEOUT, TW_INPUT_SCHEMA, TW_OUTPUT_SCHEMA,
+	TW_REVIEW_IF, TW_NCOLS
+};
+static OrchRowSource task_definition_source = {
+	"workflow_steps", "workflow_steps_pkey", 3, TW_NCOLS,
+	{"needs", "kind", "function", "function_name", "guard", "sleep_for",
+	"sleep_until", "max_attempts", "initial_interval", "backoff_coefficient",
+	"max_interval", "jitter", "timeout", "non_retryable", "dependents",
+	"schedule_to_close", "circuit", "schedule_to_start", "idempotent", "verify",
+	"verify_name", "compensate", "compensate_name", "on_error", "routes",
+	"route_target", "event", "on_timeout", "input_schema", "output_schema",
+	"review_if"}
+};
+
+enum
+{
+	TC_STATE, TC_FAILURES, TC_OPENED_AT, TC_COOLDOWN, TC_NCOLS
+};
+static OrchRowSource task_circuit_source = {
+	"circuits", "circuits_pkey", 1, TC_NCOLS,
+	{"state", "failures", "opened_at", "cooldown"}
+};
+
+/* the label of an enum value */
+static char *
+enum_label(Datum value)
+{
+	HeapTuple	tup = SearchSysCache1(ENUMOID, value);
+	char	   *label;
+
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for enum value %u", DatumGetObjectId(value));
+	label = pstrdup(NameStr(((Form_pg_enum) GETSTRUCT(tup))->enumlabel));
+	ReleaseSysCache(tup);
+	return label;
+}
+
+#define TEXT_OR_NULL(v, nulls, i) ((nulls)[i] ? NULL : TextDatumGetCString((v)[i]))
+#define DATUM_OR_0(v, nulls, i) ((nulls)[i] ? (Datum) 0 : (v)[i])
+
+static bool
+fetch_task_by_token(Datum token, MemoryContext cxt, ClaimedStep *s)
+{
+	Datum		sv[TS_NCOLS],
+				rv[TR_NCOLS],
+				wv[TW_NCOLS],
+				cv[TC_NCOLS];
+	bool		sn[TS_NCOLS],
+				rn[TR_NCOLS],
+				wn[TW_NCOLS],
+				cn[TC_NCOLS];
+	Datum		wkey[3];
+	MemoryContext oldcxt = MemoryContextSwitchTo(cxt);
+	bool		found;
+
+	memset(s, 0, sizeof(*s));
+	found = orch_row_fetch(&task_step_source, &token, true, sv, sn) &&
+		orch_row_fetch(&task_run_source, &sv[TS_RUN_ID], true, rv, rn);
+	if (found)
+	{
+		wkey[0] = rv[TR_WORKFLOW];
+		wkey[1] = rv[TR_VERSION];
+		wkey[2] = sv[TS_NAME];
+		if (!orch_row_fetch(&task_definition_source, wkey, false, wv, wn))
+			elog(ERROR, "step \"%s\" of run %s has no definition",
+				 TextDatumGetCString(sv[TS_NAME]),
+				 DatumGetCString(DirectFunctionCall1(uuid_out, sv[TS_RUN_ID])));
+		if (wn[TW_CIRCUIT] ||
+			!orch_row_fetch(&task_circuit_source, &wv[TW_CIRCUIT], false, cv, cn))
+		{
+			for (int i = 0; i < TC_NCOLS; i++)
+				cn[i] = true;
+		}
+
+		s->step_id = DatumGetInt64(sv[TS_STEP_ID]);
+		s->run_id = sv[TS_RUN_ID];
+		s->name = TextDatumGetCString(sv[TS_NAME]);
+		s->status = enum_label(sv[TS_STATUS]);
+		s->attempt = DatumGetInt32(sv[TS_ATTEMPT]);
+		s->needs_ok = DatumGetInt32(sv[TS_NEEDS_OK]);
+		s->wake_at = sn[TS_WAKE_AT] ? 0 : DatumGetTimestampTz(sv[TS_WAKE_AT]);
+		s->attempt_base = DatumGetInt32(sv[TS_ATTEMPT_BASE]);
+		s->started_at = sn[TS_STARTED_AT] ? 0 : DatumGetTimestampTz(sv[TS_STARTED_AT]);
+		s->attempt_started_at = sn[TS_ATTEMPT_STARTED_AT] ? 0 :
+			DatumGetTimestampTz(sv[TS_ATTEMPT_STARTED_AT]);
+		s->worker = TEXT_OR_NULL(sv, sn, TS_WORKER);
+		s->phase = TEXT_OR_NULL(sv, sn, TS_PHASE);
+		s->compensations = DatumGetInt32(sv[TS_COMPENSATIONS]);
+		s->lease_token = DATUM_OR_0(sv, sn, TS_LEASE_TOKEN);
+		s->resolution = DATUM_OR_0(sv, sn, TS_RESOLUTION);
+
+		s->run_status = enum_label(rv[TR_STATUS]);
+		s->owner = pstrdup(NameStr(*DatumGetName(rv[TR_OWNER])));
+		s->ctx = (Datum) 0;
+
+		{
+			ArrayType  *needs = DatumGetArrayTypeP(wv[TW_NEEDS]);
+
+			s->n_needs = ArrayGetNItems(ARR_NDIM(needs), ARR_DIMS(needs));
+		}
+		s->kind = TextDatumGetCString(wv[TW_KIND]);
+		s->function = wn[TW_FUNCTION] ? InvalidOid : DatumGetObjectId(wv[TW_FUNCTION]);
+		s->function_name = TEXT_OR_NULL(wv, wn, TW_FUNCTION_NAME);
+		s->guard = DATUM_OR_0(wv, wn, TW_GUARD);
+		s->sleep_for = wn[TW_SLEEP_FOR] ? NULL : DatumGetIntervalP(wv[TW_SLEEP_FOR]);
+		s->sleep_until = DATUM_OR_0(wv, wn, TW_SLEEP_UNTIL);
+		s->max_attempts = DatumGetInt32(wv[TW_MAX_ATTEMPTS]);
+		s->initial_interval = DatumGetIntervalP(wv[TW_INITIAL_INTERVAL]);
+		s->backoff_coefficient = DatumGetFloat8(wv[TW_BACKOFF_COEFFICIENT]);
+		s->max_interval = DatumGetIntervalP(wv[TW_MAX_INTERVAL]);
+		s->jitter = DatumGetBool(wv[TW_JITTER]);
+		s->timeout = wn[TW_TIMEOUT] ? NULL : DatumGetIntervalP(wv[TW_TIMEOUT]);
+		s->non_retryable = DATUM_OR_0(wv, wn, TW_NON_RETRYABLE);
+		s->dependents = wv[TW_DEPENDENTS];
+		s->schedule_to_close = wn[TW_SCHEDULE_TO_CLOSE] ? NULL :
+			DatumGetIntervalP(wv[TW_SCHEDULE_TO_CLOSE]);
+		s->circuit = TEXT_OR_NULL(wv, wn, TW_CIRCUIT);
+		s->schedule_to_start = wn[TW_SCHEDULE_TO_START] ? NULL :
+			DatumGetIntervalP(wv[TW_SCHEDULE_TO_START]);
+		s->idempotent = DatumGetBool(wv[TW_IDEMPOTENT]);
+		s->verify = wn[TW_VERIFY] ? InvalidOid : DatumGetObjectId(wv[TW_VERIFY]);
+		s->verify_name = TEXT_OR_NULL(wv, wn, TW_VERIFY_NAME);
+		s->compensate = wn[TW_COMPENSATE] ? InvalidOid : DatumGetObjectId(wv[TW_COMPENSATE]);
+		s->compensate_name = TEXT_OR_NULL(wv, wn, TW_COMPENSATE_NAME);
+		s->on_error = DATUM_OR_0(wv, wn, TW_ON_ERROR);
+		s->routes = DATUM_OR_0(wv, wn, TW_ROUTES);
+		s->route_target = DatumGetBool(wv[TW_ROUTE_TARGET]);
+		s->event = TEXT_OR_NULL(wv, wn, TW_EVENT);
+		s->on_timeout = TEXT_OR_NULL(wv, wn, TW_ON_TIMEOUT);
+		s->input_schema = DATUM_OR_0(wv, wn, TW_INPUT_SCHEMA);
+		s->output_schema = DATUM_OR_0(wv, wn, TW_OUTPUT_SCHEMA);
+		s->review_if = DATUM_OR_0(wv, wn, TW_REVIEW_IF);
+
+		s->circuit_state = TEXT_OR_NULL(cv, cn, TC_STATE);
+		s->circuit_failures = cn[TC_FAILURES] ? 0 : DatumGetInt32(cv[TC_FAILURES]);
+		s->circuit_probe_after = cn[TC_OPENED_AT] ? 0 :
+			DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+													cv[TC_OPENED_AT], cv[TC_COOLDOWN]));
+	}
+	MemoryContextSwitchTo(oldcxt);
+	return found;
 }
 
 /* ------------------------------------------------------------------------
@@ -3043,14 +3223,12 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 	cxt = batch_begin();
 	PG_TRY();
 	{
-		ClaimedStep *steps;
+		ClaimedStep task;
 		ClaimedStep *s;
-		int			n;
 		char	   *invalid;
 
 		settings_nest_level = orch_planner_settings_push();
-		n = fetch_steps(P_TASK_BY_TOKEN, &token, cxt, &steps);
-		s = n > 0 ? &steps[0] : NULL;
+		s = fetch_task_by_token(token, cxt, &task) ? &task : NULL;
 		invalid = s != NULL ? lease_invalid(s, now) : NULL;
 		if (s == NULL || invalid != NULL)
 			ereport(ERROR,
