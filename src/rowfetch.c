@@ -211,7 +211,8 @@ orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock, Datum *values, 
 		ScanKeyEntryInitialize(&sk[k], 0, k + 1, BTEqualStrategyNumber, InvalidOid,
 							   src->key_collation[k], src->key_eq[k], keys[k]);
 
-	/* as SPI does for a statement that may write */
+	/* as SPI does for a statement that may write: this transaction's changes so far seen */
+	CommandCounterIncrement();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	UpdateActiveSnapshotCommandId();
 	snap = GetActiveSnapshot();
