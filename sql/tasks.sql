@@ -135,6 +135,10 @@ SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', '', 1)$$);
 SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', 'w', 1, '-1s')$$);
 SELECT app.show_error($$SELECT orch.fail_task(gen_random_uuid(), 'x', 'sometimes')$$);
 SELECT app.show_error($$SELECT orch.complete_task(gen_random_uuid(), NULL)$$);
+-- A verdict locks its task's rows: not in a read-only transaction.
+BEGIN READ ONLY;
+SELECT app.show_error($$SELECT orch.complete_task(gen_random_uuid(), '{}')$$);
+ROLLBACK;
 
 DROP ROLE crm_worker;
 

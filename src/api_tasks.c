@@ -481,8 +481,10 @@ static OrchRowSource queue_source = {
 };
 
 /*
- * Has the queue a limit (max_running), as a new snapshot sees it?  A queue
- * that was never defined has none.
+ * Has the queue a limit (max_running)?  A queue that was never defined has
+ * none.  Read before the claim, with a snapshot of its own: a limit set by a
+ * transaction that commits in between applies from the next claim on (as it
+ * does to claims running while it commits).
  */
 static bool
 queue_limited(text *queue)

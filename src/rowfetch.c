@@ -33,6 +33,7 @@
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "executor/tuptable.h"
+#include "miscadmin.h"
 #include "storage/lmgr.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
@@ -75,6 +76,10 @@ source_prepare(OrchRowSource *src)
 	if (!OidIsValid(src->relid) || !OidIsValid(src->indexid))
 		elog(ERROR, "orch.%s or its index orch.%s is missing", src->table, src->index);
 
+	Assert(src->nkeys >= 1 && src->nkeys <= ORCH_ROW_MAX_KEYS);
+	Assert(src->ncols >= 0 && src->ncols <= ORCH_ROW_MAX_COLS);
+
+	/* kept locked until the transaction ends, as the executor would */
 	rel = table_open(src->relid, AccessShareLock);
 	idx = index_open(src->indexid, AccessShareLock);
 	if (idx->rd_index->indrelid != src->relid || !idx->rd_index->indisunique ||
@@ -82,6 +87,19 @@ source_prepare(OrchRowSource *src)
 		IndexRelationGetNumberOfKeyAttributes(idx) != src->nkeys)
 		elog(ERROR, "orch.%s is not a unique btree index of %d columns on orch.%s",
 			 src->index, src->nkeys, src->table);
+
+	/*
+	 * An index being built or dropped concurrently, or left invalid by a
+	 * build that failed, does not have every row.  (A partial index, such
+	 * as steps_lease_token, must cover every key looked up in it.)
+	 */
+	if (!idx->rd_index->indisvalid || !idx->rd_index->indisready ||
+		!idx->rd_index->indislive || !idx->rd_index->indimmediate)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("index orch.%s is not usable", src->index),
+				 errdetail("It is invalid, not ready, being dropped, or its uniqueness is deferred."),
+				 errhint("Rebuild it with REINDEX INDEX orch.%s.", src->index)));
 	for (int k = 0; k < src->nkeys; k++)
 	{
 		Oid			opno = get_opfamily_member(idx->rd_opfamily[k], idx->rd_opcintype[k],
@@ -115,8 +133,8 @@ source_prepare(OrchRowSource *src)
 		if (src->attnum[c] == InvalidAttrNumber)
 			elog(ERROR, "orch.%s has no column %s", src->table, src->cols[c]);
 	}
-	index_close(idx, AccessShareLock);
-	table_close(rel, AccessShareLock);
+	index_close(idx, NoLock);
+	table_close(rel, NoLock);
 
 	if (!src->registered)
 	{
@@ -187,10 +205,11 @@ lock_row(const OrchRowSource *src, Relation rel, Snapshot snap, TupleTableSlot *
 
 /*
  * The row of orch.<src->table> whose key (src->index's columns) equals
- * keys, as a new snapshot sees it (with this transaction's earlier
- * commands), locked FOR UPDATE when lock is set.  Returns false when there
- * is none; else values[c] and nulls[c] hold src->cols[c], copied into the
- * current memory context, values stored out of line fetched.
+ * keys, as a statement of its own would see it (in READ COMMITTED a new
+ * snapshot, with this transaction's earlier commands), locked FOR UPDATE
+ * when lock is set.  Returns false when there is none; else values[c] and
+ * nulls[c] hold src->cols[c], copied into the current memory context,
+ * values stored out of line fetched.
  */
 bool
 orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock, Datum *values, bool *nulls)
@@ -201,18 +220,45 @@ orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock, Datum *values, 
 	IndexScanDesc scan;
 	TupleTableSlot *slot;
 	Snapshot	snap;
+	LOCKMODE	mode = lock ? RowShareLock : AccessShareLock;
 	bool		found = false;
 
-	if (!src->ready)
-		source_prepare(src);
-	rel = table_open(src->relid, lock ? RowShareLock : AccessShareLock);
-	idx = index_open(src->indexid, AccessShareLock);
+	if (lock)
+	{
+		/* as the executor refuses SELECT ... FOR UPDATE */
+		PreventCommandIfReadOnly("SELECT FOR UPDATE");
+		PreventCommandDuringRecovery("SELECT FOR UPDATE");
+	}
+
+	/*
+	 * As SPI does for a statement that may write: this transaction's changes
+	 * so far are seen, and their invalidations processed.
+	 */
+	CommandCounterIncrement();
+
+	/*
+	 * Lock the table and the index, then trust what was looked up of them:
+	 * taking a lock processes the invalidations of DDL that committed since,
+	 * which may have made it stale (a column's type changed, the index built
+	 * anew).  Then look it up again, and lock what it names now.
+	 */
+	for (;;)
+	{
+		if (!src->ready)
+			source_prepare(src);
+		LockRelationOid(src->relid, mode);
+		LockRelationOid(src->indexid, AccessShareLock);
+		if (src->ready)
+			break;
+		UnlockRelationOid(src->indexid, AccessShareLock);
+		UnlockRelationOid(src->relid, mode);
+	}
+	rel = table_open(src->relid, NoLock);
+	idx = index_open(src->indexid, NoLock);
 	for (int k = 0; k < src->nkeys; k++)
 		ScanKeyEntryInitialize(&sk[k], 0, k + 1, BTEqualStrategyNumber, InvalidOid,
 							   src->key_collation[k], src->key_eq[k], keys[k]);
 
-	/* as SPI does for a statement that may write: this transaction's changes so far seen */
-	CommandCounterIncrement();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	UpdateActiveSnapshotCommandId();
 	snap = GetActiveSnapshot();

@@ -1111,9 +1111,9 @@ fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
  * reads for one token, read row by row (rowfetch.c), which costs a fraction
  * of that statement's set-up.  The step and then its run are locked FOR
  * UPDATE, in that order; then the step's definition and its circuit are
- * read.  The
- * context is not built (a verdict needs none).  Returns false when no step
- * holds the lease.
+ * read, each (in READ COMMITTED) with a snapshot of its own, taken after
+ * those locks: the circuit's state as of then.  The context is not built
+ * (a verdict needs none).  Returns false when no step holds the lease.
  */
 enum
 {
