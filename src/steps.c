@@ -130,8 +130,6 @@ enum
 	P_CANDIDATES,
 	P_CANDIDATES_AFTER,
 	P_CLAIM,
-	P_TASKS_BY_TOKENS,
-	P_LOCK_RUNS_OF_TOKENS,
 	P_FINISH,
 	P_DEFER,
 	P_ATTEMPT,
@@ -203,17 +201,6 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
  */
 /* what the state machine needs of a step, its run and its definition */
 #define STEP_SELECT(first, lock) STEP_COLUMNS(STEP_CONTEXT) STEP_FROM(first, lock)
-/*
- * The same for workers' verdicts on a batch of tasks, which need no
- * context: the context's subquery would be set up at every execution,
- * unused.  The lookups stay subqueries ordered by their keys (STEPS_BY,
- * then the lateral ones of STEP_FROM): with plain joins, a plan made while
- * orch.steps was analyzed empty reads the whole index of (run_id, name) and
- * filters on the token (seen in EXPLAIN), and nothing but cost decides
- * which of steps and runs drives the join.  A verdict on one task reads
- * the same rows without a plan (fetch_task_by_token).
- */
-#define VERDICT_SELECT(first, lock) STEP_COLUMNS("NULL::pg_catalog.jsonb") STEP_FROM(first, lock)
 #define STEP_NCOLS 52			/* the columns of STEP_COLUMNS */
 #define STEP_COLUMNS(context) \
 	"SELECT s.step_id, s.run_id, s.name, s.status::pg_catalog.text, s.attempt, s.needs_ok," \
@@ -294,7 +281,7 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"       s0.attempt_base, s0.started_at, s0.attempt_started_at, s0.worker, s0.phase," \
 	"       s0.compensations, s0.lease_token, s0.resolution, s0.output, s0.error, s0.cause"
 
-/* steps by a key: an array of ids or tokens, in the array's order */
+/* steps by a key: an array of ids, in the array's order */
 #define STEPS_BY(array, column, lock) \
 	" FROM pg_catalog.unnest(" array ") AS k(key)" \
 	"  CROSS JOIN LATERAL (" STEP_COLS \
@@ -388,22 +375,6 @@ static const char *const plan_sql[P_COUNT] = {
 	[P_CLAIM] =
 	STEP_SELECT(STEPS_BY("$1", "step_id", "FOR UPDATE SKIP LOCKED"), "FOR UPDATE SKIP LOCKED")
 	" LIMIT $2",
-
-	/* tasks by their lease tokens (sorted by the caller: one locking order) */
-	[P_TASKS_BY_TOKENS] =
-	VERDICT_SELECT(STEPS_BY("$1", "lease_token", "FOR UPDATE"), "FOR UPDATE"),
-
-	/*
-	 * The runs of those tasks, locked first and in run_id order, so that
-	 * two calls whose tasks belong to the same runs cannot deadlock.
-	 */
-	[P_LOCK_RUNS_OF_TOKENS] =
-	"SELECT 1"
-	"  FROM (SELECT DISTINCT s.run_id" STEPS_BY("$1", "lease_token", "") ") d"
-	"  CROSS JOIN LATERAL (SELECT r0.run_id FROM orch.runs r0 WHERE r0.run_id = d.run_id"
-	"                       ORDER BY r0.run_id OFFSET 0) r"
-	" ORDER BY d.run_id"
-	" FOR UPDATE OF r",
 
 	/*
 	 * The set-wise writes, each in two forms: from arrays, one element per
@@ -597,7 +568,7 @@ static const char *const plan_sql[P_COUNT] = {
 };
 
 static const int plan_nargs[P_COUNT] = {
-	[P_CANDIDATES] = 1,[P_CANDIDATES_AFTER] = 3,[P_CLAIM] = 2,[P_TASKS_BY_TOKENS] = 1,[P_LOCK_RUNS_OF_TOKENS] = 1,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
+	[P_CANDIDATES] = 1,[P_CANDIDATES_AFTER] = 3,[P_CLAIM] = 2,[P_FINISH] = 7,[P_DEFER] = 7,[P_ATTEMPT] = 14,
 	[P_PROPAGATE] = 3,[P_RUNS] = 3,
 	[P_FINISH_1] = 7,[P_DEFER_1] = 7,[P_ATTEMPT_1] = 14,[P_PROPAGATE_1] = 3,[P_RUNS_1] = 3,[P_RUN_FAIL] = 3,
 	[P_RUN_CANCEL_STEPS] = 2,[P_RUN_NEEDS_HUMAN] = 1,
@@ -611,8 +582,6 @@ static const Oid plan_argtypes[P_COUNT][14] = {
 	[P_CANDIDATES] = {INT4OID},
 	[P_CANDIDATES_AFTER] = {INT4OID, TIMESTAMPTZOID, INT8OID},
 	[P_CLAIM] = {INT8ARRAYOID, INT4OID},
-	[P_TASKS_BY_TOKENS] = {UUIDARRAYOID},
-	[P_LOCK_RUNS_OF_TOKENS] = {UUIDARRAYOID},
 	[P_FINISH] = {INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, JSONBARRAYOID, INT4ARRAYOID,
 	TIMESTAMPTZARRAYOID, TIMESTAMPTZOID},
 	[P_DEFER] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, JSONBARRAYOID,
@@ -1107,13 +1076,14 @@ fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
 }
 
 /*
- * A task by its lease token, for its worker's verdict: what VERDICT_SELECT
- * reads for one token, read row by row (rowfetch.c), which costs a fraction
- * of that statement's set-up.  The step and then its run are locked FOR
- * UPDATE, in that order; then the step's definition and its circuit are
- * read, each (in READ COMMITTED) with a snapshot of its own, taken after
- * those locks: the circuit's state as of then.  The context is not built
- * (a verdict needs none).  Returns false when no step holds the lease.
+ * A task by its lease token, for its worker's verdict: the columns of
+ * STEP_COLUMNS but the context (a verdict needs none), read row by row
+ * (rowfetch.c).  As one statement of lateral lookups the same rows cost
+ * several times as much, most of it to set up the statement's plan.  The
+ * step and then its run are locked FOR UPDATE, in that order; then the
+ * step's definition and its circuit are read, each (in READ COMMITTED)
+ * with a snapshot of its own, taken after those locks: the circuit's state
+ * as of then.  Returns false when no step holds the lease.
  */
 enum
 {
@@ -1285,6 +1255,56 @@ fetch_task_by_token(Datum token, MemoryContext cxt, ClaimedStep *s)
 	}
 	MemoryContextSwitchTo(oldcxt);
 	return found;
+}
+
+/* a task's run, by the task's lease token, and a run to lock by its id */
+static OrchRowSource token_run_source = {
+	"steps", "steps_lease_token", 1, 1, {"run_id"}
+};
+static OrchRowSource run_lock_source = {
+	"runs", "runs_pkey", 1, 0, {NULL}
+};
+
+static int
+uuid_datum_cmp(const void *a, const void *b)
+{
+	return memcmp(DatumGetUUIDP(*(const Datum *) a), DatumGetUUIDP(*(const Datum *) b), UUID_LEN);
+}
+
+/*
+ * Tasks by their lease tokens (distinct, sorted by the caller), for a batch
+ * of verdicts: the runs of those tasks are locked first, in run_id order,
+ * then each task as fetch_task_by_token finds it, in token order, so that
+ * two calls whose tasks belong to the same runs cannot deadlock.  Returns
+ * how many were found, in *steps_out (allocated in cxt), in token order.
+ */
+static int
+fetch_tasks_by_tokens(const Datum *tokens, int n, MemoryContext cxt, ClaimedStep **steps_out)
+{
+	MemoryContext oldcxt = MemoryContextSwitchTo(cxt);
+	Datum	   *runs = palloc(sizeof(Datum) * Max(n, 1));
+	ClaimedStep *steps = palloc0(sizeof(ClaimedStep) * Max(n, 1));
+	int			nruns = 0;
+	int			nfound = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		if (orch_row_fetch(&token_run_source, &tokens[i], false, &runs[nruns], &isnull))
+			nruns++;
+	}
+	qsort(runs, nruns, sizeof(Datum), uuid_datum_cmp);
+	for (int i = 0; i < nruns; i++)
+		if (i == 0 || uuid_datum_cmp(&runs[i - 1], &runs[i]) != 0)
+			(void) orch_row_fetch(&run_lock_source, &runs[i], true, NULL, NULL);
+	MemoryContextSwitchTo(oldcxt);
+
+	for (int i = 0; i < n; i++)
+		if (fetch_task_by_token(tokens[i], cxt, &steps[nfound]))
+			nfound++;
+	*steps_out = steps;
+	return nfound;
 }
 
 /* ------------------------------------------------------------------------
@@ -3326,7 +3346,6 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 		TokenPos   *first = palloc(sizeof(TokenPos) * n);	/* distinct tokens */
 		Datum	   *distinct = palloc(sizeof(Datum) * n);
 		int			ndistinct = 0;
-		Datum		distinct_array;
 
 		settings_nest_level = orch_planner_settings_push();
 		for (int i = 0; i < n; i++)
@@ -3344,11 +3363,7 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 		}
 
 		/* runs in run_id order, then tasks in token order: no deadlock between calls */
-		distinct_array = PointerGetDatum(construct_array(distinct, ndistinct, UUIDOID, UUID_LEN,
-														 false, TYPALIGN_CHAR));
-		exec_plan(P_LOCK_RUNS_OF_TOKENS, &distinct_array, NULL, SPI_OK_SELECT);
-		SPI_freetuptable(SPI_tuptable);
-		nfound = fetch_steps(P_TASKS_BY_TOKENS, &distinct_array, cxt, &steps);
+		nfound = fetch_tasks_by_tokens(distinct, ndistinct, cxt, &steps);
 
 		for (int k = 0; k < nfound; k++)
 		{
