@@ -35,6 +35,7 @@
 #include "executor/tuptable.h"
 #include "miscadmin.h"
 #include "storage/lmgr.h"
+#include "storage/sinval.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/inval.h"
@@ -71,17 +72,32 @@ source_prepare(OrchRowSource *src)
 		callback_registered = true;
 	}
 	src->ready = false;
-	src->relid = get_relname_relid(src->table, nsp);
-	src->indexid = get_relname_relid(src->index, nsp);
-	if (!OidIsValid(src->relid) || !OidIsValid(src->indexid))
-		elog(ERROR, "orch.%s or its index orch.%s is missing", src->table, src->index);
-
 	Assert(src->nkeys >= 1 && src->nkeys <= ORCH_ROW_MAX_KEYS);
 	Assert(src->ncols >= 0 && src->ncols <= ORCH_ROW_MAX_COLS);
 
-	/* kept locked until the transaction ends, as the executor would */
-	rel = table_open(src->relid, AccessShareLock);
-	idx = index_open(src->indexid, AccessShareLock);
+	/*
+	 * The names to OIDs, then lock them (until the transaction ends, as the
+	 * executor would).  DDL that committed while we waited for a lock (the
+	 * index built anew) may have given a name another OID: when any
+	 * invalidation came meanwhile, look the names up again.
+	 */
+	for (;;)
+	{
+		uint64		invals = SharedInvalidMessageCounter;
+
+		src->relid = get_relname_relid(src->table, nsp);
+		src->indexid = get_relname_relid(src->index, nsp);
+		if (!OidIsValid(src->relid) || !OidIsValid(src->indexid))
+			elog(ERROR, "orch.%s or its index orch.%s is missing", src->table, src->index);
+		LockRelationOid(src->relid, AccessShareLock);
+		LockRelationOid(src->indexid, AccessShareLock);
+		if (invals == SharedInvalidMessageCounter)
+			break;
+		UnlockRelationOid(src->indexid, AccessShareLock);
+		UnlockRelationOid(src->relid, AccessShareLock);
+	}
+	rel = table_open(src->relid, NoLock);
+	idx = index_open(src->indexid, NoLock);
 	if (idx->rd_index->indrelid != src->relid || !idx->rd_index->indisunique ||
 		idx->rd_rel->relam != BTREE_AM_OID ||
 		IndexRelationGetNumberOfKeyAttributes(idx) != src->nkeys)
@@ -223,12 +239,9 @@ orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock, Datum *values, 
 	LOCKMODE	mode = lock ? RowShareLock : AccessShareLock;
 	bool		found = false;
 
+	/* as the executor refuses SELECT ... FOR UPDATE (a standby's included) */
 	if (lock)
-	{
-		/* as the executor refuses SELECT ... FOR UPDATE */
 		PreventCommandIfReadOnly("SELECT FOR UPDATE");
-		PreventCommandDuringRecovery("SELECT FOR UPDATE");
-	}
 
 	/*
 	 * As SPI does for a statement that may write: this transaction's changes

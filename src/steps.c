@@ -3362,7 +3362,7 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 			distinct[ndistinct++] = all[i].token;
 		}
 
-		/* runs in run_id order, then tasks in token order: no deadlock between calls */
+		/* runs in run_id order, then tasks in token order: no deadlock between two batches */
 		nfound = fetch_tasks_by_tokens(distinct, ndistinct, cxt, &steps);
 
 		for (int k = 0; k < nfound; k++)
