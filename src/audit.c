@@ -1256,17 +1256,6 @@ orch_audit_column_map(TupleDesc desc, int *col)
 	}
 }
 
-static Oid
-audit_records_relid(void)
-{
-	Oid			nsp = get_namespace_oid("orch", false);
-	Oid			relid = get_relname_relid("audit_records", nsp);
-
-	if (!OidIsValid(relid))
-		elog(ERROR, "orch.audit_records is missing");
-	return relid;
-}
-
 static int
 uuid_order(const void *a, const void *b)
 {
@@ -1568,7 +1557,7 @@ batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation, i
 	buffer_begin(&b->events);
 	buffer_begin(&b->hashes);
 	b->runs = palloc(sizeof(pg_uuid_t) * b->cap);
-	b->relid = audit_records_relid();
+	b->relid = orch_relid("audit_records");
 	/* the extension may have been dropped and created again since */
 	if (b->relid != audit_seq_of)
 	{

@@ -52,16 +52,6 @@ int			orch_audit_heartbeat_s = 60;
 /* rows fetched at a time while sealing or verifying */
 #define FETCH_ROWS			10000
 
-static Oid
-orch_relid(const char *name)
-{
-	Oid			relid = get_relname_relid(name, get_namespace_oid("orch", false));
-
-	if (!OidIsValid(relid))
-		elog(ERROR, "orch.%s is missing", name);
-	return relid;
-}
-
 static bytea *
 hash_bytea(const uint8 *h)
 {

@@ -192,5 +192,6 @@ typedef struct OrchRowSource
 
 extern bool orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock,
 						   Datum *values, bool *nulls);
+extern Oid	orch_relid(const char *name);
 
 #endif							/* ORCHESTRATOR_H */

@@ -45,6 +45,17 @@
 
 #include "orchestrator.h"
 
+/* The OID of orch.<name>, a table or an index of the extension's. */
+Oid
+orch_relid(const char *name)
+{
+	Oid			relid = get_relname_relid(name, get_namespace_oid("orch", false));
+
+	if (!OidIsValid(relid))
+		elog(ERROR, "orch.%s is missing", name);
+	return relid;
+}
+
 /* every source prepared in this session, for the invalidation callback */
 static OrchRowSource *prepared_sources = NULL;
 static bool callback_registered = false;
@@ -61,7 +72,6 @@ sources_invalidate(Datum arg, Oid relid)
 static void
 source_prepare(OrchRowSource *src)
 {
-	Oid			nsp = get_namespace_oid("orch", false);
 	Relation	rel;
 	Relation	idx;
 	TupleDesc	desc;
@@ -85,10 +95,8 @@ source_prepare(OrchRowSource *src)
 	{
 		uint64		invals = SharedInvalidMessageCounter;
 
-		src->relid = get_relname_relid(src->table, nsp);
-		src->indexid = get_relname_relid(src->index, nsp);
-		if (!OidIsValid(src->relid) || !OidIsValid(src->indexid))
-			elog(ERROR, "orch.%s or its index orch.%s is missing", src->table, src->index);
+		src->relid = orch_relid(src->table);
+		src->indexid = orch_relid(src->index);
 		LockRelationOid(src->relid, AccessShareLock);
 		LockRelationOid(src->indexid, AccessShareLock);
 		if (invals == SharedInvalidMessageCounter)

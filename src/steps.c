@@ -26,7 +26,6 @@
 
 #include "access/xact.h"
 #include "catalog/pg_collation.h"
-#include "catalog/pg_enum.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "common/pg_prng.h"
@@ -1137,20 +1136,6 @@ static OrchRowSource task_circuit_source = {
 	{"state", "failures", "opened_at", "cooldown"}
 };
 
-/* the label of an enum value */
-static char *
-enum_label(Datum value)
-{
-	HeapTuple	tup = SearchSysCache1(ENUMOID, value);
-	char	   *label;
-
-	if (!HeapTupleIsValid(tup))
-		elog(ERROR, "cache lookup failed for enum value %u", DatumGetObjectId(value));
-	label = pstrdup(NameStr(((Form_pg_enum) GETSTRUCT(tup))->enumlabel));
-	ReleaseSysCache(tup);
-	return label;
-}
-
 #define TEXT_OR_NULL(v, nulls, i) ((nulls)[i] ? NULL : TextDatumGetCString((v)[i]))
 #define DATUM_OR_0(v, nulls, i) ((nulls)[i] ? (Datum) 0 : (v)[i])
 
@@ -1191,7 +1176,7 @@ fetch_task_by_token(Datum token, MemoryContext cxt, ClaimedStep *s)
 		s->step_id = DatumGetInt64(sv[TS_STEP_ID]);
 		s->run_id = sv[TS_RUN_ID];
 		s->name = TextDatumGetCString(sv[TS_NAME]);
-		s->status = enum_label(sv[TS_STATUS]);
+		s->status = DatumGetCString(DirectFunctionCall1(enum_out, sv[TS_STATUS]));
 		s->attempt = DatumGetInt32(sv[TS_ATTEMPT]);
 		s->needs_ok = DatumGetInt32(sv[TS_NEEDS_OK]);
 		s->wake_at = sn[TS_WAKE_AT] ? 0 : DatumGetTimestampTz(sv[TS_WAKE_AT]);
@@ -1205,7 +1190,7 @@ fetch_task_by_token(Datum token, MemoryContext cxt, ClaimedStep *s)
 		s->lease_token = DATUM_OR_0(sv, sn, TS_LEASE_TOKEN);
 		s->resolution = DATUM_OR_0(sv, sn, TS_RESOLUTION);
 
-		s->run_status = enum_label(rv[TR_STATUS]);
+		s->run_status = DatumGetCString(DirectFunctionCall1(enum_out, rv[TR_STATUS]));
 		s->owner = pstrdup(NameStr(*DatumGetName(rv[TR_OWNER])));
 		s->ctx = (Datum) 0;
 
