@@ -135,9 +135,12 @@ SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', '', 1)$$);
 SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', 'w', 1, '-1s')$$);
 SELECT app.show_error($$SELECT orch.fail_task(gen_random_uuid(), 'x', 'sometimes')$$);
 SELECT app.show_error($$SELECT orch.complete_task(gen_random_uuid(), NULL)$$);
--- A verdict locks its task's rows: not in a read-only transaction.
+-- A verdict and a claim lock rows: not in a read-only transaction.
 BEGIN READ ONLY;
 SELECT app.show_error($$SELECT orch.complete_task(gen_random_uuid(), '{}')$$);
+ROLLBACK;
+BEGIN READ ONLY;
+SELECT app.show_error($$SELECT count(*) FROM orch.claim_tasks('crm', 'w', 1)$$);
 ROLLBACK;
 
 DROP ROLE crm_worker;
@@ -260,17 +263,23 @@ SELECT orch.start_run('picking', '{"order": 9, "lines": [1, 2.50, null, "x"]}',
 SELECT input->>'run_id' = :'picking_run' AS its_run, jsonb_pretty(input - 'run_id') AS context
   FROM orch.claim_tasks('picking', 'picker', 1, '1 min', wait => '10s');
 
--- A verdict reads its task's rows through the indexes of their keys, which
--- it looks up once per session: an index built anew (a new OID) in the same
--- session is found.
+-- A claim reads its queue's index, and a verdict its task's rows through
+-- the indexes of their keys, which they look up once per session: an index
+-- built anew (a new OID) in the same session is found.
 SELECT orch.define_workflow('rebuilt', '{"steps": [{"name": "t", "kind": "task", "queue": "rebuilt"}]}');
-SELECT count(orch.start_run('rebuilt')) FROM generate_series(1, 2);
-SELECT app.await($$SELECT count(*) = 2 FROM orch.steps WHERE queue = 'rebuilt' AND status = 'waiting'$$);
+SELECT count(orch.start_run('rebuilt')) FROM generate_series(1, 3);
+SELECT app.await($$SELECT count(*) = 3 FROM orch.steps WHERE queue = 'rebuilt' AND status = 'waiting'$$);
 SELECT orch.complete_task(token, '{"n": 1}') FROM orch.claim_tasks('rebuilt', 'w', 1, '1 min');
 BEGIN;
 DROP INDEX orch.steps_lease_token;
 CREATE UNIQUE INDEX steps_lease_token ON orch.steps (lease_token) WHERE lease_token IS NOT NULL;
 COMMIT;
 SELECT orch.complete_task(token, '{"n": 2}') FROM orch.claim_tasks('rebuilt', 'w', 1, '1 min');
+BEGIN;
+DROP INDEX orch.steps_task_queue;
+CREATE INDEX steps_task_queue ON orch.steps (queue, (- priority::bigint), step_id)
+	WHERE status = 'waiting' AND queue IS NOT NULL;
+COMMIT;
+SELECT orch.complete_task(token, '{"n": 3}') FROM orch.claim_tasks('rebuilt', 'w', 1, '1 min');
 SELECT s.output, s.status, r.status AS run FROM orch.steps s JOIN orch.runs r USING (run_id)
  WHERE r.workflow = 'rebuilt' ORDER BY s.step_id;

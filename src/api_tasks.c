@@ -30,22 +30,18 @@
 /*
  * A queue with a limit is locked while claiming from it, so that concurrent
  * claims cannot together exceed it; a queue without one is not.  The lock is
- * taken by a statement of its own: the claim after it then counts the leased
- * tasks with a snapshot that includes the claims it waited for.  Whether a
- * queue has a limit is read first, without a plan (queue_limited): a claim
- * from a queue without one is then a single statement.
+ * taken by a statement of its own: the statement after it then counts the
+ * leased tasks with a snapshot that includes the claims it waited for.
+ * Whether a queue has a limit is read first, without a plan (queue_limited).
  */
 #define LOCK_QUEUE_SQL \
 	"SELECT 1 FROM orch.queues WHERE name = $1 AND max_running IS NOT NULL FOR UPDATE"
 
-/*
- * Does the queue hold waiting tasks (that a claim skipped because another
- * transaction had them locked)?
- */
-#define ANY_WAITING_SQL \
-	"SELECT EXISTS (SELECT FROM orch.steps w JOIN orch.runs r ON r.run_id = w.run_id" \
-	"                WHERE w.queue = $1 AND w.status = 'waiting'" \
-	"                  AND " ORCH_RUN_STATUS_IN("r", "'pending', 'running'") ")"
+/* The room left under a limited queue's limit.  No row: no limit. */
+#define QUEUE_FREE_SQL \
+	"SELECT GREATEST(q.max_running - (SELECT pg_catalog.count(*) FROM orch.steps x" \
+	"                                  WHERE x.queue = $1 AND x.status = 'running'), 0)" \
+	"  FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL"
 
 /* Could a claim from this limited queue get anything now?  NULL: no limit. */
 #define QUEUE_ROOM_SQL \
@@ -55,98 +51,59 @@
 	"  FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL"
 
 /*
- * Lease up to $3 waiting tasks of queue $1 to worker $2 for $4.  The claimed
- * steps are updated by primary key (= ANY of an array, which the planner
- * takes for a handful of rows), and the run's columns come back through the
- * UPDATE's RETURNING: however many tasks wait in the queue, a claim reads
- * only the rows it leases.  From a queue with a limit, lim and limit are
- * CLAIM_LIM and CLAIM_LIMIT_ROOM: no more than the room left under it.
+ * Lease the tasks orch_pick_tasks locked (steps $1) to worker $2 for $3,
+ * capped by each step's timeout and heartbeat_timeout, returning what the
+ * worker is handed (the context is built from the other columns).  The
+ * rows come in step order: claim_into puts them back in claim order.
  */
-#define CLAIM_TASKS_SQL(after, lim, limit) \
-	"WITH " lim \
-	" c AS (" \
-	"  SELECT s.step_id FROM orch.steps s JOIN orch.runs r ON r.run_id = s.run_id" \
-	"   WHERE s.queue = $1 AND s.status = 'waiting'" \
-	"     AND " ORCH_RUN_STATUS_IN("r", "'pending', 'running'") \
-	after \
-	"   ORDER BY s.queue, - s.priority::pg_catalog.int8, s.step_id" \
-	limit \
-	"   FOR UPDATE OF s SKIP LOCKED)," \
-	" u AS (" \
-	"  UPDATE orch.steps s" \
-	"     SET status = 'running', attempt = s.attempt + 1," \
-	"         lease_token = pg_catalog.gen_random_uuid(), worker = $2," \
-	"         lease = LEAST($4, ws.timeout, ws.heartbeat_timeout)," \
-	"         attempt_started_at = pg_catalog.clock_timestamp()," \
-	"         started_at = COALESCE(s.started_at, pg_catalog.clock_timestamp())," \
-	"         wake_at = pg_catalog.clock_timestamp() + LEAST($4, ws.timeout, ws.heartbeat_timeout)" \
-	"    FROM orch.runs r, orch.workflow_steps ws" \
-	"   WHERE s.step_id = ANY (ARRAY(SELECT c.step_id FROM c))" \
-	"     AND r.run_id = s.run_id" \
-	"     AND ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name" \
-	"  RETURNING s.step_id, s.run_id, s.name, s.attempt, s.lease_token, s.wake_at, s.cause," \
-	"            s.priority, r.workflow, r.version, r.input, r.business_key, r.trace_id)" \
-	"SELECT u.lease_token, u.run_id, u.name, NULL::pg_catalog.jsonb," \
-	"       u.attempt, u.run_id::text || '/' || u.name," \
-	"       '00-' || pg_catalog.encode(u.trace_id, 'hex') || '-'" \
-	"         || pg_catalog.lpad(pg_catalog.to_hex(u.step_id), 16, '0') || '-01'," \
-	"       u.wake_at, u.priority, u.step_id," \
-	"       u.workflow, u.version, u.input, u.business_key," \
-	"       " ORCH_STEP_OUTPUTS_SQL("u.run_id") "," \
-	"       u.cause" \
-	"  FROM u" \
-	" ORDER BY u.priority DESC, u.step_id"
-
-#define CLAIM_LIM \
-	"lim AS (" \
-	"  SELECT q.max_running - (SELECT pg_catalog.count(*) FROM orch.steps x" \
-	"                           WHERE x.queue = $1 AND x.status = 'running') AS free" \
-	"    FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL),"
-#define CLAIM_LIMIT_ROOM \
-	"   LIMIT LEAST($3, COALESCE((SELECT GREATEST(free, 0) FROM lim), $3))"
-#define CLAIM_LIMIT "   LIMIT $3"
-
-/*
- * A claim that resumes after the task its session claimed last, in the
- * queue's order: $5 is its negated priority, $6 its step.  Only the queue's
- * index can serve the row comparison, whatever the statistics say.
- */
-#define CLAIM_AFTER \
-	"     AND (- s.priority::pg_catalog.int8, s.step_id) > ($5, $6)"
+#define CLAIM_TASKS_SQL \
+	"UPDATE orch.steps s" \
+	"   SET status = 'running', attempt = s.attempt + 1," \
+	"       lease_token = pg_catalog.gen_random_uuid(), worker = $2," \
+	"       lease = LEAST($3, ws.timeout, ws.heartbeat_timeout)," \
+	"       attempt_started_at = pg_catalog.clock_timestamp()," \
+	"       started_at = COALESCE(s.started_at, pg_catalog.clock_timestamp())," \
+	"       wake_at = pg_catalog.clock_timestamp() + LEAST($3, ws.timeout, ws.heartbeat_timeout)" \
+	"  FROM orch.runs r, orch.workflow_steps ws" \
+	" WHERE s.step_id = ANY ($1)" \
+	"   AND r.run_id = s.run_id" \
+	"   AND ws.workflow = r.workflow AND ws.version = r.version AND ws.name = s.name" \
+	" RETURNING s.lease_token, s.run_id, s.name, NULL::pg_catalog.jsonb," \
+	"       s.attempt, s.run_id::text || '/' || s.name," \
+	"       '00-' || pg_catalog.encode(r.trace_id, 'hex') || '-'" \
+	"         || pg_catalog.lpad(pg_catalog.to_hex(s.step_id), 16, '0') || '-01'," \
+	"       s.wake_at, s.priority, s.step_id," \
+	"       r.workflow, r.version, r.input, r.business_key," \
+	"       " ORCH_STEP_OUTPUTS_SQL("s.run_id") "," \
+	"       s.cause"
 
 /* The statements above, prepared once per session. */
 enum
 {
 	T_LOCK_QUEUE,
+	T_QUEUE_FREE,
 	T_QUEUE_ROOM,
 	T_CLAIM,
-	T_CLAIM_AFTER,
-	T_CLAIM_LIMITED,
-	T_CLAIM_AFTER_LIMITED,
-	T_ANY_WAITING,
 	T_COUNT
 };
 static SPIPlanPtr task_plans[T_COUNT];
 static const char *const task_sql[T_COUNT] = {
 	[T_LOCK_QUEUE] = LOCK_QUEUE_SQL,
+	[T_QUEUE_FREE] = QUEUE_FREE_SQL,
 	[T_QUEUE_ROOM] = QUEUE_ROOM_SQL,
-	[T_CLAIM] = CLAIM_TASKS_SQL("", "", CLAIM_LIMIT),
-	[T_CLAIM_AFTER] = CLAIM_TASKS_SQL(CLAIM_AFTER, "", CLAIM_LIMIT),
-	[T_CLAIM_LIMITED] = CLAIM_TASKS_SQL("", CLAIM_LIM, CLAIM_LIMIT_ROOM),
-	[T_CLAIM_AFTER_LIMITED] = CLAIM_TASKS_SQL(CLAIM_AFTER, CLAIM_LIM, CLAIM_LIMIT_ROOM),
-	[T_ANY_WAITING] = ANY_WAITING_SQL,
+	[T_CLAIM] = CLAIM_TASKS_SQL,
 };
 
 static SPIPlanPtr
 task_plan(int which)
 {
-	static Oid	argtypes[6] = {TEXTOID, TEXTOID, INT4OID, INTERVALOID, INT8OID, INT8OID};
+	static Oid	queue_arg[1] = {TEXTOID};
+	static Oid	claim_args[3] = {INT8ARRAYOID, TEXTOID, INTERVALOID};
 
 	if (task_plans[which] == NULL)
 	{
-		int			nargs = which == T_CLAIM || which == T_CLAIM_LIMITED ? 4 :
-			which == T_CLAIM_AFTER || which == T_CLAIM_AFTER_LIMITED ? 6 : 1;
-		SPIPlanPtr	plan = SPI_prepare(task_sql[which], nargs, argtypes);
+		SPIPlanPtr	plan = which == T_CLAIM ? SPI_prepare(task_sql[which], 3, claim_args) :
+			SPI_prepare(task_sql[which], 1, queue_arg);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -285,29 +242,20 @@ frontier_get(const FrontierKey *k, int64 *neg_priority, int64 *step_id, uint64 *
 }
 
 /*
- * After a claim that returned n rows (columns 9 and 10 of its last row are
- * that task's key), from the head or resumed from the point of generation
- * `generation`.
+ * After a claim that locked the n tasks, from the head or resumed from the
+ * point of generation `generation`.
  */
 static void
-frontier_note(const FrontierKey *k, SPITupleTable *last, uint64 n, bool full, bool from_head,
+frontier_note(const FrontierKey *k, const OrchPickedTask *tasks, int n, bool full, bool from_head,
 			  uint64 generation)
 {
-	int64		neg_priority = 0;
-	int64		step_id = 0;
+	int64		neg_priority = n > 0 ? tasks[n - 1].neg_priority : 0;
+	int64		step_id = n > 0 ? tasks[n - 1].step_id : 0;
 	TimestampTz now = GetCurrentTimestamp();
 	OrchClaimFrontier *f;
 
 	if (!k->usable)
 		return;
-	if (n > 0)
-	{
-		bool		isnull;
-
-		neg_priority = -(int64) DatumGetInt32(SPI_getbinval(last->vals[n - 1], last->tupdesc, 9,
-															&isnull));
-		step_id = DatumGetInt64(SPI_getbinval(last->vals[n - 1], last->tupdesc, 10, &isnull));
-	}
 	frontier_lock();
 	f = frontier_of(k);
 	if (from_head)
@@ -496,6 +444,109 @@ queue_limited(text *queue)
 	return orch_row_fetch(&queue_source, &key, false, &max_running, &isnull) && !isnull;
 }
 
+/* a claimed task: its step, its place in claim order, its row of the claim's result */
+typedef struct ClaimedRow
+{
+	int64		step_id;
+	int			place;
+	int64		row;			/* -1: none */
+} ClaimedRow;
+
+static int
+claimed_step_cmp(const void *a, const void *b)
+{
+	const ClaimedRow *x = a;
+	const ClaimedRow *y = b;
+
+	return x->step_id < y->step_id ? -1 : x->step_id > y->step_id ? 1 : 0;
+}
+
+static int
+claimed_place_cmp(const void *a, const void *b)
+{
+	const ClaimedRow *x = a;
+	const ClaimedRow *y = b;
+
+	return x->place - y->place;
+}
+
+/*
+ * Lease the n tasks locked (picked) to the worker, into the caller's
+ * materialized result in the order they were locked.
+ */
+static void
+lease_picked(ReturnSetInfo *rsinfo, const OrchPickedTask *picked, int n, text *worker,
+			 Interval *lease)
+{
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	ClaimedRow *order = palloc(sizeof(ClaimedRow) * n);
+	Datum		args[3];
+	SPITupleTable *rows;
+	bool		woken = false;
+
+	for (int i = 0; i < n; i++)
+	{
+		ids[i] = Int64GetDatum(picked[i].step_id);
+		order[i].step_id = picked[i].step_id;
+		order[i].place = i;
+		order[i].row = -1;
+	}
+	args[0] = PointerGetDatum(construct_array(ids, n, INT8OID, sizeof(int64), FLOAT8PASSBYVAL,
+											  TYPALIGN_DOUBLE));
+	args[1] = PointerGetDatum(worker);
+	args[2] = IntervalPGetDatum(lease);
+	if (SPI_execute_plan(task_plan(T_CLAIM), args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "could not claim tasks");
+	rows = SPI_tuptable;
+
+	/*
+	 * The rows in claim order.  A row comes back for every task locked: the
+	 * tasks' runs were read with them, and a definition cannot go while it
+	 * has runs.
+	 */
+	qsort(order, n, sizeof(ClaimedRow), claimed_step_cmp);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+		ClaimedRow	key;
+		ClaimedRow *found;
+
+		key.step_id = DatumGetInt64(SPI_getbinval(rows->vals[i], rows->tupdesc, CC_STEP_ID, &isnull));
+		found = bsearch(&key, order, n, sizeof(ClaimedRow), claimed_step_cmp);
+		if (found == NULL)
+			elog(ERROR, "claimed step " INT64_FORMAT " was not locked", key.step_id);
+		found->row = (int64) i;
+	}
+	qsort(order, n, sizeof(ClaimedRow), claimed_place_cmp);
+
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	tuple;
+		Datum		values[CC_NCOLS];
+		bool		nulls[CC_NCOLS];
+
+		if (order[i].row < 0)
+			continue;
+		tuple = rows->vals[order[i].row];
+		/* the engine must also wake when these leases expire */
+		if (!woken)
+		{
+			bool		isnull;
+
+			/* rows come ordered by priority, not expiry: the first is close enough */
+			orch_wake_engines_for_timer_at_end(
+				DatumGetTimestampTz(SPI_getbinval(tuple, rows->tupdesc, CC_WAKE_AT, &isnull)));
+			woken = true;
+		}
+		heap_deform_tuple(tuple, rows->tupdesc, values, nulls);
+		values[CC_CONTEXT - 1] = task_context(values, nulls);
+		nulls[CC_CONTEXT - 1] = false;
+		/* the first eight columns are the task_lease */
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	SPI_freetuptable(rows);
+}
+
 /*
  * Lease up to max waiting tasks of the queue into the caller's
  * materialized result.  The step's timeout and heartbeat_timeout cap the
@@ -507,25 +558,17 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 		   int64 wait_us)
 {
 	FrontierKey fkey = frontier_key(text_to_cstring(queue));
-	Datum		args[6];
+	Datum		queue_arg = PointerGetDatum(queue);
 	TimestampTz deadline;
-	SPITupleTable *claimed[2];	/* a resumed claim, and one from the head */
-	uint64		nrows[2];
-	int			nparts = 0;
+	OrchPickedTask *picked = palloc(sizeof(OrchPickedTask) * max);
 	bool		may_wait;
-	uint64		nclaimed = 0;
+	int			npicked = 0;
 	int			nest_level;
-	int64		after_priority;
-	int64		after_step;
+	int64		after[2];
 	uint64		generation;
 
 	deadline = GetCurrentTimestamp() + Max(wait_us, 0);
 	may_wait = wait_us > 0 && OrchShared != NULL;
-
-	args[0] = PointerGetDatum(queue);
-	args[1] = PointerGetDatum(worker);
-	args[2] = Int32GetDatum(max);
-	args[3] = IntervalPGetDatum(lease);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -538,6 +581,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 		bool		locked_out = false;
 		bool		limited = queue_limited(queue);
 		bool		room = true;
+		int32		most = max;
 
 		if (OrchShared != NULL)
 			ConditionVariablePrepareToSleep(&OrchShared->tasks_ready);
@@ -549,7 +593,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 		 */
 		if (limited && may_wait)
 		{
-			if (SPI_execute_plan(task_plan(T_QUEUE_ROOM), args, NULL, false, 1) != SPI_OK_SELECT)
+			if (SPI_execute_plan(task_plan(T_QUEUE_ROOM), &queue_arg, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not read queue");
 			if (SPI_processed > 0)
 			{
@@ -562,61 +606,53 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				limited = false;	/* lifted since */
 			SPI_freetuptable(SPI_tuptable);
 		}
-		if (room)
+		if (room && limited)
 		{
-			if (limited &&
-				SPI_execute_plan(task_plan(T_LOCK_QUEUE), args, NULL, false, 1) != SPI_OK_SELECT)
+			if (SPI_execute_plan(task_plan(T_LOCK_QUEUE), &queue_arg, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not lock queue");
 			/* not read-only: a new snapshot, including the claims waited for */
-			if (frontier_get(&fkey, &after_priority, &after_step, &generation))
-			{
-				args[2] = Int32GetDatum(max);
-				args[4] = Int64GetDatum(after_priority);
-				args[5] = Int64GetDatum(after_step);
-				if (SPI_execute_plan(task_plan(limited ? T_CLAIM_AFTER_LIMITED : T_CLAIM_AFTER),
-									 args, NULL, false, 0) != SPI_OK_SELECT)
-					elog(ERROR, "could not claim tasks");
-				claimed[nparts] = SPI_tuptable;
-				nrows[nparts++] = SPI_processed;
-				nclaimed = SPI_processed;
-				frontier_note(&fkey, SPI_tuptable, SPI_processed, SPI_processed == (uint64) max, false,
-							  generation);
-			}
-			if (nclaimed < (uint64) max)
-			{
-				int32		asked = max - (int32) nclaimed;
-
-				args[2] = Int32GetDatum(asked);
-				if (SPI_execute_plan(task_plan(limited ? T_CLAIM_LIMITED : T_CLAIM),
-									 args, NULL, false, 0) != SPI_OK_SELECT)
-					elog(ERROR, "could not claim tasks");
-				claimed[nparts] = SPI_tuptable;
-				nrows[nparts++] = SPI_processed;
-				nclaimed += SPI_processed;
-				frontier_note(&fkey, SPI_tuptable, SPI_processed, SPI_processed == (uint64) asked, true, 0);
-			}
-			if (nclaimed > 0 || limited || !may_wait)
-				break;
-
-			/*
-			 * Nothing claimed, though tasks may wait: locked by a claim that
-			 * has not committed yet, or by an engine batch whose claim locked
-			 * a task it then found already queued (a row lock taken before a
-			 * recheck outlives it).  That batch's commit wakes no one, so do
-			 * not wait for a wake-up: look again shortly.
-			 */
-			if (SPI_execute_plan(task_plan(T_ANY_WAITING), args, NULL, false, 1) != SPI_OK_SELECT)
+			if (SPI_execute_plan(task_plan(T_QUEUE_FREE), &queue_arg, NULL, false, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not read queue");
+			if (SPI_processed > 0)
 			{
 				bool		isnull;
 
-				locked_out = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
-														SPI_tuptable->tupdesc, 1, &isnull));
-				SPI_freetuptable(SPI_tuptable);
+				most = (int32) Min(most, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+																	 SPI_tuptable->tupdesc, 1,
+																	 &isnull)));
 			}
-			while (nparts > 0)
-				SPI_freetuptable(claimed[--nparts]);	/* empty */
+			SPI_freetuptable(SPI_tuptable);
 		}
+		if (room && most > 0)
+		{
+			bool		skipped;
+
+			if (frontier_get(&fkey, &after[0], &after[1], &generation))
+			{
+				npicked = orch_pick_tasks(queue_arg, after, most, picked, &skipped);
+				locked_out |= skipped;
+				frontier_note(&fkey, picked, npicked, npicked == most, false, generation);
+			}
+			if (npicked < most)
+			{
+				int			n = orch_pick_tasks(queue_arg, NULL, most - npicked, picked + npicked,
+												&skipped);
+
+				locked_out |= skipped;
+				frontier_note(&fkey, picked + npicked, n, n == most - npicked, true, 0);
+				npicked += n;
+			}
+		}
+		if (npicked > 0 || limited || !may_wait)
+			break;
+
+		/*
+		 * Nothing claimed.  When the claim passed over tasks (locked by a
+		 * claim that has not committed yet, or by an engine batch whose
+		 * claim locked a task it then found already queued: a row lock
+		 * taken before a recheck outlives it), that batch's commit wakes no
+		 * one, so do not wait for a wake-up: look again shortly.
+		 */
 		remaining_ms = (long) ((deadline - GetCurrentTimestamp()) / 1000);
 		if (remaining_ms <= 0)
 			break;
@@ -636,34 +672,10 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 	}
 	if (OrchShared != NULL)
 		ConditionVariableCancelSleep();
+
+	if (npicked > 0)
+		lease_picked(rsinfo, picked, npicked, worker, lease);
 	AtEOXact_GUC(true, nest_level);
-
-	/* the engine must also wake when these leases expire */
-	if (nclaimed > 0)
-	{
-		bool		isnull;
-
-		SPITupleTable *first = nrows[0] > 0 ? claimed[0] : claimed[1];
-
-		/* rows come ordered by priority, not expiry: the first is close enough */
-		orch_wake_engines_for_timer_at_end(
-			DatumGetTimestampTz(SPI_getbinval(first->vals[0], first->tupdesc, 8, &isnull)));
-	}
-
-	for (int p = 0; p < nparts; p++)
-	{
-		for (uint64 i = 0; i < nrows[p]; i++)
-		{
-			Datum		values[CC_NCOLS];
-			bool		nulls[CC_NCOLS];
-
-			heap_deform_tuple(claimed[p]->vals[i], claimed[p]->tupdesc, values, nulls);
-			values[CC_CONTEXT - 1] = task_context(values, nulls);
-			nulls[CC_CONTEXT - 1] = false;
-			/* the first eight columns are the task_lease */
-			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-		}
-	}
 	SPI_finish();
 }
 

@@ -194,4 +194,14 @@ extern bool orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock,
 						   Datum *values, bool *nulls);
 extern Oid	orch_relid(const char *name);
 
+/* rowfetch.c: a task locked by orch_pick_tasks, and its key in its queue */
+typedef struct OrchPickedTask
+{
+	int64		step_id;
+	int64		neg_priority;	/* - priority */
+} OrchPickedTask;
+
+extern int	orch_pick_tasks(Datum queue, const int64 *after, int max, OrchPickedTask *out,
+							bool *skipped);
+
 #endif							/* ORCHESTRATOR_H */

@@ -1,6 +1,6 @@
 /*-------------------------------------------------------------------------
  * rowfetch.c
- *	  One row of an orchestrator table by a unique key, without the executor.
+ *	  Rows of orchestrator tables by index, without the executor.
  *
  *	  A worker's verdict on a task reads four rows, each by a unique key:
  *	  the step by its lease token, the step's run (both locked FOR UPDATE),
@@ -15,6 +15,10 @@
  *	  version, whose key is then checked again (a version without the key:
  *	  no row); in REPEATABLE READ and SERIALIZABLE such a row is a
  *	  serialization failure.
+ *
+ *	  A claim locks the next waiting tasks of a queue the same way
+ *	  (orch_pick_tasks): a scan of the queue's index, skipping the tasks
+ *	  other transactions hold, as SELECT ... FOR UPDATE SKIP LOCKED would.
  *
  *	  What is looked up once per session (the table's and the index's
  *	  OIDs, the columns' numbers, the key's equality functions) is
@@ -32,16 +36,20 @@
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_enum.h"
+#include "catalog/pg_type.h"
 #include "executor/tuptable.h"
 #include "miscadmin.h"
 #include "storage/lmgr.h"
 #include "storage/sinval.h"
+#include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 
 #include "orchestrator.h"
 
@@ -60,12 +68,70 @@ orch_relid(const char *name)
 static OrchRowSource *prepared_sources = NULL;
 static bool callback_registered = false;
 
+/*
+ * What orch_pick_tasks looks up once per session: orch.steps and its
+ * queue index, orch.runs and its primary key, the columns read, the
+ * functions of the scan keys, the enum values compared.
+ */
+typedef struct PickSource
+{
+	bool		ready;
+	Oid			steps;
+	Oid			queue_index;	/* steps_task_queue */
+	Oid			runs;
+	Oid			runs_index;		/* runs_pkey */
+	AttrNumber	step_id;
+	AttrNumber	run_id;
+	AttrNumber	status;
+	AttrNumber	priority;
+	AttrNumber	run_status;
+	Oid			queue_eq;		/* the index's first column: = */
+	Oid			queue_collation;
+	Oid			key_gt[2];		/* its second and third: > */
+	Oid			run_eq;
+	Oid			waiting;		/* orch.step_status 'waiting' */
+	Oid			run_pending;	/* orch.run_status 'pending' and 'running' */
+	Oid			run_running;
+} PickSource;
+
+static PickSource pick;
+
 static void
 sources_invalidate(Datum arg, Oid relid)
 {
 	for (OrchRowSource *s = prepared_sources; s != NULL; s = s->next)
 		if (!OidIsValid(relid) || relid == s->relid || relid == s->indexid)
 			s->ready = false;
+	if (!OidIsValid(relid) || relid == pick.steps || relid == pick.queue_index ||
+		relid == pick.runs || relid == pick.runs_index)
+		pick.ready = false;
+}
+
+static void
+register_callback(void)
+{
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(sources_invalidate, (Datum) 0);
+		callback_registered = true;
+	}
+}
+
+/*
+ * An index being built or dropped concurrently, or left invalid by a build
+ * that failed, does not have every row; one whose uniqueness is deferred
+ * may have two for a key.
+ */
+static void
+check_index_usable(Relation idx, const char *name)
+{
+	if (!idx->rd_index->indisvalid || !idx->rd_index->indisready ||
+		!idx->rd_index->indislive || !idx->rd_index->indimmediate)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("index orch.%s is not usable", name),
+				 errdetail("It is invalid, not ready, being dropped, or its uniqueness is deferred."),
+				 errhint("Rebuild it with REINDEX INDEX orch.%s.", name)));
 }
 
 /* Resolve what src names: the table, its key's index, columns, key functions. */
@@ -76,11 +142,7 @@ source_prepare(OrchRowSource *src)
 	Relation	idx;
 	TupleDesc	desc;
 
-	if (!callback_registered)
-	{
-		CacheRegisterRelcacheCallback(sources_invalidate, (Datum) 0);
-		callback_registered = true;
-	}
+	register_callback();
 	src->ready = false;
 	Assert(src->nkeys >= 1 && src->nkeys <= ORCH_ROW_MAX_KEYS);
 	Assert(src->ncols >= 0 && src->ncols <= ORCH_ROW_MAX_COLS);
@@ -112,18 +174,8 @@ source_prepare(OrchRowSource *src)
 		elog(ERROR, "orch.%s is not a unique btree index of %d columns on orch.%s",
 			 src->index, src->nkeys, src->table);
 
-	/*
-	 * An index being built or dropped concurrently, or left invalid by a
-	 * build that failed, does not have every row.  (A partial index, such
-	 * as steps_lease_token, must cover every key looked up in it.)
-	 */
-	if (!idx->rd_index->indisvalid || !idx->rd_index->indisready ||
-		!idx->rd_index->indislive || !idx->rd_index->indimmediate)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("index orch.%s is not usable", src->index),
-				 errdetail("It is invalid, not ready, being dropped, or its uniqueness is deferred."),
-				 errhint("Rebuild it with REINDEX INDEX orch.%s.", src->index)));
+	/* (A partial index, such as steps_lease_token, must cover every key looked up in it.) */
+	check_index_usable(idx, src->index);
 	for (int k = 0; k < src->nkeys; k++)
 	{
 		Oid			opno = get_opfamily_member(idx->rd_opfamily[k], idx->rd_opcintype[k],
@@ -314,4 +366,281 @@ orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock, Datum *values, 
 	index_close(idx, NoLock);
 	table_close(rel, NoLock);
 	return found;
+}
+
+/* ------------------------------------------------------------------------
+ * The next waiting tasks of a queue
+ * ------------------------------------------------------------------------ */
+
+/* orch.<rel>'s column name, which must exist */
+static AttrNumber
+column_of(Oid relid, const char *rel, const char *name)
+{
+	AttrNumber	a = get_attnum(relid, name);
+
+	if (a == InvalidAttrNumber)
+		elog(ERROR, "orch.%s has no column %s", rel, name);
+	return a;
+}
+
+/* The OID of an enum's label, which must exist. */
+static Oid
+enum_value(Oid relid, AttrNumber att, const char *label)
+{
+	Oid			typid = get_atttype(relid, att);
+	Oid			oid = GetSysCacheOid2(ENUMTYPOIDNAME, Anum_pg_enum_oid,
+									  ObjectIdGetDatum(typid), CStringGetDatum(label));
+
+	if (!OidIsValid(oid))
+		elog(ERROR, "type %s has no value %s", format_type_be(typid), label);
+	return oid;
+}
+
+/* The function of idx's operator of strategy for its column col (from 0). */
+static Oid
+index_operator(Relation idx, int col, int16 strategy, const char *name)
+{
+	Oid			opno = get_opfamily_member(idx->rd_opfamily[col], idx->rd_opcintype[col],
+										   idx->rd_opcintype[col], strategy);
+
+	if (!OidIsValid(opno))
+		elog(ERROR, "no operator of strategy %d for column %d of orch.%s", strategy, col + 1, name);
+	return get_opcode(opno);
+}
+
+/* Look up what pick names, once its relations are locked by OID. */
+static void
+pick_prepare(void)
+{
+	Relation	idx;
+
+	register_callback();
+	pick.ready = false;
+	for (;;)
+	{
+		uint64		invals = SharedInvalidMessageCounter;
+
+		pick.steps = orch_relid("steps");
+		pick.queue_index = orch_relid("steps_task_queue");
+		pick.runs = orch_relid("runs");
+		pick.runs_index = orch_relid("runs_pkey");
+		LockRelationOid(pick.steps, RowShareLock);
+		LockRelationOid(pick.queue_index, AccessShareLock);
+		LockRelationOid(pick.runs, AccessShareLock);
+		LockRelationOid(pick.runs_index, AccessShareLock);
+		if (invals == SharedInvalidMessageCounter)
+			break;
+		UnlockRelationOid(pick.runs_index, AccessShareLock);
+		UnlockRelationOid(pick.runs, AccessShareLock);
+		UnlockRelationOid(pick.queue_index, AccessShareLock);
+		UnlockRelationOid(pick.steps, RowShareLock);
+	}
+
+	pick.step_id = column_of(pick.steps, "steps", "step_id");
+	pick.run_id = column_of(pick.steps, "steps", "run_id");
+	pick.status = column_of(pick.steps, "steps", "status");
+	pick.priority = column_of(pick.steps, "steps", "priority");
+	pick.run_status = column_of(pick.runs, "runs", "status");
+	pick.waiting = enum_value(pick.steps, pick.status, "waiting");
+	pick.run_pending = enum_value(pick.runs, pick.run_status, "pending");
+	pick.run_running = enum_value(pick.runs, pick.run_status, "running");
+
+	/* queue, - priority::bigint, step_id */
+	idx = index_open(pick.queue_index, NoLock);
+	if (idx->rd_index->indrelid != pick.steps || idx->rd_rel->relam != BTREE_AM_OID ||
+		IndexRelationGetNumberOfKeyAttributes(idx) != 3 ||
+		idx->rd_index->indkey.values[0] != column_of(pick.steps, "steps", "queue") ||
+		idx->rd_index->indkey.values[2] != pick.step_id ||
+		idx->rd_opcintype[1] != INT8OID || idx->rd_opcintype[2] != INT8OID)
+		elog(ERROR, "orch.steps_task_queue is not a btree index on (queue, - priority::bigint, step_id)");
+	check_index_usable(idx, "steps_task_queue");
+	pick.queue_eq = index_operator(idx, 0, BTEqualStrategyNumber, "steps_task_queue");
+	pick.queue_collation = idx->rd_indcollation[0];
+	pick.key_gt[0] = index_operator(idx, 1, BTGreaterStrategyNumber, "steps_task_queue");
+	pick.key_gt[1] = index_operator(idx, 2, BTGreaterStrategyNumber, "steps_task_queue");
+	index_close(idx, NoLock);
+
+	idx = index_open(pick.runs_index, NoLock);
+	if (idx->rd_index->indrelid != pick.runs || idx->rd_rel->relam != BTREE_AM_OID ||
+		IndexRelationGetNumberOfKeyAttributes(idx) != 1 ||
+		idx->rd_index->indkey.values[0] != column_of(pick.runs, "runs", "run_id"))
+		elog(ERROR, "orch.runs_pkey is not a btree index on (run_id)");
+	check_index_usable(idx, "runs_pkey");
+	pick.run_eq = index_operator(idx, 0, BTEqualStrategyNumber, "runs_pkey");
+	index_close(idx, NoLock);
+
+	pick.ready = true;
+}
+
+/* Is the run pending or running, as snap sees it? */
+static bool
+run_active(IndexScanDesc scan, TupleTableSlot *slot, Datum run_id)
+{
+	ScanKeyData key;
+	bool		isnull;
+	Datum		status;
+
+	ScanKeyEntryInitialize(&key, 0, 1, BTEqualStrategyNumber, InvalidOid, InvalidOid,
+						   pick.run_eq, run_id);
+	index_rescan(scan, &key, 1, NULL, 0);
+	if (!index_getnext_slot(scan, ForwardScanDirection, slot))
+		return false;
+	status = slot_getattr(slot, pick.run_status, &isnull);
+	return !isnull && (DatumGetObjectId(status) == pick.run_pending ||
+					   DatumGetObjectId(status) == pick.run_running);
+}
+
+/*
+ * Lock up to max waiting tasks of the queue, in claim order (its index
+ * steps_task_queue: queue, negated priority, step), of runs that are
+ * pending or running, as SELECT ... FOR UPDATE SKIP LOCKED would; when
+ * after is given, only tasks whose (negated priority, step) comes after it
+ * (a row comparison on the index, which starts the scan there).  Returns
+ * how many were locked, their keys in out, in that order.
+ *
+ * A task another transaction holds locked, or changed since the snapshot
+ * (a claim that committed meanwhile), is passed over and *skipped set: the
+ * queue may hold tasks a claim could take a moment later.  (In READ
+ * COMMITTED, SKIP LOCKED would lock a changed row's newest version and
+ * check it again; such a row has, but for a pause or a cancellation,
+ * been claimed.)  In REPEATABLE READ and SERIALIZABLE a changed row is a
+ * serialization failure, as it is for FOR UPDATE.
+ *
+ * The rows are then updated by step_id, by SQL (the audit trigger, the
+ * indexes): a claim as one statement spent more on setting up its plan
+ * (a join, row locks, a limit, an initplan) than on reading the queue.
+ */
+int
+orch_pick_tasks(Datum queue, const int64 *after, int max, OrchPickedTask *out, bool *skipped)
+{
+	Relation	steps;
+	Relation	qidx;
+	Relation	runs;
+	Relation	ridx;
+	ScanKeyData keys[2];
+	ScanKeyData row[2];
+	int			nkeys = 1;
+	IndexScanDesc scan;
+	IndexScanDesc run_scan;
+	TupleTableSlot *slot;
+	TupleTableSlot *lock_slot;
+	TupleTableSlot *run_slot;
+	Snapshot	snap;
+	CommandId	cid;
+	int			n = 0;
+
+	*skipped = false;
+	/* it locks rows, then updates them */
+	PreventCommandIfReadOnly("SELECT FOR UPDATE");
+	CommandCounterIncrement();
+	for (;;)
+	{
+		if (!pick.ready)
+			pick_prepare();
+		LockRelationOid(pick.steps, RowShareLock);
+		LockRelationOid(pick.queue_index, AccessShareLock);
+		LockRelationOid(pick.runs, AccessShareLock);
+		LockRelationOid(pick.runs_index, AccessShareLock);
+		if (pick.ready)
+			break;
+		UnlockRelationOid(pick.runs_index, AccessShareLock);
+		UnlockRelationOid(pick.runs, AccessShareLock);
+		UnlockRelationOid(pick.queue_index, AccessShareLock);
+		UnlockRelationOid(pick.steps, RowShareLock);
+	}
+	steps = table_open(pick.steps, NoLock);
+	qidx = index_open(pick.queue_index, NoLock);
+	runs = table_open(pick.runs, NoLock);
+	ridx = index_open(pick.runs_index, NoLock);
+
+	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
+						   pick.queue_collation, pick.queue_eq, queue);
+	if (after != NULL)
+	{
+		/* (- priority::bigint, step_id) > (after[0], after[1]) */
+		ScanKeyEntryInitialize(&row[0], SK_ROW_MEMBER, 2, BTGreaterStrategyNumber, INT8OID,
+							   InvalidOid, pick.key_gt[0], Int64GetDatum(after[0]));
+		ScanKeyEntryInitialize(&row[1], SK_ROW_MEMBER | SK_ROW_END, 3, BTGreaterStrategyNumber,
+							   INT8OID, InvalidOid, pick.key_gt[1], Int64GetDatum(after[1]));
+		/* as the executor builds one: a header has no function */
+		MemSet(&keys[1], 0, sizeof(ScanKeyData));
+		keys[1].sk_flags = SK_ROW_HEADER;
+		keys[1].sk_attno = 2;
+		keys[1].sk_strategy = BTGreaterStrategyNumber;
+		keys[1].sk_argument = PointerGetDatum(row);
+		nkeys = 2;
+	}
+
+	PushActiveSnapshot(GetTransactionSnapshot());
+	UpdateActiveSnapshotCommandId();
+	snap = GetActiveSnapshot();
+	cid = GetCurrentCommandId(true);
+
+	slot = table_slot_create(steps, NULL);
+	lock_slot = table_slot_create(steps, NULL);
+	run_slot = table_slot_create(runs, NULL);
+	scan = index_beginscan(steps, qidx, snap, nkeys, 0);
+	index_rescan(scan, keys, nkeys, NULL, 0);
+	run_scan = index_beginscan(runs, ridx, snap, 1, 0);
+
+	while (n < max && index_getnext_slot(scan, ForwardScanDirection, slot))
+	{
+		bool		isnull;
+		Datum		status = slot_getattr(slot, pick.status, &isnull);
+		ItemPointerData tid = slot->tts_tid;
+		TM_FailureData tmfd;
+		TM_Result	r;
+
+		CHECK_FOR_INTERRUPTS();
+
+		/*
+		 * The version the snapshot sees is waiting: a change of the status
+		 * (in the index's predicate) makes a new index entry, and the
+		 * versions of one entry all have the status it was made with.
+		 */
+		if (isnull || DatumGetObjectId(status) != pick.waiting)
+			continue;
+		if (!run_active(run_scan, run_slot, slot_getattr(slot, pick.run_id, &isnull)))
+			continue;
+
+		r = table_tuple_lock(steps, &tid, snap, lock_slot, cid, LockTupleExclusive,
+							 LockWaitSkip, 0, &tmfd);
+		switch (r)
+		{
+			case TM_Ok:
+				out[n].step_id = DatumGetInt64(slot_getattr(slot, pick.step_id, &isnull));
+				out[n].neg_priority = -(int64) DatumGetInt32(slot_getattr(slot, pick.priority,
+																		  &isnull));
+				n++;
+				break;
+			case TM_WouldBlock:
+				*skipped = true;
+				break;
+			case TM_Updated:
+			case TM_Deleted:
+				if (IsolationUsesXactSnapshot())
+					ereport(ERROR,
+							(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+							 errmsg("could not serialize access due to concurrent update")));
+				*skipped = true;
+				break;
+			case TM_SelfModified:
+				/* changed by a later command of this transaction: not for us */
+				break;
+			default:
+				elog(ERROR, "unexpected result locking a task of orch.steps: %d", (int) r);
+		}
+	}
+
+	index_endscan(run_scan);
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(run_slot);
+	ExecDropSingleTupleTableSlot(lock_slot);
+	ExecDropSingleTupleTableSlot(slot);
+	PopActiveSnapshot();
+	index_close(ridx, NoLock);
+	table_close(runs, NoLock);
+	index_close(qidx, NoLock);
+	table_close(steps, NoLock);
+	return n;
 }
