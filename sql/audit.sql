@@ -269,6 +269,24 @@ SELECT (l.row_key->>'id')::int AS id, l.new_row->'mood_d' AS mood_d,
 RESET TimeZone;
 SELECT orch.disable_audit('app.moments');
 DROP TABLE app.moments;
+-- Intervals are rendered as to_jsonb renders them with IntervalStyle
+-- iso_8601, whatever the session's style.
+CREATE TABLE app.spans (id int PRIMARY KEY, span interval);
+SELECT orch.enable_audit('app.spans');
+SET IntervalStyle = 'postgres_verbose';
+INSERT INTO app.spans VALUES
+	(1, '1 year 2 months 3 days 04:05:06.789'), (2, '-1 day +02:00'), (3, '0'),
+	(4, '-178000000 years'), (5, '1 microsecond'), (6, '-00:00:00.000001'),
+	(7, '3 days -4 hours'), (8, '2147483647 days 2562047788:00:54.775807'),
+	(9, '-2147483647 months -2147483647 days -2562047788:00:54.775807'), (10, NULL);
+SET IntervalStyle = 'iso_8601';
+SELECT s.id, l.new_row->'span' AS rendered, l.new_row->'span' = COALESCE(to_jsonb(s.span), 'null') AS as_to_jsonb
+  FROM orch.audit_log l JOIN app.spans s ON s.id = (l.row_key->>'id')::int
+ WHERE l.table_name = 'app.spans'
+ ORDER BY s.id;
+RESET IntervalStyle;
+SELECT orch.disable_audit('app.spans');
+DROP TABLE app.spans;
 DROP DOMAIN app.mood_d;
 DROP DOMAIN app.ref_d;
 DROP TYPE app.mood;

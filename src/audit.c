@@ -631,7 +631,8 @@ typedef enum RenderKind
 	RK_UUID,					/* a string of its output */
 	RK_ENUM,					/* a string of its label */
 	RK_JSONB,
-	RK_TIMESTAMPTZ				/* ISO 8601 in UTC */
+	RK_TIMESTAMPTZ,				/* ISO 8601 in UTC */
+	RK_INTERVAL					/* ISO 8601 (as IntervalStyle iso_8601) */
 } RenderKind;
 
 /*
@@ -784,6 +785,9 @@ rel_render_init(RelRender *rr, Relation rel)
 				break;
 			case UUIDOID:
 				rr->kind[i] = RK_UUID;
+				break;
+			case INTERVALOID:
+				rr->kind[i] = RK_INTERVAL;
 				break;
 			default:
 				if (type_is_enum(base))
@@ -1097,6 +1101,18 @@ enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
 
 				put_byte(out, 'S');
 				put_string(out, str, len > 0 ? len : (int) strlen(str));
+				return;
+			}
+		case RK_INTERVAL:
+			{
+				/* interval_out, with the style given instead of the setting's */
+				struct pg_itm itm;
+				char		buf[MAXDATELEN + 1];
+
+				interval2itm(*DatumGetIntervalP(value), &itm);
+				EncodeInterval(&itm, INTSTYLE_ISO_8601, buf);
+				put_byte(out, 'S');
+				put_string(out, buf, (int) strlen(buf));
 				return;
 			}
 		case RK_JSONB:
