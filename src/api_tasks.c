@@ -102,8 +102,10 @@ task_plan(int which)
 
 	if (task_plans[which] == NULL)
 	{
-		SPIPlanPtr	plan = which == T_CLAIM ? SPI_prepare(task_sql[which], 3, claim_args) :
-			SPI_prepare(task_sql[which], 1, queue_arg);
+		/* generic plans, as the engine's (steps.c) */
+		SPIPlanPtr	plan = which == T_CLAIM ?
+			SPI_prepare_cursor(task_sql[which], 3, claim_args, CURSOR_OPT_GENERIC_PLAN) :
+			SPI_prepare_cursor(task_sql[which], 1, queue_arg, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -495,7 +497,7 @@ lease_picked(ReturnSetInfo *rsinfo, const OrchPickedTask *picked, int n, text *w
 											  TYPALIGN_DOUBLE));
 	args[1] = PointerGetDatum(worker);
 	args[2] = IntervalPGetDatum(lease);
-	if (SPI_execute_plan(task_plan(T_CLAIM), args, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+	if (orch_execute_plan(task_plan(T_CLAIM), args, NULL, 0) != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "could not claim tasks");
 	rows = SPI_tuptable;
 
@@ -563,7 +565,6 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 	OrchPickedTask *picked = palloc(sizeof(OrchPickedTask) * max);
 	bool		may_wait;
 	int			npicked = 0;
-	int			nest_level;
 	int64		after[2];
 	uint64		generation;
 
@@ -572,8 +573,6 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	/* the engine's planner settings: plans that do not depend on statistics */
-	nest_level = orch_planner_settings_push();
 
 	for (;;)
 	{
@@ -593,7 +592,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 		 */
 		if (limited && may_wait)
 		{
-			if (SPI_execute_plan(task_plan(T_QUEUE_ROOM), &queue_arg, NULL, false, 1) != SPI_OK_SELECT)
+			if (orch_execute_plan(task_plan(T_QUEUE_ROOM), &queue_arg, NULL, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not read queue");
 			if (SPI_processed > 0)
 			{
@@ -608,10 +607,10 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 		}
 		if (room && limited)
 		{
-			if (SPI_execute_plan(task_plan(T_LOCK_QUEUE), &queue_arg, NULL, false, 1) != SPI_OK_SELECT)
+			if (orch_execute_plan(task_plan(T_LOCK_QUEUE), &queue_arg, NULL, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not lock queue");
 			/* not read-only: a new snapshot, including the claims waited for */
-			if (SPI_execute_plan(task_plan(T_QUEUE_FREE), &queue_arg, NULL, false, 1) != SPI_OK_SELECT)
+			if (orch_execute_plan(task_plan(T_QUEUE_FREE), &queue_arg, NULL, 1) != SPI_OK_SELECT)
 				elog(ERROR, "could not read queue");
 			if (SPI_processed > 0)
 			{
@@ -675,7 +674,6 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 
 	if (npicked > 0)
 		lease_picked(rsinfo, picked, npicked, worker, lease);
-	AtEOXact_GUC(true, nest_level);
 	SPI_finish();
 }
 

@@ -160,6 +160,8 @@ _PG_init(void)
 	 */
 	prev_ProcessUtility = ProcessUtility_hook;
 	ProcessUtility_hook = orch_process_utility;
+	/* the engine's statements are planned with settings of their own */
+	orch_planner_install();
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;

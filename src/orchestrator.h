@@ -9,6 +9,7 @@
 
 #include "postgres.h"
 
+#include "executor/spi.h"
 #include "fmgr.h"
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
@@ -152,7 +153,8 @@ extern void orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 								bool *accepted, char **why, MemoryContext callercxt);
 extern bool orch_error_is_transient(int sqlerrcode);
 extern void orch_quarantine_step(int64 step_id, ErrorData *edata);
-extern int	orch_planner_settings_push(void);
+extern void orch_planner_install(void);
+extern int	orch_execute_plan(SPIPlanPtr plan, Datum *values, const char *nulls, long count);
 extern void orch_finish_task(Datum token, Datum output, const char *error,
 							 const char *error_class, const char *detail);
 

@@ -31,6 +31,7 @@
 #include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "optimizer/planner.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -851,9 +852,8 @@ get_plan(int which)
  * rows by key or in wake_at order, and must keep doing so when the planner
  * knows nothing of the tables (a new installation, before ANALYZE): with
  * default settings a plan made then sorts every due step for each claim.
- * Applied like a function's SET clause, around each statement only, so step
- * functions plan as usual; a task claim or verdict, which runs no code of
- * its callers, applies them once around all its statements.
+ * Applied only while the engine's own statements are planned (orch_planner),
+ * so step functions plan as usual.
  */
 static const char *const engine_planner_settings[][2] = {
 	{"enable_seqscan", "off"}, {"enable_bitmapscan", "off"}, {"enable_hashjoin", "off"},
@@ -880,44 +880,75 @@ static const char *const engine_planner_settings[][2] = {
 };
 
 /*
- * The GUC nest level of the planner settings while a task verdict holds
- * them for all its statements (no user code runs in between), else 0.
+ * How many of the engine's own statement runs are in progress (they nest:
+ * a statement's trigger may run another).  While there is one, the planner
+ * applies the settings above (orch_planner): statements are planned once
+ * per session (generic plans), so applying the settings around every
+ * statement, as a function's SET clause does, cost more than the
+ * statements' own planning (about 15,000 instructions a time, twice per
+ * task of a worker).
  */
-static int	settings_nest_level = 0;
+static int	engine_statements = 0;
+static planner_hook_type prev_planner_hook = NULL;
+
+static PlannedStmt *
+orch_planner(Query *parse, const char *query_string, int cursor_options,
+			 ParamListInfo bound_params)
+{
+	PlannedStmt *result;
+	int			nest_level = 0;
+
+	if (engine_statements > 0)
+	{
+		nest_level = NewGUCNestLevel();
+		for (int i = 0; i < (int) lengthof(engine_planner_settings); i++)
+			(void) set_config_option(engine_planner_settings[i][0], engine_planner_settings[i][1],
+									 PGC_USERSET, PGC_S_SESSION,
+									 GUC_ACTION_SAVE, true, 0, false);
+	}
+	/* an error restores the settings itself */
+	result = prev_planner_hook != NULL ?
+		prev_planner_hook(parse, query_string, cursor_options, bound_params) :
+		standard_planner(parse, query_string, cursor_options, bound_params);
+	if (nest_level > 0)
+		AtEOXact_GUC(true, nest_level);
+	return result;
+}
+
+void
+orch_planner_install(void)
+{
+	prev_planner_hook = planner_hook;
+	planner_hook = orch_planner;
+}
 
 /*
- * Apply the planner settings; returns the GUC nest level to restore with
- * AtEOXact_GUC(true, level).  An error restores them by itself.
+ * Run one of the engine's saved statements (SPI_execute_plan), planned, if
+ * it must be, with the engine's settings.
  */
 int
-orch_planner_settings_push(void)
+orch_execute_plan(SPIPlanPtr plan, Datum *values, const char *nulls, long count)
 {
-	int			nest_level = NewGUCNestLevel();
+	volatile int rc = 0;
 
-	for (int i = 0; i < (int) lengthof(engine_planner_settings); i++)
+	engine_statements++;
+	PG_TRY();
 	{
-		(void) set_config_option(engine_planner_settings[i][0], engine_planner_settings[i][1],
-								 PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
+		rc = SPI_execute_plan(plan, values, nulls, false, count);
 	}
-	return nest_level;
+	PG_FINALLY();
+	{
+		engine_statements--;
+	}
+	PG_END_TRY();
+	return rc;
 }
 
 /* Run a saved statement; nulls are given as a string of ' ' and 'n'. */
 static int
 exec_plan(int which, Datum *values, const char *nulls, int expected)
 {
-	int			rc;
-
-	if (settings_nest_level > 0)
-		rc = SPI_execute_plan(get_plan(which), values, nulls, false, 0);
-	else
-	{
-		int			nest_level = orch_planner_settings_push();
-
-		rc = SPI_execute_plan(get_plan(which), values, nulls, false, 0);
-		AtEOXact_GUC(true, nest_level);
-	}
+	int			rc = orch_execute_plan(get_plan(which), values, nulls, 0);
 
 	if (rc != expected)
 		elog(ERROR, "orchestrator statement %d failed: %s", which, SPI_result_code_string(rc));
@@ -2996,7 +3027,6 @@ batch_end(void)
 	batch_cxt = NULL;
 	rows_cxt = NULL;
 	run_rows_cxt = NULL;
-	settings_nest_level = 0;	/* an error restores the settings itself */
 	failed_runs = NIL;
 	opened_circuits = NIL;
 	buffers_empty(true);
@@ -3232,7 +3262,6 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 		ClaimedStep *s;
 		char	   *invalid;
 
-		settings_nest_level = orch_planner_settings_push();
 		s = fetch_task_by_token(token, cxt, &task) ? &task : NULL;
 		invalid = s != NULL ? lease_invalid(s, now) : NULL;
 		if (s == NULL || invalid != NULL)
@@ -3264,7 +3293,6 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 			handle_failure(s, s->attempt, s->attempt_started_at, &e, error_class, now, &result);
 		}
 		flush_all(now, &result);
-		AtEOXact_GUC(true, settings_nest_level);
 	}
 	PG_FINALLY();
 	{
@@ -3332,7 +3360,6 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 		Datum	   *distinct = palloc(sizeof(Datum) * n);
 		int			ndistinct = 0;
 
-		settings_nest_level = orch_planner_settings_push();
 		for (int i = 0; i < n; i++)
 		{
 			all[i].token = tokens[i];
@@ -3382,7 +3409,6 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 				why[all[i].pos] = "The same token came earlier in this call.";
 		}
 		flush_all(now, &result);
-		AtEOXact_GUC(true, settings_nest_level);
 	}
 	PG_FINALLY();
 	{
