@@ -278,7 +278,7 @@ SELECT orch.complete_task(token, '{"n": 2}') FROM orch.claim_tasks('rebuilt', 'w
 BEGIN;
 DROP INDEX orch.steps_task_queue;
 CREATE INDEX steps_task_queue ON orch.steps (queue, (- priority::bigint), step_id)
-	WHERE status = 'waiting' AND queue IS NOT NULL;
+	WITH (fillfactor = 10) WHERE status = 'waiting' AND queue IS NOT NULL;
 COMMIT;
 SELECT orch.complete_task(token, '{"n": 3}') FROM orch.claim_tasks('rebuilt', 'w', 1, '1 min');
 SELECT s.output, s.status, r.status AS run FROM orch.steps s JOIN orch.runs r USING (run_id)
