@@ -165,6 +165,15 @@ CREATE FUNCTION orch._uuid_v7() RETURNS uuid
 	LANGUAGE c VOLATILE PARALLEL SAFE
 	AS 'MODULE_PATHNAME', 'orch_uuid_v7';
 
+-- A task's lease token: UUID version 8, its step's id in the last 62 bits
+-- and 60 random bits (src/uuid_v7.c).
+CREATE FUNCTION orch._lease_token(step_id bigint) RETURNS uuid
+	LANGUAGE c VOLATILE STRICT PARALLEL SAFE
+	AS 'MODULE_PATHNAME', 'orch_lease_token';
+CREATE FUNCTION orch._lease_step(token uuid) RETURNS bigint
+	LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
+	AS 'MODULE_PATHNAME', 'orch_lease_step';
+
 CREATE TABLE orch.runs (
 	run_id			uuid		PRIMARY KEY DEFAULT orch._uuid_v7(),
 	workflow		text		NOT NULL,
@@ -268,7 +277,8 @@ CREATE INDEX steps_task_queue ON orch.steps (queue, (- priority::bigint), step_i
 -- Leased tasks per queue, for concurrency limits.
 CREATE INDEX steps_task_running ON orch.steps (queue)
 	WHERE status = 'running' AND queue IS NOT NULL;
-CREATE UNIQUE INDEX steps_lease_token ON orch.steps (lease_token) WHERE lease_token IS NOT NULL;
+-- No index of lease tokens: a token names its step (orch._lease_step), which
+-- a verdict finds by its primary key.
 -- Steps waiting for their circuit to close.
 CREATE INDEX steps_blocked ON orch.steps (circuit) WHERE status = 'blocked';
 -- The human queue.
@@ -2790,7 +2800,8 @@ AS $$
 		UPDATE orch.steps s
 		   SET wake_at = clock_timestamp() + s.lease,
 			   progress = coalesce(heartbeat_task.progress, s.progress)
-		 WHERE s.lease_token = heartbeat_task.token AND s.status = 'running'
+		 WHERE s.step_id = orch._lease_step(heartbeat_task.token)
+		   AND s.lease_token = heartbeat_task.token AND s.status = 'running'
 		   AND s.wake_at > clock_timestamp()
 		RETURNING 1)
 	SELECT EXISTS (SELECT FROM renewed)

@@ -47,10 +47,18 @@ SELECT :attempt AS attempt, :'same_key' AS same_key;
 -- Fencing: the first token is dead, and its verdict changes nothing.
 SELECT app.show_error(format('SELECT orch.complete_task(%L, %L)', :'token', '{"late": true}'));
 SELECT orch.heartbeat_task(:'token');
+-- A token names its step, but only the lease's own token is accepted: the
+-- live one with a digit changed is refused, and changes nothing.
+SELECT (CASE WHEN left(:'token2', 1) = '0' THEN '1' ELSE '0' END || substr(:'token2', 2)) AS forged \gset
+SELECT app.show_error(format('SELECT orch.complete_task(%L, %L)', :'forged', '{"forged": true}'));
+SELECT orch.heartbeat_task(:'forged');
 
 -- The holder of the lease completes the task; the run goes on.
 SELECT orch.complete_task(:'token2', '{"crm_id": 42}');
 RESET ROLE;
+SELECT orch._lease_step(:'token2') = step_id AS token_names_step, orch._lease_step(:'forged') = step_id AS forged_names_it_too,
+	   orch._lease_step(gen_random_uuid()) AS random_uuid_names_none
+  FROM orch.steps WHERE run_id = :'run' AND name = 'push';
 SELECT orch.wait_run(:'run', '30s');
 SELECT name, status, attempt, output, progress FROM orch.steps WHERE run_id = :'run' ORDER BY step_id;
 SELECT a.attempt, a.worker, outcome, error_class, message, detail
@@ -270,10 +278,9 @@ SELECT orch.define_workflow('rebuilt', '{"steps": [{"name": "t", "kind": "task",
 SELECT count(orch.start_run('rebuilt')) FROM generate_series(1, 3);
 SELECT app.await($$SELECT count(*) = 3 FROM orch.steps WHERE queue = 'rebuilt' AND status = 'waiting'$$);
 SELECT orch.complete_task(token, '{"n": 1}') FROM orch.claim_tasks('rebuilt', 'w', 1, '1 min');
-BEGIN;
-DROP INDEX orch.steps_lease_token;
-CREATE UNIQUE INDEX steps_lease_token ON orch.steps (lease_token) WHERE lease_token IS NOT NULL;
-COMMIT;
+SELECT 'orch.steps_pkey'::regclass::oid AS steps_pkey_before \gset
+REINDEX INDEX CONCURRENTLY orch.steps_pkey;
+SELECT 'orch.steps_pkey'::regclass::oid <> :steps_pkey_before AS steps_pkey_rebuilt;
 SELECT orch.complete_task(token, '{"n": 2}') FROM orch.claim_tasks('rebuilt', 'w', 1, '1 min');
 BEGIN;
 DROP INDEX orch.steps_task_queue;

@@ -59,7 +59,7 @@
 #define CLAIM_TASKS_SQL \
 	"UPDATE orch.steps s" \
 	"   SET status = 'running', attempt = s.attempt + 1," \
-	"       lease_token = pg_catalog.gen_random_uuid(), worker = $2," \
+	"       lease_token = orch._lease_token(s.step_id), worker = $2," \
 	"       lease = LEAST($3, ws.timeout, ws.heartbeat_timeout)," \
 	"       attempt_started_at = pg_catalog.clock_timestamp()," \
 	"       started_at = COALESCE(s.started_at, pg_catalog.clock_timestamp())," \

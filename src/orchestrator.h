@@ -196,6 +196,10 @@ extern bool orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock,
 						   Datum *values, bool *nulls);
 extern Oid	orch_relid(const char *name);
 
+/* uuid_v7.c */
+extern Datum orch_lease_token_make(int64 step_id);
+extern bool orch_lease_token_step(Datum token, int64 *step_id);
+
 /* rowfetch.c: a task locked by orch_pick_tasks, and its key in its queue */
 typedef struct OrchPickedTask
 {

@@ -3,7 +3,7 @@
  *	  Rows of orchestrator tables by index, without the executor.
  *
  *	  A worker's verdict on a task reads four rows, each by a unique key:
- *	  the step by its lease token, the step's run (both locked FOR UPDATE),
+ *	  the step named by its lease token, the step's run (both locked FOR UPDATE),
  *	  the step's definition and its circuit.  As one SQL statement that is
  *	  a plan of a dozen nodes, each with a tuple descriptor built from its
  *	  target list, set up and torn down for every verdict: two thirds of
@@ -174,7 +174,6 @@ source_prepare(OrchRowSource *src)
 		elog(ERROR, "orch.%s is not a unique btree index of %d columns on orch.%s",
 			 src->index, src->nkeys, src->table);
 
-	/* (A partial index, such as steps_lease_token, must cover every key looked up in it.) */
 	check_index_usable(idx, src->index);
 	for (int k = 0; k < src->nkeys; k++)
 	{

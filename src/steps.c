@@ -1113,7 +1113,9 @@ fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
  * step and then its run are locked FOR UPDATE, in that order; then the
  * step's definition and its circuit are read, each (in READ COMMITTED)
  * with a snapshot of its own, taken after those locks: the circuit's state
- * as of then.  Returns false when no step holds the lease.
+ * as of then.  The step is the one the token names (uuid_v7.c), locked
+ * whatever lease it holds; its lease must then be the token.  Returns false
+ * when no step holds the lease.
  */
 enum
 {
@@ -1122,7 +1124,7 @@ enum
 	TS_COMPENSATIONS, TS_LEASE_TOKEN, TS_RESOLUTION, TS_NCOLS
 };
 static OrchRowSource task_step_source = {
-	"steps", "steps_lease_token", 1, TS_NCOLS,
+	"steps", "steps_pkey", 1, TS_NCOLS,
 	{"step_id", "run_id", "name", "status", "attempt", "needs_ok", "wake_at",
 	"attempt_base", "started_at", "attempt_started_at", "worker", "phase",
 	"compensations", "lease_token", "resolution"}
@@ -1167,6 +1169,26 @@ static OrchRowSource task_circuit_source = {
 	{"state", "failures", "opened_at", "cooldown"}
 };
 
+/* The step a lease token names, as a key of orch.steps_pkey; false: none. */
+static bool
+lease_step(Datum token, Datum *key)
+{
+	int64		step_id;
+
+	if (!orch_lease_token_step(token, &step_id))
+		return false;
+	*key = Int64GetDatum(step_id);
+	return true;
+}
+
+/* Is the step's lease (lease_token, NULL when none) the token's? */
+static bool
+token_matches(Datum lease_token, bool isnull, Datum token)
+{
+	return !isnull &&
+		memcmp(DatumGetUUIDP(lease_token)->data, DatumGetUUIDP(token)->data, UUID_LEN) == 0;
+}
+
 #define TEXT_OR_NULL(v, nulls, i) ((nulls)[i] ? NULL : TextDatumGetCString((v)[i]))
 #define DATUM_OR_0(v, nulls, i) ((nulls)[i] ? (Datum) 0 : (v)[i])
 
@@ -1182,11 +1204,14 @@ fetch_task_by_token(Datum token, MemoryContext cxt, ClaimedStep *s)
 				wn[TW_NCOLS],
 				cn[TC_NCOLS];
 	Datum		wkey[3];
+	Datum		step_key;
 	MemoryContext oldcxt = MemoryContextSwitchTo(cxt);
 	bool		found;
 
 	memset(s, 0, sizeof(*s));
-	found = orch_row_fetch(&task_step_source, &token, true, sv, sn) &&
+	found = lease_step(token, &step_key) &&
+		orch_row_fetch(&task_step_source, &step_key, true, sv, sn) &&
+		token_matches(sv[TS_LEASE_TOKEN], sn[TS_LEASE_TOKEN], token) &&
 		orch_row_fetch(&task_run_source, &sv[TS_RUN_ID], true, rv, rn);
 	if (found)
 	{
@@ -1273,9 +1298,9 @@ fetch_task_by_token(Datum token, MemoryContext cxt, ClaimedStep *s)
 	return found;
 }
 
-/* a task's run, by the task's lease token, and a run to lock by its id */
+/* a task's run and lease, by the step, and a run to lock by its id */
 static OrchRowSource token_run_source = {
-	"steps", "steps_lease_token", 1, 1, {"run_id"}
+	"steps", "steps_pkey", 1, 2, {"run_id", "lease_token"}
 };
 static OrchRowSource run_lock_source = {
 	"runs", "runs_pkey", 1, 0, {NULL}
@@ -1305,10 +1330,14 @@ fetch_tasks_by_tokens(const Datum *tokens, int n, MemoryContext cxt, ClaimedStep
 
 	for (int i = 0; i < n; i++)
 	{
-		bool		isnull;
+		Datum		key;
+		Datum		v[2];
+		bool		isnull[2];
 
-		if (orch_row_fetch(&token_run_source, &tokens[i], false, &runs[nruns], &isnull))
-			nruns++;
+		if (lease_step(tokens[i], &key) &&
+			orch_row_fetch(&token_run_source, &key, false, v, isnull) &&
+			token_matches(v[1], isnull[1], tokens[i]))
+			runs[nruns++] = v[0];
 	}
 	qsort(runs, nruns, sizeof(Datum), uuid_datum_cmp);
 	for (int i = 0; i < nruns; i++)
@@ -3254,6 +3283,8 @@ orch_finish_task(Datum token, Datum output, const char *error, const char *error
 	OrchBatchResult result;
 	TimestampTz now = GetCurrentTimestamp();
 
+	/* it locks its task's rows (as the executor refuses FOR UPDATE), whatever the token */
+	PreventCommandIfReadOnly("SELECT FOR UPDATE");
 	memset(&result, 0, sizeof(result));
 	cxt = batch_begin();
 	PG_TRY();
@@ -3349,6 +3380,7 @@ orch_complete_tasks(int n, Datum *tokens, Datum *outputs,
 		accepted[i] = false;
 		why[i] = "No task holds this lease: it expired and the task went on, or the token is wrong.";
 	}
+	PreventCommandIfReadOnly("SELECT FOR UPDATE");
 	memset(&result, 0, sizeof(result));
 	cxt = batch_begin();
 	PG_TRY();

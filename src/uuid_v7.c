@@ -1,6 +1,7 @@
 /*-------------------------------------------------------------------------
  * uuid_v7.c
- *	  orch._uuid_v7(): the identifiers of runs, UUID version 7 (RFC 9562).
+ *	  orch._uuid_v7(): the identifiers of runs, UUID version 7 (RFC 9562);
+ *	  and the lease tokens of tasks (below).
  *
  *	  The first 48 bits are the Unix time in milliseconds and the next 12
  *	  (after the version) the fraction of that millisecond, so identifiers
@@ -58,4 +59,73 @@ orch_uuid_v7(PG_FUNCTION_ARGS)
 	uuid->data[8] = (unsigned char) (0x80 | (uuid->data[8] & 0x3F));
 
 	PG_RETURN_UUID_P(uuid);
+}
+
+/*
+ * Lease tokens: UUID version 8 (RFC 9562's custom layout).  The last 62
+ * bits are the leased step's id, the first 60 (around the version) random:
+ * a verdict finds its task by the step's primary key and then compares the
+ * whole token, so the steps need no index of their tokens, which every
+ * claim would write to.  The step's id is no secret (the traceparent a
+ * worker is handed carries it too); the random bits are what a token's
+ * holder proves it holds, and a new claim of the step draws new ones.
+ */
+#define LEASE_STEP_MASK		((UINT64CONST(1) << 62) - 1)
+
+/* A new lease token for the step. */
+Datum
+orch_lease_token_make(int64 step_id)
+{
+	pg_uuid_t  *uuid = palloc(UUID_LEN);
+	uint64		id = (uint64) step_id;
+
+	if (step_id <= 0 || (id & ~LEASE_STEP_MASK) != 0)
+		elog(ERROR, "step id " INT64_FORMAT " does not fit a lease token", step_id);
+	if (!pg_strong_random(uuid->data, 8))
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not generate random values for a lease token")));
+	uuid->data[6] = (unsigned char) (0x80 | (uuid->data[6] & 0x0F));
+	for (int i = 0; i < 8; i++)
+		uuid->data[8 + i] = (unsigned char) (id >> (8 * (7 - i)));
+	uuid->data[8] = (unsigned char) (0x80 | (uuid->data[8] & 0x3F));
+	return UUIDPGetDatum(uuid);
+}
+
+/* The step a lease token names; false if it is not a lease token. */
+bool
+orch_lease_token_step(Datum token, int64 *step_id)
+{
+	const unsigned char *d = DatumGetUUIDP(token)->data;
+	uint64		id = 0;
+
+	if ((d[6] & 0xF0) != 0x80 || (d[8] & 0xC0) != 0x80)
+		return false;
+	for (int i = 0; i < 8; i++)
+		id = id << 8 | d[8 + i];
+	id &= LEASE_STEP_MASK;
+	if (id == 0)
+		return false;
+	*step_id = (int64) id;
+	return true;
+}
+
+/* orch._lease_token(step_id) */
+PG_FUNCTION_INFO_V1(orch_lease_token);
+Datum
+orch_lease_token(PG_FUNCTION_ARGS)
+{
+	return orch_lease_token_make(PG_GETARG_INT64(0));
+}
+
+/* orch._lease_step(token): the step it names, NULL if it is not a lease token */
+PG_FUNCTION_INFO_V1(orch_lease_step);
+Datum
+orch_lease_step(PG_FUNCTION_ARGS)
+{
+	int64		step_id;
+
+	if (!orch_lease_token_step(PG_GETARG_DATUM(0), &step_id))
+		PG_RETURN_NULL();
+	PG_RETURN_INT64(step_id);
 }
