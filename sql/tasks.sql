@@ -132,7 +132,8 @@ SELECT app.show_error($$SELECT orch.define_queue('ranked', max_running => 0)$$);
 -- is over; once the limit is lifted, the next claim takes the task.
 SELECT orch.start_run('ranked', '{"n": "late"}') AS late_run \gset
 SELECT app.await($$SELECT count(*) = 1 FROM orch.steps WHERE queue = 'ranked' AND status = 'waiting'$$);
-SELECT count(*) FROM orch.claim_tasks('ranked', 'worker-3', 10, '30s', wait => '200ms');
+SELECT count(*), clock_timestamp() - statement_timestamp() >= interval '100ms' AS waited
+  FROM orch.claim_tasks('ranked', 'worker-3', 10, '30s', wait => '200ms');
 SELECT orch.define_queue('ranked', max_running => NULL);
 SELECT input->'input'->>'n' AS claimed FROM orch.claim_tasks('ranked', 'worker-3', 10, '30s', wait => '10s');
 SELECT name, waiting, running, max_running FROM orch.queue_status WHERE name = 'ranked';

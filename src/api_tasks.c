@@ -605,28 +605,28 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				limited = false;	/* lifted since */
 			SPI_freetuptable(SPI_tuptable);
 		}
-		if (room && limited)
-		{
-			if (orch_execute_plan(task_plan(T_LOCK_QUEUE), &queue_arg, NULL, 1) != SPI_OK_SELECT)
-				elog(ERROR, "could not lock queue");
-			/* not read-only: a new snapshot, including the claims waited for */
-			if (orch_execute_plan(task_plan(T_QUEUE_FREE), &queue_arg, NULL, 1) != SPI_OK_SELECT)
-				elog(ERROR, "could not read queue");
-			if (SPI_processed > 0)
-			{
-				bool		isnull;
-
-				most = (int32) Min(most, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-																	 SPI_tuptable->tupdesc, 1,
-																	 &isnull)));
-			}
-			SPI_freetuptable(SPI_tuptable);
-		}
-		if (room && most > 0)
+		if (room)
 		{
 			bool		skipped;
 
-			if (frontier_get(&fkey, &after[0], &after[1], &generation))
+			if (limited)
+			{
+				if (orch_execute_plan(task_plan(T_LOCK_QUEUE), &queue_arg, NULL, 1) != SPI_OK_SELECT)
+					elog(ERROR, "could not lock queue");
+				/* not read-only: a new snapshot, including the claims waited for */
+				if (orch_execute_plan(task_plan(T_QUEUE_FREE), &queue_arg, NULL, 1) != SPI_OK_SELECT)
+					elog(ERROR, "could not read queue");
+				if (SPI_processed > 0)
+				{
+					bool		isnull;
+
+					most = (int32) Min(most, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+																		 SPI_tuptable->tupdesc, 1,
+																		 &isnull)));
+				}
+				SPI_freetuptable(SPI_tuptable);
+			}
+			if (most > 0 && frontier_get(&fkey, &after[0], &after[1], &generation))
 			{
 				npicked = orch_pick_tasks(queue_arg, after, most, picked, &skipped);
 				locked_out |= skipped;
@@ -641,9 +641,10 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 				frontier_note(&fkey, picked + npicked, n, n == most - npicked, true, 0);
 				npicked += n;
 			}
+			/* a limited queue's lock is held now: no sleeping */
+			if (npicked > 0 || limited || !may_wait)
+				break;
 		}
-		if (npicked > 0 || limited || !may_wait)
-			break;
 
 		/*
 		 * Nothing claimed.  When the claim passed over tasks (locked by a
@@ -657,6 +658,13 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 			break;
 		if (locked_out)
 			remaining_ms = Min(remaining_ms, LOCKED_OUT_RETRY_MS);
+
+		/*
+		 * The statement that leases runs only once there is a task: plan it
+		 * now (a session's first claim), not after the wake-up, when the
+		 * milliseconds its planning takes would delay the task.
+		 */
+		orch_plan_ahead(task_plan(T_CLAIM));
 
 		/*
 		 * A broadcast that came while we looked took us off the wait list

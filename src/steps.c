@@ -944,6 +944,29 @@ orch_execute_plan(SPIPlanPtr plan, Datum *values, const char *nulls, long count)
 	return rc;
 }
 
+/*
+ * Make the generic plan of one of the engine's saved statements now, with
+ * the engine's settings, if it has none yet (its first use in the session,
+ * or after an invalidation), without running it.
+ */
+void
+orch_plan_ahead(SPIPlanPtr plan)
+{
+	engine_statements++;
+	PG_TRY();
+	{
+		CachedPlan *cplan = SPI_plan_get_cached_plan(plan);
+
+		if (cplan != NULL)
+			ReleaseCachedPlan(cplan, CurrentResourceOwner);
+	}
+	PG_FINALLY();
+	{
+		engine_statements--;
+	}
+	PG_END_TRY();
+}
+
 /* Run a saved statement; nulls are given as a string of ' ' and 'n'. */
 static int
 exec_plan(int which, Datum *values, const char *nulls, int expected)
