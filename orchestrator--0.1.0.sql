@@ -269,8 +269,11 @@ CREATE INDEX steps_due ON orch.steps (wake_at, step_id)
 -- where it starts to the end of the page at once, and a claim takes the
 -- first task or the first ten; full pages (about 250 entries) cost a
 -- single-task claim about 130,000 instructions there, against 70,000 now.
--- Tasks are queued in step order, at the right edge of the index, whose
--- pages split at the fill factor.
+-- The fill factor holds where tasks are queued at the index's right edge
+-- (the last queue and priority in index order: tasks of one queue and
+-- priority come in step order) and for pages a REINDEX builds; other pages
+-- split in halves.  A backlog takes ten times the pages (100,000 waiting
+-- tasks: about 4,000 pages, 32 MB).
 CREATE INDEX steps_task_queue ON orch.steps (queue, (- priority::bigint), step_id)
 	WITH (fillfactor = 10)
 	WHERE status = 'waiting' AND queue IS NOT NULL;

@@ -628,14 +628,15 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 			}
 			if (most > 0 && frontier_get(&fkey, &after[0], &after[1], &generation))
 			{
-				npicked = orch_pick_tasks(queue_arg, after, most, picked, &skipped);
+				npicked = orch_pick_tasks(queue_arg, after, NULL, 0, most, picked, &skipped);
 				locked_out |= skipped;
 				frontier_note(&fkey, picked, npicked, npicked == most, false, generation);
 			}
 			if (npicked < most)
 			{
-				int			n = orch_pick_tasks(queue_arg, NULL, most - npicked, picked + npicked,
-												&skipped);
+				/* from the head, past the tasks the resumed claim locked */
+				int			n = orch_pick_tasks(queue_arg, NULL, picked, npicked, most - npicked,
+												picked + npicked, &skipped);
 
 				locked_out |= skipped;
 				frontier_note(&fkey, picked + npicked, n, n == most - npicked, true, 0);

@@ -193,8 +193,17 @@ typedef struct OrchRowSource
 	bool		typbyval[ORCH_ROW_MAX_COLS];
 } OrchRowSource;
 
+/* a value a fetched row must hold: src->cols[col] = value */
+typedef struct OrchRowMatch
+{
+	int			col;
+	Datum		value;
+} OrchRowMatch;
+
 extern bool orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock,
 						   Datum *values, bool *nulls);
+extern bool orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m,
+								 bool lock, Datum *values, bool *nulls);
 extern Oid	orch_relid(const char *name);
 
 /* uuid_v7.c */
@@ -208,7 +217,7 @@ typedef struct OrchPickedTask
 	int64		neg_priority;	/* - priority */
 } OrchPickedTask;
 
-extern int	orch_pick_tasks(Datum queue, const int64 *after, int max, OrchPickedTask *out,
-							bool *skipped);
+extern int	orch_pick_tasks(Datum queue, const int64 *after, const OrchPickedTask *taken,
+							int ntaken, int max, OrchPickedTask *out, bool *skipped);
 
 #endif							/* ORCHESTRATOR_H */

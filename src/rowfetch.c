@@ -87,7 +87,7 @@ typedef struct PickSource
 	AttrNumber	run_status;
 	Oid			queue_eq;		/* the index's first column: = */
 	Oid			queue_collation;
-	Oid			key_gt[2];		/* its second and third: > */
+	Oid			key_cmp[2];		/* its second and third: their comparison */
 	Oid			run_eq;
 	Oid			waiting;		/* orch.step_status 'waiting' */
 	Oid			run_pending;	/* orch.run_status 'pending' and 'running' */
@@ -236,6 +236,19 @@ key_matches(const OrchRowSource *src, TupleTableSlot *slot, const Datum *keys)
 	return true;
 }
 
+/* Has the row in slot the value m asks for (no m: any row)? */
+static bool
+match(const OrchRowSource *src, TupleTableSlot *slot, const OrchRowMatch *m)
+{
+	bool		isnull;
+	Datum		v;
+
+	if (m == NULL)
+		return true;
+	v = slot_getattr(slot, src->attnum[m->col], &isnull);
+	return !isnull && datumIsEqual(v, m->value, src->typbyval[m->col], src->typlen[m->col]);
+}
+
 /*
  * Lock the row in slot FOR UPDATE.  Returns false when there is no row to
  * lock any more (deleted, or in READ COMMITTED updated to a version without
@@ -243,7 +256,7 @@ key_matches(const OrchRowSource *src, TupleTableSlot *slot, const Datum *keys)
  */
 static bool
 lock_row(const OrchRowSource *src, Relation rel, Snapshot snap, TupleTableSlot *slot,
-		 const Datum *keys)
+		 const Datum *keys, const OrchRowMatch *m)
 {
 	TM_FailureData tmfd;
 	ItemPointerData tid = slot->tts_tid;
@@ -256,7 +269,7 @@ lock_row(const OrchRowSource *src, Relation rel, Snapshot snap, TupleTableSlot *
 	{
 		case TM_Ok:
 			/* a newer version: is it still the row asked for? */
-			return !tmfd.traversed || key_matches(src, slot, keys);
+			return !tmfd.traversed || (key_matches(src, slot, keys) && match(src, slot, m));
 		case TM_SelfModified:
 			/* changed by a later command of this transaction: as if gone */
 			return false;
@@ -288,6 +301,19 @@ lock_row(const OrchRowSource *src, Relation rel, Snapshot snap, TupleTableSlot *
  */
 bool
 orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock, Datum *values, bool *nulls)
+{
+	return orch_row_fetch_match(src, keys, NULL, lock, values, nulls);
+}
+
+/*
+ * orch_row_fetch, for the row only if its column src->cols[m->col] holds
+ * m->value (no m: any row).  The value is checked before the row is locked,
+ * so a row without it is not locked, and again in the newest version
+ * locked.
+ */
+bool
+orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m, bool lock,
+					 Datum *values, bool *nulls)
 {
 	Relation	rel;
 	Relation	idx;
@@ -339,8 +365,8 @@ orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock, Datum *values, 
 	scan = index_beginscan(rel, idx, snap, src->nkeys, 0);
 	index_rescan(scan, sk, src->nkeys, NULL, 0);
 	/* a unique key: the snapshot sees at most one row with it */
-	if (index_getnext_slot(scan, ForwardScanDirection, slot))
-		found = !lock || lock_row(src, rel, snap, slot, keys);
+	if (index_getnext_slot(scan, ForwardScanDirection, slot) && match(src, slot, m))
+		found = !lock || lock_row(src, rel, snap, slot, keys, m);
 
 	if (found)
 	{
@@ -455,8 +481,14 @@ pick_prepare(void)
 	check_index_usable(idx, "steps_task_queue");
 	pick.queue_eq = index_operator(idx, 0, BTEqualStrategyNumber, "steps_task_queue");
 	pick.queue_collation = idx->rd_indcollation[0];
-	pick.key_gt[0] = index_operator(idx, 1, BTGreaterStrategyNumber, "steps_task_queue");
-	pick.key_gt[1] = index_operator(idx, 2, BTGreaterStrategyNumber, "steps_task_queue");
+	/* a row comparison's members take the three-way comparison, as the executor's do */
+	for (int c = 0; c < 2; c++)
+	{
+		pick.key_cmp[c] = get_opfamily_proc(idx->rd_opfamily[c + 1], INT8OID, INT8OID,
+											BTORDER_PROC);
+		if (!OidIsValid(pick.key_cmp[c]))
+			elog(ERROR, "no comparison function for column %d of orch.steps_task_queue", c + 2);
+	}
 	index_close(idx, NoLock);
 
 	idx = index_open(pick.runs_index, NoLock);
@@ -494,8 +526,10 @@ run_active(IndexScanDesc scan, TupleTableSlot *slot, Datum run_id)
  * steps_task_queue: queue, negated priority, step), of runs that are
  * pending or running, as SELECT ... FOR UPDATE SKIP LOCKED would; when
  * after is given, only tasks whose (negated priority, step) comes after it
- * (a row comparison on the index, which starts the scan there).  Returns
- * how many were locked, their keys in out, in that order.
+ * (a row comparison on the index, which starts the scan there), and none
+ * of the ntaken tasks taken (those this claim locked already, whose lock
+ * would be granted to us again).  Returns how many were locked,
+ * their keys in out, in that order.
  *
  * A task another transaction holds locked, or changed since the snapshot
  * (a claim that committed meanwhile), is passed over and *skipped set: the
@@ -509,8 +543,18 @@ run_active(IndexScanDesc scan, TupleTableSlot *slot, Datum run_id)
  * indexes): a claim as one statement spent more on setting up its plan
  * (a join, row locks, a limit, an initplan) than on reading the queue.
  */
+static int
+int64_cmp(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
 int
-orch_pick_tasks(Datum queue, const int64 *after, int max, OrchPickedTask *out, bool *skipped)
+orch_pick_tasks(Datum queue, const int64 *after, const OrchPickedTask *taken, int ntaken,
+				int max, OrchPickedTask *out, bool *skipped)
 {
 	Relation	steps;
 	Relation	qidx;
@@ -526,9 +570,17 @@ orch_pick_tasks(Datum queue, const int64 *after, int max, OrchPickedTask *out, b
 	TupleTableSlot *run_slot;
 	Snapshot	snap;
 	CommandId	cid;
+	int64	   *taken_ids = NULL;
 	int			n = 0;
 
 	*skipped = false;
+	if (ntaken > 0)
+	{
+		taken_ids = palloc(sizeof(int64) * ntaken);
+		for (int i = 0; i < ntaken; i++)
+			taken_ids[i] = taken[i].step_id;
+		qsort(taken_ids, ntaken, sizeof(int64), int64_cmp);
+	}
 	/* it locks rows, then updates them */
 	PreventCommandIfReadOnly("SELECT FOR UPDATE");
 	CommandCounterIncrement();
@@ -558,9 +610,9 @@ orch_pick_tasks(Datum queue, const int64 *after, int max, OrchPickedTask *out, b
 	{
 		/* (- priority::bigint, step_id) > (after[0], after[1]) */
 		ScanKeyEntryInitialize(&row[0], SK_ROW_MEMBER, 2, BTGreaterStrategyNumber, INT8OID,
-							   InvalidOid, pick.key_gt[0], Int64GetDatum(after[0]));
+							   InvalidOid, pick.key_cmp[0], Int64GetDatum(after[0]));
 		ScanKeyEntryInitialize(&row[1], SK_ROW_MEMBER | SK_ROW_END, 3, BTGreaterStrategyNumber,
-							   INT8OID, InvalidOid, pick.key_gt[1], Int64GetDatum(after[1]));
+							   INT8OID, InvalidOid, pick.key_cmp[1], Int64GetDatum(after[1]));
 		/* as the executor builds one: a header has no function */
 		MemSet(&keys[1], 0, sizeof(ScanKeyData));
 		keys[1].sk_flags = SK_ROW_HEADER;
@@ -589,6 +641,7 @@ orch_pick_tasks(Datum queue, const int64 *after, int max, OrchPickedTask *out, b
 		ItemPointerData tid = slot->tts_tid;
 		TM_FailureData tmfd;
 		TM_Result	r;
+		int64		step_id;
 
 		CHECK_FOR_INTERRUPTS();
 
@@ -599,6 +652,10 @@ orch_pick_tasks(Datum queue, const int64 *after, int max, OrchPickedTask *out, b
 		 */
 		if (isnull || DatumGetObjectId(status) != pick.waiting)
 			continue;
+		step_id = DatumGetInt64(slot_getattr(slot, pick.step_id, &isnull));
+		/* locked by this claim already: a lock we hold is granted again */
+		if (ntaken > 0 && bsearch(&step_id, taken_ids, ntaken, sizeof(int64), int64_cmp) != NULL)
+			continue;
 		if (!run_active(run_scan, run_slot, slot_getattr(slot, pick.run_id, &isnull)))
 			continue;
 
@@ -607,7 +664,7 @@ orch_pick_tasks(Datum queue, const int64 *after, int max, OrchPickedTask *out, b
 		switch (r)
 		{
 			case TM_Ok:
-				out[n].step_id = DatumGetInt64(slot_getattr(slot, pick.step_id, &isnull));
+				out[n].step_id = step_id;
 				out[n].neg_priority = -(int64) DatumGetInt32(slot_getattr(slot, pick.priority,
 																		  &isnull));
 				n++;
@@ -641,5 +698,7 @@ orch_pick_tasks(Datum queue, const int64 *after, int max, OrchPickedTask *out, b
 	table_close(runs, NoLock);
 	index_close(qidx, NoLock);
 	table_close(steps, NoLock);
+	if (taken_ids != NULL)
+		pfree(taken_ids);
 	return n;
 }

@@ -864,11 +864,11 @@ static const char *const engine_planner_settings[][2] = {
 	{"join_collapse_limit", "1"},
 
 	/*
-	 * The statements are written to plan alike whatever their parameters
-	 * and the statistics: plan each once per session, not at each of its
-	 * first executions (a claim's plan costs milliseconds to make).
+	 * (The statements are written to plan alike whatever their parameters
+	 * and the statistics, and are prepared as generic plans: each is planned
+	 * once per session, not at each of its first executions, as a claim's
+	 * plan costs milliseconds to make.)
 	 */
-	{"plan_cache_mode", "force_generic_plan"},
 
 	/*
 	 * A plan that needs a disabled node (a sort) costs 1e10 and more, far
@@ -1136,9 +1136,10 @@ fetch_steps(int plan, Datum *args, MemoryContext cxt, ClaimedStep **steps_out)
  * step and then its run are locked FOR UPDATE, in that order; then the
  * step's definition and its circuit are read, each (in READ COMMITTED)
  * with a snapshot of its own, taken after those locks: the circuit's state
- * as of then.  The step is the one the token names (uuid_v7.c), locked
- * whatever lease it holds; its lease must then be the token.  Returns false
- * when no step holds the lease.
+ * as of then.  The step is the one the token names (uuid_v7.c), and only
+ * if it holds the token's lease, checked before it is locked (a stale or
+ * made-up token locks nothing) and again in the version locked.  Returns
+ * false when no step holds the lease.
  */
 enum
 {
@@ -1204,14 +1205,6 @@ lease_step(Datum token, Datum *key)
 	return true;
 }
 
-/* Is the step's lease (lease_token, NULL when none) the token's? */
-static bool
-token_matches(Datum lease_token, bool isnull, Datum token)
-{
-	return !isnull &&
-		memcmp(DatumGetUUIDP(lease_token)->data, DatumGetUUIDP(token)->data, UUID_LEN) == 0;
-}
-
 #define TEXT_OR_NULL(v, nulls, i) ((nulls)[i] ? NULL : TextDatumGetCString((v)[i]))
 #define DATUM_OR_0(v, nulls, i) ((nulls)[i] ? (Datum) 0 : (v)[i])
 
@@ -1228,13 +1221,13 @@ fetch_task_by_token(Datum token, MemoryContext cxt, ClaimedStep *s)
 				cn[TC_NCOLS];
 	Datum		wkey[3];
 	Datum		step_key;
+	OrchRowMatch lease = {TS_LEASE_TOKEN, token};	/* locked only if it holds the lease */
 	MemoryContext oldcxt = MemoryContextSwitchTo(cxt);
 	bool		found;
 
 	memset(s, 0, sizeof(*s));
 	found = lease_step(token, &step_key) &&
-		orch_row_fetch(&task_step_source, &step_key, true, sv, sn) &&
-		token_matches(sv[TS_LEASE_TOKEN], sn[TS_LEASE_TOKEN], token) &&
+		orch_row_fetch_match(&task_step_source, &step_key, &lease, true, sv, sn) &&
 		orch_row_fetch(&task_run_source, &sv[TS_RUN_ID], true, rv, rn);
 	if (found)
 	{
@@ -1354,12 +1347,12 @@ fetch_tasks_by_tokens(const Datum *tokens, int n, MemoryContext cxt, ClaimedStep
 	for (int i = 0; i < n; i++)
 	{
 		Datum		key;
+		OrchRowMatch lease = {1, tokens[i]};
 		Datum		v[2];
 		bool		isnull[2];
 
 		if (lease_step(tokens[i], &key) &&
-			orch_row_fetch(&token_run_source, &key, false, v, isnull) &&
-			token_matches(v[1], isnull[1], tokens[i]))
+			orch_row_fetch_match(&token_run_source, &key, &lease, false, v, isnull))
 			runs[nruns++] = v[0];
 	}
 	qsort(runs, nruns, sizeof(Datum), uuid_datum_cmp);
