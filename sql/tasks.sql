@@ -202,6 +202,12 @@ SELECT orch.start_run('resumed', '{"n": 4}') AS held_run \gset
 SELECT app.await(format($$SELECT status = 'waiting' FROM orch.steps WHERE run_id = %L$$, :'held_run'));
 SELECT orch.pause_run(:'held_run', 'hold on');
 SELECT count(*) AS claimed_while_paused FROM orch.claim_tasks('resumed', 'w', 1, '1 min');
+-- A claim from a limited queue with room, whose only waiting task is the
+-- paused run's, waits for its wait too (it does not return at once).
+SELECT orch.define_queue('resumed', max_running => 100);
+SELECT count(*), clock_timestamp() - statement_timestamp() >= interval '100ms' AS waited
+  FROM orch.claim_tasks('resumed', 'w', 1, '1 min', wait => '200ms');
+SELECT orch.define_queue('resumed', max_running => NULL);
 SELECT orch.resume_run(:'held_run');
 SELECT input->'input'->>'n' AS claimed_after_resume FROM orch.claim_tasks('resumed', 'w', 1, '1 min');
 

@@ -43,11 +43,16 @@
 	"                                  WHERE x.queue = $1 AND x.status = 'running'), 0)" \
 	"  FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL"
 
-/* Could a claim from this limited queue get anything now?  NULL: no limit. */
+/*
+ * Could a claim from this limited queue get anything now: is there room, and
+ * a task a claim would take (of a pending or running run)?  No row: no limit.
+ */
 #define QUEUE_ROOM_SQL \
 	"SELECT q.max_running > (SELECT pg_catalog.count(*) FROM orch.steps x" \
 	"                         WHERE x.queue = $1 AND x.status = 'running')" \
-	"   AND EXISTS (SELECT FROM orch.steps w WHERE w.queue = $1 AND w.status = 'waiting')" \
+	"   AND EXISTS (SELECT FROM orch.steps w JOIN orch.runs r ON r.run_id = w.run_id" \
+	"                WHERE w.queue = $1 AND w.status = 'waiting'" \
+	"                  AND " ORCH_RUN_STATUS_IN("r", "'pending', 'running'") ")" \
 	"  FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL"
 
 /*

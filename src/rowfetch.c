@@ -236,6 +236,19 @@ key_matches(const OrchRowSource *src, TupleTableSlot *slot, const Datum *keys)
 	return true;
 }
 
+/*
+ * A row to lock was changed since the snapshot: in REPEATABLE READ and
+ * SERIALIZABLE a serialization failure, as the executor raises it.
+ */
+static void
+fail_if_transaction_snapshot(void)
+{
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("could not serialize access due to concurrent update")));
+}
+
 /* Has the row in slot the value m asks for (no m: any row)? */
 static bool
 match(const OrchRowSource *src, TupleTableSlot *slot, const OrchRowMatch *m)
@@ -275,10 +288,7 @@ lock_row(const OrchRowSource *src, Relation rel, Snapshot snap, TupleTableSlot *
 			return false;
 		case TM_Updated:
 		case TM_Deleted:
-			if (IsolationUsesXactSnapshot())
-				ereport(ERROR,
-						(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-						 errmsg("could not serialize access due to concurrent update")));
+			fail_if_transaction_snapshot();
 			if (r == TM_Updated)
 				elog(ERROR, "unexpected result locking a row of orch.%s: %d", src->table, (int) r);
 			return false;
@@ -674,10 +684,7 @@ orch_pick_tasks(Datum queue, const int64 *after, const OrchPickedTask *taken, in
 				break;
 			case TM_Updated:
 			case TM_Deleted:
-				if (IsolationUsesXactSnapshot())
-					ereport(ERROR,
-							(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-							 errmsg("could not serialize access due to concurrent update")));
+				fail_if_transaction_snapshot();
 				*skipped = true;
 				break;
 			case TM_SelfModified:

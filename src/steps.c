@@ -947,11 +947,18 @@ orch_execute_plan(SPIPlanPtr plan, Datum *values, const char *nulls, long count)
 /*
  * Make the generic plan of one of the engine's saved statements now, with
  * the engine's settings, if it has none yet (its first use in the session,
- * or after an invalidation), without running it.
+ * or after an invalidation), without running it.  In a subtransaction
+ * rolled back at once: the plan stays with the session, but not the locks
+ * that making and checking it took (the statement's tables in the modes
+ * it runs with), which the caller, about to sleep, must not hold.
  */
 void
 orch_plan_ahead(SPIPlanPtr plan)
 {
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+
+	BeginInternalSubTransaction(NULL);
 	engine_statements++;
 	PG_TRY();
 	{
@@ -965,6 +972,9 @@ orch_plan_ahead(SPIPlanPtr plan)
 		engine_statements--;
 	}
 	PG_END_TRY();
+	RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
 }
 
 /* Run a saved statement; nulls are given as a string of ' ' and 'n'. */
