@@ -206,8 +206,7 @@ extern bool orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const Or
 								 bool lock, Datum *values, bool *nulls);
 extern Oid	orch_relid(const char *name);
 
-/* uuid_v7.c */
-extern Datum orch_lease_token_make(int64 step_id);
+/* uuid_v7.c: the step a lease token names */
 extern bool orch_lease_token_step(Datum token, int64 *step_id);
 
 /* rowfetch.c: a task locked by orch_pick_tasks, and its key in its queue */
