@@ -37,10 +37,13 @@
 #define LOCK_QUEUE_SQL \
 	"SELECT 1 FROM orch.queues WHERE name = $1 AND max_running IS NOT NULL FOR UPDATE"
 
+/* how many tasks of queue $1 are leased */
+#define QUEUE_RUNNING_SQL \
+	"(SELECT pg_catalog.count(*) FROM orch.steps x WHERE x.queue = $1 AND x.status = 'running')"
+
 /* The room left under a limited queue's limit.  No row: no limit. */
 #define QUEUE_FREE_SQL \
-	"SELECT GREATEST(q.max_running - (SELECT pg_catalog.count(*) FROM orch.steps x" \
-	"                                  WHERE x.queue = $1 AND x.status = 'running'), 0)" \
+	"SELECT GREATEST(q.max_running - " QUEUE_RUNNING_SQL ", 0)" \
 	"  FROM orch.queues q WHERE q.name = $1 AND q.max_running IS NOT NULL"
 
 /*
@@ -48,8 +51,7 @@
  * a task a claim would take (of a pending or running run)?  No row: no limit.
  */
 #define QUEUE_ROOM_SQL \
-	"SELECT q.max_running > (SELECT pg_catalog.count(*) FROM orch.steps x" \
-	"                         WHERE x.queue = $1 AND x.status = 'running')" \
+	"SELECT q.max_running > " QUEUE_RUNNING_SQL \
 	"   AND EXISTS (SELECT FROM orch.steps w JOIN orch.runs r ON r.run_id = w.run_id" \
 	"                WHERE w.queue = $1 AND w.status = 'waiting'" \
 	"                  AND " ORCH_RUN_STATUS_IN("r", "'pending', 'running'") ")" \

@@ -183,8 +183,7 @@ typedef struct OrchRowSource
 	bool		ready;
 	bool		registered;
 	struct OrchRowSource *next;
-	Oid			relid;
-	Oid			indexid;
+	Oid			rels[2];		/* the table, the index */
 	Oid			key_eq[ORCH_ROW_MAX_KEYS];	/* equality function */
 	Oid			key_collation[ORCH_ROW_MAX_KEYS];
 	int16		key_attnum[ORCH_ROW_MAX_KEYS];

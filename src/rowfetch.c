@@ -73,13 +73,22 @@ static bool callback_registered = false;
  * queue index, orch.runs and its primary key, the columns read, the
  * functions of the scan keys, the enum values compared.
  */
+enum
+{
+	PICK_STEPS, PICK_QUEUE_INDEX, PICK_RUNS, PICK_RUNS_INDEX, PICK_NRELS
+};
+static const char *const pick_names[PICK_NRELS] = {
+	"steps", "steps_task_queue", "runs", "runs_pkey"
+};
+/* the steps are locked as SELECT ... FOR UPDATE locks them */
+static const LOCKMODE pick_modes[PICK_NRELS] = {
+	RowShareLock, AccessShareLock, AccessShareLock, AccessShareLock
+};
+
 typedef struct PickSource
 {
 	bool		ready;
-	Oid			steps;
-	Oid			queue_index;	/* steps_task_queue */
-	Oid			runs;
-	Oid			runs_index;		/* runs_pkey */
+	Oid			rels[PICK_NRELS];	/* of pick_names */
 	AttrNumber	step_id;
 	AttrNumber	run_id;
 	AttrNumber	status;
@@ -96,14 +105,23 @@ typedef struct PickSource
 
 static PickSource pick;
 
+/* Is relid one of the n relations (InvalidOid: all of them)? */
+static bool
+rel_among(Oid relid, int n, const Oid *rels)
+{
+	for (int i = 0; i < n; i++)
+		if (!OidIsValid(relid) || relid == rels[i])
+			return true;
+	return false;
+}
+
 static void
 sources_invalidate(Datum arg, Oid relid)
 {
 	for (OrchRowSource *s = prepared_sources; s != NULL; s = s->next)
-		if (!OidIsValid(relid) || relid == s->relid || relid == s->indexid)
+		if (rel_among(relid, 2, s->rels))
 			s->ready = false;
-	if (!OidIsValid(relid) || relid == pick.steps || relid == pick.queue_index ||
-		relid == pick.runs || relid == pick.runs_index)
+	if (rel_among(relid, PICK_NRELS, pick.rels))
 		pick.ready = false;
 }
 
@@ -114,6 +132,64 @@ register_callback(void)
 	{
 		CacheRegisterRelcacheCallback(sources_invalidate, (Datum) 0);
 		callback_registered = true;
+	}
+}
+
+static void
+lock_relations(int n, const Oid *rels, const LOCKMODE *modes)
+{
+	for (int i = 0; i < n; i++)
+		LockRelationOid(rels[i], modes[i]);
+}
+
+static void
+unlock_relations(int n, const Oid *rels, const LOCKMODE *modes)
+{
+	for (int i = n - 1; i >= 0; i--)
+		UnlockRelationOid(rels[i], modes[i]);
+}
+
+/*
+ * Look the names up and lock what they name (until the transaction ends, as
+ * the executor would), into rels.  DDL that committed while we waited for a
+ * lock (an index built anew) may have given a name another OID: when any
+ * invalidation came meanwhile, look the names up again.
+ */
+static void
+lock_by_name(int n, const char *const *names, const LOCKMODE *modes, Oid *rels)
+{
+	for (;;)
+	{
+		uint64		invals = SharedInvalidMessageCounter;
+
+		for (int i = 0; i < n; i++)
+			rels[i] = orch_relid(names[i]);
+		lock_relations(n, rels, modes);
+		if (invals == SharedInvalidMessageCounter)
+			return;
+		unlock_relations(n, rels, modes);
+	}
+}
+
+/*
+ * Lock the relations of what a session looked up (rels, ready), then trust
+ * it: taking a lock processes the invalidations of DDL that committed
+ * since, which may have made it stale (*ready cleared: a column's type
+ * changed, the index built anew).  Then look it up again (look_up(arg)),
+ * and lock what it names now.
+ */
+static void
+lock_looked_up(const bool *ready, void (*look_up) (void *), void *arg,
+			   int n, const Oid *rels, const LOCKMODE *modes)
+{
+	for (;;)
+	{
+		if (!*ready)
+			look_up(arg);
+		lock_relations(n, rels, modes);
+		if (*ready)
+			return;
+		unlock_relations(n, rels, modes);
 	}
 }
 
@@ -134,10 +210,28 @@ check_index_usable(Relation idx, const char *name)
 				 errhint("Rebuild it with REINDEX INDEX orch.%s.", name)));
 }
 
-/* Resolve what src names: the table, its key's index, columns, key functions. */
-static void
-source_prepare(OrchRowSource *src)
+/* The function of idx's operator of strategy for its column col (from 0). */
+static Oid
+index_operator(Relation idx, int col, int16 strategy, const char *name)
 {
+	Oid			opno = get_opfamily_member(idx->rd_opfamily[col], idx->rd_opcintype[col],
+										   idx->rd_opcintype[col], strategy);
+
+	if (!OidIsValid(opno))
+		elog(ERROR, "no operator of strategy %d for column %d of orch.%s", strategy, col + 1, name);
+	return get_opcode(opno);
+}
+
+/*
+ * Resolve what an OrchRowSource names: the table, its key's index, columns,
+ * key functions.
+ */
+static void
+source_prepare(void *arg)
+{
+	OrchRowSource *src = arg;
+	const char *const names[2] = {src->table, src->index};
+	static const LOCKMODE modes[2] = {AccessShareLock, AccessShareLock};
 	Relation	rel;
 	Relation	idx;
 	TupleDesc	desc;
@@ -147,28 +241,10 @@ source_prepare(OrchRowSource *src)
 	Assert(src->nkeys >= 1 && src->nkeys <= ORCH_ROW_MAX_KEYS);
 	Assert(src->ncols >= 0 && src->ncols <= ORCH_ROW_MAX_COLS);
 
-	/*
-	 * The names to OIDs, then lock them (until the transaction ends, as the
-	 * executor would).  DDL that committed while we waited for a lock (the
-	 * index built anew) may have given a name another OID: when any
-	 * invalidation came meanwhile, look the names up again.
-	 */
-	for (;;)
-	{
-		uint64		invals = SharedInvalidMessageCounter;
-
-		src->relid = orch_relid(src->table);
-		src->indexid = orch_relid(src->index);
-		LockRelationOid(src->relid, AccessShareLock);
-		LockRelationOid(src->indexid, AccessShareLock);
-		if (invals == SharedInvalidMessageCounter)
-			break;
-		UnlockRelationOid(src->indexid, AccessShareLock);
-		UnlockRelationOid(src->relid, AccessShareLock);
-	}
-	rel = table_open(src->relid, NoLock);
-	idx = index_open(src->indexid, NoLock);
-	if (idx->rd_index->indrelid != src->relid || !idx->rd_index->indisunique ||
+	lock_by_name(2, names, modes, src->rels);
+	rel = table_open(src->rels[0], NoLock);
+	idx = index_open(src->rels[1], NoLock);
+	if (idx->rd_index->indrelid != src->rels[0] || !idx->rd_index->indisunique ||
 		idx->rd_rel->relam != BTREE_AM_OID ||
 		IndexRelationGetNumberOfKeyAttributes(idx) != src->nkeys)
 		elog(ERROR, "orch.%s is not a unique btree index of %d columns on orch.%s",
@@ -177,12 +253,7 @@ source_prepare(OrchRowSource *src)
 	check_index_usable(idx, src->index);
 	for (int k = 0; k < src->nkeys; k++)
 	{
-		Oid			opno = get_opfamily_member(idx->rd_opfamily[k], idx->rd_opcintype[k],
-											   idx->rd_opcintype[k], BTEqualStrategyNumber);
-
-		if (!OidIsValid(opno))
-			elog(ERROR, "no equality operator for column %d of orch.%s", k + 1, src->index);
-		src->key_eq[k] = get_opcode(opno);
+		src->key_eq[k] = index_operator(idx, k, BTEqualStrategyNumber, src->index);
 		src->key_collation[k] = idx->rd_indcollation[k];
 		src->key_attnum[k] = idx->rd_index->indkey.values[k];
 		if (src->key_attnum[k] == 0)
@@ -331,7 +402,7 @@ orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *
 	IndexScanDesc scan;
 	TupleTableSlot *slot;
 	Snapshot	snap;
-	LOCKMODE	mode = lock ? RowShareLock : AccessShareLock;
+	const LOCKMODE modes[2] = {lock ? RowShareLock : AccessShareLock, AccessShareLock};
 	bool		found = false;
 
 	/* as the executor refuses SELECT ... FOR UPDATE (a standby's included) */
@@ -344,25 +415,9 @@ orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *
 	 */
 	CommandCounterIncrement();
 
-	/*
-	 * Lock the table and the index, then trust what was looked up of them:
-	 * taking a lock processes the invalidations of DDL that committed since,
-	 * which may have made it stale (a column's type changed, the index built
-	 * anew).  Then look it up again, and lock what it names now.
-	 */
-	for (;;)
-	{
-		if (!src->ready)
-			source_prepare(src);
-		LockRelationOid(src->relid, mode);
-		LockRelationOid(src->indexid, AccessShareLock);
-		if (src->ready)
-			break;
-		UnlockRelationOid(src->indexid, AccessShareLock);
-		UnlockRelationOid(src->relid, mode);
-	}
-	rel = table_open(src->relid, NoLock);
-	idx = index_open(src->indexid, NoLock);
+	lock_looked_up(&src->ready, source_prepare, src, 2, src->rels, modes);
+	rel = table_open(src->rels[0], NoLock);
+	idx = index_open(src->rels[1], NoLock);
 	for (int k = 0; k < src->nkeys; k++)
 		ScanKeyEntryInitialize(&sk[k], 0, k + 1, BTEqualStrategyNumber, InvalidOid,
 							   src->key_collation[k], src->key_eq[k], keys[k]);
@@ -431,60 +486,34 @@ enum_value(Oid relid, AttrNumber att, const char *label)
 	return oid;
 }
 
-/* The function of idx's operator of strategy for its column col (from 0). */
-static Oid
-index_operator(Relation idx, int col, int16 strategy, const char *name)
-{
-	Oid			opno = get_opfamily_member(idx->rd_opfamily[col], idx->rd_opcintype[col],
-										   idx->rd_opcintype[col], strategy);
-
-	if (!OidIsValid(opno))
-		elog(ERROR, "no operator of strategy %d for column %d of orch.%s", strategy, col + 1, name);
-	return get_opcode(opno);
-}
-
 /* Look up what pick names, once its relations are locked by OID. */
 static void
-pick_prepare(void)
+pick_prepare(void *arg)
 {
+	Oid			steps;
+	Oid			runs;
 	Relation	idx;
 
 	register_callback();
 	pick.ready = false;
-	for (;;)
-	{
-		uint64		invals = SharedInvalidMessageCounter;
+	lock_by_name(PICK_NRELS, pick_names, pick_modes, pick.rels);
+	steps = pick.rels[PICK_STEPS];
+	runs = pick.rels[PICK_RUNS];
 
-		pick.steps = orch_relid("steps");
-		pick.queue_index = orch_relid("steps_task_queue");
-		pick.runs = orch_relid("runs");
-		pick.runs_index = orch_relid("runs_pkey");
-		LockRelationOid(pick.steps, RowShareLock);
-		LockRelationOid(pick.queue_index, AccessShareLock);
-		LockRelationOid(pick.runs, AccessShareLock);
-		LockRelationOid(pick.runs_index, AccessShareLock);
-		if (invals == SharedInvalidMessageCounter)
-			break;
-		UnlockRelationOid(pick.runs_index, AccessShareLock);
-		UnlockRelationOid(pick.runs, AccessShareLock);
-		UnlockRelationOid(pick.queue_index, AccessShareLock);
-		UnlockRelationOid(pick.steps, RowShareLock);
-	}
-
-	pick.step_id = column_of(pick.steps, "steps", "step_id");
-	pick.run_id = column_of(pick.steps, "steps", "run_id");
-	pick.status = column_of(pick.steps, "steps", "status");
-	pick.priority = column_of(pick.steps, "steps", "priority");
-	pick.run_status = column_of(pick.runs, "runs", "status");
-	pick.waiting = enum_value(pick.steps, pick.status, "waiting");
-	pick.run_pending = enum_value(pick.runs, pick.run_status, "pending");
-	pick.run_running = enum_value(pick.runs, pick.run_status, "running");
+	pick.step_id = column_of(steps, "steps", "step_id");
+	pick.run_id = column_of(steps, "steps", "run_id");
+	pick.status = column_of(steps, "steps", "status");
+	pick.priority = column_of(steps, "steps", "priority");
+	pick.run_status = column_of(runs, "runs", "status");
+	pick.waiting = enum_value(steps, pick.status, "waiting");
+	pick.run_pending = enum_value(runs, pick.run_status, "pending");
+	pick.run_running = enum_value(runs, pick.run_status, "running");
 
 	/* queue, - priority::bigint, step_id */
-	idx = index_open(pick.queue_index, NoLock);
-	if (idx->rd_index->indrelid != pick.steps || idx->rd_rel->relam != BTREE_AM_OID ||
+	idx = index_open(pick.rels[PICK_QUEUE_INDEX], NoLock);
+	if (idx->rd_index->indrelid != steps || idx->rd_rel->relam != BTREE_AM_OID ||
 		IndexRelationGetNumberOfKeyAttributes(idx) != 3 ||
-		idx->rd_index->indkey.values[0] != column_of(pick.steps, "steps", "queue") ||
+		idx->rd_index->indkey.values[0] != column_of(steps, "steps", "queue") ||
 		idx->rd_index->indkey.values[2] != pick.step_id ||
 		idx->rd_opcintype[1] != INT8OID || idx->rd_opcintype[2] != INT8OID)
 		elog(ERROR, "orch.steps_task_queue is not a btree index on (queue, - priority::bigint, step_id)");
@@ -501,10 +530,10 @@ pick_prepare(void)
 	}
 	index_close(idx, NoLock);
 
-	idx = index_open(pick.runs_index, NoLock);
-	if (idx->rd_index->indrelid != pick.runs || idx->rd_rel->relam != BTREE_AM_OID ||
+	idx = index_open(pick.rels[PICK_RUNS_INDEX], NoLock);
+	if (idx->rd_index->indrelid != runs || idx->rd_rel->relam != BTREE_AM_OID ||
 		IndexRelationGetNumberOfKeyAttributes(idx) != 1 ||
-		idx->rd_index->indkey.values[0] != column_of(pick.runs, "runs", "run_id"))
+		idx->rd_index->indkey.values[0] != column_of(runs, "runs", "run_id"))
 		elog(ERROR, "orch.runs_pkey is not a btree index on (run_id)");
 	check_index_usable(idx, "runs_pkey");
 	pick.run_eq = index_operator(idx, 0, BTEqualStrategyNumber, "runs_pkey");
@@ -594,25 +623,11 @@ orch_pick_tasks(Datum queue, const int64 *after, const OrchPickedTask *taken, in
 	/* it locks rows, then updates them */
 	PreventCommandIfReadOnly("SELECT FOR UPDATE");
 	CommandCounterIncrement();
-	for (;;)
-	{
-		if (!pick.ready)
-			pick_prepare();
-		LockRelationOid(pick.steps, RowShareLock);
-		LockRelationOid(pick.queue_index, AccessShareLock);
-		LockRelationOid(pick.runs, AccessShareLock);
-		LockRelationOid(pick.runs_index, AccessShareLock);
-		if (pick.ready)
-			break;
-		UnlockRelationOid(pick.runs_index, AccessShareLock);
-		UnlockRelationOid(pick.runs, AccessShareLock);
-		UnlockRelationOid(pick.queue_index, AccessShareLock);
-		UnlockRelationOid(pick.steps, RowShareLock);
-	}
-	steps = table_open(pick.steps, NoLock);
-	qidx = index_open(pick.queue_index, NoLock);
-	runs = table_open(pick.runs, NoLock);
-	ridx = index_open(pick.runs_index, NoLock);
+	lock_looked_up(&pick.ready, pick_prepare, NULL, PICK_NRELS, pick.rels, pick_modes);
+	steps = table_open(pick.rels[PICK_STEPS], NoLock);
+	qidx = index_open(pick.rels[PICK_QUEUE_INDEX], NoLock);
+	runs = table_open(pick.rels[PICK_RUNS], NoLock);
+	ridx = index_open(pick.rels[PICK_RUNS_INDEX], NoLock);
 
 	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
 						   pick.queue_collation, pick.queue_eq, queue);
