@@ -2880,35 +2880,36 @@ CREATE VIEW orch.engine_workers AS
 -- per audit event): who, what, when and why, and the SHA-256 of the event's
 -- canonical encoding.  An event's row images and its run and step are
 -- stored in that encoding, so the values hashed are the values stored.
--- The events of one statement (up to 1,000) share a record, which holds
--- what they have in common once; orch.audit_log shows one row per event.
+-- The events of one transaction (up to 1,000) share a record, written when
+-- it commits, which holds what the events of each statement have in common
+-- once; orch.audit_log shows one row per event.
 -- Append-only; the sealer chains finished events into orch.audit_blocks.
 CREATE TABLE orch.audit_records (
 	record_id		bigint		GENERATED ALWAYS AS IDENTITY (CACHE 64),
 	xid				xid8		NOT NULL,	-- the writing (top-level) transaction
-	at				timestamptz	NOT NULL,
-	table_name		text		NOT NULL,	-- schema-qualified
-	operation		text		NOT NULL,	-- INSERT UPDATE DELETE TRUNCATE, or an event
-	actor			text,					-- the application's actor
-	db_user			text		NOT NULL,	-- current_user
-	session_role	text		NOT NULL,	-- session_user
-	reason			text,
+	at				timestamptz	NOT NULL,	-- when its first statement was recorded
 	n_events		int			NOT NULL,
-	events			bytea		NOT NULL,	-- each event's row_key, old_row, new_row, run_id, step_id
+	events			bytea		NOT NULL,	-- its statements: who, when, why, then their events
 	hashes			bytea		NOT NULL,	-- each event's row_hash, 32 bytes
 	run_ids			uuid[],					-- the runs of its events, to find them by
+	purge			boolean		NOT NULL DEFAULT false,	-- holds a purge's event
 	-- the order in which the sealer takes events: transaction, record, event
 	PRIMARY KEY (xid, record_id)
 );
 CREATE INDEX audit_records_runs ON orch.audit_records USING gin (run_ids);
 -- the purges, which verification looks up first
-CREATE INDEX audit_records_purges ON orch.audit_records (record_id) WHERE operation = 'PURGE';
--- A statement's events repeat their column names: they compress well.
+CREATE INDEX audit_records_purges ON orch.audit_records (record_id) WHERE purge;
+-- A record's events repeat their column names and its statements their
+-- who and why: they compress well.
 -- Hashes do not compress at all, and run ids little (lz4, which gives up
 -- quickly, instead of the default pglz).
+-- A record is moved out of line only past 8,160 bytes, compressed: the
+-- record of a claim of ten tasks and their verdicts (40 events) then stays
+-- in its row, with no insert into the TOAST table and its index.
 ALTER TABLE orch.audit_records ALTER COLUMN events SET COMPRESSION lz4,
 	ALTER COLUMN hashes SET STORAGE EXTERNAL,
-	ALTER COLUMN run_ids SET COMPRESSION lz4;
+	ALTER COLUMN run_ids SET COMPRESSION lz4,
+	SET (toast_tuple_target = 8160);
 
 -- A block seals the rows of the transactions with xid_from <= xid < xid_to,
 -- all of which had ended when it was sealed.
@@ -2944,11 +2945,14 @@ CREATE FUNCTION orch._audit_event(table_name text, operation text, detail jsonb)
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', 'orch_audit_event';
 
--- The events of a record, their row images as jsonb.
+-- The events of a record, with their statements' who, when and why, their
+-- row images as jsonb.
 CREATE FUNCTION orch._audit_unpack(record_id bigint, n_events int, events bytea, hashes bytea,
-								   OUT audit_id bigint, OUT row_key jsonb, OUT old_row jsonb,
-								   OUT new_row jsonb, OUT run_id uuid, OUT step_id bigint,
-								   OUT row_hash bytea)
+								   OUT audit_id bigint, OUT at timestamptz, OUT table_name text,
+								   OUT operation text, OUT row_key jsonb, OUT old_row jsonb,
+								   OUT new_row jsonb, OUT actor text, OUT db_user text,
+								   OUT session_role text, OUT run_id uuid, OUT step_id bigint,
+								   OUT reason text, OUT row_hash bytea)
 	RETURNS SETOF record
 	LANGUAGE c IMMUTABLE STRICT
 	AS 'MODULE_PATHNAME', 'orch_audit_unpack';
@@ -2957,8 +2961,8 @@ CREATE FUNCTION orch._audit_unpack(record_id bigint, n_events int, events bytea,
 -- it.  An event's audit_id is its record's record_id times 1,000 plus its
 -- place in the record (0 to 999).
 CREATE VIEW orch.audit_log AS
-	SELECT e.audit_id, r.xid, r.at, r.table_name, r.operation, e.row_key, e.old_row, e.new_row,
-		   r.actor, r.db_user, r.session_role, e.run_id, e.step_id, r.reason, e.row_hash,
+	SELECT e.audit_id, r.xid, e.at, e.table_name, e.operation, e.row_key, e.old_row, e.new_row,
+		   e.actor, e.db_user, e.session_role, e.run_id, e.step_id, e.reason, e.row_hash,
 		   r.record_id
 	  FROM orch.audit_records r
 	 CROSS JOIN LATERAL orch._audit_unpack(r.record_id, r.n_events, r.events, r.hashes) e;

@@ -415,58 +415,44 @@ orch_sha256(const void *data, size_t len, uint8 *out)
 }
 
 /*
- * The encoding of what a record's events share, in the three runs that
- * each event's fields interleave with: c->enc[0] is xid, at, table_name,
- * operation; c->enc[1] actor, db_user, session_role; c->enc[2] reason.
- */
-void
-orch_audit_common_encode(OrchAuditCommon *c)
-{
-	for (int i = 0; i < 3; i++)
-		initStringInfo(&c->enc[i]);
-	enc_u64(&c->enc[0], c->xid);
-	enc_u64(&c->enc[0], (uint64) unix_usecs(c->at));
-	enc_cstring(&c->enc[0], c->table_name);
-	enc_cstring(&c->enc[0], c->operation);
-	enc_cstring(&c->enc[1], c->actor);
-	enc_cstring(&c->enc[1], c->db_user);
-	enc_cstring(&c->enc[1], c->session_role);
-	enc_cstring(&c->enc[2], c->reason);
-}
-
-/*
  * The SHA-256 of an event's canonical encoding (version 1): the version,
- * audit_id, what its record shares and the event's own fields, in the
- * order of docs/audit.md.  event holds its five fields, len bytes, the
- * run_id field starting at middle.
+ * audit_id, xid, then the event's own fields interleaved with what its
+ * statement shares (h), in the order of docs/audit.md.  event holds its
+ * five fields, len bytes, the run_id field starting at middle.
  */
 void
-orch_audit_event_hash(const OrchAuditCommon *c, int64 audit_id, const char *event, int middle,
-					  int len, uint8 *out)
+orch_audit_event_hash(uint64 xid, const OrchAuditHeader *h, int64 audit_id, const char *event,
+					  int middle, int len, uint8 *out)
 {
-	unsigned char head[1 + 1 + 4 + 8];
+	unsigned char head[1 + 2 * (1 + 4 + 8)];
 	const void *parts[6];
 	size_t		lens[6];
 
-	/* the version byte, then audit_id: a field of 8 bytes, big-endian */
+	/* the version byte, then audit_id and xid: fields of 8 bytes, big-endian */
 	head[0] = ORCH_AUDIT_ENCODING_VERSION;
-	head[1] = 1;
-	head[2] = head[3] = head[4] = 0;
-	head[5] = 8;
-	for (int i = 0; i < 8; i++)
-		head[6 + i] = (unsigned char) ((uint64) audit_id >> (56 - 8 * i));
+	for (int f = 0; f < 2; f++)
+	{
+		unsigned char *p = head + 1 + f * 13;
+		uint64		v = f == 0 ? (uint64) audit_id : xid;
+
+		p[0] = 1;
+		p[1] = p[2] = p[3] = 0;
+		p[4] = 8;
+		for (int i = 0; i < 8; i++)
+			p[5 + i] = (unsigned char) (v >> (56 - 8 * i));
+	}
 	parts[0] = head;
 	lens[0] = sizeof(head);
-	parts[1] = c->enc[0].data;
-	lens[1] = c->enc[0].len;
+	parts[1] = h->data;
+	lens[1] = h->who;
 	parts[2] = event;
 	lens[2] = middle;
-	parts[3] = c->enc[1].data;
-	lens[3] = c->enc[1].len;
+	parts[3] = h->data + h->who;
+	lens[3] = h->why - h->who;
 	parts[4] = event + middle;
 	lens[4] = len - middle;
-	parts[5] = c->enc[2].data;
-	lens[5] = c->enc[2].len;
+	parts[5] = h->data + h->why;
+	lens[5] = h->len - h->why;
 	orch_sha256_parts(6, parts, lens, out);
 }
 
@@ -506,39 +492,83 @@ split_fields(const char *p, const char *end, OrchAuditField *f, int nfields)
 }
 
 /*
- * Split a record's events (len bytes at data) into n events of five
- * fields each; false if they are not exactly that.  Each reader of a
- * record splits it once, here.
+ * Split a record's events (len bytes at data) into its statements and n
+ * events of five fields each; false if they are not exactly that: every
+ * statement's seven fields and a count of at least one event, the counts
+ * adding up to n.  Each reader of a record splits it once, here.
  */
 bool
 orch_audit_split_events(const char *data, int len, int n, OrchAuditEvents *ev)
 {
 	const char *p = data;
 	const char *end = data + len;
+	int			i = 0;
 
 	if (n < 1 || n > ORCH_AUDIT_RECORD_EVENTS)
 		return false;
 	ev->n = n;
 	ev->base = data;
-	ev->start = palloc(sizeof(int) * (n + 1));
+	ev->start = palloc(sizeof(int) * n);
+	ev->end = palloc(sizeof(int) * n);
 	ev->middle = palloc(sizeof(int) * n);
 	ev->fields = palloc(sizeof(OrchAuditField) * n * ORCH_AUDIT_EVENT_FIELDS);
-	for (int i = 0; i < n; i++)
+	ev->stmt = palloc(sizeof(int) * n);
+	ev->stmts = palloc(sizeof(OrchAuditStmt) * n);
+	ev->nstmts = 0;
+	while (i < n)
 	{
-		OrchAuditField *f = &ev->fields[i * ORCH_AUDIT_EVENT_FIELDS];
+		OrchAuditStmt *st = &ev->stmts[ev->nstmts];
+		const char *h = p;
+		uint32		count;
 
-		ev->start[i] = (int) (p - data);
-		p = split_fields(p, end, f, ORCH_AUDIT_FIELD_RUN_ID);
+		st->h.data = h;
+		p = split_fields(p, end, st->fields, ORCH_AUDIT_STMT_AT + 3);
 		if (p == NULL)
 			return false;
-		ev->middle[i] = (int) (p - data) - ev->start[i];
-		p = split_fields(p, end, f + ORCH_AUDIT_FIELD_RUN_ID,
-						 ORCH_AUDIT_EVENT_FIELDS - ORCH_AUDIT_FIELD_RUN_ID);
+		st->h.who = (int) (p - h);
+		p = split_fields(p, end, st->fields + 3, ORCH_AUDIT_STMT_REASON - 3);
 		if (p == NULL)
 			return false;
+		st->h.why = (int) (p - h);
+		p = split_fields(p, end, st->fields + ORCH_AUDIT_STMT_REASON, 1);
+		if (p == NULL || end - p < 4)
+			return false;
+		st->h.len = (int) (p - h);
+		count = orch_be32(p);
+		p += 4;
+		if (count < 1 || count > (uint32) (n - i))
+			return false;
+		for (uint32 k = 0; k < count; k++, i++)
+		{
+			OrchAuditField *f = &ev->fields[i * ORCH_AUDIT_EVENT_FIELDS];
+
+			ev->stmt[i] = ev->nstmts;
+			ev->start[i] = (int) (p - data);
+			p = split_fields(p, end, f, ORCH_AUDIT_FIELD_RUN_ID);
+			if (p == NULL)
+				return false;
+			ev->middle[i] = (int) (p - data) - ev->start[i];
+			p = split_fields(p, end, f + ORCH_AUDIT_FIELD_RUN_ID,
+							 ORCH_AUDIT_EVENT_FIELDS - ORCH_AUDIT_FIELD_RUN_ID);
+			if (p == NULL)
+				return false;
+			ev->end[i] = (int) (p - data);
+		}
+		ev->nstmts++;
 	}
-	ev->start[n] = (int) (p - data);
 	return p == end;
+}
+
+/* Is this statement a purge's (table orch.audit_log, operation PURGE)? */
+bool
+orch_audit_is_purge(const OrchAuditStmt *stmt)
+{
+	const OrchAuditField *t = &stmt->fields[ORCH_AUDIT_STMT_TABLE];
+	const OrchAuditField *o = &stmt->fields[ORCH_AUDIT_STMT_OPERATION];
+
+	return !t->isnull && !o->isnull &&
+		t->len == strlen("orch.audit_log") && memcmp(t->data, "orch.audit_log", t->len) == 0 &&
+		o->len == strlen("PURGE") && memcmp(o->data, "PURGE", o->len) == 0;
 }
 
 /* The canonical encoding of a block (version 1) and its SHA-256. */
@@ -1229,35 +1259,90 @@ static Oid	audit_seq = InvalidOid;	/* record_id's sequence ... */
 static Oid	audit_seq_of = InvalidOid;	/* ... of this orch.audit_records */
 
 /*
- * The events of one statement (or one audit event), written as records of
- * at most cap events: as many as the statement changed, up to
- * ORCH_AUDIT_RECORD_EVENTS.
+ * What the events of one statement (or one audit event) share: who, when,
+ * why, the table and the operation, encoded once as the header that each
+ * record taking its events holds.
  */
-typedef struct AuditBatch
+typedef struct AuditStmt
 {
-	OrchAuditCommon common;		/* xid, at, table, operation, who, reason */
+	uint64		serial;			/* the backend's statements, numbered from 1 */
+	MemoryContext cxt;			/* the statement's: its own records live there */
 	Oid			relid;			/* orch.audit_records */
-	int64		record_id;		/* of the record being filled; 0 before its first event */
-	int			n;				/* its events so far */
-	int			cap;
-	StringInfoData events;		/* their fields */
-	StringInfoData hashes;		/* their hashes */
-	pg_uuid_t  *runs;			/* their runs, nruns of them, repeats included */
-	int			nruns;
-	int			event_start;	/* where the event being added starts in events */
-} AuditBatch;
+	uint64		xid;
+	TimestampTz at;
+	StringInfoData header;		/* at ... reason */
+	int			who;			/* where actor starts in it */
+	int			why;			/* where reason starts */
+	bool		own_records;	/* its events go to records of its own (record_for) */
+	struct AuditRecord *own;	/* the one being filled, if any */
+	bool		purge;			/* a purge's event */
+} AuditStmt;
 
 /*
- * Where orch.audit_records' columns are in a tuple descriptor of it:
- * record_id, xid, at, table_name, operation, actor, db_user, session_role,
- * reason, n_events, events, hashes, run_ids.
+ * A record being filled: one row of orch.audit_records to be, its
+ * statements' headers and events so far (docs/audit.md).
+ */
+typedef struct AuditRecord
+{
+	Oid			relid;			/* orch.audit_records */
+	uint64		xid;
+	TimestampTz at;				/* its first statement's */
+	int64		record_id;		/* 0 before its first event */
+	int			n;				/* its events */
+	StringInfoData events;		/* a varlena header's room, then its statements */
+	StringInfoData hashes;		/* the same, then its events' hashes */
+	pg_uuid_t  *runs;			/* their runs, nruns of them, repeats included */
+	int			nruns;
+	int			runs_cap;
+	bool		purge;
+	uint64		stmt;			/* serial of the statement it takes events of now; 0: none */
+	int			count_at;		/* where that statement's event count is in events */
+	uint32		count;
+	int			event_start;	/* where the event being added starts in events */
+} AuditRecord;
+
+/*
+ * The transaction's record, written when it commits (or when full, outside
+ * any subtransaction); NULL until the transaction's first event.  Its
+ * buffers live in TopTransactionContext.
+ */
+static AuditRecord *xact_record = NULL;
+
+/*
+ * Where the transaction's record stood when a statement of a
+ * subtransaction began adding to it, so that the events of a
+ * subtransaction that rolls back can be taken out again.  Everything
+ * added after such a mark was added by that subtransaction or one of its
+ * children (the subtransaction was the innermost open one meanwhile), and
+ * subtransaction ids grow: a subtransaction rolling back takes out
+ * everything from the first mark of an id at least its own.
+ */
+typedef struct AuditMark
+{
+	SubTransactionId subid;
+	int			events_len;
+	int			n;
+	int			nruns;
+} AuditMark;
+
+static AuditMark *marks = NULL;	/* in TopTransactionContext */
+static int	nmarks = 0;
+static int	marks_cap = 0;
+
+/* the transaction's record is written: events after it get records of their own */
+static bool xact_record_written = false;
+
+static uint64 stmt_serial = 0;
+
+/*
+ * Where orch.audit_records' columns are in a tuple descriptor of it, in
+ * the order of ORCH_AUDIT_COL_*.
  */
 void
 orch_audit_column_map(TupleDesc desc, int *col)
 {
 	static const char *const names[ORCH_AUDIT_NCOLS] = {
-		"record_id", "xid", "at", "table_name", "operation", "actor", "db_user", "session_role",
-		"reason", "n_events", "events", "hashes", "run_ids"
+		"record_id", "xid", "at", "n_events", "events", "hashes", "run_ids", "purge"
 	};
 
 	for (int c = 0; c < ORCH_AUDIT_NCOLS; c++)
@@ -1297,17 +1382,18 @@ orch_audit_distinct_runs(pg_uuid_t *runs, int n)
 
 /* The distinct runs of the record's events, as a uuid[]; NULL if none. */
 static ArrayType *
-record_runs(AuditBatch *b)
+record_runs(AuditRecord *r)
 {
 	Datum	   *elems;
 	int			n;
 
-	if (b->nruns == 0)
+	if (r->nruns == 0)
 		return NULL;
-	n = orch_audit_distinct_runs(b->runs, b->nruns);
+	n = orch_audit_distinct_runs(r->runs, r->nruns);
+	r->nruns = n;
 	elems = palloc(sizeof(Datum) * n);
 	for (int i = 0; i < n; i++)
-		elems[i] = UUIDPGetDatum(&b->runs[i]);
+		elems[i] = UUIDPGetDatum(&r->runs[i]);
 	return construct_array(elems, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR);
 }
 
@@ -1333,9 +1419,9 @@ buffer_bytea(StringInfo s)
 /*
  * Where a transaction's records go: orch.audit_records, its indexes and
  * what inserting into them needs, opened at the transaction's first record
- * and kept until its end.  Opening them for every record (each audited
- * statement writes one) cost as much as the insert itself: the indexes'
- * descriptors, the run index's GIN state, the partial index's predicate.
+ * and kept until its end.  Opening them for every record cost as much as
+ * the insert itself: the indexes' descriptors, the run index's GIN state,
+ * the partial index's predicate.
  *
  * They are opened under the transaction's own resource owner, not a
  * subtransaction's: a step's subtransaction that commits would otherwise
@@ -1344,7 +1430,7 @@ buffer_bytea(StringInfo s)
  * abort (the resource owner closes them), closed before any utility
  * statement of the session (one that drops or alters orch.audit_records
  * must not find it in use), and reopened after a relcache invalidation of
- * orch.audit_records (an index added).
+ * orch.audit_records (an index added, a column dropped).
  */
 typedef struct AuditTarget
 {
@@ -1354,6 +1440,7 @@ typedef struct AuditTarget
 	EState	   *estate;
 	ResultRelInfo *rri;
 	TupleTableSlot *slot;
+	int			col[ORCH_AUDIT_NCOLS];
 } AuditTarget;
 
 static AuditTarget audit_target_open;
@@ -1380,14 +1467,46 @@ audit_target_close(bool abort)
 	memset(t, 0, sizeof(*t));
 }
 
+static void record_flush(AuditRecord *r);
+
+/* The OID of orch.audit_records, or InvalidOid if it is gone (the extension dropped). */
+static Oid
+audit_records_relid(void)
+{
+	Oid			nsp = get_namespace_oid("orch", true);
+
+	return OidIsValid(nsp) ? get_relname_relid("audit_records", nsp) : InvalidOid;
+}
+
+/* The transaction is over: forget its record and marks (their memory went with it). */
 static void
-audit_target_xact(XactEvent event, void *arg)
+xact_record_forget(void)
+{
+	xact_record = NULL;
+	marks = NULL;
+	nmarks = marks_cap = 0;
+	xact_record_written = false;
+}
+
+static void
+audit_xact(XactEvent event, void *arg)
 {
 	switch (event)
 	{
 		case XACT_EVENT_PRE_COMMIT:
 		case XACT_EVENT_PARALLEL_PRE_COMMIT:
 		case XACT_EVENT_PRE_PREPARE:
+
+			/*
+			 * Write the transaction's record.  If orch.audit_records was
+			 * dropped since its first event (the extension dropped in this
+			 * transaction), its events went with the audit trail they were
+			 * for.
+			 */
+			if (xact_record != NULL && xact_record->n > 0 &&
+				audit_records_relid() == xact_record->relid)
+				record_flush(xact_record);
+			xact_record_written = true;
 			audit_target_close(false);
 			break;
 		case XACT_EVENT_ABORT:
@@ -1395,9 +1514,32 @@ audit_target_xact(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 		case XACT_EVENT_PREPARE:
+			xact_record_forget();
 			audit_target_close(true);
 			break;
 	}
+}
+
+/* A subtransaction rolled back: its events leave the transaction's record. */
+static void
+audit_subxact(SubXactEvent event, SubTransactionId mySubid, SubTransactionId parentSubid,
+			  void *arg)
+{
+	if (event != SUBXACT_EVENT_ABORT_SUB || xact_record == NULL)
+		return;
+	for (int i = 0; i < nmarks; i++)
+		if (marks[i].subid >= mySubid)
+		{
+			AuditRecord *r = xact_record;
+
+			r->events.len = marks[i].events_len;
+			r->hashes.len = VARHDRSZ + marks[i].n * ORCH_HASH_LEN;
+			r->n = marks[i].n;
+			r->nruns = marks[i].nruns;
+			r->stmt = 0;
+			nmarks = i;
+			break;
+		}
 }
 
 static void
@@ -1416,20 +1558,27 @@ orch_audit_before_utility(void)
 		audit_target_close(false);
 }
 
+static void
+audit_callbacks(void)
+{
+	static bool registered = false;
+
+	if (registered)
+		return;
+	RegisterXactCallback(audit_xact, NULL);
+	RegisterSubXactCallback(audit_subxact, NULL);
+	CacheRegisterRelcacheCallback(audit_target_invalidate, (Datum) 0);
+	registered = true;
+}
+
 static AuditTarget *
 audit_target(Oid relid)
 {
-	static bool callbacks = false;
 	AuditTarget *t = &audit_target_open;
 	ResourceOwner save;
 	MemoryContext oldcxt;
 
-	if (!callbacks)
-	{
-		RegisterXactCallback(audit_target_xact, NULL);
-		CacheRegisterRelcacheCallback(audit_target_invalidate, (Datum) 0);
-		callbacks = true;
-	}
+	audit_callbacks();
 	if (t->relid == relid && !t->stale)
 		return t;
 	audit_target_close(false);
@@ -1440,6 +1589,7 @@ audit_target(Oid relid)
 	PG_TRY();
 	{
 		t->rel = table_open(relid, RowExclusiveLock);
+		orch_audit_column_map(RelationGetDescr(t->rel), t->col);
 		t->estate = CreateExecutorState();
 		t->rri = makeNode(ResultRelInfo);
 		InitResultRelInfo(t->rri, t->rel, 1, NULL, 0);
@@ -1469,66 +1619,153 @@ audit_target(Oid relid)
 	return t;
 }
 
+/* An empty record, its buffers in cxt. */
+static AuditRecord *
+record_create(MemoryContext cxt, const AuditStmt *st)
+{
+	MemoryContext oldcxt = MemoryContextSwitchTo(cxt);
+	AuditRecord *r = palloc0(sizeof(AuditRecord));
+
+	r->relid = st->relid;
+	r->xid = st->xid;
+	initStringInfo(&r->events);
+	initStringInfo(&r->hashes);
+	buffer_begin(&r->events);
+	buffer_begin(&r->hashes);
+	r->runs_cap = 8;
+	r->runs = palloc(sizeof(pg_uuid_t) * r->runs_cap);
+	MemoryContextSwitchTo(oldcxt);
+	return r;
+}
+
+static bool
+record_full(const AuditRecord *r)
+{
+	return r->n >= ORCH_AUDIT_RECORD_EVENTS || r->events.len >= AUDIT_RECORD_BYTES;
+}
+
 /*
- * Write the record being filled to orch.audit_records, with its index
- * entries: one row for up to ORCH_AUDIT_RECORD_EVENTS events, its events
+ * Write a record to orch.audit_records, with its index entries, and empty
+ * it: one row for up to ORCH_AUDIT_RECORD_EVENTS events, its events
  * compressed and stored out of line when large.  No trigger, rule or
  * privilege check stands between: the user whose change is recorded may
  * not write to the audit trail, and its only triggers refuse updates and
  * deletes.
  */
 static void
-batch_flush(AuditBatch *b)
+record_flush(AuditRecord *r)
 {
-	static Oid	col_of = InvalidOid;
-	static int	col[ORCH_AUDIT_NCOLS];
 	AuditTarget *t;
 	TupleTableSlot *slot;
-	CommandId	cid = GetCurrentCommandId(true);
+	CommandId	cid;
 	ArrayType  *runs;
 	List	   *recheck;
+	int		   *col;
 
-	if (b->n == 0)
-		return;
-
-	t = audit_target(b->relid);
-	if (t->relid != col_of)
+	if (r->n > 0)
 	{
-		orch_audit_column_map(RelationGetDescr(t->rel), col);
-		col_of = t->relid;
-	}
-	slot = t->slot;
-	ExecClearTuple(slot);
-	memset(slot->tts_isnull, true, sizeof(bool) * slot->tts_tupleDescriptor->natts);
-	runs = record_runs(b);
+		t = audit_target(r->relid);
+		col = t->col;
+		cid = GetCurrentCommandId(true);
+		slot = t->slot;
+		ExecClearTuple(slot);
+		memset(slot->tts_isnull, true, sizeof(bool) * slot->tts_tupleDescriptor->natts);
+		runs = record_runs(r);
 #define SET(c, d, nul) (slot->tts_values[col[c]] = (d), slot->tts_isnull[col[c]] = (nul))
-	SET(0, Int64GetDatum(b->record_id), false);
-	SET(1, FullTransactionIdGetDatum(FullTransactionIdFromU64(b->common.xid)), false);
-	SET(2, TimestampTzGetDatum(b->common.at), false);
-	SET(3, CStringGetTextDatum(b->common.table_name), false);
-	SET(4, CStringGetTextDatum(b->common.operation), false);
-	SET(5, b->common.actor ? CStringGetTextDatum(b->common.actor) : (Datum) 0, b->common.actor == NULL);
-	SET(6, CStringGetTextDatum(b->common.db_user), false);
-	SET(7, CStringGetTextDatum(b->common.session_role), false);
-	SET(8, b->common.reason ? CStringGetTextDatum(b->common.reason) : (Datum) 0, b->common.reason == NULL);
-	SET(9, Int32GetDatum(b->n), false);
-	SET(10, PointerGetDatum(buffer_bytea(&b->events)), false);
-	SET(11, PointerGetDatum(buffer_bytea(&b->hashes)), false);
-	SET(12, PointerGetDatum(runs), runs == NULL);
+		SET(ORCH_AUDIT_COL_RECORD_ID, Int64GetDatum(r->record_id), false);
+		SET(ORCH_AUDIT_COL_XID, FullTransactionIdGetDatum(FullTransactionIdFromU64(r->xid)), false);
+		SET(ORCH_AUDIT_COL_AT, TimestampTzGetDatum(r->at), false);
+		SET(ORCH_AUDIT_COL_N_EVENTS, Int32GetDatum(r->n), false);
+		SET(ORCH_AUDIT_COL_EVENTS, PointerGetDatum(buffer_bytea(&r->events)), false);
+		SET(ORCH_AUDIT_COL_HASHES, PointerGetDatum(buffer_bytea(&r->hashes)), false);
+		SET(ORCH_AUDIT_COL_RUN_IDS, PointerGetDatum(runs), runs == NULL);
+		SET(ORCH_AUDIT_COL_PURGE, BoolGetDatum(r->purge), false);
 #undef SET
-	ExecStoreVirtualTuple(slot);
-	t->estate->es_output_cid = cid;
-	table_tuple_insert(t->rel, slot, cid, 0, NULL);
-	recheck = ExecInsertIndexTuples(t->rri, slot, t->estate, false, false, NULL, NIL);
-	list_free(recheck);
-	ExecClearTuple(slot);
-	ResetPerTupleExprContext(t->estate);
+		ExecStoreVirtualTuple(slot);
+		t->estate->es_output_cid = cid;
+		table_tuple_insert(t->rel, slot, cid, 0, NULL);
+		recheck = ExecInsertIndexTuples(t->rri, slot, t->estate, false, false, NULL, NIL);
+		list_free(recheck);
+		ExecClearTuple(slot);
+		ResetPerTupleExprContext(t->estate);
+		if (runs != NULL)
+			pfree(runs);
+	}
 
-	b->record_id = 0;
-	b->n = 0;
-	b->nruns = 0;
-	buffer_begin(&b->events);
-	buffer_begin(&b->hashes);
+	r->record_id = 0;
+	r->n = 0;
+	r->nruns = 0;
+	r->purge = false;
+	r->stmt = 0;
+	buffer_begin(&r->events);
+	buffer_begin(&r->hashes);
+	if (r == xact_record)
+		nmarks = 0;
+}
+
+/*
+ * The record the statement's next event goes to.  The transaction's, but
+ * for a statement whose events go to records of their own:
+ *
+ * - a purge's event, which verification finds by its record;
+ * - events after the transaction's record was written at commit (by
+ *   another extension's pre-commit work);
+ * - events of a statement of a subtransaction once the transaction's
+ *   record is full.  It cannot be written then: a row the subtransaction
+ *   writes goes if it rolls back, and the record holds events of the
+ *   transaction's other subtransactions.  The statement's own records go
+ *   with it, rightly.
+ *
+ * A full record of the transaction is written at once outside any
+ * subtransaction.
+ */
+static AuditRecord *
+record_for(AuditStmt *st)
+{
+	if (!st->own_records)
+	{
+		if (xact_record == NULL || xact_record->relid != st->relid)
+		{
+			/*
+			 * The first event of the transaction; or orch.audit_records
+			 * was dropped and created again since its first event, whose
+			 * events went with it.
+			 */
+			xact_record = NULL;
+			marks = NULL;
+			nmarks = marks_cap = 0;
+			audit_callbacks();
+			xact_record = record_create(TopTransactionContext, st);
+		}
+		if (record_full(xact_record))
+		{
+			if (GetCurrentTransactionNestLevel() == 1)
+				record_flush(xact_record);
+			else
+				st->own_records = true;
+		}
+		if (!st->own_records)
+			return xact_record;
+	}
+	if (st->own == NULL)
+	{
+		st->own = record_create(st->cxt, st);
+		st->own->purge = st->purge;
+	}
+	else if (record_full(st->own))
+	{
+		record_flush(st->own);
+		st->own->purge = st->purge;
+	}
+	return st->own;
+}
+
+/* A statement's remaining events are in: write its own record, if it has one. */
+static void
+stmt_end(AuditStmt *st)
+{
+	if (st->own != NULL)
+		record_flush(st->own);
 }
 
 /*
@@ -1551,74 +1788,120 @@ acting_user(void)
 	return user == orch_owner && GetOuterUserId() != user ? GetOuterUserId() : user;
 }
 
-/* Who, when and why, for every row of a statement that changed nrows rows. */
+/*
+ * Who, when and why, for every event of a statement; in the memory context
+ * that lasts while its events are written.
+ */
 static void
-batch_begin_stmt(AuditBatch *b, const char *table_name, const char *operation, int64 nrows)
+stmt_begin(AuditStmt *st, const char *table_name, const char *operation)
 {
-	memset(b, 0, sizeof(*b));
-	b->common.xid = U64FromFullTransactionId(GetTopFullTransactionId());
-	b->common.at = GetCurrentTimestamp();
-	b->common.table_name = table_name;
-	b->common.operation = operation;
-	b->common.actor = orch_audit_actor != NULL && orch_audit_actor[0] != '\0' ?
-		pstrdup(orch_audit_actor) : NULL;
-	b->common.reason = orch_audit_reason != NULL && orch_audit_reason[0] != '\0' ?
-		pstrdup(orch_audit_reason) : NULL;
-	b->common.db_user = GetUserNameFromId(acting_user(), false);
-	b->common.session_role = GetUserNameFromId(GetSessionUserId(), false);
-	orch_audit_common_encode(&b->common);
-	b->cap = (int) Min(Max(nrows, 1), ORCH_AUDIT_RECORD_EVENTS);
-	initStringInfo(&b->events);
-	initStringInfo(&b->hashes);
-	buffer_begin(&b->events);
-	buffer_begin(&b->hashes);
-	b->runs = palloc(sizeof(pg_uuid_t) * b->cap);
-	b->relid = orch_relid("audit_records");
+	const char *actor = orch_audit_actor != NULL && orch_audit_actor[0] != '\0' ?
+		orch_audit_actor : NULL;
+	const char *reason = orch_audit_reason != NULL && orch_audit_reason[0] != '\0' ?
+		orch_audit_reason : NULL;
+
+	memset(st, 0, sizeof(*st));
+	st->serial = ++stmt_serial;
+	st->cxt = CurrentMemoryContext;
+	st->xid = U64FromFullTransactionId(GetTopFullTransactionId());
+	st->at = GetCurrentTimestamp();
+	initStringInfo(&st->header);
+	enc_u64(&st->header, (uint64) unix_usecs(st->at));
+	enc_cstring(&st->header, table_name);
+	enc_cstring(&st->header, operation);
+	st->who = st->header.len;
+	enc_cstring(&st->header, actor);
+	enc_cstring(&st->header, GetUserNameFromId(acting_user(), false));
+	enc_cstring(&st->header, GetUserNameFromId(GetSessionUserId(), false));
+	st->why = st->header.len;
+	enc_cstring(&st->header, reason);
+	st->own_records = xact_record_written;
+	st->relid = orch_relid("audit_records");
 	/* the extension may have been dropped and created again since */
-	if (b->relid != audit_seq_of)
+	if (st->relid != audit_seq_of)
 	{
-		audit_seq = getIdentitySequence(b->relid, 1, false);
-		audit_seq_of = b->relid;
+		audit_seq = getIdentitySequence(st->relid, 1, false);
+		audit_seq_of = st->relid;
 	}
 }
 
 /*
- * Start an event: its row_key, old_row and new_row fields are appended to
- * b->events next, then batch_end_event adds its run and step.
+ * Start an event of the statement: its row_key, old_row and new_row fields
+ * are appended to the record's events next (the record returned), then
+ * event_end adds its run and step.
  */
-static void
-batch_begin_event(AuditBatch *b)
+static AuditRecord *
+event_begin(AuditStmt *st)
 {
-	if (b->record_id == 0)
-		b->record_id = nextval_internal(audit_seq, false);
-	b->event_start = b->events.len;
+	AuditRecord *r = record_for(st);
+
+	if (r->stmt != st->serial)
+	{
+		/* the statement's first event in this record: its header first */
+		if (r == xact_record && GetCurrentSubTransactionId() != TopSubTransactionId)
+		{
+			if (nmarks == marks_cap)
+			{
+				marks_cap = Max(8, marks_cap * 2);
+				marks = marks == NULL ?
+					MemoryContextAlloc(TopTransactionContext, sizeof(AuditMark) * marks_cap) :
+					repalloc(marks, sizeof(AuditMark) * marks_cap);
+			}
+			marks[nmarks].subid = GetCurrentSubTransactionId();
+			marks[nmarks].events_len = r->events.len;
+			marks[nmarks].n = r->n;
+			marks[nmarks].nruns = r->nruns;
+			nmarks++;
+		}
+		if (r->n == 0)
+			r->at = st->at;
+		put_raw(&r->events, st->header.data, st->header.len);
+		r->count_at = r->events.len;
+		r->count = 0;
+		put_u32(&r->events, 0);
+		r->stmt = st->serial;
+	}
+	if (r->record_id == 0)
+		r->record_id = nextval_internal(audit_seq, false);
+	r->event_start = r->events.len;
+	return r;
 }
 
 /* Finish the event: its run and step, then its hash over every field. */
 static void
-batch_end_event(AuditBatch *b, const pg_uuid_t *run_id, bool has_step, int64 step_id)
+event_end(AuditStmt *st, AuditRecord *r, const pg_uuid_t *run_id, bool has_step, int64 step_id)
 {
-	int			middle = b->events.len - b->event_start;
+	int			middle = r->events.len - r->event_start;
+	OrchAuditHeader h;
 	uint8		hash[ORCH_HASH_LEN];
 
 	if (run_id != NULL)
 	{
-		enc_bytes(&b->events, run_id->data, UUID_LEN);
-		b->runs[b->nruns++] = *run_id;
+		enc_bytes(&r->events, run_id->data, UUID_LEN);
+		if (r->nruns == r->runs_cap)
+		{
+			r->runs_cap *= 2;
+			r->runs = repalloc(r->runs, sizeof(pg_uuid_t) * r->runs_cap);
+		}
+		r->runs[r->nruns++] = *run_id;
 	}
 	else
-		enc_null(&b->events);
+		enc_null(&r->events);
 	if (has_step)
-		enc_u64(&b->events, (uint64) step_id);
+		enc_u64(&r->events, (uint64) step_id);
 	else
-		enc_null(&b->events);
-	orch_audit_event_hash(&b->common, b->record_id * ORCH_AUDIT_RECORD_EVENTS + b->n,
-						  b->events.data + b->event_start, middle,
-						  b->events.len - b->event_start, hash);
-	put_raw(&b->hashes, (const char *) hash, ORCH_HASH_LEN);
-	b->n++;
-	if (b->n == b->cap || b->events.len >= AUDIT_RECORD_BYTES)
-		batch_flush(b);
+		enc_null(&r->events);
+	h.data = st->header.data;
+	h.who = st->who;
+	h.why = st->why;
+	h.len = st->header.len;
+	orch_audit_event_hash(r->xid, &h, r->record_id * ORCH_AUDIT_RECORD_EVENTS + r->n,
+						  r->events.data + r->event_start, middle,
+						  r->events.len - r->event_start, hash);
+	put_raw(&r->hashes, (const char *) hash, ORCH_HASH_LEN);
+	r->count++;
+	patch_u32(&r->events, r->count_at, r->count);
+	r->n++;
 }
 
 /* Read a transition table from its start with a read pointer of our own. */
@@ -1687,7 +1970,8 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	RenderCacheEntry *render;
 	const RelRender *rr;
 	RenderStmt	rs;
-	AuditBatch *b;
+	AuditStmt	st;
+	AuditRecord *r;
 	MemoryContext cxt;
 	MemoryContext oldcxt;
 	MemoryContext rowcxt;
@@ -1740,24 +2024,23 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator audit",
 								ALLOCSET_DEFAULT_SIZES);
 	oldcxt = MemoryContextSwitchTo(cxt);
-	b = palloc0(sizeof(AuditBatch));
 	render = render_for(rel);
 	rr = render->rr;
 	rs.rr = rr;
 	rs.settings_level = 0;
 	table_name = pstrdup(render->table_name);
-	batch_begin_stmt(b, table_name, operation, rows_a != NULL ? tuplestore_tuple_count(rows_a) : 1);
+	stmt_begin(&st, table_name, operation);
 
 	if (rows_a == NULL)
 	{
 		/* TRUNCATE: one event, no rows */
-		batch_begin_event(b);
-		enc_null(&b->events);
-		enc_null(&b->events);
-		enc_null(&b->events);
-		batch_end_event(b, step_context_set ? &step_context_run : NULL, step_context_set,
-						step_context_step);
-		batch_flush(b);
+		r = event_begin(&st);
+		enc_null(&r->events);
+		enc_null(&r->events);
+		enc_null(&r->events);
+		event_end(&st, r, step_context_set ? &step_context_run : NULL, step_context_set,
+				  step_context_step);
+		stmt_end(&st);
 		MemoryContextSwitchTo(oldcxt);
 		MemoryContextDelete(cxt);
 		return PointerGetDatum(NULL);
@@ -1799,33 +2082,33 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 			current = slot_b;
 			changed_columns(rr, slot_a, slot_b, changed);
 		}
-		batch_begin_event(b);
+		r = event_begin(&st);
 		if (bms_is_empty(rr->key_attrs))
-			enc_null(&b->events);
+			enc_null(&r->events);
 		else
-			enc_row(&b->events, &rs, current, RENDER_KEY, NULL);
+			enc_row(&r->events, &rs, current, RENDER_KEY, NULL);
 		if (slot_b != NULL)
 		{
-			enc_row(&b->events, &rs, slot_a, RENDER_CHANGED, changed);
-			enc_row(&b->events, &rs, slot_b, RENDER_CHANGED, changed);
+			enc_row(&r->events, &rs, slot_a, RENDER_CHANGED, changed);
+			enc_row(&r->events, &rs, slot_b, RENDER_CHANGED, changed);
 		}
 		else if (strcmp(operation, "INSERT") == 0)
 		{
-			enc_null(&b->events);
-			enc_row(&b->events, &rs, slot_a, RENDER_ALL, NULL);
+			enc_null(&r->events);
+			enc_row(&r->events, &rs, slot_a, RENDER_ALL, NULL);
 		}
 		else
 		{
-			enc_row(&b->events, &rs, slot_a, RENDER_ALL, NULL);
-			enc_null(&b->events);
+			enc_row(&r->events, &rs, slot_a, RENDER_ALL, NULL);
+			enc_null(&r->events);
 		}
 		row_context(rr, current, own, &run_id, &has_step, &step_id);
-		batch_end_event(b, run_id, has_step, step_id);
+		event_end(&st, r, run_id, has_step, step_id);
 		MemoryContextSwitchTo(cxt);
 	}
 	if (rs.settings_level > 0)
 		AtEOXact_GUC(true, rs.settings_level);
-	batch_flush(b);
+	stmt_end(&st);
 
 	ExecDropSingleTupleTableSlot(slot_a);
 	if (slot_b != NULL)
@@ -1857,37 +2140,47 @@ get_u32(Decoder *d, uint32 *v)
 }
 
 /*
- * A length and UTF-8 bytes, as a jsonb string of the database's encoding;
- * false for bytes that are not text of that encoding (a NUL, invalid
- * UTF-8), which the writer never stores.
+ * len UTF-8 bytes at p as a NUL-terminated string of the database's
+ * encoding; false for bytes that are not text of that encoding (a NUL,
+ * invalid UTF-8), which the writer never stores.
  */
+static bool
+server_text(const char *p, uint32 len, char **out, int *outlen)
+{
+	char	   *c;
+
+	if (len > MaxAllocSize / 2 || memchr(p, '\0', len) != NULL)
+		return false;
+	if (GetDatabaseEncoding() != PG_SQL_ASCII &&
+		pg_verify_mbstr_len(PG_UTF8, p, (int) len, true) < 0)
+		return false;
+	c = GetDatabaseEncoding() == PG_UTF8 || GetDatabaseEncoding() == PG_SQL_ASCII ?
+		(char *) p : pg_any_to_server(p, (int) len, PG_UTF8);
+	if (c == p)
+	{
+		*out = palloc(len + 1);
+		memcpy(*out, p, len);
+		(*out)[len] = '\0';
+		*outlen = (int) len;
+	}
+	else
+	{
+		*out = c;
+		*outlen = (int) strlen(c);
+	}
+	return true;
+}
+
+/* A length and UTF-8 bytes, as a jsonb string of the database's encoding. */
 static bool
 get_string(Decoder *d, JsonbValue *v)
 {
 	uint32		len;
-	char	   *c;
 
-	if (!get_u32(d, &len) || (uint32) (d->end - d->p) < len || len > MaxAllocSize / 2 ||
-		memchr(d->p, '\0', len) != NULL)
-		return false;
-	if (GetDatabaseEncoding() != PG_SQL_ASCII &&
-		pg_verify_mbstr_len(PG_UTF8, d->p, (int) len, true) < 0)
+	if (!get_u32(d, &len) || (uint32) (d->end - d->p) < len ||
+		!server_text(d->p, len, &v->val.string.val, &v->val.string.len))
 		return false;
 	v->type = jbvString;
-	c = GetDatabaseEncoding() == PG_UTF8 || GetDatabaseEncoding() == PG_SQL_ASCII ?
-		(char *) d->p : pg_any_to_server(d->p, (int) len, PG_UTF8);
-	if (c == d->p)
-	{
-		v->val.string.val = palloc(len + 1);
-		memcpy(v->val.string.val, d->p, len);
-		v->val.string.val[len] = '\0';
-		v->val.string.len = (int) len;
-	}
-	else
-	{
-		v->val.string.val = c;
-		v->val.string.len = (int) strlen(c);
-	}
 	d->p += len;
 	return true;
 }
@@ -2104,9 +2397,33 @@ orch_audit_decode_json(const OrchAuditField *f, bool *ok)
 }
 
 /*
+ * A statement's text field (table_name, operation, actor, ...) as text:
+ * (Datum) 0 with *isnull for SQL NULL; *ok set false if its bytes are not
+ * text of the database's encoding as UTF-8 (a NUL, invalid UTF-8), which
+ * the writer never stores.
+ */
+static Datum
+stmt_text(const OrchAuditField *f, bool *isnull, bool *ok)
+{
+	char	   *c;
+	int			len;
+
+	*isnull = f->isnull;
+	if (f->isnull)
+		return (Datum) 0;
+	if (!server_text(f->data, f->len, &c, &len))
+	{
+		*ok = false;
+		*isnull = true;
+		return (Datum) 0;
+	}
+	return PointerGetDatum(cstring_to_text_with_len(c, len));
+}
+
+/*
  * orch._audit_unpack(record_id, n_events, events, hashes): the events of a
- * record of orch.audit_records, one row each, their row images as jsonb
- * (orch.audit_log shows them).
+ * record of orch.audit_records, one row each, with their statements' who,
+ * when and why, their row images as jsonb (orch.audit_log shows them).
  */
 PG_FUNCTION_INFO_V1(orch_audit_unpack);
 Datum
@@ -2131,31 +2448,51 @@ orch_audit_unpack(PG_FUNCTION_ARGS)
 	for (int i = 0; i < n; i++)
 	{
 		const OrchAuditField *f = &ev.fields[i * ORCH_AUDIT_EVENT_FIELDS];
-		Datum		values[7];
-		bool		nulls[7];
+		const OrchAuditStmt *st = &ev.stmts[ev.stmt[i]];
+		const OrchAuditField *at = &st->fields[ORCH_AUDIT_STMT_AT];
+		/* audit_id, at, table_name, operation, row_key, old_row, new_row, actor, */
+		/* db_user, session_role, run_id, step_id, reason, row_hash */
+		Datum		values[14];
+		bool		nulls[14];
 		bool		ok = true;
 		int64		audit_id = record_id * ORCH_AUDIT_RECORD_EVENTS + i;
 
 		memset(nulls, false, sizeof(nulls));
 		values[0] = Int64GetDatum(audit_id);
+		ok = !at->isnull && at->len == 8;
+		if (ok)
+		{
+			uint64		usecs = 0;
+
+			for (int k = 0; k < 8; k++)
+				usecs = (usecs << 8) | (unsigned char) at->data[k];
+			values[1] = TimestampTzGetDatum((int64) usecs -
+											(int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY);
+		}
+		else
+			nulls[1] = true;
+		values[2] = stmt_text(&st->fields[ORCH_AUDIT_STMT_TABLE], &nulls[2], &ok);
+		values[3] = stmt_text(&st->fields[ORCH_AUDIT_STMT_OPERATION], &nulls[3], &ok);
 		for (int j = 0; j < 3; j++)
 		{
 			Jsonb	   *jb = orch_audit_decode_json(&f[j], &ok);
 
-			nulls[1 + j] = jb == NULL;
-			values[1 + j] = PointerGetDatum(jb);
+			nulls[4 + j] = jb == NULL;
+			values[4 + j] = PointerGetDatum(jb);
 		}
-		nulls[4] = f[ORCH_AUDIT_FIELD_RUN_ID].isnull;
+		for (int j = 0; j < 3; j++)
+			values[7 + j] = stmt_text(&st->fields[3 + j], &nulls[7 + j], &ok);
+		nulls[10] = f[ORCH_AUDIT_FIELD_RUN_ID].isnull;
 		if (!f[ORCH_AUDIT_FIELD_RUN_ID].isnull)
 		{
-			pg_uuid_t  *u = palloc(sizeof(pg_uuid_t));
+			pg_uuid_t  *u = palloc0(sizeof(pg_uuid_t));
 
 			ok = ok && f[ORCH_AUDIT_FIELD_RUN_ID].len == UUID_LEN;
 			if (ok)
 				memcpy(u->data, f[ORCH_AUDIT_FIELD_RUN_ID].data, UUID_LEN);
-			values[4] = UUIDPGetDatum(u);
+			values[10] = UUIDPGetDatum(u);
 		}
-		nulls[5] = f[ORCH_AUDIT_FIELD_STEP_ID].isnull;
+		nulls[11] = f[ORCH_AUDIT_FIELD_STEP_ID].isnull;
 		if (!f[ORCH_AUDIT_FIELD_STEP_ID].isnull)
 		{
 			uint64		step = 0;
@@ -2163,22 +2500,25 @@ orch_audit_unpack(PG_FUNCTION_ARGS)
 			ok = ok && f[ORCH_AUDIT_FIELD_STEP_ID].len == 8;
 			for (uint32 k = 0; ok && k < 8; k++)
 				step = (step << 8) | (unsigned char) f[ORCH_AUDIT_FIELD_STEP_ID].data[k];
-			values[5] = Int64GetDatum((int64) step);
+			values[11] = Int64GetDatum((int64) step);
 		}
+		values[12] = stmt_text(&st->fields[ORCH_AUDIT_STMT_REASON], &nulls[12], &ok);
+		/* every event has a table, an operation, a user and a session's role */
+		ok = ok && !nulls[2] && !nulls[3] && !nulls[8] && !nulls[9];
 		if (!ok)
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_CORRUPTED),
 					 errmsg("audit event %lld (of record %lld) is not well formed",
 							(long long) audit_id, (long long) record_id),
 					 errhint("orch.verify_audit() reports what was changed.")));
-		nulls[6] = !hashes_ok;
+		nulls[13] = !hashes_ok;
 		if (hashes_ok)
 		{
 			bytea	   *h = palloc(VARHDRSZ + ORCH_HASH_LEN);
 
 			SET_VARSIZE(h, VARHDRSZ + ORCH_HASH_LEN);
 			memcpy(VARDATA(h), VARDATA_ANY(hashes) + (Size) i * ORCH_HASH_LEN, ORCH_HASH_LEN);
-			values[6] = PointerGetDatum(h);
+			values[13] = PointerGetDatum(h);
 		}
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
@@ -2221,10 +2561,13 @@ PG_FUNCTION_INFO_V1(orch_audit_event);
 Datum
 orch_audit_event(PG_FUNCTION_ARGS)
 {
-	AuditBatch *b;
+	AuditStmt	st;
+	AuditRecord *r;
 	MemoryContext cxt;
 	MemoryContext oldcxt;
 	Jsonb	   *detail;
+	const char *table_name;
+	const char *operation;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		ereport(ERROR,
@@ -2233,16 +2576,20 @@ orch_audit_event(PG_FUNCTION_ARGS)
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator audit",
 								ALLOCSET_DEFAULT_SIZES);
 	oldcxt = MemoryContextSwitchTo(cxt);
-	b = palloc0(sizeof(AuditBatch));
-	batch_begin_stmt(b, text_to_cstring(PG_GETARG_TEXT_PP(0)), text_to_cstring(PG_GETARG_TEXT_PP(1)), 1);
+	table_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	operation = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	stmt_begin(&st, table_name, operation);
+	/* a purge's event is a record of its own, which verification reads first */
+	st.purge = strcmp(table_name, "orch.audit_log") == 0 && strcmp(operation, "PURGE") == 0;
+	st.own_records = st.own_records || st.purge;
 	detail = PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2);
-	batch_begin_event(b);
-	enc_null(&b->events);
-	enc_null(&b->events);
-	enc_jsonb(&b->events, detail);
-	batch_end_event(b, step_context_set ? &step_context_run : NULL, step_context_set,
-					step_context_step);
-	batch_flush(b);
+	r = event_begin(&st);
+	enc_null(&r->events);
+	enc_null(&r->events);
+	enc_jsonb(&r->events, detail);
+	event_end(&st, r, step_context_set ? &step_context_run : NULL, step_context_set,
+			  step_context_step);
+	stmt_end(&st);
 	MemoryContextSwitchTo(oldcxt);
 	MemoryContextDelete(cxt);
 	PG_RETURN_VOID();

@@ -17,27 +17,31 @@
 #define ORCH_AUDIT_ENCODING_VERSION	1
 #define ORCH_HASH_LEN				32
 
-/* a record holds the events of one statement, at most this many */
+/* a record holds the events of one transaction, at most this many */
 #define ORCH_AUDIT_RECORD_EVENTS	1000
 
 /*
- * What the events of one record of orch.audit_records share, and its
- * canonical encoding in the three runs that an event's own fields
- * interleave with (docs/audit.md): xid, at, table_name, operation; actor,
- * db_user, session_role; reason.
+ * What the events of one statement share, as a record's events hold it
+ * once per statement: the fields at, table_name, operation, then actor,
+ * db_user, session_role (from who on), then reason (from why on), in the
+ * canonical encoding.  An event's own fields interleave with these three
+ * runs in its encoding (docs/audit.md).
  */
-typedef struct OrchAuditCommon
+typedef struct OrchAuditHeader
 {
-	uint64		xid;
-	TimestampTz at;
-	const char *table_name;
-	const char *operation;
-	const char *actor;			/* NULL: SQL NULL */
-	const char *db_user;
-	const char *session_role;
-	const char *reason;
-	StringInfoData enc[3];		/* filled by orch_audit_common_encode */
-} OrchAuditCommon;
+	const char *data;
+	int			who;
+	int			why;
+	int			len;
+} OrchAuditHeader;
+
+#define ORCH_AUDIT_STMT_FIELDS		7
+
+/* where each of a statement's fields is in OrchAuditStmt.fields */
+#define ORCH_AUDIT_STMT_AT			0
+#define ORCH_AUDIT_STMT_TABLE		1
+#define ORCH_AUDIT_STMT_OPERATION	2
+#define ORCH_AUDIT_STMT_REASON		6
 
 /*
  * An event's own fields, as stored in a record's events: row_key, old_row,
@@ -59,17 +63,28 @@ typedef struct OrchAuditField
 #define ORCH_AUDIT_FIELD_RUN_ID		3
 #define ORCH_AUDIT_FIELD_STEP_ID	4
 
+/* A statement of a record, split: its shared fields. */
+typedef struct OrchAuditStmt
+{
+	OrchAuditHeader h;
+	OrchAuditField fields[ORCH_AUDIT_STMT_FIELDS];
+} OrchAuditStmt;
+
 /*
  * A record's events, split: where each one's fields start, its middle (the
- * run_id field), its end, and the fields themselves.
+ * run_id field), its end, the fields themselves, and its statement.
  */
 typedef struct OrchAuditEvents
 {
 	int			n;
 	const char *base;
-	int		   *start;			/* n + 1 offsets: event i is [start[i], start[i + 1]) */
+	int		   *start;			/* event i is [start[i], end[i]) */
+	int		   *end;
 	int		   *middle;			/* where event i's run_id field starts, from start[i] */
 	OrchAuditField *fields;		/* event i's are fields[i * ORCH_AUDIT_EVENT_FIELDS ...] */
+	int		   *stmt;			/* event i's statement is stmts[stmt[i]] */
+	int			nstmts;
+	OrchAuditStmt *stmts;
 } OrchAuditEvents;
 
 /* The 4 bytes at p, a big-endian unsigned integer as the encoding writes it. */
@@ -102,15 +117,20 @@ extern int	orch_audit_heartbeat_s;
 extern bool orch_audit_purging;
 
 /* orch.audit_records' columns, in the order of its definition */
-#define ORCH_AUDIT_NCOLS	13
+enum
+{
+	ORCH_AUDIT_COL_RECORD_ID, ORCH_AUDIT_COL_XID, ORCH_AUDIT_COL_AT, ORCH_AUDIT_COL_N_EVENTS,
+	ORCH_AUDIT_COL_EVENTS, ORCH_AUDIT_COL_HASHES, ORCH_AUDIT_COL_RUN_IDS, ORCH_AUDIT_COL_PURGE,
+	ORCH_AUDIT_NCOLS
+};
 extern void orch_audit_column_map(TupleDesc desc, int *col);
 
 extern void orch_sha256(const void *data, size_t len, uint8 *out);
 extern void orch_sha256_parts(int n, const void *const *data, const size_t *len, uint8 *out);
-extern void orch_audit_common_encode(OrchAuditCommon *c);
-extern void orch_audit_event_hash(const OrchAuditCommon *c, int64 audit_id, const char *event,
-								  int middle, int len, uint8 *out);
+extern void orch_audit_event_hash(uint64 xid, const OrchAuditHeader *h, int64 audit_id,
+								  const char *event, int middle, int len, uint8 *out);
 extern bool orch_audit_split_events(const char *data, int len, int n, OrchAuditEvents *ev);
+extern bool orch_audit_is_purge(const OrchAuditStmt *stmt);
 extern Jsonb *orch_audit_decode_json(const OrchAuditField *f, bool *ok);
 extern int64 orch_audit_purge_block(const OrchAuditField *detail);
 extern int	orch_audit_distinct_runs(pg_uuid_t *runs, int n);

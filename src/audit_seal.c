@@ -388,14 +388,7 @@ report(Verifier *v, int64 block_id, int64 audit_id, const char *finding, const c
  * the verifier reads them.
  */
 #define RECORD_COLUMNS \
-	"record_id, xid, at, table_name, operation, actor, db_user, session_role, reason," \
-	" n_events, events, hashes, run_ids"
-
-static const char *
-opt_text(Datum *v, bool *n, int c)
-{
-	return n[c] ? NULL : TextDatumGetCString(v[c]);
-}
+	"record_id, xid, at, n_events, events, hashes, run_ids, purge"
 
 /*
  * The events of one record, read one by one: each one's hash recomputed
@@ -405,7 +398,7 @@ opt_text(Datum *v, bool *n, int c)
  */
 typedef struct RecordEvents
 {
-	OrchAuditCommon c;
+	uint64		record_xid;
 	int64		record_id;
 	int			n;
 	int			next;
@@ -414,6 +407,7 @@ typedef struct RecordEvents
 	const uint8 *hashes;		/* as stored, if hashes_ok */
 	bool		hashes_ok;
 	bool		runs_ok;		/* run_ids lists the runs of its events, each once */
+	bool		purge_ok;		/* purge says whether it holds a purge's event */
 	/* the current event */
 	int64		audit_id;
 	uint64		xid;
@@ -460,31 +454,44 @@ runs_match(const OrchAuditEvents *ev, ArrayType *run_ids)
 	return true;
 }
 
-/* Read a record's columns (RECORD_COLUMNS order). */
+/*
+ * Does a record's purge flag (NULL: not a boolean, wrong) say whether one
+ * of its statements is a purge's?  It is not hashed; verification finds
+ * the purges by it.
+ */
+static bool
+purge_matches(const OrchAuditEvents *ev, bool isnull, bool purge)
+{
+	bool		holds = false;
+
+	for (int i = 0; i < ev->nstmts; i++)
+		holds = holds || orch_audit_is_purge(&ev->stmts[i]);
+	return !isnull && purge == holds;
+}
+
+/* Read a record's columns (RECORD_COLUMNS order, that of ORCH_AUDIT_COL_*). */
 static void
 record_events_load(RecordEvents *re, Datum *v, bool *n)
 {
-	bytea	   *events = n[10] ? NULL : DatumGetByteaPP(v[10]);
-	bytea	   *hashes = n[11] ? NULL : DatumGetByteaPP(v[11]);
+	bytea	   *events = n[ORCH_AUDIT_COL_EVENTS] ? NULL : DatumGetByteaPP(v[ORCH_AUDIT_COL_EVENTS]);
+	bytea	   *hashes = n[ORCH_AUDIT_COL_HASHES] ? NULL : DatumGetByteaPP(v[ORCH_AUDIT_COL_HASHES]);
+	bool		n_null = n[ORCH_AUDIT_COL_N_EVENTS];
+	int32		n_events = n_null ? 0 : DatumGetInt32(v[ORCH_AUDIT_COL_N_EVENTS]);
 
 	memset(re, 0, sizeof(*re));
-	re->record_id = DatumGetInt64(v[0]);
-	re->c.xid = xid8_value(v[1]);
-	re->c.at = DatumGetTimestampTz(v[2]);
-	re->c.table_name = opt_text(v, n, 3);
-	re->c.operation = opt_text(v, n, 4);
-	re->c.actor = opt_text(v, n, 5);
-	re->c.db_user = opt_text(v, n, 6);
-	re->c.session_role = opt_text(v, n, 7);
-	re->c.reason = opt_text(v, n, 8);
+	re->record_id = DatumGetInt64(v[ORCH_AUDIT_COL_RECORD_ID]);
+	re->record_xid = xid8_value(v[ORCH_AUDIT_COL_XID]);
 	/* a record claiming no events (or too many) is read as one, or 1,000, malformed */
-	re->n = n[9] ? 1 : Min(Max(DatumGetInt32(v[9]), 1), ORCH_AUDIT_RECORD_EVENTS);
-	orch_audit_common_encode(&re->c);
-	re->well_formed = events != NULL && !n[9] && DatumGetInt32(v[9]) == re->n &&
+	re->n = n_null ? 1 : Min(Max(n_events, 1), ORCH_AUDIT_RECORD_EVENTS);
+	re->well_formed = events != NULL && !n_null && n_events == re->n &&
 		orch_audit_split_events(VARDATA_ANY(events), (int) VARSIZE_ANY_EXHDR(events), re->n, &re->ev);
 	re->hashes_ok = hashes != NULL && VARSIZE_ANY_EXHDR(hashes) == (Size) re->n * ORCH_HASH_LEN;
 	re->hashes = re->hashes_ok ? (const uint8 *) VARDATA_ANY(hashes) : NULL;
-	re->runs_ok = !re->well_formed || runs_match(&re->ev, n[12] ? NULL : DatumGetArrayTypeP(v[12]));
+	re->runs_ok = !re->well_formed ||
+		runs_match(&re->ev, n[ORCH_AUDIT_COL_RUN_IDS] ? NULL : DatumGetArrayTypeP(v[ORCH_AUDIT_COL_RUN_IDS]));
+	re->purge_ok = !re->well_formed ||
+		purge_matches(&re->ev, n[ORCH_AUDIT_COL_PURGE], !n[ORCH_AUDIT_COL_PURGE] &&
+					  DatumGetBool(v[ORCH_AUDIT_COL_PURGE]));
 }
 
 /* The record's next event; false after the last. */
@@ -497,15 +504,16 @@ record_events_next(RecordEvents *re)
 		return false;
 	i = re->next++;
 	re->audit_id = re->record_id * ORCH_AUDIT_RECORD_EVENTS + i;
-	re->xid = re->c.xid;
+	re->xid = re->record_xid;
 	re->has_run = false;
 	if (re->well_formed)
 	{
 		const OrchAuditField *run = &re->ev.fields[i * ORCH_AUDIT_EVENT_FIELDS +
 												   ORCH_AUDIT_FIELD_RUN_ID];
 
-		orch_audit_event_hash(&re->c, re->audit_id, re->ev.base + re->ev.start[i],
-							  re->ev.middle[i], re->ev.start[i + 1] - re->ev.start[i], re->h);
+		orch_audit_event_hash(re->xid, &re->ev.stmts[re->ev.stmt[i]].h, re->audit_id,
+							  re->ev.base + re->ev.start[i], re->ev.middle[i],
+							  re->ev.end[i] - re->ev.start[i], re->h);
 		if (!run->isnull && run->len == UUID_LEN)
 		{
 			re->has_run = true;
@@ -775,14 +783,18 @@ check_sealed_row(Verifier *v, ReadBlock *rb, bool *seen, int64 audit_id, uint64 
 
 /*
  * At a record's first event: a record whose run_ids does not list the runs
- * of its events hides them from verify_run; reported once, at that event.
+ * of its events hides them from verify_run, one whose purge flag is wrong
+ * hides a purge or makes one up; reported once, at that event.
  */
 static void
-check_record_runs(Verifier *v, int64 block_id, RecordEvents *re)
+check_record_lookups(Verifier *v, int64 block_id, RecordEvents *re)
 {
 	if (re->next == 1 && !re->runs_ok)
 		report(v, block_id, re->audit_id, "modified row",
 			   "its record's run_ids does not list the runs of its events");
+	if (re->next == 1 && !re->purge_ok)
+		report(v, block_id, re->audit_id, "modified row",
+			   "its record's purge flag does not match its events");
 }
 
 /* Check the rows of a block's xid range against its ids and leaves. */
@@ -801,7 +813,7 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 		else
 		{
 			check_sealed_row(v, rb, seen, rs.re.audit_id, rs.re.xid, rs.re.h, rs.re.stored_ok);
-			check_record_runs(v, rb->b.block_id, &rs.re);
+			check_record_lookups(v, rb->b.block_id, &rs.re);
 		}
 	}
 	rowscan_end(&rs);
@@ -826,9 +838,7 @@ purged_through(void)
 {
 	int64		through = 0;
 
-	if (SPI_execute("SELECT n_events, events FROM orch.audit_records"
-					" WHERE operation OPERATOR(pg_catalog.=) 'PURGE'"
-					"   AND table_name OPERATOR(pg_catalog.=) 'orch.audit_log'",
+	if (SPI_execute("SELECT n_events, events FROM orch.audit_records WHERE purge",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read audit purges");
 	for (uint64 r = 0; r < SPI_processed; r++)
@@ -847,8 +857,9 @@ purged_through(void)
 									 DatumGetInt32(n), &ev))
 			continue;
 		for (int i = 0; i < ev.n; i++)
-			through = Max(through, orch_audit_purge_block(&ev.fields[i * ORCH_AUDIT_EVENT_FIELDS +
-																	 ORCH_AUDIT_FIELD_NEW_ROW]));
+			if (orch_audit_is_purge(&ev.stmts[ev.stmt[i]]))
+				through = Max(through, orch_audit_purge_block(&ev.fields[i * ORCH_AUDIT_EVENT_FIELDS +
+																		 ORCH_AUDIT_FIELD_NEW_ROW]));
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return through;
@@ -1019,7 +1030,7 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 			if (!rs.re.stored_ok)
 				report(&v, 0, rs.re.audit_id, "modified row",
 					   "the row's values do not match its hash (not sealed yet)");
-			check_record_runs(&v, 0, &rs.re);
+			check_record_lookups(&v, 0, &rs.re);
 		}
 		rowscan_end(&rs);
 	}

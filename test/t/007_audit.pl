@@ -102,14 +102,20 @@ my @deleted = split /\n/, $node->safe_psql('postgres', qq{
 	 WHERE l.table_name = 'app.accounts' AND l.operation = 'DELETE' ORDER BY l.audit_id});
 is(scalar(@deleted), 5, 'the DELETE recorded five events');
 my ($deleted_record) = $node->safe_psql('postgres', q{
-	SELECT record_id FROM orch.audit_records WHERE table_name = 'app.accounts' AND operation = 'DELETE'});
+	SELECT DISTINCT record_id FROM orch.audit_log WHERE table_name = 'app.accounts' AND operation = 'DELETE'});
 my ($block_a, $forged_xid) = split /\|/, $node->safe_psql('postgres', qq{
 	SELECT $in_block, l.xid FROM orch.audit_log l
 	 WHERE l.table_name = 'app.accounts' AND l.operation = 'INSERT' ORDER BY l.audit_id LIMIT 1});
-# and the run_ids of a record of block B, which hides its events from verify_run
+# and the run_ids of a record of block B, which hides its events from
+# verify_run, and the purge flag of another, which makes a purge up (each
+# reported at the record's first event)
 my ($block_r, $runs_record, $runs_event) = split /\|/, $node->safe_psql('postgres', qq{
-	SELECT $in_block, l.record_id, min(l.audit_id) FROM orch.audit_log l
-	 WHERE l.table_name = 'orch.steps' GROUP BY 1, 2 ORDER BY 2 LIMIT 1});
+	SELECT $in_block, l.record_id, l.record_id * 1000 FROM orch.audit_log l
+	 WHERE l.table_name = 'orch.steps' ORDER BY l.record_id LIMIT 1});
+my ($block_p, $purge_record, $purge_event) = split /\|/, $node->safe_psql('postgres', qq{
+	SELECT $in_block, l.record_id, l.record_id * 1000 FROM orch.audit_log l
+	 WHERE l.table_name = 'orch.runs' AND l.record_id <> $runs_record
+	 ORDER BY l.record_id DESC LIMIT 1});
 my ($block_c, $block_d) = ($last - 1, $last);
 $node->safe_psql('postgres', qq{
 ALTER TABLE orch.audit_records DISABLE TRIGGER audit_records_append_only;
@@ -121,14 +127,19 @@ UPDATE orch.audit_records
  WHERE record_id = $modified_record;
 DELETE FROM orch.audit_records WHERE record_id = $deleted_record;
 UPDATE orch.audit_records SET run_ids = NULL WHERE record_id = $runs_record;
-INSERT INTO orch.audit_records (record_id, xid, at, table_name, operation, db_user, session_role,
-								n_events, events, hashes, run_ids)
+UPDATE orch.audit_records SET purge = true WHERE record_id = $purge_record;
+-- a statement inserting into app.accounts as postgres, with one event
+-- that claims a run
+INSERT INTO orch.audit_records (record_id, xid, at, n_events, events, hashes, run_ids)
 	OVERRIDING SYSTEM VALUE
-	VALUES (999999, '$forged_xid', now(), 'app.accounts', 'INSERT', 'postgres', 'postgres', 1,
-			'\\x000000'::bytea || '\\x0100000010'::bytea || uuid_send('$a_run') || '\\x00'::bytea,
+	VALUES (999999, '$forged_xid', now(), 1,
+			'\\x0100000008'::bytea || int8send(0) || '\\x010000000c'::bytea
+			|| convert_to('app.accounts', 'UTF8') || '\\x0100000006'::bytea || convert_to('INSERT', 'UTF8')
+			|| '\\x000100000008'::bytea || convert_to('postgres', 'UTF8')
+			|| '\\x0100000008'::bytea || convert_to('postgres', 'UTF8') || '\\x0000000001'::bytea
+			|| '\\x000000'::bytea || '\\x0100000010'::bytea || uuid_send('$a_run') || '\\x00'::bytea,
 			decode(repeat('00', 32), 'hex'), ARRAY['$a_run'::uuid]),
-		   (999998, '$forged_xid', now(), 'app.accounts', 'INSERT', 'postgres', 'postgres', 0,
-			'', '', NULL);
+		   (999998, '$forged_xid', now(), 0, '', '', NULL);
 DELETE FROM orch.audit_blocks WHERE block_id >= $block_c;
 ALTER TABLE orch.audit_records ENABLE ALWAYS TRIGGER audit_records_append_only;
 ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
@@ -141,7 +152,8 @@ my $expected = join("\n",
 	"$block_c  missing block",
 	"$block_d  missing block",
 	"$block_m $modified modified row",
-	"$block_r $runs_event modified row");
+	"$block_r $runs_event modified row",
+	"$block_p $purge_event modified row");
 is(findings('postgres', $digest), $expected,
 	'verify_audit reports each change, naming its block and row');
 ($rc, $out, $err) = independent('postgres', $digest);
@@ -155,7 +167,8 @@ is($node->safe_psql('postgres', qq{
 is(findings('postgres'),
 	join("\n", (map { "$_ deleted row" } @deleted), "$block_a 999998000 forged row",
 		 "$block_a 999999000 forged row",
-		 "$block_m $modified modified row", "$block_r $runs_event modified row"),
+		 "$block_m $modified modified row", "$block_r $runs_event modified row",
+		 "$block_p $purge_event modified row"),
 	'without the exported digest, a dropped tail is not a finding');
 
 # A broken link: a block rewritten consistently in itself, but not its successor.
