@@ -574,6 +574,7 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 	int			npicked = 0;
 	int64		after[2];
 	uint64		generation;
+	bool		planned_ahead = false;
 
 	deadline = GetCurrentTimestamp() + Max(wait_us, 0);
 	may_wait = wait_us > 0 && OrchShared != NULL;
@@ -670,9 +671,18 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 		/*
 		 * The statement that leases runs only once there is a task: plan it
 		 * now (a session's first claim), not after the wake-up, when the
-		 * milliseconds its planning takes would delay the task.
+		 * milliseconds its planning takes would delay the task.  Planning
+		 * ends in a subtransaction rolled back, which cancels the
+		 * preparation to sleep: look again, prepared anew, before sleeping
+		 * (a sleep not prepared for returns at once, and the claim would
+		 * spin).
 		 */
-		orch_plan_ahead(task_plan(T_CLAIM));
+		if (!planned_ahead)
+		{
+			orch_plan_ahead(task_plan(T_CLAIM));
+			planned_ahead = true;
+			continue;
+		}
 
 		/*
 		 * A broadcast that came while we looked took us off the wait list

@@ -1296,6 +1296,7 @@ typedef struct AuditRecord
 	int			runs_cap;
 	bool		purge;
 	uint64		stmt;			/* serial of the statement it takes events of now; 0: none */
+	bool		in_event;		/* an event is being added (event_begin to event_end) */
 	int			count_at;		/* where that statement's event count is in events */
 	uint32		count;
 	int			event_start;	/* where the event being added starts in events */
@@ -1537,6 +1538,7 @@ audit_subxact(SubXactEvent event, SubTransactionId mySubid, SubTransactionId par
 			r->n = marks[i].n;
 			r->nruns = marks[i].nruns;
 			r->stmt = 0;
+			r->in_event = false;
 			nmarks = i;
 			break;
 		}
@@ -1714,7 +1716,9 @@ record_flush(AuditRecord *r)
  *   record is full.  It cannot be written then: a row the subtransaction
  *   writes goes if it rolls back, and the record holds events of the
  *   transaction's other subtransactions.  The statement's own records go
- *   with it, rightly.
+ *   with it, rightly;
+ * - a statement run in the middle of another's event, and one after
+ *   orch.audit_records was dropped and created again (below).
  *
  * A full record of the transaction is written at once outside any
  * subtransaction.
@@ -1724,20 +1728,23 @@ record_for(AuditStmt *st)
 {
 	if (!st->own_records)
 	{
-		if (xact_record == NULL || xact_record->relid != st->relid)
+		if (xact_record == NULL)
 		{
-			/*
-			 * The first event of the transaction; or orch.audit_records
-			 * was dropped and created again since its first event, whose
-			 * events went with it.
-			 */
-			xact_record = NULL;
-			marks = NULL;
-			nmarks = marks_cap = 0;
 			audit_callbacks();
 			xact_record = record_create(TopTransactionContext, st);
 		}
-		if (record_full(xact_record))
+
+		/*
+		 * A statement run while an event is being added to the
+		 * transaction's record (by a function that rendering a value
+		 * calls) must not add its own in the middle of it; nor may a
+		 * statement add to a record meant for an orch.audit_records
+		 * dropped since (the extension dropped and created again in this
+		 * transaction).
+		 */
+		if (xact_record->in_event || xact_record->relid != st->relid)
+			st->own_records = true;
+		else if (record_full(xact_record))
 		{
 			if (GetCurrentTransactionNestLevel() == 1)
 				record_flush(xact_record);
@@ -1766,6 +1773,9 @@ stmt_end(AuditStmt *st)
 {
 	if (st->own != NULL)
 		record_flush(st->own);
+	/* after the transaction's record was written, nothing stays open into commit */
+	if (xact_record_written)
+		audit_target_close(false);
 }
 
 /*
@@ -1842,10 +1852,13 @@ event_begin(AuditStmt *st)
 		{
 			if (nmarks == marks_cap)
 			{
-				marks_cap = Max(8, marks_cap * 2);
+				int			cap = Max(8, marks_cap * 2);
+
+				/* the capacity grows only once the memory is there */
 				marks = marks == NULL ?
-					MemoryContextAlloc(TopTransactionContext, sizeof(AuditMark) * marks_cap) :
-					repalloc(marks, sizeof(AuditMark) * marks_cap);
+					MemoryContextAlloc(TopTransactionContext, sizeof(AuditMark) * cap) :
+					repalloc(marks, sizeof(AuditMark) * cap);
+				marks_cap = cap;
 			}
 			marks[nmarks].subid = GetCurrentSubTransactionId();
 			marks[nmarks].events_len = r->events.len;
@@ -1864,6 +1877,7 @@ event_begin(AuditStmt *st)
 	if (r->record_id == 0)
 		r->record_id = nextval_internal(audit_seq, false);
 	r->event_start = r->events.len;
+	r->in_event = true;
 	return r;
 }
 
@@ -1880,8 +1894,8 @@ event_end(AuditStmt *st, AuditRecord *r, const pg_uuid_t *run_id, bool has_step,
 		enc_bytes(&r->events, run_id->data, UUID_LEN);
 		if (r->nruns == r->runs_cap)
 		{
+			r->runs = repalloc(r->runs, sizeof(pg_uuid_t) * r->runs_cap * 2);
 			r->runs_cap *= 2;
-			r->runs = repalloc(r->runs, sizeof(pg_uuid_t) * r->runs_cap);
 		}
 		r->runs[r->nruns++] = *run_id;
 	}
@@ -1902,6 +1916,7 @@ event_end(AuditStmt *st, AuditRecord *r, const pg_uuid_t *run_id, bool has_step,
 	r->count++;
 	patch_u32(&r->events, r->count_at, r->count);
 	r->n++;
+	r->in_event = false;
 }
 
 /* Read a transition table from its start with a read pointer of our own. */

@@ -19,6 +19,7 @@ use lib $FindBin::RealBin;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(usleep);
 use OrchTest;
 
 my $node = orch_node('failures');
@@ -251,6 +252,30 @@ SELECT orch.define_workflow('task_plain', '{"steps": [
 	is(sql("SELECT coalesce(sum(waiting + running), 0) FROM orch.queue_status WHERE name = 'kq2'"),
 		'0', 'the task is not in its queue');
 	is(claim('kq2', 'w2', '30s', '0'), '', 'no worker can claim it again');
+};
+
+subtest 'a worker waiting for work sleeps until a task comes' => sub {
+	$node->safe_psql('postgres', q{
+SELECT orch.define_workflow('idle_task', '{"steps": [{"name": "work", "kind": "task", "queue": "idleq"}]}')});
+	my $w = $node->background_psql('postgres');
+	my $pid = $w->query_safe('SELECT pg_backend_pid()');
+	$w->query_until(qr/waiting/, q{
+\echo waiting
+SELECT 'claimed ' || count(*) FROM orch.claim_tasks('idleq', 'w', 1, '1 min', wait => '20s');
+});
+	# Sampled 40 times over 2 s, the claim is nearly always asleep (wait
+	# event Extension), not looking again and again.
+	my $asleep = 0;
+	for (1 .. 40)
+	{
+		$asleep++ if sql("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $pid") eq 'Extension';
+		usleep(50_000);
+	}
+	cmp_ok($asleep, '>=', 30, "the waiting claim was asleep in $asleep of 40 samples");
+	my $run = start_run('idle_task');
+	like($w->query_until(qr/claimed \d/, ''), qr/claimed 1/, 'and it wakes up and claims the task queued');
+	$w->quit;
+	is(sql("SELECT status FROM orch.steps WHERE run_id = '$run'"), 'running', 'the task is leased');
 };
 
 subtest 'unknown outcome goes through verify' => sub {

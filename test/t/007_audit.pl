@@ -114,7 +114,7 @@ my ($block_r, $runs_record, $runs_event) = split /\|/, $node->safe_psql('postgre
 	 WHERE l.table_name = 'orch.steps' ORDER BY l.record_id LIMIT 1});
 my ($block_p, $purge_record, $purge_event) = split /\|/, $node->safe_psql('postgres', qq{
 	SELECT $in_block, l.record_id, l.record_id * 1000 FROM orch.audit_log l
-	 WHERE l.table_name = 'orch.runs' AND l.record_id <> $runs_record
+	 WHERE l.table_name = 'orch.runs' AND l.record_id <> $runs_record AND $in_block = $block_r
 	 ORDER BY l.record_id DESC LIMIT 1});
 my ($block_c, $block_d) = ($last - 1, $last);
 $node->safe_psql('postgres', qq{
