@@ -1291,7 +1291,7 @@ typedef struct AuditRecord
 	int			n;				/* its events */
 	StringInfoData events;		/* a varlena header's room, then its statements */
 	StringInfoData hashes;		/* the same, then its events' hashes */
-	pg_uuid_t  *runs;			/* their runs, nruns of them, repeats included */
+	pg_uuid_t  *runs;			/* their runs, nruns of them (not sorted; some repeats) */
 	int			nruns;
 	int			runs_cap;
 	bool		purge;
@@ -1890,8 +1890,13 @@ event_end(AuditStmt *st, AuditRecord *r, const pg_uuid_t *run_id, bool has_step,
 	uint8		hash[ORCH_HASH_LEN];
 
 	if (run_id != NULL)
-	{
 		enc_bytes(&r->events, run_id->data, UUID_LEN);
+	else
+		enc_null(&r->events);
+	/* the record's runs, a run's consecutive events once */
+	if (run_id != NULL &&
+		(r->nruns == 0 || memcmp(&r->runs[r->nruns - 1], run_id, sizeof(pg_uuid_t)) != 0))
+	{
 		if (r->nruns == r->runs_cap)
 		{
 			r->runs = repalloc(r->runs, sizeof(pg_uuid_t) * r->runs_cap * 2);
@@ -1899,8 +1904,6 @@ event_end(AuditStmt *st, AuditRecord *r, const pg_uuid_t *run_id, bool has_step,
 		}
 		r->runs[r->nruns++] = *run_id;
 	}
-	else
-		enc_null(&r->events);
 	if (has_step)
 		enc_u64(&r->events, (uint64) step_id);
 	else

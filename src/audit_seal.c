@@ -281,20 +281,6 @@ seal(bool heartbeat_due, bool wait)
 			elog(ERROR, "could not write audit block %lld", (long long) blk.block_id);
 	}
 
-	/*
-	 * Writers append their records' runs to the GIN index's pending list;
-	 * merge it here, in the background, before it grows to
-	 * gin_pending_list_limit and a writer has to merge it in the middle of
-	 * its transaction.
-	 */
-	if (n > 0 &&
-		SPI_execute("SELECT pg_catalog.gin_clean_pending_list(i.indexrelid::pg_catalog.regclass)"
-					"  FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid"
-					"  JOIN pg_catalog.pg_am a ON a.oid = c.relam"
-					" WHERE i.indrelid OPERATOR(pg_catalog.=) 'orch.audit_records'::pg_catalog.regclass"
-					"   AND a.amname OPERATOR(pg_catalog.=) 'gin'",
-					false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "could not merge the pending entries of orch.audit_records' run index");
 	SPI_finish();
 	return n;
 }
