@@ -673,15 +673,15 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 		 * now (a session's first claim), not after the wake-up, when the
 		 * milliseconds its planning takes would delay the task.  Planning
 		 * ends in a subtransaction rolled back, which cancels the
-		 * preparation to sleep: look again, prepared anew, before sleeping
-		 * (a sleep not prepared for returns at once, and the claim would
-		 * spin).
+		 * preparation to sleep: having planned, look again, prepared anew,
+		 * before sleeping (a sleep not prepared for returns at once, and the
+		 * claim would spin).
 		 */
 		if (!planned_ahead)
 		{
-			orch_plan_ahead(task_plan(T_CLAIM));
 			planned_ahead = true;
-			continue;
+			if (orch_plan_ahead(task_plan(T_CLAIM)))
+				continue;
 		}
 
 		/*

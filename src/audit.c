@@ -5,12 +5,13 @@
  *	  the refusal of anything but appending to the audit tables.
  *
  *	  A change is recorded by a statement-level AFTER trigger that reads the
- *	  statement's transition tables, so a statement that changes many rows
- *	  writes their audit rows with one INSERT.  Each row carries the SHA-256
+ *	  statement's transition tables; the events of a transaction wait in
+ *	  the backend's memory and are written as one record of
+ *	  orch.audit_records when it commits.  Each event carries the SHA-256
  *	  of its canonical encoding (docs/audit.md), which depends on nothing
  *	  but the row's values: not on settings, not on how jsonb prints.  The
- *	  write path locks no shared row; audit_seal.c chains finished rows into
- *	  blocks afterwards.
+ *	  write path locks no shared row; audit_seal.c chains finished events
+ *	  into blocks afterwards.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -37,6 +38,7 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/catcache.h"
@@ -77,10 +79,9 @@ static int64 step_context_step;
 bool		orch_audit_purging = false;
 
 /*
- * A record's events are written once they reach this size, even if the
- * statement changed more rows (a record holds at most
- * ORCH_AUDIT_RECORD_EVENTS): a statement's row images are held in memory
- * until then, and copied once more when compressed.
+ * A record is full once its events reach this size, or
+ * ORCH_AUDIT_RECORD_EVENTS of them: its row images are held in memory
+ * until it is written, and copied once more when compressed.
  */
 #define AUDIT_RECORD_BYTES	(8 * 1024 * 1024)
 
@@ -522,11 +523,12 @@ orch_audit_split_events(const char *data, int len, int n, OrchAuditEvents *ev)
 		uint32		count;
 
 		st->h.data = h;
-		p = split_fields(p, end, st->fields, ORCH_AUDIT_STMT_AT + 3);
+		p = split_fields(p, end, st->fields, ORCH_AUDIT_STMT_ACTOR);
 		if (p == NULL)
 			return false;
 		st->h.who = (int) (p - h);
-		p = split_fields(p, end, st->fields + 3, ORCH_AUDIT_STMT_REASON - 3);
+		p = split_fields(p, end, st->fields + ORCH_AUDIT_STMT_ACTOR,
+						 ORCH_AUDIT_STMT_REASON - ORCH_AUDIT_STMT_ACTOR);
 		if (p == NULL)
 			return false;
 		st->h.why = (int) (p - h);
@@ -1312,11 +1314,12 @@ static AuditRecord *xact_record = NULL;
 /*
  * Where the transaction's record stood when a statement of a
  * subtransaction began adding to it, so that the events of a
- * subtransaction that rolls back can be taken out again.  Everything
- * added after such a mark was added by that subtransaction or one of its
- * children (the subtransaction was the innermost open one meanwhile), and
- * subtransaction ids grow: a subtransaction rolling back takes out
- * everything from the first mark of an id at least its own.
+ * subtransaction that rolls back can be taken out again.  Subtransaction
+ * ids grow, so a mark of an id at least that of the subtransaction rolling
+ * back was made inside it (it stayed open since it began), and nothing in
+ * the record after its first such mark was added by a level outside it
+ * (which could add only once it had ended): it takes out everything from
+ * that mark on.
  */
 typedef struct AuditMark
 {
@@ -1560,8 +1563,15 @@ orch_audit_before_utility(void)
 		audit_target_close(false);
 }
 
-static void
-audit_callbacks(void)
+/*
+ * The transaction and subtransaction callbacks, and the relcache callback
+ * of the audit target; from _PG_init, so that they are in place before any
+ * transaction (one whose first event came in another extension's
+ * pre-commit callback would otherwise miss this one's), and again before
+ * use where the library was loaded without it.
+ */
+void
+orch_audit_register_callbacks(void)
 {
 	static bool registered = false;
 
@@ -1580,7 +1590,7 @@ audit_target(Oid relid)
 	ResourceOwner save;
 	MemoryContext oldcxt;
 
-	audit_callbacks();
+	orch_audit_register_callbacks();
 	if (t->relid == relid && !t->stale)
 		return t;
 	audit_target_close(false);
@@ -1730,7 +1740,13 @@ record_for(AuditStmt *st)
 	{
 		if (xact_record == NULL)
 		{
-			audit_callbacks();
+			orch_audit_register_callbacks();
+			/*
+			 * Lock orch.audit_records now, as a write to it would, not first
+			 * at commit: a session holding a stronger lock on it meanwhile
+			 * waits for this transaction, not the other way round.
+			 */
+			LockRelationOid(st->relid, RowExclusiveLock);
 			xact_record = record_create(TopTransactionContext, st);
 		}
 
@@ -2499,7 +2515,7 @@ orch_audit_unpack(PG_FUNCTION_ARGS)
 			values[4 + j] = PointerGetDatum(jb);
 		}
 		for (int j = 0; j < 3; j++)
-			values[7 + j] = stmt_text(&st->fields[3 + j], &nulls[7 + j], &ok);
+			values[7 + j] = stmt_text(&st->fields[ORCH_AUDIT_STMT_ACTOR + j], &nulls[7 + j], &ok);
 		nulls[10] = f[ORCH_AUDIT_FIELD_RUN_ID].isnull;
 		if (!f[ORCH_AUDIT_FIELD_RUN_ID].isnull)
 		{

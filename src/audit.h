@@ -41,6 +41,7 @@ typedef struct OrchAuditHeader
 #define ORCH_AUDIT_STMT_AT			0
 #define ORCH_AUDIT_STMT_TABLE		1
 #define ORCH_AUDIT_STMT_OPERATION	2
+#define ORCH_AUDIT_STMT_ACTOR		3	/* then db_user, session_role */
 #define ORCH_AUDIT_STMT_REASON		6
 
 /*
@@ -141,6 +142,7 @@ extern void orch_merkle_root(const uint8 *leaves, int64 n, uint8 *out);
 extern void orch_audit_set_step(Datum run_id, int64 step_id);
 extern void orch_audit_clear_step(void);
 extern void orch_audit_before_utility(void);
+extern void orch_audit_register_callbacks(void);
 
 /* audit_seal.c: seal finished rows into a block; -1 if another sealer holds the lock */
 extern int64 orch_audit_seal(bool heartbeat_due);

@@ -162,6 +162,7 @@ _PG_init(void)
 	ProcessUtility_hook = orch_process_utility;
 	/* the engine's statements are planned with settings of their own */
 	orch_planner_install();
+	orch_audit_register_callbacks();
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;

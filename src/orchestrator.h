@@ -155,7 +155,7 @@ extern bool orch_error_is_transient(int sqlerrcode);
 extern void orch_quarantine_step(int64 step_id, ErrorData *edata);
 extern void orch_planner_install(void);
 extern int	orch_execute_plan(SPIPlanPtr plan, Datum *values, const char *nulls, long count);
-extern void orch_plan_ahead(SPIPlanPtr plan);
+extern bool orch_plan_ahead(SPIPlanPtr plan);
 extern void orch_finish_task(Datum token, Datum output, const char *error,
 							 const char *error_class, const char *detail);
 

@@ -30,6 +30,7 @@
 #include "catalog/pg_type.h"
 #include "common/pg_prng.h"
 #include "executor/spi.h"
+#include "executor/spi_priv.h"
 #include "miscadmin.h"
 #include "optimizer/planner.h"
 #include "utils/acl.h"
@@ -947,17 +948,21 @@ orch_execute_plan(SPIPlanPtr plan, Datum *values, const char *nulls, long count)
 /*
  * Make the generic plan of one of the engine's saved statements now, with
  * the engine's settings, if it has none yet (its first use in the session,
- * or after an invalidation), without running it.  In a subtransaction
- * rolled back at once: the plan stays with the session, but not the locks
- * that making and checking it took (the statement's tables in the modes
- * it runs with), which the caller, about to sleep, must not hold.
+ * or after an invalidation), without running it; false if it had one.  In
+ * a subtransaction rolled back at once: the plan stays with the session,
+ * but not the locks that making and checking it took (the statement's
+ * tables in the modes it runs with), which the caller, about to sleep,
+ * must not hold.
  */
-void
+bool
 orch_plan_ahead(SPIPlanPtr plan)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
+	CachedPlanSource *source = linitial(plan->plancache_list);
 
+	if (source->is_valid && source->gplan != NULL && source->gplan->is_valid)
+		return false;
 	BeginInternalSubTransaction(NULL);
 	engine_statements++;
 	PG_TRY();
@@ -975,6 +980,7 @@ orch_plan_ahead(SPIPlanPtr plan)
 	RollbackAndReleaseCurrentSubTransaction();
 	MemoryContextSwitchTo(cxt);
 	CurrentResourceOwner = owner;
+	return true;
 }
 
 /* Run a saved statement; nulls are given as a string of ' ' and 'n'. */
