@@ -1272,9 +1272,7 @@ typedef struct AuditStmt
 	Oid			relid;			/* orch.audit_records */
 	uint64		xid;
 	TimestampTz at;
-	StringInfoData header;		/* at ... reason */
-	int			who;			/* where actor starts in it */
-	int			why;			/* where reason starts */
+	OrchAuditHeader h;			/* at ... reason, encoded */
 	bool		own_records;	/* its events go to records of its own (record_for) */
 	struct AuditRecord *own;	/* the one being filled, if any */
 	bool		purge;			/* a purge's event */
@@ -1565,22 +1563,17 @@ orch_audit_before_utility(void)
 
 /*
  * The transaction and subtransaction callbacks, and the relcache callback
- * of the audit target; from _PG_init, so that they are in place before any
- * transaction (one whose first event came in another extension's
- * pre-commit callback would otherwise miss this one's), and again before
- * use where the library was loaded without it.
+ * of the audit target; from _PG_init, however the library is loaded, so
+ * that they are in place before any transaction (one whose first event
+ * came in another extension's pre-commit callback would otherwise miss
+ * this one's).
  */
 void
 orch_audit_register_callbacks(void)
 {
-	static bool registered = false;
-
-	if (registered)
-		return;
 	RegisterXactCallback(audit_xact, NULL);
 	RegisterSubXactCallback(audit_subxact, NULL);
 	CacheRegisterRelcacheCallback(audit_target_invalidate, (Datum) 0);
-	registered = true;
 }
 
 static AuditTarget *
@@ -1590,7 +1583,6 @@ audit_target(Oid relid)
 	ResourceOwner save;
 	MemoryContext oldcxt;
 
-	orch_audit_register_callbacks();
 	if (t->relid == relid && !t->stale)
 		return t;
 	audit_target_close(false);
@@ -1640,6 +1632,7 @@ record_create(MemoryContext cxt, const AuditStmt *st)
 
 	r->relid = st->relid;
 	r->xid = st->xid;
+	r->purge = st->purge;
 	initStringInfo(&r->events);
 	initStringInfo(&r->hashes);
 	buffer_begin(&r->events);
@@ -1707,7 +1700,6 @@ record_flush(AuditRecord *r)
 	r->record_id = 0;
 	r->n = 0;
 	r->nruns = 0;
-	r->purge = false;
 	r->stmt = 0;
 	buffer_begin(&r->events);
 	buffer_begin(&r->hashes);
@@ -1740,7 +1732,6 @@ record_for(AuditStmt *st)
 	{
 		if (xact_record == NULL)
 		{
-			orch_audit_register_callbacks();
 			/*
 			 * Lock orch.audit_records now, as a write to it would, not first
 			 * at commit: a session holding a stronger lock on it meanwhile
@@ -1771,15 +1762,9 @@ record_for(AuditStmt *st)
 			return xact_record;
 	}
 	if (st->own == NULL)
-	{
 		st->own = record_create(st->cxt, st);
-		st->own->purge = st->purge;
-	}
 	else if (record_full(st->own))
-	{
 		record_flush(st->own);
-		st->own->purge = st->purge;
-	}
 	return st->own;
 }
 
@@ -1825,22 +1810,25 @@ stmt_begin(AuditStmt *st, const char *table_name, const char *operation)
 		orch_audit_actor : NULL;
 	const char *reason = orch_audit_reason != NULL && orch_audit_reason[0] != '\0' ?
 		orch_audit_reason : NULL;
+	StringInfoData header;
 
 	memset(st, 0, sizeof(*st));
 	st->serial = ++stmt_serial;
 	st->cxt = CurrentMemoryContext;
 	st->xid = U64FromFullTransactionId(GetTopFullTransactionId());
 	st->at = GetCurrentTimestamp();
-	initStringInfo(&st->header);
-	enc_u64(&st->header, (uint64) unix_usecs(st->at));
-	enc_cstring(&st->header, table_name);
-	enc_cstring(&st->header, operation);
-	st->who = st->header.len;
-	enc_cstring(&st->header, actor);
-	enc_cstring(&st->header, GetUserNameFromId(acting_user(), false));
-	enc_cstring(&st->header, GetUserNameFromId(GetSessionUserId(), false));
-	st->why = st->header.len;
-	enc_cstring(&st->header, reason);
+	initStringInfo(&header);
+	enc_u64(&header, (uint64) unix_usecs(st->at));
+	enc_cstring(&header, table_name);
+	enc_cstring(&header, operation);
+	st->h.who = header.len;
+	enc_cstring(&header, actor);
+	enc_cstring(&header, GetUserNameFromId(acting_user(), false));
+	enc_cstring(&header, GetUserNameFromId(GetSessionUserId(), false));
+	st->h.why = header.len;
+	enc_cstring(&header, reason);
+	st->h.data = header.data;
+	st->h.len = header.len;
 	st->own_records = xact_record_written;
 	st->relid = orch_relid("audit_records");
 	/* the extension may have been dropped and created again since */
@@ -1849,6 +1837,27 @@ stmt_begin(AuditStmt *st, const char *table_name, const char *operation)
 		audit_seq = getIdentitySequence(st->relid, 1, false);
 		audit_seq_of = st->relid;
 	}
+}
+
+/* A statement of the current subtransaction begins in the transaction's record. */
+static void
+mark_subxact(AuditRecord *r)
+{
+	if (nmarks == marks_cap)
+	{
+		int			cap = Max(8, marks_cap * 2);
+
+		/* the capacity grows only once the memory is there */
+		marks = marks == NULL ?
+			MemoryContextAlloc(TopTransactionContext, sizeof(AuditMark) * cap) :
+			repalloc(marks, sizeof(AuditMark) * cap);
+		marks_cap = cap;
+	}
+	marks[nmarks].subid = GetCurrentSubTransactionId();
+	marks[nmarks].events_len = r->events.len;
+	marks[nmarks].n = r->n;
+	marks[nmarks].nruns = r->nruns;
+	nmarks++;
 }
 
 /*
@@ -1865,26 +1874,10 @@ event_begin(AuditStmt *st)
 	{
 		/* the statement's first event in this record: its header first */
 		if (r == xact_record && GetCurrentSubTransactionId() != TopSubTransactionId)
-		{
-			if (nmarks == marks_cap)
-			{
-				int			cap = Max(8, marks_cap * 2);
-
-				/* the capacity grows only once the memory is there */
-				marks = marks == NULL ?
-					MemoryContextAlloc(TopTransactionContext, sizeof(AuditMark) * cap) :
-					repalloc(marks, sizeof(AuditMark) * cap);
-				marks_cap = cap;
-			}
-			marks[nmarks].subid = GetCurrentSubTransactionId();
-			marks[nmarks].events_len = r->events.len;
-			marks[nmarks].n = r->n;
-			marks[nmarks].nruns = r->nruns;
-			nmarks++;
-		}
+			mark_subxact(r);
 		if (r->n == 0)
 			r->at = st->at;
-		put_raw(&r->events, st->header.data, st->header.len);
+		put_raw(&r->events, st->h.data, st->h.len);
 		r->count_at = r->events.len;
 		r->count = 0;
 		put_u32(&r->events, 0);
@@ -1902,7 +1895,6 @@ static void
 event_end(AuditStmt *st, AuditRecord *r, const pg_uuid_t *run_id, bool has_step, int64 step_id)
 {
 	int			middle = r->events.len - r->event_start;
-	OrchAuditHeader h;
 	uint8		hash[ORCH_HASH_LEN];
 
 	if (run_id != NULL)
@@ -1924,11 +1916,7 @@ event_end(AuditStmt *st, AuditRecord *r, const pg_uuid_t *run_id, bool has_step,
 		enc_u64(&r->events, (uint64) step_id);
 	else
 		enc_null(&r->events);
-	h.data = st->header.data;
-	h.who = st->who;
-	h.why = st->why;
-	h.len = st->header.len;
-	orch_audit_event_hash(r->xid, &h, r->record_id * ORCH_AUDIT_RECORD_EVENTS + r->n,
+	orch_audit_event_hash(r->xid, &st->h, r->record_id * ORCH_AUDIT_RECORD_EVENTS + r->n,
 						  r->events.data + r->event_start, middle,
 						  r->events.len - r->event_start, hash);
 	put_raw(&r->hashes, (const char *) hash, ORCH_HASH_LEN);
