@@ -2904,7 +2904,9 @@ CREATE INDEX audit_records_runs ON orch.audit_records USING gin (run_ids) WITH (
 -- the purges, which verification looks up first
 CREATE INDEX audit_records_purges ON orch.audit_records (record_id) WHERE purge;
 -- A record's events repeat their column names and its statements their
--- who and why: they compress well.
+-- who and why: they compress well, and the extension compresses them
+-- (with the column's method) from 256 bytes on, where PostgreSQL would
+-- start only in rows past 2 kB.
 -- Hashes do not compress at all, and run ids little (lz4, which gives up
 -- quickly, instead of the default pglz).
 -- A record is moved out of line only past 8,160 bytes, compressed: the

@@ -18,6 +18,8 @@
 
 #include "access/heapam.h"
 #include "access/htup_details.h"
+#include "access/toast_compression.h"
+#include "access/toast_internals.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/transam.h"
@@ -84,6 +86,13 @@ bool		orch_audit_purging = false;
  * until it is written, and copied once more when compressed.
  */
 #define AUDIT_RECORD_BYTES	(8 * 1024 * 1024)
+
+/*
+ * Events of a record at least this long are compressed before the row is
+ * formed (events_compress); below it a compressed datum's header and the
+ * codec's own overhead leave little to save.
+ */
+#define AUDIT_COMPRESS_MIN	256
 
 void
 orch_audit_set_step(Datum run_id, int64 step_id)
@@ -1650,9 +1659,36 @@ record_full(const AuditRecord *r)
 }
 
 /*
+ * A record's events, compressed in line with the column's compression
+ * method when that makes them smaller; else as they are.  PostgreSQL
+ * compresses a row's values only when the row passes TOAST_TUPLE_THRESHOLD
+ * (about 2 kB), and most records are smaller: a task's claim or verdict
+ * writes one of about 1 kB, which its column names and its statement's
+ * who and why repeated make compress to about two thirds.  Left alone
+ * when the column's storage forbids compression (plain or external).
+ */
+static Datum
+events_compress(AuditTarget *t, bytea *events)
+{
+	Form_pg_attribute att = TupleDescAttr(RelationGetDescr(t->rel),
+										  t->col[ORCH_AUDIT_COL_EVENTS]);
+	char		cmethod = att->attcompression;
+	Datum		compressed;
+
+	if (VARSIZE(events) < AUDIT_COMPRESS_MIN ||
+		(att->attstorage != TYPSTORAGE_EXTENDED && att->attstorage != TYPSTORAGE_MAIN))
+		return PointerGetDatum(events);
+	if (!CompressionMethodIsValid(cmethod))
+		cmethod = default_toast_compression;
+	compressed = toast_compress_datum(PointerGetDatum(events), cmethod);
+	return compressed != (Datum) 0 ? compressed : PointerGetDatum(events);
+}
+
+/*
  * Write a record to orch.audit_records, with its index entries, and empty
  * it: one row for up to ORCH_AUDIT_RECORD_EVENTS events, its events
- * compressed and stored out of line when large.  No trigger, rule or
+ * compressed (events_compress), and stored out of line when still too
+ * large for the row.  No trigger, rule or
  * privilege check stands between: the user whose change is recorded may
  * not write to the audit trail, and its only triggers refuse updates and
  * deletes.
@@ -1664,6 +1700,7 @@ record_flush(AuditRecord *r)
 	TupleTableSlot *slot;
 	CommandId	cid;
 	ArrayType  *runs;
+	Datum		events;
 	List	   *recheck;
 	int		   *col;
 
@@ -1676,12 +1713,13 @@ record_flush(AuditRecord *r)
 		ExecClearTuple(slot);
 		memset(slot->tts_isnull, true, sizeof(bool) * slot->tts_tupleDescriptor->natts);
 		runs = record_runs(r);
+		events = events_compress(t, buffer_bytea(&r->events));
 #define SET(c, d, nul) (slot->tts_values[col[c]] = (d), slot->tts_isnull[col[c]] = (nul))
 		SET(ORCH_AUDIT_COL_RECORD_ID, Int64GetDatum(r->record_id), false);
 		SET(ORCH_AUDIT_COL_XID, FullTransactionIdGetDatum(FullTransactionIdFromU64(r->xid)), false);
 		SET(ORCH_AUDIT_COL_AT, TimestampTzGetDatum(r->at), false);
 		SET(ORCH_AUDIT_COL_N_EVENTS, Int32GetDatum(r->n), false);
-		SET(ORCH_AUDIT_COL_EVENTS, PointerGetDatum(buffer_bytea(&r->events)), false);
+		SET(ORCH_AUDIT_COL_EVENTS, events, false);
 		SET(ORCH_AUDIT_COL_HASHES, PointerGetDatum(buffer_bytea(&r->hashes)), false);
 		SET(ORCH_AUDIT_COL_RUN_IDS, PointerGetDatum(runs), runs == NULL);
 		SET(ORCH_AUDIT_COL_PURGE, BoolGetDatum(r->purge), false);
@@ -1695,6 +1733,8 @@ record_flush(AuditRecord *r)
 		ResetPerTupleExprContext(t->estate);
 		if (runs != NULL)
 			pfree(runs);
+		if (DatumGetPointer(events) != r->events.data)
+			pfree(DatumGetPointer(events));
 	}
 
 	r->record_id = 0;
