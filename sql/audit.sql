@@ -182,9 +182,10 @@ SELECT r.n_events, pg_catalog.array_agg(DISTINCT pg_catalog.left(l.new_row->>'sk
 DELETE FROM store.goods WHERE sku ~ '^[hik]-';
 -- A record's events are compressed in its row, with the column's method,
 -- once they pass 256 bytes (PostgreSQL would compress them only in a row
--- past 2 kB): a claim's or a verdict's record, about 1 kB, keeps about two
--- thirds.  Smaller ones, and all of them when the column's storage says
--- not to compress, are stored as they are.  They read back the same.
+-- past 2 kB): a claim's or a verdict's record, 0.5 to 1.3 kB, keeps a
+-- half to three quarters.  Smaller ones, and all of them when the column's
+-- storage says not to compress, are stored as they are.  They read back
+-- the same.
 CREATE FUNCTION pg_temp.record_stored(tx xid8)
 	RETURNS TABLE (n_events int, long boolean, compression text, smaller boolean, skus text)
 	LANGUAGE sql AS $$

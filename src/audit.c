@@ -1663,9 +1663,10 @@ record_full(const AuditRecord *r)
  * method when that makes them smaller; else as they are.  PostgreSQL
  * compresses a row's values only when the row passes TOAST_TUPLE_THRESHOLD
  * (about 2 kB), and most records are smaller: a task's claim or verdict
- * writes one of about 1 kB, which its column names and its statement's
- * who and why repeated make compress to about two thirds.  Left alone
- * when the column's storage forbids compression (plain or external).
+ * writes one of 0.5 to 1.3 kB, which its column names and its
+ * statement's who and why repeated make compress to a half to three
+ * quarters.  Left alone when the column's storage forbids compression
+ * (plain or external).
  */
 static Datum
 events_compress(AuditTarget *t, bytea *events)
@@ -1688,10 +1689,9 @@ events_compress(AuditTarget *t, bytea *events)
  * Write a record to orch.audit_records, with its index entries, and empty
  * it: one row for up to ORCH_AUDIT_RECORD_EVENTS events, its events
  * compressed (events_compress), and stored out of line when still too
- * large for the row.  No trigger, rule or
- * privilege check stands between: the user whose change is recorded may
- * not write to the audit trail, and its only triggers refuse updates and
- * deletes.
+ * large for the row.  No trigger, rule or privilege check stands between:
+ * the user whose change is recorded may not write to the audit trail, and
+ * its only triggers refuse updates and deletes.
  */
 static void
 record_flush(AuditRecord *r)
