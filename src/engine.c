@@ -96,7 +96,12 @@ slot_update_after_batch(int steps)
  * written to be planned alike whatever the statistics say, but the workers'
  * claims and the applications' queries are not: refresh them.  Looked at
  * once a second, refreshed at most every 10 seconds, without waiting for a
- * lock (an autovacuum may be at it already).
+ * lock: while a VACUUM or ANALYZE holds either table (an autovacuum may be
+ * at it already), the refresh waits for the next look.  The engine takes
+ * the tables' locks itself, without waiting, rather than ask ANALYZE to
+ * skip locked tables: that ANALYZE reports each table it skips as a
+ * WARNING in the server log, once a second for as long as the lock is
+ * held.  A skip is logged once per stretch of them.
  */
 #define STATS_CHECK_INTERVAL_US		USECS_PER_SEC
 #define STATS_REFRESH_INTERVAL_US	(10 * USECS_PER_SEC)
@@ -106,9 +111,13 @@ refresh_misleading_statistics(void)
 {
 	static TimestampTz last_check = 0;
 	static TimestampTz last_refresh = 0;
+	static bool skipping = false;	/* the last look found the tables held */
 	TimestampTz now = GetCurrentTimestamp();
 	bool		isnull;
 	bool		misleading;
+	Oid			steps;
+	Oid			runs;
+	bool		busy;
 
 	if (now - last_check < STATS_CHECK_INTERVAL_US ||
 		(last_refresh != 0 && now - last_refresh < STATS_REFRESH_INTERVAL_US))
@@ -125,9 +134,27 @@ refresh_misleading_statistics(void)
 	SPI_freetuptable(SPI_tuptable);
 	if (!misleading)
 		return;
+	steps = orch_relid("steps");
+	runs = orch_relid("runs");
+	/* the lock ANALYZE takes, held to the end of this transaction (the batch's) */
+	busy = !ConditionalLockRelationOid(steps, ShareUpdateExclusiveLock);
+	if (!busy && !ConditionalLockRelationOid(runs, ShareUpdateExclusiveLock))
+	{
+		/* not orch.steps's either, for the batch that follows */
+		UnlockRelationOid(steps, ShareUpdateExclusiveLock);
+		busy = true;
+	}
+	if (busy)
+	{
+		if (!skipping)
+			elog(LOG, "orchestrator: the statistics of orch.steps and orch.runs describe them as (almost) empty, but another session holds the lock ANALYZE needs (a VACUUM or an ANALYZE, say): refreshing them once it is released");
+		skipping = true;
+		return;
+	}
+	skipping = false;
 	last_refresh = now;
 	elog(LOG, "orchestrator: refreshing the statistics of orch.steps and orch.runs, which describe them as (almost) empty");
-	if (SPI_execute("ANALYZE (SKIP_LOCKED) orch.steps, orch.runs", false, 0) != SPI_OK_UTILITY)
+	if (SPI_execute("ANALYZE orch.steps, orch.runs", false, 0) != SPI_OK_UTILITY)
 		elog(ERROR, "could not analyze orch.steps and orch.runs");
 }
 

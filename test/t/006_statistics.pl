@@ -39,6 +39,40 @@ cmp_ok($node->safe_psql('postgres',
 	"SELECT reltuples FROM pg_class WHERE oid = 'orch.steps'::regclass"), '>', 0,
 	'orch.steps is no longer described as empty');
 
+# The same while another session holds orch.runs with the lock ANALYZE
+# takes (as a VACUUM or an ANALYZE would): the engine goes on advancing
+# runs, says once that the refresh waits, and does it once the lock is
+# gone; no ANALYZE of its own reports a skipped table as a WARNING.
+$node->safe_psql('postgres', 'TRUNCATE orch.runs, orch.steps, orch.attempts');
+my $log_at = -s $node->logfile;
+$starter = $node->background_psql('postgres');
+$starter->query_safe('BEGIN');
+$starter->query_safe(
+	"SELECT count(orch.start_run('chain3', jsonb_build_object('m', g))) FROM generate_series(1, 4000) g");
+$node->safe_psql('postgres', 'ANALYZE orch.steps, orch.runs');
+my $holder = $node->background_psql('postgres');
+$holder->query_safe('BEGIN');
+$holder->query_safe('LOCK TABLE orch.runs IN SHARE UPDATE EXCLUSIVE MODE');
+$starter->query_safe('COMMIT');
+$starter->quit;
+$node->wait_for_log(qr/another session holds the lock ANALYZE needs/, $log_at);
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 4000 FROM orch.runs WHERE status = 'succeeded' AND input ? 'm'", 't'),
+	'every run finishes while the statistics wait');
+is($node->safe_psql('postgres',
+	"SELECT reltuples FROM pg_class WHERE oid = 'orch.steps'::regclass"), '0',
+	'orch.steps is still described as empty');
+$holder->query_safe('ROLLBACK');
+$holder->quit;
+$node->wait_for_log(qr/refreshing the statistics of orch.steps and orch.runs/, $log_at);
+ok($node->poll_query_until('postgres',
+	"SELECT reltuples > 0 FROM pg_class WHERE oid = 'orch.steps'::regclass", 't'),
+	'refreshed once the lock is gone');
+my $log = PostgreSQL::Test::Utils::slurp_file($node->logfile, $log_at);
+my $waits = () = $log =~ /another session holds the lock ANALYZE needs/g;
+is($waits, 1, 'the wait is logged once');
+unlike($log, qr/skipping analyze/, 'no skipped table reported');
+
 # Statistics taken while every run had finished (a quiet hour: all 4000
 # have), then a burst of starts: the engine still finds each run it counts
 # down by its key.  A plan made from those statistics expects one
