@@ -101,7 +101,7 @@ slot_update_after_batch(int steps)
  * the tables' locks itself, without waiting, rather than ask ANALYZE to
  * skip locked tables: that ANALYZE reports each table it skips as a
  * WARNING in the server log, once a second for as long as the lock is
- * held.  A skip is logged once per stretch of them.
+ * held.  Each worker logs a skip once per stretch of them.
  */
 #define STATS_CHECK_INTERVAL_US		USECS_PER_SEC
 #define STATS_REFRESH_INTERVAL_US	(10 * USECS_PER_SEC)
@@ -133,7 +133,10 @@ refresh_misleading_statistics(void)
 											&isnull));
 	SPI_freetuptable(SPI_tuptable);
 	if (!misleading)
+	{
+		skipping = false;		/* (another worker refreshed them) */
 		return;
+	}
 	steps = orch_relid("steps");
 	runs = orch_relid("runs");
 	/* the lock ANALYZE takes, held to the end of this transaction (the batch's) */
