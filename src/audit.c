@@ -376,6 +376,13 @@ unix_usecs(TimestampTz t)
 	return t + (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY;
 }
 
+/* The timestamp of microseconds since 1970-01-01 00:00 UTC. */
+static TimestampTz
+from_unix_usecs(int64 usecs)
+{
+	return usecs - (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY;
+}
+
 /*
  * SHA-256 through OpenSSL, with the digest fetched once and one context
  * that serves the backend for its life.  pg_cryptohash looks the digest up
@@ -578,8 +585,10 @@ orch_audit_is_purge(const OrchAuditStmt *stmt)
 	const OrchAuditField *o = &stmt->fields[ORCH_AUDIT_STMT_OPERATION];
 
 	return !t->isnull && !o->isnull &&
-		t->len == strlen("orch.audit_log") && memcmp(t->data, "orch.audit_log", t->len) == 0 &&
-		o->len == strlen("PURGE") && memcmp(o->data, "PURGE", o->len) == 0;
+		t->len == strlen(ORCH_AUDIT_PURGE_TABLE) &&
+		memcmp(t->data, ORCH_AUDIT_PURGE_TABLE, t->len) == 0 &&
+		o->len == strlen(ORCH_AUDIT_PURGE_OPERATION) &&
+		memcmp(o->data, ORCH_AUDIT_PURGE_OPERATION, o->len) == 0;
 }
 
 /* The canonical encoding of a block (version 1) and its SHA-256. */
@@ -2523,14 +2532,7 @@ orch_audit_unpack(PG_FUNCTION_ARGS)
 		values[0] = Int64GetDatum(audit_id);
 		ok = !at->isnull && at->len == 8;
 		if (ok)
-		{
-			uint64		usecs = 0;
-
-			for (int k = 0; k < 8; k++)
-				usecs = (usecs << 8) | (unsigned char) at->data[k];
-			values[1] = TimestampTzGetDatum((int64) usecs -
-											(int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY);
-		}
+			values[1] = TimestampTzGetDatum(from_unix_usecs((int64) orch_be64(at->data)));
 		else
 			nulls[1] = true;
 		values[2] = stmt_text(&st->fields[ORCH_AUDIT_STMT_TABLE], &nulls[2], &ok);
@@ -2557,12 +2559,8 @@ orch_audit_unpack(PG_FUNCTION_ARGS)
 		nulls[11] = f[ORCH_AUDIT_FIELD_STEP_ID].isnull;
 		if (!f[ORCH_AUDIT_FIELD_STEP_ID].isnull)
 		{
-			uint64		step = 0;
-
 			ok = ok && f[ORCH_AUDIT_FIELD_STEP_ID].len == 8;
-			for (uint32 k = 0; ok && k < 8; k++)
-				step = (step << 8) | (unsigned char) f[ORCH_AUDIT_FIELD_STEP_ID].data[k];
-			values[11] = Int64GetDatum((int64) step);
+			values[11] = Int64GetDatum(ok ? (int64) orch_be64(f[ORCH_AUDIT_FIELD_STEP_ID].data) : 0);
 		}
 		values[12] = stmt_text(&st->fields[ORCH_AUDIT_STMT_REASON], &nulls[12], &ok);
 		/* every event has a table, an operation, a user and a session's role */
@@ -2642,7 +2640,8 @@ orch_audit_event(PG_FUNCTION_ARGS)
 	operation = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	stmt_begin(&st, table_name, operation);
 	/* a purge's event is a record of its own, which verification reads first */
-	st.purge = strcmp(table_name, "orch.audit_log") == 0 && strcmp(operation, "PURGE") == 0;
+	st.purge = strcmp(table_name, ORCH_AUDIT_PURGE_TABLE) == 0 &&
+		strcmp(operation, ORCH_AUDIT_PURGE_OPERATION) == 0;
 	st.own_records = st.own_records || st.purge;
 	detail = PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2);
 	r = event_begin(&st);

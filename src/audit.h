@@ -44,6 +44,10 @@ typedef struct OrchAuditHeader
 #define ORCH_AUDIT_STMT_ACTOR		3	/* then db_user, session_role */
 #define ORCH_AUDIT_STMT_REASON		6
 
+/* the table and operation of a purge's statement (orch.purge_audit) */
+#define ORCH_AUDIT_PURGE_TABLE		"orch.audit_log"
+#define ORCH_AUDIT_PURGE_OPERATION	"PURGE"
+
 /*
  * An event's own fields, as stored in a record's events: row_key, old_row,
  * new_row, run_id, step_id, each a field of the canonical encoding.  The
@@ -95,6 +99,13 @@ orch_be32(const char *p)
 	const unsigned char *u = (const unsigned char *) p;
 
 	return ((uint32) u[0] << 24) | ((uint32) u[1] << 16) | ((uint32) u[2] << 8) | u[3];
+}
+
+/* The 8 bytes at p, a big-endian unsigned integer as the encoding writes it. */
+static inline uint64
+orch_be64(const char *p)
+{
+	return ((uint64) orch_be32(p) << 32) | orch_be32(p + 4);
 }
 
 /* One row of orch.audit_blocks, as its hash sees it. */
