@@ -1489,15 +1489,6 @@ audit_target_close(bool abort)
 
 static void record_flush(AuditRecord *r);
 
-/* The OID of orch.audit_records, or InvalidOid if it is gone (the extension dropped). */
-static Oid
-audit_records_relid(void)
-{
-	Oid			nsp = get_namespace_oid("orch", true);
-
-	return OidIsValid(nsp) ? get_relname_relid("audit_records", nsp) : InvalidOid;
-}
-
 /* The transaction is over: forget its record and marks (their memory went with it). */
 static void
 xact_record_forget(void)
@@ -1524,7 +1515,7 @@ audit_xact(XactEvent event, void *arg)
 			 * for.
 			 */
 			if (xact_record != NULL && xact_record->n > 0 &&
-				audit_records_relid() == xact_record->relid)
+				orch_relid_extended("audit_records", true) == xact_record->relid)
 				record_flush(xact_record);
 			xact_record_written = true;
 			audit_target_close(false);

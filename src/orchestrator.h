@@ -204,6 +204,7 @@ extern bool orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock,
 extern bool orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m,
 								 bool lock, Datum *values, bool *nulls);
 extern Oid	orch_relid(const char *name);
+extern Oid	orch_relid_extended(const char *name, bool missing_ok);
 
 /* uuid_v7.c: the step a lease token names */
 extern bool orch_lease_token_step(Datum token, int64 *step_id);

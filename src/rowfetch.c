@@ -57,9 +57,17 @@
 Oid
 orch_relid(const char *name)
 {
-	Oid			relid = get_relname_relid(name, get_namespace_oid("orch", false));
+	return orch_relid_extended(name, false);
+}
 
-	if (!OidIsValid(relid))
+/* The same, or InvalidOid if missing_ok and it (or the schema) is gone. */
+Oid
+orch_relid_extended(const char *name, bool missing_ok)
+{
+	Oid			nsp = get_namespace_oid("orch", missing_ok);
+	Oid			relid = OidIsValid(nsp) ? get_relname_relid(name, nsp) : InvalidOid;
+
+	if (!OidIsValid(relid) && !missing_ok)
 		elog(ERROR, "orch.%s is missing", name);
 	return relid;
 }
