@@ -12,7 +12,7 @@ MODULE_big   = orchestrator
 OBJS         = src/orchestrator.o src/shmem.o src/wakeup.o src/launcher.o \
                src/engine.o src/steps.o src/api_wait.o src/api_tasks.o \
                src/audit.o src/audit_seal.o src/uuid_v7.o src/rowfetch.o \
-               src/jsonschema.o
+               src/rowwrite.o src/jsonschema.o
 DATA         = orchestrator--0.1.0.sql
 PG_CPPFLAGS  = -I$(srcdir)/src
 PG_CFLAGS    = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers

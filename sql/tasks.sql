@@ -297,3 +297,42 @@ COMMIT;
 SELECT orch.complete_task(token, '{"n": 3}') FROM orch.claim_tasks('rebuilt', 'w', 1, '1 min');
 SELECT s.output, s.status, r.status AS run FROM orch.steps s JOIN orch.runs r USING (run_id)
  WHERE r.workflow = 'rebuilt' ORDER BY s.step_id;
+
+-- A claim leases its tasks through orch.steps's access method, without an
+-- UPDATE statement, where that statement would do no more than write the
+-- rows, their index entries and their audit events.  A table with a
+-- trigger of one's own is leased by the statement, which fires it.  Both
+-- lease alike and record the same audit event.
+SELECT orch.define_workflow('leased', '{"steps": [{"name": "t", "kind": "task", "queue": "leased", "timeout": "2 min"}]}');
+SELECT count(orch.start_run('leased', '{"n": 1}', business_key => 'bk')) FROM generate_series(1, 2);
+SELECT app.await($$SELECT count(*) = 2 FROM orch.steps WHERE queue = 'leased' AND status = 'waiting'$$);
+CREATE TABLE app.steps_seen (step_id bigint, status orch.step_status);
+CREATE FUNCTION app.see_step() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+	INSERT INTO app.steps_seen VALUES (NEW.step_id, NEW.status);
+	RETURN NEW;
+END
+$$;
+CREATE TEMP TABLE claimed AS
+SELECT 'access method' AS path, * FROM orch.claim_tasks('leased', 'w', 1, '5 min');
+CREATE TRIGGER see_step AFTER UPDATE ON orch.steps FOR EACH ROW EXECUTE FUNCTION app.see_step();
+INSERT INTO claimed SELECT 'statement', * FROM orch.claim_tasks('leased', 'w', 1, '5 min');
+DROP TRIGGER see_step ON orch.steps;
+SELECT c.path, count(x.step_id) AS trigger_saw
+  FROM claimed c JOIN orch.steps s ON s.lease_token = c.token
+  LEFT JOIN app.steps_seen x ON x.step_id = s.step_id AND x.status = 'running'
+ GROUP BY c.path ORDER BY c.path;
+SELECT c.path, c.attempt, c.lease_expires_at - now() BETWEEN '1 min' AND '2 min' AS lease_capped_by_timeout,
+	   c.idempotency_key = c.run_id || '/t' AS key_ok,
+	   c.traceparent = '00-' || encode(r.trace_id, 'hex') || '-' || lpad(to_hex(s.step_id), 16, '0') || '-01' AS traceparent_ok,
+	   c.input - 'run_id' AS context,
+	   s.status, s.worker, s.lease = '2 min' AS lease_kept, s.wake_at = c.lease_expires_at AS wakes_at_expiry
+  FROM claimed c JOIN orch.steps s ON s.lease_token = c.token JOIN orch.runs r ON r.run_id = s.run_id
+ ORDER BY c.path;
+SELECT c.path, e.table_name, e.operation, e.changed_columns, e.run_id = c.run_id AS its_run,
+	   e.old_row->>'status' AS old_status, e.new_row->>'status' AS new_status,
+	   e.new_row->>'worker' AS worker, e.new_row->>'lease_token' = c.token::text AS token
+  FROM claimed c JOIN orch.steps s ON s.lease_token = c.token
+  JOIN orch.audit_events e ON e.step_id = s.step_id AND e.table_name = 'orch.steps'
+						  AND e.new_row->>'status' = 'running'
+ ORDER BY c.path;

@@ -19,6 +19,7 @@
 #include "storage/latch.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
@@ -62,6 +63,8 @@
  * capped by each step's timeout and heartbeat_timeout, returning what the
  * worker is handed (the context is built from the other columns).  The
  * rows come in step order: claim_into puts them back in claim order.
+ * Used only where orch.steps needs the executor (a trigger of its own,
+ * see rowwrite.c); lease_directly does the same without it.
  */
 #define CLAIM_TASKS_SQL \
 	"UPDATE orch.steps s" \
@@ -480,12 +483,12 @@ claimed_place_cmp(const void *a, const void *b)
 }
 
 /*
- * Lease the n tasks locked (picked) to the worker, into the caller's
- * materialized result in the order they were locked.
+ * lease_picked by CLAIM_TASKS_SQL, for a table that needs the executor
+ * (orch_writer_begin).
  */
 static void
-lease_picked(ReturnSetInfo *rsinfo, const OrchPickedTask *picked, int n, text *worker,
-			 Interval *lease)
+lease_picked_sql(ReturnSetInfo *rsinfo, const OrchPickedTask *picked, int n, text *worker,
+				 Interval *lease)
 {
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	ClaimedRow *order = palloc(sizeof(ClaimedRow) * n);
@@ -554,6 +557,233 @@ lease_picked(ReturnSetInfo *rsinfo, const OrchPickedTask *picked, int n, text *w
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	SPI_freetuptable(rows);
+}
+
+/*
+ * The columns of orch.steps a lease reads or writes (LS_*), of the run and
+ * the definition it reads (LR_*, LD_*).
+ */
+enum
+{
+	LS_STEP_ID, LS_RUN_ID, LS_NAME, LS_STATUS, LS_ATTEMPT, LS_LEASE_TOKEN, LS_WORKER, LS_LEASE,
+	LS_ATTEMPT_STARTED_AT, LS_STARTED_AT, LS_WAKE_AT, LS_PRIORITY, LS_CAUSE, LS_NCOLS
+};
+static OrchRowSource lease_step_source = {
+	"steps", "steps_pkey", 1, LS_NCOLS,
+	{"step_id", "run_id", "name", "status", "attempt", "lease_token", "worker", "lease",
+	"attempt_started_at", "started_at", "wake_at", "priority", "cause"}
+};
+/* the columns a lease writes, from LS_STATUS to LS_WAKE_AT */
+#define LS_WRITTEN(c)	((c) >= LS_STATUS && (c) <= LS_WAKE_AT)
+
+enum
+{
+	LR_TRACE_ID, LR_WORKFLOW, LR_VERSION, LR_INPUT, LR_BUSINESS_KEY, LR_NCOLS
+};
+static OrchRowSource lease_run_source = {
+	"runs", "runs_pkey", 1, LR_NCOLS, {"trace_id", "workflow", "version", "input", "business_key"}
+};
+
+enum
+{
+	LD_TIMEOUT, LD_HEARTBEAT_TIMEOUT, LD_NCOLS
+};
+static OrchRowSource lease_definition_source = {
+	"workflow_steps", "workflow_steps_pkey", 3, LD_NCOLS, {"timeout", "heartbeat_timeout"}
+};
+
+/* The shorter of two intervals, either of them NULL (as LEAST ignores NULLs). */
+static Interval *
+shorter(Interval *a, Interval *b)
+{
+	if (a == NULL)
+		return b;
+	if (b == NULL)
+		return a;
+	return DatumGetInt32(DirectFunctionCall2(interval_cmp, IntervalPGetDatum(a),
+											 IntervalPGetDatum(b))) <= 0 ? a : b;
+}
+
+/* The outputs of the run's succeeded steps, as ORCH_STEP_OUTPUTS_SQL has them. */
+static Datum
+run_outputs(Datum run_id)
+{
+	JsonbParseState *ps = NULL;
+	Datum	   *names;
+	Datum	   *outputs;
+	bool	   *output_nulls;
+	int			n = orch_run_outputs(run_id, &names, &outputs, &output_nulls);
+
+	(void) pushJsonbValue(&ps, WJB_BEGIN_OBJECT, NULL);
+	for (int i = 0; i < n; i++)
+	{
+		JsonbValue	k;
+
+		k.type = jbvString;
+		k.val.string.val = VARDATA_ANY(DatumGetPointer(names[i]));
+		k.val.string.len = VARSIZE_ANY_EXHDR(DatumGetPointer(names[i]));
+		(void) pushJsonbValue(&ps, WJB_KEY, &k);
+		if (output_nulls[i])
+		{
+			JsonbValue	null = {.type = jbvNull};
+
+			(void) pushJsonbValue(&ps, WJB_VALUE, &null);
+		}
+		else
+			push_jsonb_value(&ps, DatumGetJsonbP(outputs[i]));
+	}
+	return JsonbPGetDatum(JsonbValueToJsonb(pushJsonbValue(&ps, WJB_END_OBJECT, NULL)));
+}
+
+static int
+picked_step_cmp(const void *a, const void *b)
+{
+	const OrchPickedTask *x = a;
+	const OrchPickedTask *y = b;
+
+	return x->step_id < y->step_id ? -1 : x->step_id > y->step_id ? 1 : 0;
+}
+
+/*
+ * Lease the picked tasks through w (orch_writer_begin on orch.steps), as
+ * CLAIM_TASKS_SQL would, into rows of the claim's result (CC_* columns),
+ * in the order they were picked: rows[i] for picked[i].
+ */
+static void
+lease_directly(OrchRowWriter *w, const OrchPickedTask *picked, int n, text *worker,
+			   Interval *lease, TupleDesc result_desc, HeapTuple *rows, TimestampTz *first_wake)
+{
+	const int16 *att = orch_row_source_attnums(&lease_step_source);
+	TupleDesc	desc = RelationGetDescr(w->rel);
+	Datum	   *values = palloc0(sizeof(Datum) * desc->natts);
+	bool	   *nulls = palloc0(sizeof(bool) * desc->natts);
+	OrchPickedTask *by_step = palloc(sizeof(OrchPickedTask) * n);
+	Oid			running = DatumGetObjectId(DirectFunctionCall2(enum_in, CStringGetDatum("running"),
+															   ObjectIdGetDatum(TupleDescAttr(desc, att[LS_STATUS] - 1)->atttypid)));
+
+	/* in step order, as the statement's index scan updates them */
+	memcpy(by_step, picked, sizeof(OrchPickedTask) * n);
+	qsort(by_step, n, sizeof(OrchPickedTask), picked_step_cmp);
+	for (int i = 0; i < n; i++)
+	{
+		TupleTableSlot *row = orch_writer_fetch(w, &by_step[i].tid);
+		Datum	   *v = row->tts_values;
+		bool	   *isnull = row->tts_isnull;
+		int64		step_id = DatumGetInt64(v[att[LS_STEP_ID] - 1]);
+		Datum		run_id = v[att[LS_RUN_ID] - 1];
+		Datum		name = v[att[LS_NAME] - 1];
+		Datum		run[LR_NCOLS];
+		bool		run_nulls[LR_NCOLS];
+		Datum		definition[LD_NCOLS];
+		bool		definition_nulls[LD_NCOLS];
+		Datum		keys[3];
+		Interval   *held;
+		TimestampTz now;
+		TimestampTz wake_at;
+		Datum		cc[CC_NCOLS];
+		bool		cc_nulls[CC_NCOLS];
+		char	   *run_text;
+		char	   *trace_hex;
+		int			place;
+
+		if (step_id != by_step[i].step_id)
+			elog(ERROR, "the row locked for step " INT64_FORMAT " is step " INT64_FORMAT,
+				 by_step[i].step_id, step_id);
+		/* the task's run, read with it when it was picked, and its definition */
+		if (!orch_row_fetch(&lease_run_source, &run_id, false, run, run_nulls))
+			elog(ERROR, "the run of claimed step " INT64_FORMAT " is missing", step_id);
+		keys[0] = run[LR_WORKFLOW];
+		keys[1] = run[LR_VERSION];
+		keys[2] = name;
+		if (!orch_row_fetch(&lease_definition_source, keys, false, definition, definition_nulls))
+			elog(ERROR, "the definition of claimed step " INT64_FORMAT " is missing", step_id);
+
+		held = shorter(shorter(lease, definition_nulls[LD_TIMEOUT] ? NULL :
+							   DatumGetIntervalP(definition[LD_TIMEOUT])),
+					   definition_nulls[LD_HEARTBEAT_TIMEOUT] ? NULL :
+					   DatumGetIntervalP(definition[LD_HEARTBEAT_TIMEOUT]));
+		now = GetCurrentTimestamp();
+		wake_at = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+														  TimestampTzGetDatum(now),
+														  IntervalPGetDatum(held)));
+
+		values[att[LS_STATUS] - 1] = ObjectIdGetDatum(running);
+		values[att[LS_ATTEMPT] - 1] = Int32GetDatum(DatumGetInt32(v[att[LS_ATTEMPT] - 1]) + 1);
+		values[att[LS_LEASE_TOKEN] - 1] = orch_lease_token_make(step_id);
+		values[att[LS_WORKER] - 1] = PointerGetDatum(worker);
+		values[att[LS_LEASE] - 1] = IntervalPGetDatum(held);
+		values[att[LS_ATTEMPT_STARTED_AT] - 1] = TimestampTzGetDatum(now);
+		values[att[LS_STARTED_AT] - 1] = isnull[att[LS_STARTED_AT] - 1] ?
+			TimestampTzGetDatum(now) : v[att[LS_STARTED_AT] - 1];
+		values[att[LS_WAKE_AT] - 1] = TimestampTzGetDatum(wake_at);
+
+		/* what the claim returns: computed from the old row, before it goes */
+		memset(cc_nulls, false, sizeof(cc_nulls));
+		cc[CC_TOKEN - 1] = values[att[LS_LEASE_TOKEN] - 1];
+		cc[CC_RUN_ID - 1] = datumCopy(run_id, false, UUID_LEN);
+		cc[CC_NAME - 1] = PointerGetDatum(PG_DETOAST_DATUM_COPY(name));
+		cc[CC_ATTEMPT - 1] = values[att[LS_ATTEMPT] - 1];
+		run_text = DatumGetCString(DirectFunctionCall1(uuid_out, run_id));
+		cc[CC_IDEMPOTENCY_KEY - 1] =
+			CStringGetTextDatum(psprintf("%s/%s", run_text, TextDatumGetCString(name)));
+		trace_hex = palloc(2 * VARSIZE_ANY_EXHDR(DatumGetPointer(run[LR_TRACE_ID])) + 1);
+		trace_hex[hex_encode(VARDATA_ANY(DatumGetPointer(run[LR_TRACE_ID])),
+							 VARSIZE_ANY_EXHDR(DatumGetPointer(run[LR_TRACE_ID])), trace_hex)] = '\0';
+		cc[CC_TRACEPARENT - 1] =
+			CStringGetTextDatum(psprintf("00-%s-%016" INT64_MODIFIER "x-01", trace_hex, step_id));
+		cc[CC_WAKE_AT - 1] = TimestampTzGetDatum(wake_at);
+		cc[CC_PRIORITY - 1] = v[att[LS_PRIORITY] - 1];
+		cc[CC_STEP_ID - 1] = Int64GetDatum(step_id);
+		cc[CC_WORKFLOW - 1] = run[LR_WORKFLOW];
+		cc[CC_VERSION - 1] = run[LR_VERSION];
+		cc[CC_INPUT - 1] = run[LR_INPUT];
+		cc[CC_BUSINESS_KEY - 1] = run[LR_BUSINESS_KEY];
+		cc_nulls[CC_BUSINESS_KEY - 1] = run_nulls[LR_BUSINESS_KEY];
+		cc_nulls[CC_CAUSE - 1] = isnull[att[LS_CAUSE] - 1];
+		cc[CC_CAUSE - 1] = cc_nulls[CC_CAUSE - 1] ? (Datum) 0 :
+			PointerGetDatum(PG_DETOAST_DATUM_COPY(v[att[LS_CAUSE] - 1]));
+
+		orch_writer_update(w, values, nulls);
+
+		cc[CC_STEPS - 1] = run_outputs(cc[CC_RUN_ID - 1]);
+		cc[CC_CONTEXT - 1] = task_context(cc, cc_nulls);
+		for (place = 0; picked[place].step_id != step_id; place++)
+			;
+		rows[place] = heap_form_tuple(result_desc, cc, cc_nulls);
+		if (place == 0)
+			*first_wake = wake_at;
+	}
+}
+
+/*
+ * Lease the n tasks locked (picked) to the worker, into the caller's
+ * materialized result in the order they were locked.
+ */
+static void
+lease_picked(ReturnSetInfo *rsinfo, const OrchPickedTask *picked, int n, text *worker,
+			 Interval *lease)
+{
+	OrchRowWriter w;
+	bool		written[MaxHeapAttributeNumber] = {false};
+	const int16 *att = orch_row_source_attnums(&lease_step_source);
+	HeapTuple  *rows;
+	TimestampTz first_wake = 0;
+
+	for (int c = 0; c < LS_NCOLS; c++)
+		if (LS_WRITTEN(c))
+			written[att[c] - 1] = true;
+	if (!orch_writer_begin(&w, lease_step_source.rels[0], CMD_UPDATE, written))
+	{
+		lease_picked_sql(rsinfo, picked, n, worker, lease);
+		return;
+	}
+	rows = palloc(sizeof(HeapTuple) * n);
+	lease_directly(&w, picked, n, worker, lease, rsinfo->setDesc, rows, &first_wake);
+	orch_writer_end(&w);
+	/* the engine must also wake when these leases expire */
+	orch_wake_engines_for_timer_at_end(first_wake);
+	for (int i = 0; i < n; i++)
+		tuplestore_puttuple(rsinfo->setResult, rows[i]);
 }
 
 /*
@@ -669,8 +899,9 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 			remaining_ms = Min(remaining_ms, LOCKED_OUT_RETRY_MS);
 
 		/*
-		 * The statement that leases runs only once there is a task: plan it
-		 * now (a session's first claim), not after the wake-up, when the
+		 * The statement that leases (where orch.steps needs one, see
+		 * lease_picked) runs only once there is a task: plan it now (a
+		 * session's first claim), not after the wake-up, when the
 		 * milliseconds its planning takes would delay the task.  Planning
 		 * ends in a subtransaction rolled back, which cancels the
 		 * preparation to sleep: having planned, look again, prepared anew,
@@ -680,7 +911,8 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 		if (!planned_ahead)
 		{
 			planned_ahead = true;
-			if (orch_plan_ahead(task_plan(T_CLAIM)))
+			if (orch_writer_refuses(orch_relid("steps"), CMD_UPDATE) &&
+				orch_plan_ahead(task_plan(T_CLAIM)))
 				continue;
 		}
 

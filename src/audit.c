@@ -29,6 +29,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_enum.h"
 #include "catalog/pg_namespace.h"
+#include "catalog/pg_trigger.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "commands/trigger.h"
@@ -2011,6 +2012,179 @@ row_context(const RelRender *rr, TupleTableSlot *slot, bool own, pg_uuid_t **run
 }
 
 /*
+ * The events of one statement on an audited table, one per row: begun
+ * (audit_rows_begin), a row at a time (audit_rows_add), then ended
+ * (audit_rows_end).  The trigger below feeds it the statement's transition
+ * tables; the engine's own writes that bypass the executor (rowwrite.c)
+ * feed it each row as they write it.
+ */
+struct OrchAuditRows
+{
+	MemoryContext cxt;			/* the statement's: its header, its records */
+	MemoryContext rowcxt;		/* one row's, reset for each */
+	const RelRender *rr;
+	RenderStmt	rs;
+	AuditStmt	st;
+	bool		own;
+	const char *table_name;		/* schema-qualified, quoted */
+	const char *operation;		/* INSERT, UPDATE, DELETE or TRUNCATE */
+	bool	   *changed;		/* an UPDATE's changed columns, per row */
+};
+
+static OrchAuditRows *
+audit_rows_begin(Relation rel, bool own, const char *operation)
+{
+	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator audit",
+											  ALLOCSET_DEFAULT_SIZES);
+	MemoryContext oldcxt = MemoryContextSwitchTo(cxt);
+	OrchAuditRows *a = palloc0(sizeof(OrchAuditRows));
+	RenderCacheEntry *render = render_for(rel);
+
+	a->cxt = cxt;
+	a->rr = render->rr;
+	a->rs.rr = a->rr;
+	a->rs.settings_level = 0;
+	a->own = own;
+	a->table_name = pstrdup(render->table_name);
+	a->operation = operation;
+	a->changed = palloc(sizeof(bool) * Max(a->rr->desc->natts, 1));
+	a->rowcxt = AllocSetContextCreate(cxt, "orchestrator audit row", ALLOCSET_DEFAULT_SIZES);
+	stmt_begin(&a->st, a->table_name, operation);
+	MemoryContextSwitchTo(oldcxt);
+	return a;
+}
+
+/*
+ * A row's event: for an UPDATE its version before (a) and after (b), else
+ * the row inserted or deleted (a).  The slots' rows must stay as they are
+ * until this returns.
+ */
+static void
+audit_rows_add(OrchAuditRows *a, TupleTableSlot *slot_a, TupleTableSlot *slot_b)
+{
+	const RelRender *rr = a->rr;
+	TupleTableSlot *current = slot_b != NULL ? slot_b : slot_a; /* the row as it is now, or was last */
+	MemoryContext oldcxt;
+	AuditRecord *r;
+	pg_uuid_t  *run_id;
+	bool		has_step;
+	int64		step_id;
+
+	MemoryContextReset(a->rowcxt);
+	oldcxt = MemoryContextSwitchTo(a->rowcxt);
+	if (slot_b != NULL)
+		changed_columns(rr, slot_a, slot_b, a->changed);
+	r = event_begin(&a->st);
+	if (bms_is_empty(rr->key_attrs))
+		enc_null(&r->events);
+	else
+		enc_row(&r->events, &a->rs, current, RENDER_KEY, NULL);
+	if (slot_b != NULL)
+	{
+		enc_row(&r->events, &a->rs, slot_a, RENDER_CHANGED, a->changed);
+		enc_row(&r->events, &a->rs, slot_b, RENDER_CHANGED, a->changed);
+	}
+	else if (strcmp(a->operation, "INSERT") == 0)
+	{
+		enc_null(&r->events);
+		enc_row(&r->events, &a->rs, slot_a, RENDER_ALL, NULL);
+	}
+	else
+	{
+		enc_row(&r->events, &a->rs, slot_a, RENDER_ALL, NULL);
+		enc_null(&r->events);
+	}
+	row_context(rr, current, a->own, &run_id, &has_step, &step_id);
+	event_end(&a->st, r, run_id, has_step, step_id);
+	MemoryContextSwitchTo(oldcxt);
+}
+
+static void
+audit_rows_end(OrchAuditRows *a)
+{
+	MemoryContext oldcxt = MemoryContextSwitchTo(a->cxt);
+
+	if (a->rs.settings_level > 0)
+		AtEOXact_GUC(true, a->rs.settings_level);
+	stmt_end(&a->st);
+	MemoryContextSwitchTo(oldcxt);
+	MemoryContextDelete(a->cxt);
+}
+
+/* Is fn orch._audit()?  The last one found is remembered. */
+bool
+orch_audit_is_trigger_fn(Oid fn)
+{
+	static Oid	audit_fn = InvalidOid;
+	char	   *name;
+	bool		is;
+
+	if (fn == audit_fn && OidIsValid(fn))
+		return true;
+	name = get_func_name(fn);
+	is = name != NULL && strcmp(name, "_audit") == 0 &&
+		get_func_namespace(fn) == get_namespace_oid("orch", true);
+	if (is)
+		audit_fn = fn;
+	return is;
+}
+
+/* Does the trigger fire now, given its setting and session_replication_role? */
+static bool
+trigger_fires(const Trigger *t)
+{
+	if (SessionReplicationRole == SESSION_REPLICATION_ROLE_REPLICA)
+		return t->tgenabled == TRIGGER_FIRES_ALWAYS || t->tgenabled == TRIGGER_FIRES_ON_REPLICA;
+	return t->tgenabled == TRIGGER_FIRES_ALWAYS || t->tgenabled == TRIGGER_FIRES_ON_ORIGIN;
+}
+
+/*
+ * The events of a statement the caller carries out on rel without the
+ * executor (an UPDATE, INSERT or DELETE, as op says): begun as the table's
+ * orch._audit() trigger for op would begin them, with its argument; NULL
+ * when no such trigger would fire (the table is not audited, or the
+ * trigger is disabled).
+ */
+OrchAuditRows *
+orch_audit_rows_begin(Relation rel, CmdType op)
+{
+	TriggerDesc *td = rel->trigdesc;
+
+	if (td == NULL)
+		return NULL;
+	for (int i = 0; i < td->numtriggers; i++)
+	{
+		const Trigger *t = &td->triggers[i];
+		bool		for_op = op == CMD_UPDATE ? TRIGGER_FOR_UPDATE(t->tgtype) :
+			op == CMD_INSERT ? TRIGGER_FOR_INSERT(t->tgtype) : TRIGGER_FOR_DELETE(t->tgtype);
+
+		if (for_op && !TRIGGER_FOR_ROW(t->tgtype) && TRIGGER_FOR_AFTER(t->tgtype) &&
+			trigger_fires(t) && orch_audit_is_trigger_fn(t->tgfoid))
+			return audit_rows_begin(rel,
+									t->tgnargs > 0 && strcmp(t->tgargs[0], "own") == 0,
+									op == CMD_UPDATE ? "UPDATE" : op == CMD_INSERT ? "INSERT" : "DELETE");
+	}
+	return NULL;
+}
+
+void
+orch_audit_rows_add(OrchAuditRows *a, TupleTableSlot *before, TupleTableSlot *after)
+{
+	Assert(strcmp(a->operation, "UPDATE") == 0 ? before != NULL && after != NULL :
+		   (before == NULL) != (after == NULL));
+	if (strcmp(a->operation, "UPDATE") == 0)
+		audit_rows_add(a, before, after);
+	else
+		audit_rows_add(a, before != NULL ? before : after, NULL);
+}
+
+void
+orch_audit_rows_end(OrchAuditRows *a)
+{
+	audit_rows_end(a);
+}
+
+/*
  * orch._audit(): the AFTER ... FOR EACH STATEMENT trigger of an audited
  * table, with its transition tables.  With the argument 'own' (the
  * orchestrator's own tables), each row's run and step come from its
@@ -2029,16 +2203,8 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	Tuplestorestate *rows_b;	/* new rows of an UPDATE */
 	TupleTableSlot *slot_a;
 	TupleTableSlot *slot_b = NULL;
-	RenderCacheEntry *render;
-	const RelRender *rr;
-	RenderStmt	rs;
-	AuditStmt	st;
-	AuditRecord *r;
-	MemoryContext cxt;
+	OrchAuditRows *a;
 	MemoryContext oldcxt;
-	MemoryContext rowcxt;
-	char	   *table_name;
-	bool	   *changed;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(td->tg_event) ||
 		!TRIGGER_FIRED_FOR_STATEMENT(td->tg_event))
@@ -2083,100 +2249,57 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	if (rows_a != NULL && tuplestore_tuple_count(rows_a) == 0)
 		return PointerGetDatum(NULL);
 
-	cxt = AllocSetContextCreate(CurrentMemoryContext, "orchestrator audit",
-								ALLOCSET_DEFAULT_SIZES);
-	oldcxt = MemoryContextSwitchTo(cxt);
-	render = render_for(rel);
-	rr = render->rr;
-	rs.rr = rr;
-	rs.settings_level = 0;
-	table_name = pstrdup(render->table_name);
-	stmt_begin(&st, table_name, operation);
+	a = audit_rows_begin(rel, own, operation);
 
 	if (rows_a == NULL)
 	{
 		/* TRUNCATE: one event, no rows */
-		r = event_begin(&st);
+		AuditRecord *r;
+
+		oldcxt = MemoryContextSwitchTo(a->cxt);
+		r = event_begin(&a->st);
 		enc_null(&r->events);
 		enc_null(&r->events);
 		enc_null(&r->events);
-		event_end(&st, r, step_context_set ? &step_context_run : NULL, step_context_set,
+		event_end(&a->st, r, step_context_set ? &step_context_run : NULL, step_context_set,
 				  step_context_step);
-		stmt_end(&st);
 		MemoryContextSwitchTo(oldcxt);
-		MemoryContextDelete(cxt);
+		audit_rows_end(a);
 		return PointerGetDatum(NULL);
 	}
 
-	changed = palloc(sizeof(bool) * Max(rr->desc->natts, 1));
-	rowcxt = AllocSetContextCreate(cxt, "orchestrator audit row", ALLOCSET_DEFAULT_SIZES);
-	slot_a = MakeSingleTupleTableSlot(rr->desc, &TTSOpsMinimalTuple);
+	/*
+	 * Read in the statement's context: a tuple read back from a transition
+	 * table that went to disk belongs to its slot until the next read, and
+	 * the row's context is reset for every row.
+	 */
+	oldcxt = MemoryContextSwitchTo(a->cxt);
+	slot_a = MakeSingleTupleTableSlot(a->rr->desc, &TTSOpsMinimalTuple);
 	transition_rescan(rows_a);
 	if (rows_b != NULL)
 	{
-		slot_b = MakeSingleTupleTableSlot(rr->desc, &TTSOpsMinimalTuple);
+		slot_b = MakeSingleTupleTableSlot(a->rr->desc, &TTSOpsMinimalTuple);
 		transition_rescan(rows_b);
 	}
 
 	while (tuplestore_gettupleslot(rows_a, true, false, slot_a))
 	{
-		pg_uuid_t  *run_id;
-		bool		has_step;
-		int64		step_id;
-		TupleTableSlot *current = slot_a;	/* the row as it is now, or was last */
-
 		CHECK_FOR_INTERRUPTS();
-		/*
-		 * The two transition tables list an UPDATE's rows in the same order.
-		 * Read in the statement's context: a tuple read back from a
-		 * transition table that went to disk belongs to its slot until the
-		 * next read, and the row's context is reset for every row.
-		 */
+		/* the two transition tables list an UPDATE's rows in the same order */
 		if (slot_b != NULL && !tuplestore_gettupleslot(rows_b, true, false, slot_b))
 			ereport(ERROR,
 					(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-					 errmsg("the transition tables of an UPDATE of %s differ in length", table_name),
+					 errmsg("the transition tables of an UPDATE of %s differ in length",
+							a->table_name),
 					 errhint("The audit trail pairs each updated row with its old version.")));
-		MemoryContextReset(rowcxt);
-		MemoryContextSwitchTo(rowcxt);
-		if (slot_b != NULL)
-		{
-			current = slot_b;
-			changed_columns(rr, slot_a, slot_b, changed);
-		}
-		r = event_begin(&st);
-		if (bms_is_empty(rr->key_attrs))
-			enc_null(&r->events);
-		else
-			enc_row(&r->events, &rs, current, RENDER_KEY, NULL);
-		if (slot_b != NULL)
-		{
-			enc_row(&r->events, &rs, slot_a, RENDER_CHANGED, changed);
-			enc_row(&r->events, &rs, slot_b, RENDER_CHANGED, changed);
-		}
-		else if (strcmp(operation, "INSERT") == 0)
-		{
-			enc_null(&r->events);
-			enc_row(&r->events, &rs, slot_a, RENDER_ALL, NULL);
-		}
-		else
-		{
-			enc_row(&r->events, &rs, slot_a, RENDER_ALL, NULL);
-			enc_null(&r->events);
-		}
-		row_context(rr, current, own, &run_id, &has_step, &step_id);
-		event_end(&st, r, run_id, has_step, step_id);
-		MemoryContextSwitchTo(cxt);
+		audit_rows_add(a, slot_a, slot_b);
 	}
-	if (rs.settings_level > 0)
-		AtEOXact_GUC(true, rs.settings_level);
-	stmt_end(&st);
 
 	ExecDropSingleTupleTableSlot(slot_a);
 	if (slot_b != NULL)
 		ExecDropSingleTupleTableSlot(slot_b);
 	MemoryContextSwitchTo(oldcxt);
-	MemoryContextDelete(cxt);
+	audit_rows_end(a);
 	return PointerGetDatum(NULL);
 }
 

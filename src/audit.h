@@ -8,7 +8,10 @@
 #define ORCH_AUDIT_H
 
 #include "access/tupdesc.h"
+#include "executor/tuptable.h"
 #include "lib/stringinfo.h"
+#include "nodes/nodes.h"
+#include "utils/relcache.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -154,6 +157,18 @@ extern void orch_audit_set_step(Datum run_id, int64 step_id);
 extern void orch_audit_clear_step(void);
 extern void orch_audit_before_utility(void);
 extern void orch_audit_register_callbacks(void);
+
+/*
+ * The events of rows the engine writes without the executor, as the
+ * table's orch._audit() trigger would record them (NULL from begin: it
+ * would not fire).  add: an UPDATE's row before and after, an INSERT's
+ * after, a DELETE's before.
+ */
+typedef struct OrchAuditRows OrchAuditRows;
+extern OrchAuditRows *orch_audit_rows_begin(Relation rel, CmdType op);
+extern void orch_audit_rows_add(OrchAuditRows *a, TupleTableSlot *before, TupleTableSlot *after);
+extern void orch_audit_rows_end(OrchAuditRows *a);
+extern bool orch_audit_is_trigger_fn(Oid fn);
 
 /* audit_seal.c: seal finished rows into a block; -1 if another sealer holds the lock */
 extern int64 orch_audit_seal(bool heartbeat_due);

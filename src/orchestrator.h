@@ -199,6 +199,7 @@ typedef struct OrchRowMatch
 	Datum		value;
 } OrchRowMatch;
 
+extern const int16 *orch_row_source_attnums(OrchRowSource *src);
 extern bool orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock,
 						   Datum *values, bool *nulls);
 extern bool orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m,
@@ -208,15 +209,39 @@ extern Oid	orch_relid_extended(const char *name, bool missing_ok);
 
 /* uuid_v7.c: the step a lease token names */
 extern bool orch_lease_token_step(Datum token, int64 *step_id);
+extern Datum orch_lease_token_make(int64 step_id);
 
 /* rowfetch.c: a task locked by orch_pick_tasks, and its key in its queue */
 typedef struct OrchPickedTask
 {
 	int64		step_id;
 	int64		neg_priority;	/* - priority */
+	ItemPointerData tid;		/* the row locked, its newest version */
 } OrchPickedTask;
 
+extern int	orch_run_outputs(Datum run_id, Datum **names, Datum **outputs, bool **output_nulls);
 extern int	orch_pick_tasks(Datum queue, const int64 *after, const OrchPickedTask *taken,
 							int ntaken, int max, OrchPickedTask *out, bool *skipped);
+
+/*
+ * rowwrite.c: rows of an orchestrator table updated without the executor,
+ * where the executor would do no more (orch_writer_begin false: it would).
+ */
+typedef struct OrchRowWriter
+{
+	Relation	rel;
+	struct EState *estate;
+	struct ResultRelInfo *rri;
+	TupleTableSlot *before;		/* the row to update, from orch_writer_fetch */
+	TupleTableSlot *after;		/* the row updated */
+	bool	   *written;		/* by attribute number - 1 */
+	struct OrchAuditRows *audit;
+} OrchRowWriter;
+
+extern bool orch_writer_refuses(Oid relid, CmdType op);
+extern bool orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written);
+extern TupleTableSlot *orch_writer_fetch(OrchRowWriter *w, ItemPointer tid);
+extern void orch_writer_update(OrchRowWriter *w, const Datum *values, const bool *nulls);
+extern void orch_writer_end(OrchRowWriter *w);
 
 #endif							/* ORCHESTRATOR_H */

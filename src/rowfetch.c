@@ -113,6 +113,30 @@ typedef struct PickSource
 
 static PickSource pick;
 
+/*
+ * What orch_run_outputs looks up once per session: orch.steps and its
+ * index on (run_id, name), the columns read, the value 'succeeded'.
+ */
+enum
+{
+	OUT_STEPS, OUT_INDEX, OUT_NRELS
+};
+static const char *const out_names[OUT_NRELS] = {"steps", "steps_run_id_name_key"};
+static const LOCKMODE out_modes[OUT_NRELS] = {AccessShareLock, AccessShareLock};
+
+typedef struct OutputsSource
+{
+	bool		ready;
+	Oid			rels[OUT_NRELS];
+	AttrNumber	name;
+	AttrNumber	status;
+	AttrNumber	output;
+	Oid			run_eq;
+	Oid			succeeded;		/* orch.step_status 'succeeded' */
+} OutputsSource;
+
+static OutputsSource outputs;
+
 /* Is relid one of the n relations (InvalidOid: all of them)? */
 static bool
 rel_among(Oid relid, int n, const Oid *rels)
@@ -131,6 +155,8 @@ sources_invalidate(Datum arg, Oid relid)
 			s->ready = false;
 	if (rel_among(relid, PICK_NRELS, pick.rels))
 		pick.ready = false;
+	if (rel_among(relid, OUT_NRELS, outputs.rels))
+		outputs.ready = false;
 }
 
 static void
@@ -297,6 +323,20 @@ source_prepare(void *arg)
 		src->registered = true;
 	}
 	src->ready = true;
+}
+
+/*
+ * The attribute numbers of src's columns (src->cols), looked up once per
+ * session as for orch_row_fetch; the table and its index are locked as
+ * orch_row_fetch locks them, without a lock on rows.
+ */
+const int16 *
+orch_row_source_attnums(OrchRowSource *src)
+{
+	static const LOCKMODE modes[2] = {AccessShareLock, AccessShareLock};
+
+	lock_looked_up(&src->ready, source_prepare, src, 2, src->rels, modes);
+	return src->attnum;
 }
 
 /* Does the row in slot still have the key? */
@@ -467,6 +507,101 @@ orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *
 }
 
 /* ------------------------------------------------------------------------
+ * The outputs of a run's steps
+ * ------------------------------------------------------------------------ */
+
+static AttrNumber column_of(Oid relid, const char *rel, const char *name);
+static Oid	enum_value(Oid relid, AttrNumber att, const char *label);
+
+static void
+outputs_prepare(void *arg)
+{
+	Relation	idx;
+	Oid			steps;
+
+	register_callback();
+	outputs.ready = false;
+	lock_by_name(OUT_NRELS, out_names, out_modes, outputs.rels);
+	steps = outputs.rels[OUT_STEPS];
+	outputs.name = column_of(steps, "steps", "name");
+	outputs.status = column_of(steps, "steps", "status");
+	outputs.output = column_of(steps, "steps", "output");
+	outputs.succeeded = enum_value(steps, outputs.status, "succeeded");
+
+	idx = index_open(outputs.rels[OUT_INDEX], NoLock);
+	if (idx->rd_index->indrelid != steps || idx->rd_rel->relam != BTREE_AM_OID ||
+		IndexRelationGetNumberOfKeyAttributes(idx) != 2 ||
+		idx->rd_index->indkey.values[0] != column_of(steps, "steps", "run_id") ||
+		idx->rd_index->indkey.values[1] != outputs.name)
+		elog(ERROR, "orch.steps_run_id_name_key is not a btree index on (run_id, name)");
+	check_index_usable(idx, "steps_run_id_name_key");
+	outputs.run_eq = index_operator(idx, 0, BTEqualStrategyNumber, "steps_run_id_name_key");
+	index_close(idx, NoLock);
+	outputs.ready = true;
+}
+
+/*
+ * The names and outputs of the run's succeeded steps, as a statement of its
+ * own would see them (ORCH_STEP_OUTPUTS_SQL aggregates the same rows),
+ * copied into the current memory context; returns how many.
+ */
+int
+orch_run_outputs(Datum run_id, Datum **names, Datum **outs, bool **out_nulls)
+{
+	Relation	steps;
+	Relation	idx;
+	ScanKeyData key;
+	IndexScanDesc scan;
+	TupleTableSlot *slot;
+	int			n = 0;
+	int			cap = 4;
+
+	CommandCounterIncrement();
+	lock_looked_up(&outputs.ready, outputs_prepare, NULL, OUT_NRELS, outputs.rels, out_modes);
+	steps = table_open(outputs.rels[OUT_STEPS], NoLock);
+	idx = index_open(outputs.rels[OUT_INDEX], NoLock);
+	ScanKeyEntryInitialize(&key, 0, 1, BTEqualStrategyNumber, InvalidOid, InvalidOid,
+						   outputs.run_eq, run_id);
+	PushActiveSnapshot(GetTransactionSnapshot());
+	UpdateActiveSnapshotCommandId();
+
+	*names = palloc(sizeof(Datum) * cap);
+	*outs = palloc(sizeof(Datum) * cap);
+	*out_nulls = palloc(sizeof(bool) * cap);
+	slot = table_slot_create(steps, NULL);
+	scan = index_beginscan(steps, idx, GetActiveSnapshot(), 1, 0);
+	index_rescan(scan, &key, 1, NULL, 0);
+	while (index_getnext_slot(scan, ForwardScanDirection, slot))
+	{
+		bool		isnull;
+		Datum		status = slot_getattr(slot, outputs.status, &isnull);
+		Datum		v;
+
+		if (isnull || DatumGetObjectId(status) != outputs.succeeded)
+			continue;
+		if (n == cap)
+		{
+			cap *= 2;
+			*names = repalloc(*names, sizeof(Datum) * cap);
+			*outs = repalloc(*outs, sizeof(Datum) * cap);
+			*out_nulls = repalloc(*out_nulls, sizeof(bool) * cap);
+		}
+		v = slot_getattr(slot, outputs.name, &isnull);
+		(*names)[n] = PointerGetDatum(PG_DETOAST_DATUM_COPY(v));
+		v = slot_getattr(slot, outputs.output, &isnull);
+		(*out_nulls)[n] = isnull;
+		(*outs)[n] = isnull ? (Datum) 0 : PointerGetDatum(PG_DETOAST_DATUM_COPY(v));
+		n++;
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	PopActiveSnapshot();
+	index_close(idx, NoLock);
+	table_close(steps, NoLock);
+	return n;
+}
+
+/* ------------------------------------------------------------------------
  * The next waiting tasks of a queue
  * ------------------------------------------------------------------------ */
 
@@ -586,9 +721,10 @@ run_active(IndexScanDesc scan, TupleTableSlot *slot, Datum run_id)
  * been claimed.)  In REPEATABLE READ and SERIALIZABLE a changed row is a
  * serialization failure, as it is for FOR UPDATE.
  *
- * The rows are then updated by step_id, by SQL (the audit trigger, the
- * indexes): a claim as one statement spent more on setting up its plan
- * (a join, row locks, a limit, an initplan) than on reading the queue.
+ * The rows are then updated by their tids (out[].tid), through the table's
+ * access method where it can be (rowwrite.c), else by an UPDATE statement:
+ * a claim as one statement spent more on setting up its plan (a join, row
+ * locks, a limit, an initplan) than on reading the queue.
  */
 static int
 int64_cmp(const void *a, const void *b)
@@ -698,6 +834,7 @@ orch_pick_tasks(Datum queue, const int64 *after, const OrchPickedTask *taken, in
 		{
 			case TM_Ok:
 				out[n].step_id = step_id;
+				out[n].tid = tid;
 				out[n].neg_priority = -(int64) DatumGetInt32(slot_getattr(slot, pick.priority,
 																		  &isnull));
 				n++;

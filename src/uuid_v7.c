@@ -73,8 +73,8 @@ orch_uuid_v7(PG_FUNCTION_ARGS)
 #define LEASE_STEP_MASK		((UINT64CONST(1) << 62) - 1)
 
 /* A new lease token for the step. */
-static Datum
-lease_token_make(int64 step_id)
+Datum
+orch_lease_token_make(int64 step_id)
 {
 	pg_uuid_t  *uuid = palloc(UUID_LEN);
 	uint64		id = (uint64) step_id;
@@ -115,7 +115,7 @@ PG_FUNCTION_INFO_V1(orch_lease_token);
 Datum
 orch_lease_token(PG_FUNCTION_ARGS)
 {
-	return lease_token_make(PG_GETARG_INT64(0));
+	return orch_lease_token_make(PG_GETARG_INT64(0));
 }
 
 /* orch._lease_step(token): the step it names, NULL if it is not a lease token */
