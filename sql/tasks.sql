@@ -300,25 +300,29 @@ SELECT s.output, s.status, r.status AS run FROM orch.steps s JOIN orch.runs r US
 
 -- A claim leases its tasks through orch.steps's access method, without an
 -- UPDATE statement, where that statement would do no more than write the
--- rows, their index entries and their audit events.  A table with a
--- trigger of one's own is leased by the statement, which fires it.  Both
--- lease alike and record the same audit event.
+-- rows, their index entries, their AFTER ROW triggers' events and their
+-- audit events.  An AFTER ROW trigger of one's own fires either way; with
+-- a BEFORE ROW trigger the UPDATE statement leases.  All lease alike and
+-- record the same audit event.
 SELECT orch.define_workflow('leased', '{"steps": [{"name": "t", "kind": "task", "queue": "leased", "timeout": "2 min"}]}');
-SELECT count(orch.start_run('leased', '{"n": 1}', business_key => 'bk')) FROM generate_series(1, 2);
-SELECT app.await($$SELECT count(*) = 2 FROM orch.steps WHERE queue = 'leased' AND status = 'waiting'$$);
-CREATE TABLE app.steps_seen (step_id bigint, status orch.step_status);
+SELECT count(orch.start_run('leased', '{"n": 1}', business_key => 'bk')) FROM generate_series(1, 3);
+SELECT app.await($$SELECT count(*) = 3 FROM orch.steps WHERE queue = 'leased' AND status = 'waiting'$$);
+CREATE TABLE app.steps_seen (step_id bigint, status orch.step_status, seen text);
 CREATE FUNCTION app.see_step() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-	INSERT INTO app.steps_seen VALUES (NEW.step_id, NEW.status);
+	INSERT INTO app.steps_seen VALUES (NEW.step_id, NEW.status, TG_WHEN);
 	RETURN NEW;
 END
 $$;
 CREATE TEMP TABLE claimed AS
-SELECT 'access method' AS path, * FROM orch.claim_tasks('leased', 'w', 1, '5 min');
+SELECT '1 no trigger' AS path, * FROM orch.claim_tasks('leased', 'w', 1, '5 min');
 CREATE TRIGGER see_step AFTER UPDATE ON orch.steps FOR EACH ROW EXECUTE FUNCTION app.see_step();
-INSERT INTO claimed SELECT 'statement', * FROM orch.claim_tasks('leased', 'w', 1, '5 min');
+INSERT INTO claimed SELECT '2 after row trigger', * FROM orch.claim_tasks('leased', 'w', 1, '5 min');
 DROP TRIGGER see_step ON orch.steps;
-SELECT c.path, count(x.step_id) AS trigger_saw
+CREATE TRIGGER see_step BEFORE UPDATE ON orch.steps FOR EACH ROW EXECUTE FUNCTION app.see_step();
+INSERT INTO claimed SELECT '3 before row trigger', * FROM orch.claim_tasks('leased', 'w', 1, '5 min');
+DROP TRIGGER see_step ON orch.steps;
+SELECT c.path, string_agg(x.seen, ', ') AS trigger_saw
   FROM claimed c JOIN orch.steps s ON s.lease_token = c.token
   LEFT JOIN app.steps_seen x ON x.step_id = s.step_id AND x.status = 'running'
  GROUP BY c.path ORDER BY c.path;
@@ -336,3 +340,34 @@ SELECT c.path, e.table_name, e.operation, e.changed_columns, e.run_id = c.run_id
   JOIN orch.audit_events e ON e.step_id = s.step_id AND e.table_name = 'orch.steps'
 						  AND e.new_row->>'status' = 'running'
  ORDER BY c.path;
+-- A verdict writes its step, its attempt and its run's counter the same
+-- way: with a BEFORE ROW trigger on orch.attempts by the INSERT statement,
+-- with an AFTER ROW trigger of one's own on orch.runs without it.
+CREATE TABLE app.rows_seen (tbl text, seen text, run_id uuid);
+CREATE FUNCTION app.see_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+	INSERT INTO app.rows_seen VALUES (TG_TABLE_NAME, TG_WHEN || ' ' || TG_OP, (to_jsonb(NEW)->>'run_id')::uuid);
+	RETURN NEW;
+END
+$$;
+SELECT orch.complete_task(token, '{"ok": 1}') FROM claimed WHERE path = '1 no trigger';
+CREATE TRIGGER see_attempt BEFORE INSERT ON orch.attempts FOR EACH ROW EXECUTE FUNCTION app.see_row();
+CREATE TRIGGER see_run AFTER UPDATE ON orch.runs FOR EACH ROW EXECUTE FUNCTION app.see_row();
+SELECT orch.complete_task(token, '{"ok": 2}') FROM claimed WHERE path = '2 after row trigger';
+DROP TRIGGER see_attempt ON orch.attempts;
+DROP TRIGGER see_run ON orch.runs;
+SELECT c.path, r.status, r.steps_left, r.output, r.finished_at IS NOT NULL AS finished,
+	   a.outcome, a.worker, a.finished_at = r.finished_at AS attempt_ends_run,
+	   (SELECT string_agg(x.tbl || ' ' || x.seen, ', ' ORDER BY x.tbl) FROM app.rows_seen x
+		 WHERE x.run_id = c.run_id) AS triggers_saw
+  FROM claimed c JOIN orch.runs r USING (run_id) JOIN orch.attempts a USING (run_id)
+ WHERE c.path < '3'
+ ORDER BY c.path;
+-- the verdict's events
+SELECT c.path, e.table_name, e.operation, e.changed_columns, e.new_row->>'status' AS new_status,
+	   e.new_row->'output' AS output, e.step_id IS NOT NULL AS has_step
+  FROM claimed c JOIN orch.audit_events e ON e.run_id = c.run_id
+ WHERE c.path < '3'
+   AND e.xid = (SELECT a.xid FROM orch.audit_events a
+				 WHERE a.run_id = c.run_id AND a.table_name = 'orch.attempts')
+ ORDER BY c.path, e.audit_id;

@@ -334,31 +334,6 @@ enum
 	CC_INPUT, CC_BUSINESS_KEY, CC_STEPS, CC_CAUSE, CC_NCOLS = CC_CAUSE
 };
 
-/* Add a jsonb document as the value of the object being built. */
-static void
-push_jsonb_value(JsonbParseState **ps, Jsonb *jb)
-{
-	JsonbIterator *it = JsonbIteratorInit(&jb->root);
-	JsonbValue	v;
-	JsonbIteratorToken tok;
-
-	if (JB_ROOT_IS_SCALAR(jb))
-	{
-		(void) JsonbIteratorNext(&it, &v, true);	/* the array around it */
-		(void) JsonbIteratorNext(&it, &v, true);
-		(void) pushJsonbValue(ps, WJB_VALUE, &v);
-		return;
-	}
-	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
-	{
-		if (tok == WJB_BEGIN_ARRAY || tok == WJB_BEGIN_OBJECT ||
-			tok == WJB_END_ARRAY || tok == WJB_END_OBJECT)
-			(void) pushJsonbValue(ps, tok, NULL);
-		else
-			(void) pushJsonbValue(ps, tok, &v);
-	}
-}
-
 static void
 push_key(JsonbParseState **ps, const char *key)
 {
@@ -414,7 +389,7 @@ task_context(const Datum *v, const bool *nulls)
 	push_string(&ps, "step", TextDatumGetCString(v[CC_NAME - 1]));
 	push_int(&ps, "attempt", DatumGetInt32(v[CC_ATTEMPT - 1]));
 	push_key(&ps, "input");
-	push_jsonb_value(&ps, DatumGetJsonbP(v[CC_INPUT - 1]));
+	orch_push_jsonb(&ps, DatumGetJsonbP(v[CC_INPUT - 1]));
 	if (nulls[CC_BUSINESS_KEY - 1])
 	{
 		JsonbValue	null = {.type = jbvNull};
@@ -425,11 +400,11 @@ task_context(const Datum *v, const bool *nulls)
 	else
 		push_string(&ps, "business_key", TextDatumGetCString(v[CC_BUSINESS_KEY - 1]));
 	push_key(&ps, "steps");
-	push_jsonb_value(&ps, DatumGetJsonbP(v[CC_STEPS - 1]));
+	orch_push_jsonb(&ps, DatumGetJsonbP(v[CC_STEPS - 1]));
 	if (!nulls[CC_CAUSE - 1])
 	{
 		push_key(&ps, "error");
-		push_jsonb_value(&ps, DatumGetJsonbP(v[CC_CAUSE - 1]));
+		orch_push_jsonb(&ps, DatumGetJsonbP(v[CC_CAUSE - 1]));
 	}
 	res = pushJsonbValue(&ps, WJB_END_OBJECT, NULL);
 	return JsonbPGetDatum(JsonbValueToJsonb(res));
@@ -604,37 +579,6 @@ shorter(Interval *a, Interval *b)
 											 IntervalPGetDatum(b))) <= 0 ? a : b;
 }
 
-/* The outputs of the run's succeeded steps, as ORCH_STEP_OUTPUTS_SQL has them. */
-static Datum
-run_outputs(Datum run_id)
-{
-	JsonbParseState *ps = NULL;
-	Datum	   *names;
-	Datum	   *outputs;
-	bool	   *output_nulls;
-	int			n = orch_run_outputs(run_id, &names, &outputs, &output_nulls);
-
-	(void) pushJsonbValue(&ps, WJB_BEGIN_OBJECT, NULL);
-	for (int i = 0; i < n; i++)
-	{
-		JsonbValue	k;
-
-		k.type = jbvString;
-		k.val.string.val = VARDATA_ANY(DatumGetPointer(names[i]));
-		k.val.string.len = VARSIZE_ANY_EXHDR(DatumGetPointer(names[i]));
-		(void) pushJsonbValue(&ps, WJB_KEY, &k);
-		if (output_nulls[i])
-		{
-			JsonbValue	null = {.type = jbvNull};
-
-			(void) pushJsonbValue(&ps, WJB_VALUE, &null);
-		}
-		else
-			push_jsonb_value(&ps, DatumGetJsonbP(outputs[i]));
-	}
-	return JsonbPGetDatum(JsonbValueToJsonb(pushJsonbValue(&ps, WJB_END_OBJECT, NULL)));
-}
-
 static int
 picked_step_cmp(const void *a, const void *b)
 {
@@ -745,7 +689,7 @@ lease_directly(OrchRowWriter *w, const OrchPickedTask *picked, int n, text *work
 
 		orch_writer_update(w, values, nulls);
 
-		cc[CC_STEPS - 1] = run_outputs(cc[CC_RUN_ID - 1]);
+		cc[CC_STEPS - 1] = orch_run_outputs(cc[CC_RUN_ID - 1]);
 		cc[CC_CONTEXT - 1] = task_context(cc, cc_nulls);
 		for (place = 0; picked[place].step_id != step_id; place++)
 			;

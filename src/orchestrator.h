@@ -200,6 +200,7 @@ typedef struct OrchRowMatch
 } OrchRowMatch;
 
 extern const int16 *orch_row_source_attnums(OrchRowSource *src);
+extern bool orch_row_lock(OrchRowSource *src, const Datum *keys, TupleTableSlot *slot);
 extern bool orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock,
 						   Datum *values, bool *nulls);
 extern bool orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m,
@@ -219,7 +220,8 @@ typedef struct OrchPickedTask
 	ItemPointerData tid;		/* the row locked, its newest version */
 } OrchPickedTask;
 
-extern int	orch_run_outputs(Datum run_id, Datum **names, Datum **outputs, bool **output_nulls);
+extern Datum orch_run_outputs(Datum run_id);
+extern void orch_push_jsonb(JsonbParseState **ps, Jsonb *jb);
 extern int	orch_pick_tasks(Datum queue, const int64 *after, const OrchPickedTask *taken,
 							int ntaken, int max, OrchPickedTask *out, bool *skipped);
 
@@ -230,18 +232,24 @@ extern int	orch_pick_tasks(Datum queue, const int64 *after, const OrchPickedTask
 typedef struct OrchRowWriter
 {
 	Relation	rel;
+	CmdType		op;				/* CMD_UPDATE or CMD_INSERT */
 	struct EState *estate;
 	struct ResultRelInfo *rri;
-	TupleTableSlot *before;		/* the row to update, from orch_writer_fetch */
-	TupleTableSlot *after;		/* the row updated */
+	TupleTableSlot *before;		/* the row to update: orch_writer_fetch, orch_writer_lock */
+	TupleTableSlot *after;		/* the row written */
 	bool	   *written;		/* by attribute number - 1 */
+	bool	   *is_domain;		/* a column written whose type is a domain */
+	void	  **domain;			/* domain_check's cache of each */
+	bool		row_triggers;	/* AFTER ROW triggers to fire */
 	struct OrchAuditRows *audit;
 } OrchRowWriter;
 
 extern bool orch_writer_refuses(Oid relid, CmdType op);
 extern bool orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written);
 extern TupleTableSlot *orch_writer_fetch(OrchRowWriter *w, ItemPointer tid);
+extern bool orch_writer_lock(OrchRowWriter *w, OrchRowSource *src, const Datum *keys);
 extern void orch_writer_update(OrchRowWriter *w, const Datum *values, const bool *nulls);
+extern void orch_writer_insert(OrchRowWriter *w, const Datum *values, const bool *nulls);
 extern void orch_writer_end(OrchRowWriter *w);
 
 #endif							/* ORCHESTRATOR_H */

@@ -46,6 +46,7 @@
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/inval.h"
+#include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
@@ -434,6 +435,9 @@ orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock, Datum *values, 
 	return orch_row_fetch_match(src, keys, NULL, lock, values, nulls);
 }
 
+static bool row_find(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m, bool lock,
+					 TupleTableSlot *into, Datum *values, bool *nulls);
+
 /*
  * orch_row_fetch, for the row only if its column src->cols[m->col] holds
  * m->value (no m: any row).  The value is checked before the row is locked,
@@ -443,6 +447,27 @@ orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock, Datum *values, 
 bool
 orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m, bool lock,
 					 Datum *values, bool *nulls)
+{
+	return row_find(src, keys, m, lock, NULL, values, nulls);
+}
+
+/*
+ * The row orch_row_fetch would lock, left in slot (of the table's slot
+ * type), its newest version: as an UPDATE by the key finds and locks it.
+ */
+bool
+orch_row_lock(OrchRowSource *src, const Datum *keys, TupleTableSlot *slot)
+{
+	return row_find(src, keys, NULL, true, slot, NULL, NULL);
+}
+
+/*
+ * orch_row_fetch_match's work: the row found is left in into if given,
+ * else its columns copied into values and nulls.
+ */
+static bool
+row_find(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m, bool lock,
+		 TupleTableSlot *into, Datum *values, bool *nulls)
 {
 	Relation	rel;
 	Relation	idx;
@@ -474,14 +499,14 @@ orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *
 	UpdateActiveSnapshotCommandId();
 	snap = GetActiveSnapshot();
 
-	slot = table_slot_create(rel, NULL);
+	slot = into != NULL ? into : table_slot_create(rel, NULL);
 	scan = index_beginscan(rel, idx, snap, src->nkeys, 0);
 	index_rescan(scan, sk, src->nkeys, NULL, 0);
 	/* a unique key: the snapshot sees at most one row with it */
 	if (index_getnext_slot(scan, ForwardScanDirection, slot) && match(src, slot, m))
 		found = !lock || lock_row(src, rel, snap, slot, keys, m);
 
-	if (found)
+	if (found && into == NULL)
 	{
 		slot_getallattrs(slot);
 		for (int c = 0; c < src->ncols; c++)
@@ -499,7 +524,8 @@ orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *
 		}
 	}
 	index_endscan(scan);
-	ExecDropSingleTupleTableSlot(slot);
+	if (into == NULL)
+		ExecDropSingleTupleTableSlot(slot);
 	PopActiveSnapshot();
 	index_close(idx, NoLock);
 	table_close(rel, NoLock);
@@ -540,21 +566,46 @@ outputs_prepare(void *arg)
 	outputs.ready = true;
 }
 
+/* Add a jsonb document as the value of the object being built. */
+void
+orch_push_jsonb(JsonbParseState **ps, Jsonb *jb)
+{
+	JsonbIterator *it = JsonbIteratorInit(&jb->root);
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+
+	if (JB_ROOT_IS_SCALAR(jb))
+	{
+		(void) JsonbIteratorNext(&it, &v, true);	/* the array around it */
+		(void) JsonbIteratorNext(&it, &v, true);
+		(void) pushJsonbValue(ps, WJB_VALUE, &v);
+		return;
+	}
+	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
+	{
+		if (tok == WJB_BEGIN_ARRAY || tok == WJB_BEGIN_OBJECT ||
+			tok == WJB_END_ARRAY || tok == WJB_END_OBJECT)
+			(void) pushJsonbValue(ps, tok, NULL);
+		else
+			(void) pushJsonbValue(ps, tok, &v);
+	}
+}
+
 /*
- * The names and outputs of the run's succeeded steps, as a statement of its
- * own would see them (ORCH_STEP_OUTPUTS_SQL aggregates the same rows),
- * copied into the current memory context; returns how many.
+ * The outputs of the run's succeeded steps by name, as a statement of its
+ * own would see them: the jsonb object ORCH_STEP_OUTPUTS_SQL aggregates
+ * from the same rows.
  */
-int
-orch_run_outputs(Datum run_id, Datum **names, Datum **outs, bool **out_nulls)
+Datum
+orch_run_outputs(Datum run_id)
 {
 	Relation	steps;
 	Relation	idx;
 	ScanKeyData key;
 	IndexScanDesc scan;
 	TupleTableSlot *slot;
-	int			n = 0;
-	int			cap = 4;
+	JsonbParseState *ps = NULL;
+	JsonbValue *result;
 
 	CommandCounterIncrement();
 	lock_looked_up(&outputs.ready, outputs_prepare, NULL, OUT_NRELS, outputs.rels, out_modes);
@@ -565,9 +616,7 @@ orch_run_outputs(Datum run_id, Datum **names, Datum **outs, bool **out_nulls)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	UpdateActiveSnapshotCommandId();
 
-	*names = palloc(sizeof(Datum) * cap);
-	*outs = palloc(sizeof(Datum) * cap);
-	*out_nulls = palloc(sizeof(bool) * cap);
+	(void) pushJsonbValue(&ps, WJB_BEGIN_OBJECT, NULL);
 	slot = table_slot_create(steps, NULL);
 	scan = index_beginscan(steps, idx, GetActiveSnapshot(), 1, 0);
 	index_rescan(scan, &key, 1, NULL, 0);
@@ -575,30 +624,35 @@ orch_run_outputs(Datum run_id, Datum **names, Datum **outs, bool **out_nulls)
 	{
 		bool		isnull;
 		Datum		status = slot_getattr(slot, outputs.status, &isnull);
-		Datum		v;
+		text	   *name;
+		Datum		output;
+		JsonbValue	k;
 
 		if (isnull || DatumGetObjectId(status) != outputs.succeeded)
 			continue;
-		if (n == cap)
+		/* copies: the values pushed are pointed to until the end, past this row */
+		name = DatumGetTextPCopy(slot_getattr(slot, outputs.name, &isnull));
+		k.type = jbvString;
+		k.val.string.val = VARDATA_ANY(name);
+		k.val.string.len = VARSIZE_ANY_EXHDR(name);
+		(void) pushJsonbValue(&ps, WJB_KEY, &k);
+		output = slot_getattr(slot, outputs.output, &isnull);
+		if (isnull)
 		{
-			cap *= 2;
-			*names = repalloc(*names, sizeof(Datum) * cap);
-			*outs = repalloc(*outs, sizeof(Datum) * cap);
-			*out_nulls = repalloc(*out_nulls, sizeof(bool) * cap);
+			JsonbValue	null = {.type = jbvNull};
+
+			(void) pushJsonbValue(&ps, WJB_VALUE, &null);
 		}
-		v = slot_getattr(slot, outputs.name, &isnull);
-		(*names)[n] = PointerGetDatum(PG_DETOAST_DATUM_COPY(v));
-		v = slot_getattr(slot, outputs.output, &isnull);
-		(*out_nulls)[n] = isnull;
-		(*outs)[n] = isnull ? (Datum) 0 : PointerGetDatum(PG_DETOAST_DATUM_COPY(v));
-		n++;
+		else
+			orch_push_jsonb(&ps, DatumGetJsonbPCopy(output));
 	}
+	result = pushJsonbValue(&ps, WJB_END_OBJECT, NULL);
 	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
 	PopActiveSnapshot();
 	index_close(idx, NoLock);
 	table_close(steps, NoLock);
-	return n;
+	return JsonbPGetDatum(JsonbValueToJsonb(result));
 }
 
 /* ------------------------------------------------------------------------

@@ -1,23 +1,28 @@
 /*-------------------------------------------------------------------------
  * rowwrite.c
- *	  Updates of orchestrator rows without the executor.
+ *	  Writes of orchestrator rows without the executor.
  *
- *	  A claim leases each task it locked with one UPDATE of orch.steps.  As
- *	  an SQL statement that is a plan set up and torn down per claim (the
- *	  step, its run and its definition joined, seven indexes opened, their
- *	  predicates prepared, transition tables filled for the audit trigger):
- *	  for one task, more than the rest of the claim together.  Here the row
- *	  the claim holds locked is updated through the table's access method,
- *	  its index entries are made as the executor makes them, and its audit
- *	  event is recorded as the table's orch._audit() trigger records it.
+ *	  A claim leases each task it locked with one UPDATE of orch.steps, and a
+ *	  verdict writes three rows (its step, its attempt, its run's counter),
+ *	  each with a statement of its own.  As SQL each is a plan set up and
+ *	  torn down per call (the step joined to its run and its definition,
+ *	  up to seven indexes opened and their predicates prepared, transition
+ *	  tables filled for the audit trigger): for one task, more than the
+ *	  rest of the claim or the verdict together.  Here a row is written
+ *	  through the table's access method, its index entries are made as the
+ *	  executor makes them, its AFTER ROW triggers (a foreign key's, the
+ *	  parent run's wake-up) are queued and fired as for a statement, and its
+ *	  audit event is recorded as the table's orch._audit() trigger records
+ *	  it.
  *
- *	  Only where that is all the executor would do: a table with triggers
- *	  of its own (other than orch._audit() and foreign keys' triggers),
- *	  rules, row-level security, check constraints or generated columns is
- *	  written by the caller's SQL statement instead (orch_writer_begin
- *	  returns false).  The caller writes no key that a foreign key refers
- *	  to or from, and runs as the table's owner (a SECURITY DEFINER
- *	  function of the extension), as its SQL statement would.
+ *	  Only where that is all the executor would do: a table with a trigger
+ *	  that fires BEFORE, per statement (other than orch._audit()) or with
+ *	  transition tables, with rules, row-level security, check constraints
+ *	  or generated columns, is written by the caller's SQL statement
+ *	  instead (orch_writer_begin returns false).  Every column of an
+ *	  INSERT is given (no defaults), and the caller runs as the table's
+ *	  owner (a SECURITY DEFINER function of the extension, or the engine),
+ *	  as its SQL statement would.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -29,6 +34,9 @@
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "nodes/makefuncs.h"
+#include "catalog/pg_type.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 
@@ -36,9 +44,8 @@
 #include "audit.h"
 
 /*
- * Would the executor fire anything but orch._audit() and foreign keys'
- * triggers for op on rel, or do more than write the row and its index
- * entries (rules, policies, check constraints, generated columns)?
+ * Would the executor do more for op on rel than write the row, its index
+ * entries, its AFTER ROW triggers' events and its audit event?
  */
 static bool
 needs_executor(Relation rel, CmdType op)
@@ -57,14 +64,15 @@ needs_executor(Relation rel, CmdType op)
 	{
 		const Trigger *t = &td->triggers[i];
 		bool		for_op = op == CMD_UPDATE ? TRIGGER_FOR_UPDATE(t->tgtype) :
-			op == CMD_INSERT ? TRIGGER_FOR_INSERT(t->tgtype) : TRIGGER_FOR_DELETE(t->tgtype);
+			TRIGGER_FOR_INSERT(t->tgtype);
 
 		if (!for_op)
 			continue;
-		if (t->tgisinternal && RI_FKey_trigger_type(t->tgfoid) != RI_TRIGGER_NONE)
-			continue;
 		if (!TRIGGER_FOR_ROW(t->tgtype) && TRIGGER_FOR_AFTER(t->tgtype) &&
 			orch_audit_is_trigger_fn(t->tgfoid))
+			continue;
+		if (TRIGGER_FOR_ROW(t->tgtype) && TRIGGER_FOR_AFTER(t->tgtype) &&
+			t->tgoldtable == NULL && t->tgnewtable == NULL)
 			continue;
 		return true;
 	}
@@ -83,10 +91,10 @@ orch_writer_refuses(Oid relid, CmdType op)
 }
 
 /*
- * Get ready to write rows of relid (op: CMD_UPDATE), the columns written
- * being those set in written (by attribute number - 1).  False when the
- * table needs the executor (see above): nothing is open then, and the
- * caller writes with SQL.
+ * Get ready to write rows of relid: op CMD_UPDATE, the columns written
+ * being those set in written (by attribute number - 1), or CMD_INSERT.
+ * False when the table needs the executor (see above): nothing is open
+ * then, and the caller writes with SQL.
  */
 bool
 orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written)
@@ -94,7 +102,7 @@ orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written)
 	RangeTblEntry *rte;
 	TupleDesc	desc;
 
-	Assert(op == CMD_UPDATE);
+	Assert(op == CMD_UPDATE || op == CMD_INSERT);
 	memset(w, 0, sizeof(*w));
 	w->rel = table_open(relid, RowExclusiveLock);
 	if (needs_executor(w->rel, op))
@@ -105,30 +113,52 @@ orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written)
 	}
 	CheckCmdReplicaIdentity(w->rel, op);
 	desc = RelationGetDescr(w->rel);
+	w->op = op;
+	w->estate = CreateExecutorState();
 
 	/*
 	 * A range table of the one relation, with the columns written: the
-	 * index AMs are told which entries an update leaves unchanged, as for
-	 * the executor's UPDATE.
+	 * index AMs are told which entries an update leaves unchanged, and
+	 * triggers of UPDATE OF columns fire, as for the executor's statement.
 	 */
 	rte = makeNode(RangeTblEntry);
 	rte->rtekind = RTE_RELATION;
 	rte->relid = relid;
 	rte->relkind = w->rel->rd_rel->relkind;
 	rte->rellockmode = RowExclusiveLock;
+	w->written = palloc(sizeof(bool) * desc->natts);
+	w->domain = palloc0(sizeof(void *) * desc->natts);
+	w->is_domain = palloc(sizeof(bool) * desc->natts);
 	for (int a = 0; a < desc->natts; a++)
-		if (written[a])
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
+
+		w->written[a] = op == CMD_INSERT ? !att->attisdropped : written[a];
+		w->is_domain[a] = w->written[a] && get_typtype(att->atttypid) == TYPTYPE_DOMAIN;
+		if (!w->written[a])
+			continue;
+		if (op == CMD_UPDATE)
 			rte->updatedCols = bms_add_member(rte->updatedCols,
 											  a + 1 - FirstLowInvalidHeapAttributeNumber);
-	w->estate = CreateExecutorState();
-	w->written = palloc(sizeof(bool) * desc->natts);
-	memcpy(w->written, written, sizeof(bool) * desc->natts);
+		else
+			rte->insertedCols = bms_add_member(rte->insertedCols,
+											   a + 1 - FirstLowInvalidHeapAttributeNumber);
+	}
 	ExecInitRangeTable(w->estate, list_make1(rte));
 	w->rri = makeNode(ResultRelInfo);
 	InitResultRelInfo(w->rri, w->rel, 1, NULL, 0);
+	/* where the firing of its AFTER ROW triggers finds it */
+	w->estate->es_opened_result_relations = list_make1(w->rri);
 	ExecOpenIndices(w->rri, false);
 	w->before = table_slot_create(w->rel, &w->estate->es_tupleTable);
 	w->after = ExecInitExtraTupleSlot(w->estate, desc, &TTSOpsVirtual);
+
+	/* AFTER ROW triggers are queued as a statement's, and fired at the end */
+	w->row_triggers = w->rri->ri_TrigDesc != NULL &&
+		(op == CMD_UPDATE ? w->rri->ri_TrigDesc->trig_update_after_row :
+		 w->rri->ri_TrigDesc->trig_insert_after_row);
+	if (w->row_triggers)
+		AfterTriggerBeginQuery();
 	w->audit = orch_audit_rows_begin(w->rel, op);
 	return true;
 }
@@ -148,60 +178,128 @@ orch_writer_fetch(OrchRowWriter *w, ItemPointer tid)
 }
 
 /*
- * Update the row in w->before: the columns written take values and nulls
- * (by attribute number - 1), the others stay.  The new row is in w->after
- * afterwards.
+ * The row whose key (src: a unique index of the table) equals keys, locked
+ * as an UPDATE locks it (orch_row_lock), into w->before; false if there is
+ * none.
  */
-void
-orch_writer_update(OrchRowWriter *w, const Datum *values, const bool *nulls)
+bool
+orch_writer_lock(OrchRowWriter *w, OrchRowSource *src, const Datum *keys)
+{
+	if (!orch_row_lock(src, keys, w->before))
+		return false;
+	slot_getallattrs(w->before);
+	return true;
+}
+
+/*
+ * The new row in w->after: for an UPDATE the columns written take values and
+ * nulls (by attribute number - 1) and the others stay as in w->before; an
+ * INSERT gives every column.  Checked as the executor checks an assigned
+ * value: NOT NULL, and a domain's constraints.
+ */
+static void
+form_row(OrchRowWriter *w, const Datum *values, const bool *nulls)
 {
 	TupleDesc	desc = RelationGetDescr(w->rel);
-	ItemPointerData tid = w->before->tts_tid;
-	TM_FailureData tmfd;
-	LockTupleMode lockmode;
-	bool		update_indexes;
-	TM_Result	r;
 
 	ExecClearTuple(w->after);
 	for (int a = 0; a < desc->natts; a++)
 	{
+		Form_pg_attribute att = TupleDescAttr(desc, a);
 		bool		isnull = w->written[a] ? nulls[a] : w->before->tts_isnull[a];
 
-		if (isnull && TupleDescAttr(desc, a)->attnotnull)
+		if (isnull && att->attnotnull)
 			ereport(ERROR,
 					(errcode(ERRCODE_NOT_NULL_VIOLATION),
 					 errmsg("null value in column \"%s\" of relation \"%s\" violates not-null constraint",
-							NameStr(TupleDescAttr(desc, a)->attname),
-							RelationGetRelationName(w->rel))));
+							NameStr(att->attname), RelationGetRelationName(w->rel)),
+					 errtable(w->rel)));
 		w->after->tts_isnull[a] = isnull;
 		w->after->tts_values[a] = isnull ? (Datum) 0 :
 			w->written[a] ? values[a] : w->before->tts_values[a];
+		if (w->is_domain[a])
+			domain_check(w->after->tts_values[a], isnull, att->atttypid, &w->domain[a],
+						 w->estate->es_query_cxt);
 	}
 	ExecStoreVirtualTuple(w->after);
+}
 
+/*
+ * Update the row in w->before (orch_writer_fetch, orch_writer_lock): the
+ * columns written take values and nulls (by attribute number - 1), the
+ * others stay.  The new row is in w->after afterwards.
+ */
+void
+orch_writer_update(OrchRowWriter *w, const Datum *values, const bool *nulls)
+{
+	ItemPointerData tid = w->before->tts_tid;
+	TM_FailureData tmfd;
+	LockTupleMode lockmode;
+	bool		update_indexes;
+	List	   *recheck = NIL;
+	TM_Result	r;
+
+	Assert(w->op == CMD_UPDATE);
+	form_row(w, values, nulls);
 	r = table_tuple_update(w->rel, &tid, w->after, GetCurrentCommandId(true), InvalidSnapshot,
-						   InvalidSnapshot,
-						   true, &tmfd, &lockmode, &update_indexes);
+						   InvalidSnapshot, true, &tmfd, &lockmode, &update_indexes);
 	if (r != TM_Ok)
 		elog(ERROR, "could not update a locked row of %s: %d", RelationGetRelationName(w->rel),
 			 (int) r);
 	if (w->rri->ri_NumIndices > 0 && update_indexes)
-		list_free(ExecInsertIndexTuples(w->rri, w->after, w->estate, true, false, NULL, NIL));
+		recheck = ExecInsertIndexTuples(w->rri, w->after, w->estate, true, false, NULL, NIL);
+	if (w->row_triggers)
+		ExecARUpdateTriggers(w->estate, w->rri, NULL, NULL, &tid, NULL, w->after, recheck,
+							 NULL, false);
+	list_free(recheck);
 	ResetPerTupleExprContext(w->estate);
 	if (w->audit != NULL)
 		orch_audit_rows_add(w->audit, w->before, w->after);
 }
 
+/* Insert a row: values and nulls of every column (by attribute number - 1). */
+void
+orch_writer_insert(OrchRowWriter *w, const Datum *values, const bool *nulls)
+{
+	List	   *recheck = NIL;
+
+	Assert(w->op == CMD_INSERT);
+	form_row(w, values, nulls);
+	table_tuple_insert(w->rel, w->after, GetCurrentCommandId(true), 0, NULL);
+	if (w->rri->ri_NumIndices > 0)
+		recheck = ExecInsertIndexTuples(w->rri, w->after, w->estate, false, false, NULL, NIL);
+	if (w->row_triggers)
+		ExecARInsertTriggers(w->estate, w->rri, w->after, recheck, NULL);
+	list_free(recheck);
+	ResetPerTupleExprContext(w->estate);
+	if (w->audit != NULL)
+		orch_audit_rows_add(w->audit, NULL, w->after);
+}
+
+static void
+close_relations(List *rris)
+{
+	ListCell   *lc;
+
+	foreach(lc, rris)
+		table_close(((ResultRelInfo *) lfirst(lc))->ri_RelationDesc, NoLock);
+}
+
 /*
- * Done: the audit events recorded, everything closed, and the rows written
- * made visible to the transaction's next commands.
+ * Done: the rows' AFTER ROW triggers fired, their audit events recorded,
+ * everything closed, and the rows written made visible to the
+ * transaction's next commands.
  */
 void
 orch_writer_end(OrchRowWriter *w)
 {
+	if (w->row_triggers)
+		AfterTriggerEndQuery(w->estate);
 	if (w->audit != NULL)
 		orch_audit_rows_end(w->audit);
 	ExecCloseIndices(w->rri);
+	/* what firing the triggers opened (as ExecCloseResultRelations closes it) */
+	close_relations(w->estate->es_trig_target_relations);
 	ExecResetTupleTable(w->estate->es_tupleTable, false);
 	FreeExecutorState(w->estate);
 	table_close(w->rel, NoLock);

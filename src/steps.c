@@ -732,6 +732,191 @@ buffer_add(RowBuffer *b, const Datum *values, const bool *nulls)
 
 static int	exec_plan(int which, Datum *values, const char *nulls, int expected);
 
+/* ------------------------------------------------------------------------
+ * One row's write without the executor (rowwrite.c): what a task's verdict
+ * writes, a row of each of finish_rows, attempt_rows and run_rows, as the
+ * single-row statements (P_FINISH_1, P_ATTEMPT_1, P_RUNS_1) write it.  Each
+ * returns false, having written nothing, where the table needs the
+ * statement.
+ * ------------------------------------------------------------------------ */
+
+/* The enum value label of the column att of rel (by attribute number). */
+static Datum
+enum_value_of(Relation rel, int16 att, Datum label)
+{
+	return DirectFunctionCall2(enum_in, CStringGetDatum(TextDatumGetCString(label)),
+							   ObjectIdGetDatum(TupleDescAttr(RelationGetDescr(rel), att - 1)->atttypid));
+}
+
+/* Is the enum value (of a status column) label? */
+static bool
+enum_is(Datum value, const char *label)
+{
+	return strcmp(DatumGetCString(DirectFunctionCall1(enum_out, value)), label) == 0;
+}
+
+/* The columns from..to of a source, as orch_writer_begin's written. */
+static bool *
+written_of(const int16 *att, int from, int to)
+{
+	bool	   *written = palloc0(sizeof(bool) * MaxHeapAttributeNumber);
+
+	for (int c = from; c <= to; c++)
+		written[att[c] - 1] = true;
+	return written;
+}
+
+enum
+{
+	FS_STEP_ID, FS_STATUS, FS_OUTPUT, FS_ERROR, FS_ATTEMPT, FS_STARTED_AT, FS_FINISHED_AT,
+	FS_WAKE_AT, FS_LEASE_TOKEN, FS_PHASE, FS_NCOLS
+};
+static OrchRowSource finish_source = {
+	"steps", "steps_pkey", 1, FS_NCOLS,
+	{"step_id", "status", "output", "error", "attempt", "started_at", "finished_at",
+	"wake_at", "lease_token", "phase"}
+};
+
+/* FINISH_SQL for one step: p as P_FINISH_1's parameters $1 to $6, $7 now */
+static bool
+finish_directly(const Datum *p, const char *n, Datum now)
+{
+	const int16 *att = orch_row_source_attnums(&finish_source);
+	OrchRowWriter w;
+
+	if (!orch_writer_begin(&w, finish_source.rels[0], CMD_UPDATE,
+						   written_of(att, FS_STATUS, FS_PHASE)))
+		return false;
+	if (orch_writer_lock(&w, &finish_source, &p[0]) &&
+		!enum_is(w.before->tts_values[att[FS_STATUS] - 1], "cancelled"))
+	{
+		int			natts = RelationGetDescr(w.rel)->natts;
+		Datum	   *v = palloc0(sizeof(Datum) * natts);
+		bool	   *null = palloc0(sizeof(bool) * natts);
+		int			started = att[FS_STARTED_AT] - 1;
+
+#define SET(c, value, isnull) (v[att[c] - 1] = (value), null[att[c] - 1] = (isnull))
+		SET(FS_STATUS, enum_value_of(w.rel, att[FS_STATUS], p[1]), false);
+		SET(FS_OUTPUT, p[2], n[2] == 'n');
+		SET(FS_ERROR, p[3], n[3] == 'n');
+		SET(FS_ATTEMPT, p[4], false);
+		SET(FS_STARTED_AT, w.before->tts_isnull[started] ? now : w.before->tts_values[started], false);
+		SET(FS_FINISHED_AT, p[5], n[5] == 'n');
+		SET(FS_WAKE_AT, (Datum) 0, true);
+		SET(FS_LEASE_TOKEN, (Datum) 0, true);
+		SET(FS_PHASE, (Datum) 0, true);
+#undef SET
+		orch_writer_update(&w, v, null);
+	}
+	orch_writer_end(&w);
+	return true;
+}
+
+/* orch.attempts's columns, in the order of P_ATTEMPT_1's parameters */
+enum
+{
+	AS_STEP_ID, AS_ATTEMPT, AS_RUN_ID, AS_WORKER, AS_STARTED_AT, AS_FINISHED_AT, AS_OUTCOME,
+	AS_ERROR_CLASS, AS_SQLSTATE, AS_MESSAGE, AS_DETAIL, AS_HINT, AS_CONTEXT, AS_KIND, AS_NCOLS
+};
+static OrchRowSource attempt_source = {
+	"attempts", "attempts_pkey", 3, AS_NCOLS,
+	{"step_id", "attempt", "run_id", "worker", "started_at", "finished_at", "outcome",
+	"error_class", "sqlstate", "message", "detail", "hint", "context", "kind"}
+};
+
+/* ATTEMPT_SQL for one attempt: p as P_ATTEMPT_1's parameters */
+static bool
+attempt_directly(const Datum *p, const char *n)
+{
+	const int16 *att = orch_row_source_attnums(&attempt_source);
+	OrchRowWriter w;
+	TupleDesc	desc;
+	Datum	   *v;
+	bool	   *null;
+	int			ncols = 0;
+
+	if (!orch_writer_begin(&w, attempt_source.rels[0], CMD_INSERT, NULL))
+		return false;
+	desc = RelationGetDescr(w.rel);
+	for (int a = 0; a < desc->natts; a++)
+		if (!TupleDescAttr(desc, a)->attisdropped)
+			ncols++;
+	if (ncols != AS_NCOLS)
+	{
+		/* a column the statement leaves to its default */
+		orch_writer_end(&w);
+		return false;
+	}
+	v = palloc0(sizeof(Datum) * desc->natts);
+	null = palloc0(sizeof(bool) * desc->natts);
+	for (int c = 0; c < AS_NCOLS; c++)
+	{
+		v[att[c] - 1] = p[c];
+		null[att[c] - 1] = n[c] == 'n';
+	}
+	v[att[AS_OUTCOME] - 1] = enum_value_of(w.rel, att[AS_OUTCOME], p[AS_OUTCOME]);
+	v[att[AS_KIND] - 1] = enum_value_of(w.rel, att[AS_KIND], p[AS_KIND]);
+	orch_writer_insert(&w, v, null);
+	orch_writer_end(&w);
+	return true;
+}
+
+enum
+{
+	RS_RUN_ID, RS_STATUS, RS_STEPS_LEFT, RS_STARTED_AT, RS_FINISHED_AT, RS_OUTPUT, RS_NCOLS
+};
+static OrchRowSource run_counter_source = {
+	"runs", "runs_pkey", 1, RS_NCOLS,
+	{"run_id", "status", "steps_left", "started_at", "finished_at", "output"}
+};
+
+/*
+ * RUNS_SQL for one run: p as P_RUNS_1's parameters ($1 run, $2 steps
+ * finished), $3 now; a run it finishes is counted in result.
+ */
+static bool
+run_counter_directly(const Datum *p, Datum now, OrchBatchResult *result)
+{
+	const int16 *att = orch_row_source_attnums(&run_counter_source);
+	OrchRowWriter w;
+
+	if (!orch_writer_begin(&w, run_counter_source.rels[0], CMD_UPDATE,
+						   written_of(att, RS_STATUS, RS_OUTPUT)))
+		return false;
+	if (orch_writer_lock(&w, &run_counter_source, &p[0]))
+	{
+		Datum	   *b = w.before->tts_values;
+		bool	   *bn = w.before->tts_isnull;
+		Datum		status = b[att[RS_STATUS] - 1];
+		char	   *was = DatumGetCString(DirectFunctionCall1(enum_out, status));
+
+		if (strcmp(was, "succeeded") != 0 && strcmp(was, "failed") != 0 &&
+			strcmp(was, "cancelled") != 0 && strcmp(was, "timed_out") != 0)
+		{
+			int			natts = RelationGetDescr(w.rel)->natts;
+			Datum	   *v = palloc0(sizeof(Datum) * natts);
+			bool	   *null = palloc0(sizeof(bool) * natts);
+			int32		left = DatumGetInt32(b[att[RS_STEPS_LEFT] - 1]) - DatumGetInt32(p[1]);
+			int			started = att[RS_STARTED_AT] - 1;
+
+#define SET(c, value, isnull) (v[att[c] - 1] = (value), null[att[c] - 1] = (isnull))
+			SET(RS_STEPS_LEFT, Int32GetDatum(left), false);
+			SET(RS_STATUS, left == 0 ? enum_value_of(w.rel, att[RS_STATUS], CStringGetTextDatum("succeeded")) :
+				strcmp(was, "pending") == 0 ? enum_value_of(w.rel, att[RS_STATUS], CStringGetTextDatum("running")) :
+				status, false);
+			SET(RS_STARTED_AT, bn[started] ? now : b[started], false);
+			SET(RS_FINISHED_AT, now, left != 0);
+			SET(RS_OUTPUT, left == 0 ? orch_run_outputs(p[0]) : (Datum) 0, left != 0);
+#undef SET
+			orch_writer_update(&w, v, null);
+			if (left == 0)
+				result->runs_finished++;
+		}
+	}
+	orch_writer_end(&w);
+	return true;
+}
+
 /* Write a buffer's rows with its statement; extra is its trailing parameter. */
 static void
 buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
@@ -767,6 +952,16 @@ buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
 														   b->typbyval[c], b->typalign[c]));
 	}
 	params[b->ncols] = extra;
+
+	/* a single row of a task's verdict: without the executor where it can be */
+	if (b->nrows == 1 &&
+		((b->plan == P_FINISH && finish_directly(params, nulls, extra)) ||
+		 (b->plan == P_ATTEMPT && attempt_directly(params, nulls)) ||
+		 (b->plan == P_RUNS && run_counter_directly(params, extra, result))))
+	{
+		b->nrows = 0;
+		return;
+	}
 
 	switch (b->plan)
 	{
