@@ -731,6 +731,49 @@ lease_picked(ReturnSetInfo *rsinfo, const OrchPickedTask *picked, int n, text *w
 }
 
 /*
+ * What leasing a task needs the first time in a session, done ahead by a
+ * claim about to sleep: where orch.steps needs the UPDATE statement, its
+ * plan (orch_plan_ahead); else the look-ups of the rows a lease reads and
+ * writes, and the caches of orch.steps, its indexes and its audit
+ * rendering, filled by opening what a lease opens.  In a subtransaction
+ * rolled back at once: the caches stay, but not the locks, which a claim
+ * about to sleep must not hold.  Returns whether it did anything.
+ */
+static bool
+lease_ahead(void)
+{
+	static bool warmed = false;
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+
+	if (orch_writer_refuses(orch_relid("steps"), CMD_UPDATE))
+		return orch_plan_ahead(task_plan(T_CLAIM));
+	if (warmed)
+		return false;
+	BeginInternalSubTransaction(NULL);
+	{
+		const int16 *att = orch_row_source_attnums(&lease_step_source);
+		bool		written[MaxHeapAttributeNumber] = {false};
+		OrchRowWriter w;
+		pg_uuid_t	none = {{0}};
+
+		(void) orch_row_source_attnums(&lease_run_source);
+		(void) orch_row_source_attnums(&lease_definition_source);
+		for (int c = 0; c < LS_NCOLS; c++)
+			if (LS_WRITTEN(c))
+				written[att[c] - 1] = true;
+		if (orch_writer_begin(&w, lease_step_source.rels[0], CMD_UPDATE, written))
+			orch_writer_end(&w);
+		(void) orch_run_outputs(UUIDPGetDatum(&none));
+	}
+	RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	warmed = true;
+	return true;
+}
+
+/*
  * Lease up to max waiting tasks of the queue into the caller's
  * materialized result.  The step's timeout and heartbeat_timeout cap the
  * lease.  With nothing to claim, wait up to wait_us for a commit that
@@ -843,20 +886,18 @@ claim_into(ReturnSetInfo *rsinfo, text *queue, text *worker, int32 max, Interval
 			remaining_ms = Min(remaining_ms, LOCKED_OUT_RETRY_MS);
 
 		/*
-		 * The statement that leases (where orch.steps needs one, see
-		 * lease_picked) runs only once there is a task: plan it now (a
-		 * session's first claim), not after the wake-up, when the
-		 * milliseconds its planning takes would delay the task.  Planning
-		 * ends in a subtransaction rolled back, which cancels the
-		 * preparation to sleep: having planned, look again, prepared anew,
-		 * before sleeping (a sleep not prepared for returns at once, and the
-		 * claim would spin).
+		 * Leasing a task runs only once there is one: make ready for it now
+		 * (a session's first claim), not after the wake-up, when the
+		 * milliseconds that takes would delay the task.  Getting ready ends
+		 * in a subtransaction rolled back, which cancels the preparation to
+		 * sleep: having got ready, look again, prepared anew, before
+		 * sleeping (a sleep not prepared for returns at once, and the claim
+		 * would spin).
 		 */
 		if (!planned_ahead)
 		{
 			planned_ahead = true;
-			if (orch_writer_refuses(orch_relid("steps"), CMD_UPDATE) &&
-				orch_plan_ahead(task_plan(T_CLAIM)))
+			if (lease_ahead())
 				continue;
 		}
 

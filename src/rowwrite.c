@@ -31,10 +31,10 @@
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/pg_trigger.h"
+#include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "nodes/makefuncs.h"
-#include "catalog/pg_type.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
@@ -206,7 +206,8 @@ form_row(OrchRowWriter *w, const Datum *values, const bool *nulls)
 	for (int a = 0; a < desc->natts; a++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, a);
-		bool		isnull = w->written[a] ? nulls[a] : w->before->tts_isnull[a];
+		bool		isnull = w->written[a] ? nulls[a] :
+			w->op == CMD_INSERT || w->before->tts_isnull[a];	/* dropped, or as it was */
 
 		if (isnull && att->attnotnull)
 			ereport(ERROR,
