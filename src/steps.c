@@ -733,18 +733,17 @@ buffer_add(RowBuffer *b, const Datum *values, const bool *nulls)
 static int	exec_plan(int which, Datum *values, const char *nulls, int expected);
 
 /* ------------------------------------------------------------------------
- * One row's write without the executor (rowwrite.c): what a task's verdict
- * writes, a row of each of finish_rows, attempt_rows and run_rows, as the
- * single-row statements (P_FINISH_1, P_ATTEMPT_1, P_RUNS_1) write it.  Each
- * returns false, having written nothing, where the table needs the
- * statement.
+ * The rows of finish_rows, attempt_rows and run_rows written without the
+ * executor (rowwrite.c), each as its statement (P_FINISH, P_ATTEMPT,
+ * P_RUNS, and their single-row forms) writes it.  Each returns false,
+ * having written nothing, where the table needs the statement.
  * ------------------------------------------------------------------------ */
 
 /* The enum value label of the column att of rel (by attribute number). */
 static Datum
-enum_value_of(Relation rel, int16 att, Datum label)
+enum_value_of(Relation rel, int16 att, const char *label)
 {
-	return DirectFunctionCall2(enum_in, CStringGetDatum(TextDatumGetCString(label)),
+	return DirectFunctionCall2(enum_in, CStringGetDatum(label),
 							   ObjectIdGetDatum(TupleDescAttr(RelationGetDescr(rel), att - 1)->atttypid));
 }
 
@@ -766,6 +765,10 @@ written_of(const int16 *att, int from, int to)
 	return written;
 }
 
+/* A buffered row's column c, and whether it is NULL. */
+#define BUF(b, c, r)		((b)->values[c][r])
+#define BUF_NULL(b, c, r)	((b)->nulls[c][r])
+
 enum
 {
 	FS_STEP_ID, FS_STATUS, FS_OUTPUT, FS_ERROR, FS_ATTEMPT, FS_STARTED_AT, FS_FINISHED_AT,
@@ -777,31 +780,41 @@ static OrchRowSource finish_source = {
 	"wake_at", "lease_token", "phase"}
 };
 
-/* FINISH_SQL for one step: p as P_FINISH_1's parameters $1 to $6, $7 now */
+/*
+ * FINISH_SQL for finish_rows (id, status, output, error, attempt,
+ * finished_at), now being $7: steps cancelled meanwhile are left alone.
+ */
 static bool
-finish_directly(const Datum *p, const char *n, Datum now)
+finish_directly(RowBuffer *b, Datum now)
 {
 	const int16 *att = orch_row_source_attnums(&finish_source);
 	OrchRowWriter w;
+	Datum	   *v;
+	bool	   *null;
+	int			natts;
 
 	if (!orch_writer_begin(&w, finish_source.rels[0], CMD_UPDATE,
 						   written_of(att, FS_STATUS, FS_PHASE)))
 		return false;
-	if (orch_writer_lock(&w, &finish_source, &p[0]) &&
-		!enum_is(w.before->tts_values[att[FS_STATUS] - 1], "cancelled"))
+	natts = RelationGetDescr(w.rel)->natts;
+	v = palloc0(sizeof(Datum) * natts);
+	null = palloc0(sizeof(bool) * natts);
+	for (int r = 0; r < b->nrows; r++)
 	{
-		int			natts = RelationGetDescr(w.rel)->natts;
-		Datum	   *v = palloc0(sizeof(Datum) * natts);
-		bool	   *null = palloc0(sizeof(bool) * natts);
 		int			started = att[FS_STARTED_AT] - 1;
 
+		if (!orch_writer_lock(&w, &finish_source, &BUF(b, 0, r)) ||
+			enum_is(w.before->tts_values[att[FS_STATUS] - 1], "cancelled"))
+			continue;
 #define SET(c, value, isnull) (v[att[c] - 1] = (value), null[att[c] - 1] = (isnull))
-		SET(FS_STATUS, enum_value_of(w.rel, att[FS_STATUS], p[1]), false);
-		SET(FS_OUTPUT, p[2], n[2] == 'n');
-		SET(FS_ERROR, p[3], n[3] == 'n');
-		SET(FS_ATTEMPT, p[4], false);
-		SET(FS_STARTED_AT, w.before->tts_isnull[started] ? now : w.before->tts_values[started], false);
-		SET(FS_FINISHED_AT, p[5], n[5] == 'n');
+		SET(FS_STATUS, enum_value_of(w.rel, att[FS_STATUS], TextDatumGetCString(BUF(b, 1, r))),
+			false);
+		SET(FS_OUTPUT, BUF(b, 2, r), BUF_NULL(b, 2, r));
+		SET(FS_ERROR, BUF(b, 3, r), BUF_NULL(b, 3, r));
+		SET(FS_ATTEMPT, BUF(b, 4, r), false);
+		SET(FS_STARTED_AT, w.before->tts_isnull[started] ? now : w.before->tts_values[started],
+			false);
+		SET(FS_FINISHED_AT, BUF(b, 5, r), BUF_NULL(b, 5, r));
 		SET(FS_WAKE_AT, (Datum) 0, true);
 		SET(FS_LEASE_TOKEN, (Datum) 0, true);
 		SET(FS_PHASE, (Datum) 0, true);
@@ -812,7 +825,7 @@ finish_directly(const Datum *p, const char *n, Datum now)
 	return true;
 }
 
-/* orch.attempts's columns, in the order of P_ATTEMPT_1's parameters */
+/* orch.attempts's columns, in the order of attempt_rows' columns */
 enum
 {
 	AS_STEP_ID, AS_ATTEMPT, AS_RUN_ID, AS_WORKER, AS_STARTED_AT, AS_FINISHED_AT, AS_OUTCOME,
@@ -824,9 +837,9 @@ static OrchRowSource attempt_source = {
 	"error_class", "sqlstate", "message", "detail", "hint", "context", "kind"}
 };
 
-/* ATTEMPT_SQL for one attempt: p as P_ATTEMPT_1's parameters */
+/* ATTEMPT_SQL for attempt_rows */
 static bool
-attempt_directly(const Datum *p, const char *n)
+attempt_directly(RowBuffer *b)
 {
 	const int16 *att = orch_row_source_attnums(&attempt_source);
 	OrchRowWriter w;
@@ -849,14 +862,19 @@ attempt_directly(const Datum *p, const char *n)
 	}
 	v = palloc0(sizeof(Datum) * desc->natts);
 	null = palloc0(sizeof(bool) * desc->natts);
-	for (int c = 0; c < AS_NCOLS; c++)
+	for (int r = 0; r < b->nrows; r++)
 	{
-		v[att[c] - 1] = p[c];
-		null[att[c] - 1] = n[c] == 'n';
+		for (int c = 0; c < AS_NCOLS; c++)
+		{
+			v[att[c] - 1] = BUF(b, c, r);
+			null[att[c] - 1] = BUF_NULL(b, c, r);
+		}
+		v[att[AS_OUTCOME] - 1] = enum_value_of(w.rel, att[AS_OUTCOME],
+											   TextDatumGetCString(BUF(b, AS_OUTCOME, r)));
+		v[att[AS_KIND] - 1] = enum_value_of(w.rel, att[AS_KIND],
+											TextDatumGetCString(BUF(b, AS_KIND, r)));
+		orch_writer_insert(&w, v, null);
 	}
-	v[att[AS_OUTCOME] - 1] = enum_value_of(w.rel, att[AS_OUTCOME], p[AS_OUTCOME]);
-	v[att[AS_KIND] - 1] = enum_value_of(w.rel, att[AS_KIND], p[AS_KIND]);
-	orch_writer_insert(&w, v, null);
 	orch_writer_end(&w);
 	return true;
 }
@@ -870,48 +888,86 @@ static OrchRowSource run_counter_source = {
 	{"run_id", "status", "steps_left", "started_at", "finished_at", "output"}
 };
 
+/* a run's steps that moved in a batch */
+typedef struct RunMoved
+{
+	Datum		run_id;
+	int32		n;
+} RunMoved;
+
+static int
+run_moved_cmp(const void *a, const void *b)
+{
+	return memcmp(DatumGetUUIDP(((const RunMoved *) a)->run_id),
+				  DatumGetUUIDP(((const RunMoved *) b)->run_id), UUID_LEN);
+}
+
 /*
- * RUNS_SQL for one run: p as P_RUNS_1's parameters ($1 run, $2 steps
- * finished), $3 now; a run it finishes is counted in result.
+ * RUNS_SQL for run_rows (run, steps finished), now being $3: each run's
+ * rows summed, the runs written in run_id order; the runs finished are
+ * counted in result.
  */
 static bool
-run_counter_directly(const Datum *p, Datum now, OrchBatchResult *result)
+run_counters_directly(RowBuffer *b, Datum now, OrchBatchResult *result)
 {
 	const int16 *att = orch_row_source_attnums(&run_counter_source);
 	OrchRowWriter w;
+	RunMoved   *runs;
+	int			nruns = 0;
+	Datum	   *v;
+	bool	   *null;
+	int			natts;
 
 	if (!orch_writer_begin(&w, run_counter_source.rels[0], CMD_UPDATE,
 						   written_of(att, RS_STATUS, RS_OUTPUT)))
 		return false;
-	if (orch_writer_lock(&w, &run_counter_source, &p[0]))
+	runs = palloc(sizeof(RunMoved) * b->nrows);
+	for (int r = 0; r < b->nrows; r++)
 	{
-		Datum	   *b = w.before->tts_values;
-		bool	   *bn = w.before->tts_isnull;
-		Datum		status = b[att[RS_STATUS] - 1];
-		char	   *was = DatumGetCString(DirectFunctionCall1(enum_out, status));
+		runs[r].run_id = BUF(b, 0, r);
+		runs[r].n = DatumGetInt32(BUF(b, 1, r));
+	}
+	qsort(runs, b->nrows, sizeof(RunMoved), run_moved_cmp);
+	for (int r = 0; r < b->nrows; r++)
+	{
+		if (nruns > 0 && run_moved_cmp(&runs[nruns - 1], &runs[r]) == 0)
+			runs[nruns - 1].n += runs[r].n;
+		else
+			runs[nruns++] = runs[r];
+	}
 
-		if (strcmp(was, "succeeded") != 0 && strcmp(was, "failed") != 0 &&
-			strcmp(was, "cancelled") != 0 && strcmp(was, "timed_out") != 0)
-		{
-			int			natts = RelationGetDescr(w.rel)->natts;
-			Datum	   *v = palloc0(sizeof(Datum) * natts);
-			bool	   *null = palloc0(sizeof(bool) * natts);
-			int32		left = DatumGetInt32(b[att[RS_STEPS_LEFT] - 1]) - DatumGetInt32(p[1]);
-			int			started = att[RS_STARTED_AT] - 1;
+	natts = RelationGetDescr(w.rel)->natts;
+	v = palloc0(sizeof(Datum) * natts);
+	null = palloc0(sizeof(bool) * natts);
+	for (int r = 0; r < nruns; r++)
+	{
+		Datum	   *old = w.before->tts_values;
+		bool	   *old_null = w.before->tts_isnull;
+		Datum		status;
+		char	   *was;
+		int32		left;
+		int			started = att[RS_STARTED_AT] - 1;
 
+		if (!orch_writer_lock(&w, &run_counter_source, &runs[r].run_id))
+			continue;
+		status = old[att[RS_STATUS] - 1];
+		was = DatumGetCString(DirectFunctionCall1(enum_out, status));
+		if (strcmp(was, "succeeded") == 0 || strcmp(was, "failed") == 0 ||
+			strcmp(was, "cancelled") == 0 || strcmp(was, "timed_out") == 0)
+			continue;
+		left = DatumGetInt32(old[att[RS_STEPS_LEFT] - 1]) - runs[r].n;
 #define SET(c, value, isnull) (v[att[c] - 1] = (value), null[att[c] - 1] = (isnull))
-			SET(RS_STEPS_LEFT, Int32GetDatum(left), false);
-			SET(RS_STATUS, left == 0 ? enum_value_of(w.rel, att[RS_STATUS], CStringGetTextDatum("succeeded")) :
-				strcmp(was, "pending") == 0 ? enum_value_of(w.rel, att[RS_STATUS], CStringGetTextDatum("running")) :
-				status, false);
-			SET(RS_STARTED_AT, bn[started] ? now : b[started], false);
-			SET(RS_FINISHED_AT, now, left != 0);
-			SET(RS_OUTPUT, left == 0 ? orch_run_outputs(p[0]) : (Datum) 0, left != 0);
+		SET(RS_STEPS_LEFT, Int32GetDatum(left), false);
+		SET(RS_STATUS, left == 0 ? enum_value_of(w.rel, att[RS_STATUS], "succeeded") :
+			strcmp(was, "pending") == 0 ? enum_value_of(w.rel, att[RS_STATUS], "running") :
+			status, false);
+		SET(RS_STARTED_AT, old_null[started] ? now : old[started], false);
+		SET(RS_FINISHED_AT, now, left != 0);
+		SET(RS_OUTPUT, left == 0 ? orch_run_outputs(runs[r].run_id) : (Datum) 0, left != 0);
 #undef SET
-			orch_writer_update(&w, v, null);
-			if (left == 0)
-				result->runs_finished++;
-		}
+		orch_writer_update(&w, v, null);
+		if (left == 0)
+			result->runs_finished++;
 	}
 	orch_writer_end(&w);
 	return true;
@@ -928,6 +984,15 @@ buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
 	if (b->nrows == 0)
 		return;
 	Assert(b->have_typinfo);
+
+	/* without the executor where it can be */
+	if ((b->plan == P_FINISH && finish_directly(b, extra)) ||
+		(b->plan == P_ATTEMPT && attempt_directly(b)) ||
+		(b->plan == P_RUNS && run_counters_directly(b, extra, result)))
+	{
+		b->nrows = 0;
+		return;
+	}
 	memset(nulls, ' ', b->ncols + 1);
 	nulls[b->ncols + 1] = '\0';
 	if (b->nrows == 1)
@@ -952,16 +1017,6 @@ buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
 														   b->typbyval[c], b->typalign[c]));
 	}
 	params[b->ncols] = extra;
-
-	/* a single row of a task's verdict: without the executor where it can be */
-	if (b->nrows == 1 &&
-		((b->plan == P_FINISH && finish_directly(params, nulls, extra)) ||
-		 (b->plan == P_ATTEMPT && attempt_directly(params, nulls)) ||
-		 (b->plan == P_RUNS && run_counter_directly(params, extra, result))))
-	{
-		b->nrows = 0;
-		return;
-	}
 
 	switch (b->plan)
 	{
