@@ -548,8 +548,7 @@ static OrchRowSource lease_step_source = {
 	{"step_id", "run_id", "name", "status", "attempt", "lease_token", "worker", "lease",
 	"attempt_started_at", "started_at", "wake_at", "priority", "cause"}
 };
-/* the columns a lease writes, from LS_STATUS to LS_WAKE_AT */
-#define LS_WRITTEN(c)	((c) >= LS_STATUS && (c) <= LS_WAKE_AT)
+/* a lease writes the columns from LS_STATUS to LS_WAKE_AT */
 
 enum
 {
@@ -579,15 +578,6 @@ shorter(Interval *a, Interval *b)
 											 IntervalPGetDatum(b))) <= 0 ? a : b;
 }
 
-static int
-picked_step_cmp(const void *a, const void *b)
-{
-	const OrchPickedTask *x = a;
-	const OrchPickedTask *y = b;
-
-	return x->step_id < y->step_id ? -1 : x->step_id > y->step_id ? 1 : 0;
-}
-
 /*
  * Lease the picked tasks through w (orch_writer_begin on orch.steps), as
  * CLAIM_TASKS_SQL would, into rows of the claim's result (CC_* columns),
@@ -601,16 +591,21 @@ lease_directly(OrchRowWriter *w, const OrchPickedTask *picked, int n, text *work
 	TupleDesc	desc = RelationGetDescr(w->rel);
 	Datum	   *values = palloc0(sizeof(Datum) * desc->natts);
 	bool	   *nulls = palloc0(sizeof(bool) * desc->natts);
-	OrchPickedTask *by_step = palloc(sizeof(OrchPickedTask) * n);
+	ClaimedRow *order = palloc(sizeof(ClaimedRow) * n);
 	Oid			running = DatumGetObjectId(DirectFunctionCall2(enum_in, CStringGetDatum("running"),
 															   ObjectIdGetDatum(TupleDescAttr(desc, att[LS_STATUS] - 1)->atttypid)));
 
 	/* in step order, as the statement's index scan updates them */
-	memcpy(by_step, picked, sizeof(OrchPickedTask) * n);
-	qsort(by_step, n, sizeof(OrchPickedTask), picked_step_cmp);
 	for (int i = 0; i < n; i++)
 	{
-		TupleTableSlot *row = orch_writer_fetch(w, &by_step[i].tid);
+		order[i].step_id = picked[i].step_id;
+		order[i].place = i;
+	}
+	qsort(order, n, sizeof(ClaimedRow), claimed_step_cmp);
+	for (int i = 0; i < n; i++)
+	{
+		int			place = order[i].place;
+		TupleTableSlot *row = orch_writer_fetch(w, (ItemPointer) &picked[place].tid);
 		Datum	   *v = row->tts_values;
 		bool	   *isnull = row->tts_isnull;
 		int64		step_id = DatumGetInt64(v[att[LS_STEP_ID] - 1]);
@@ -628,11 +623,10 @@ lease_directly(OrchRowWriter *w, const OrchPickedTask *picked, int n, text *work
 		bool		cc_nulls[CC_NCOLS];
 		char	   *run_text;
 		char	   *trace_hex;
-		int			place;
 
-		if (step_id != by_step[i].step_id)
+		if (step_id != picked[place].step_id)
 			elog(ERROR, "the row locked for step " INT64_FORMAT " is step " INT64_FORMAT,
-				 by_step[i].step_id, step_id);
+				 picked[place].step_id, step_id);
 		/* the task's run, read with it when it was picked, and its definition */
 		if (!orch_row_fetch(&lease_run_source, &run_id, false, run, run_nulls))
 			elog(ERROR, "the run of claimed step " INT64_FORMAT " is missing", step_id);
@@ -691,12 +685,20 @@ lease_directly(OrchRowWriter *w, const OrchPickedTask *picked, int n, text *work
 
 		cc[CC_STEPS - 1] = orch_run_outputs(cc[CC_RUN_ID - 1]);
 		cc[CC_CONTEXT - 1] = task_context(cc, cc_nulls);
-		for (place = 0; picked[place].step_id != step_id; place++)
-			;
 		rows[place] = heap_form_tuple(result_desc, cc, cc_nulls);
 		if (place == 0)
 			*first_wake = wake_at;
 	}
+}
+
+/* orch_writer_begin for a lease's columns of orch.steps */
+static bool
+lease_writer_begin(OrchRowWriter *w)
+{
+	const int16 *att = orch_row_source_attnums(&lease_step_source);
+
+	return orch_writer_begin(w, lease_step_source.rels[0], CMD_UPDATE,
+							 orch_writer_columns(att, LS_STATUS, LS_WAKE_AT));
 }
 
 /*
@@ -708,15 +710,10 @@ lease_picked(ReturnSetInfo *rsinfo, const OrchPickedTask *picked, int n, text *w
 			 Interval *lease)
 {
 	OrchRowWriter w;
-	bool		written[MaxHeapAttributeNumber] = {false};
-	const int16 *att = orch_row_source_attnums(&lease_step_source);
 	HeapTuple  *rows;
 	TimestampTz first_wake = 0;
 
-	for (int c = 0; c < LS_NCOLS; c++)
-		if (LS_WRITTEN(c))
-			written[att[c] - 1] = true;
-	if (!orch_writer_begin(&w, lease_step_source.rels[0], CMD_UPDATE, written))
+	if (!lease_writer_begin(&w))
 	{
 		lease_picked_sql(rsinfo, picked, n, worker, lease);
 		return;
@@ -752,17 +749,12 @@ lease_ahead(void)
 		return false;
 	BeginInternalSubTransaction(NULL);
 	{
-		const int16 *att = orch_row_source_attnums(&lease_step_source);
-		bool		written[MaxHeapAttributeNumber] = {false};
 		OrchRowWriter w;
 		pg_uuid_t	none = {{0}};
 
 		(void) orch_row_source_attnums(&lease_run_source);
 		(void) orch_row_source_attnums(&lease_definition_source);
-		for (int c = 0; c < LS_NCOLS; c++)
-			if (LS_WRITTEN(c))
-				written[att[c] - 1] = true;
-		if (orch_writer_begin(&w, lease_step_source.rels[0], CMD_UPDATE, written))
+		if (lease_writer_begin(&w))
 			orch_writer_end(&w);
 		(void) orch_run_outputs(UUIDPGetDatum(&none));
 	}

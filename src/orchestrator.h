@@ -244,6 +244,7 @@ typedef struct OrchRowWriter
 	struct OrchAuditRows *audit;
 } OrchRowWriter;
 
+extern bool *orch_writer_columns(const int16 *att, int from, int to);
 extern bool orch_writer_refuses(Oid relid, CmdType op);
 extern bool orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written);
 extern TupleTableSlot *orch_writer_fetch(OrchRowWriter *w, ItemPointer tid);

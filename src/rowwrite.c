@@ -79,6 +79,20 @@ needs_executor(Relation rel, CmdType op)
 	return false;
 }
 
+/*
+ * orch_writer_begin's written for the columns from..to of an OrchRowSource
+ * whose attribute numbers are att (orch_row_source_attnums).
+ */
+bool *
+orch_writer_columns(const int16 *att, int from, int to)
+{
+	bool	   *written = palloc0(sizeof(bool) * MaxHeapAttributeNumber);
+
+	for (int c = from; c <= to; c++)
+		written[att[c] - 1] = true;
+	return written;
+}
+
 /* Would orch_writer_begin refuse relid for op (see needs_executor)? */
 bool
 orch_writer_refuses(Oid relid, CmdType op)

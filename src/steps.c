@@ -754,17 +754,6 @@ enum_is(Datum value, const char *label)
 	return strcmp(DatumGetCString(DirectFunctionCall1(enum_out, value)), label) == 0;
 }
 
-/* The columns from..to of a source, as orch_writer_begin's written. */
-static bool *
-written_of(const int16 *att, int from, int to)
-{
-	bool	   *written = palloc0(sizeof(bool) * MaxHeapAttributeNumber);
-
-	for (int c = from; c <= to; c++)
-		written[att[c] - 1] = true;
-	return written;
-}
-
 /* A buffered row's column c, and whether it is NULL. */
 #define BUF(b, c, r)		((b)->values[c][r])
 #define BUF_NULL(b, c, r)	((b)->nulls[c][r])
@@ -794,7 +783,7 @@ finish_directly(RowBuffer *b, Datum now)
 	int			natts;
 
 	if (!orch_writer_begin(&w, finish_source.rels[0], CMD_UPDATE,
-						   written_of(att, FS_STATUS, FS_PHASE)))
+						   orch_writer_columns(att, FS_STATUS, FS_PHASE)))
 		return false;
 	natts = RelationGetDescr(w.rel)->natts;
 	v = palloc0(sizeof(Datum) * natts);
@@ -919,7 +908,7 @@ run_counters_directly(RowBuffer *b, Datum now, OrchBatchResult *result)
 	int			natts;
 
 	if (!orch_writer_begin(&w, run_counter_source.rels[0], CMD_UPDATE,
-						   written_of(att, RS_STATUS, RS_OUTPUT)))
+						   orch_writer_columns(att, RS_STATUS, RS_OUTPUT)))
 		return false;
 	runs = palloc(sizeof(RunMoved) * b->nrows);
 	for (int r = 0; r < b->nrows; r++)
