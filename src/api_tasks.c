@@ -589,8 +589,8 @@ lease_directly(OrchRowWriter *w, const OrchPickedTask *picked, int n, text *work
 {
 	const int16 *att = orch_row_source_attnums(&lease_step_source);
 	TupleDesc	desc = RelationGetDescr(w->rel);
-	Datum	   *values = palloc0(sizeof(Datum) * desc->natts);
-	bool	   *nulls = palloc0(sizeof(bool) * desc->natts);
+	Datum	   *values = w->values;
+	bool	   *nulls = w->nulls;
 	ClaimedRow *order = palloc(sizeof(ClaimedRow) * n);
 	Oid			running = DatumGetObjectId(DirectFunctionCall2(enum_in, CStringGetDatum("running"),
 															   ObjectIdGetDatum(TupleDescAttr(desc, att[LS_STATUS] - 1)->atttypid)));

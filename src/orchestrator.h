@@ -237,6 +237,8 @@ typedef struct OrchRowWriter
 	struct ResultRelInfo *rri;
 	TupleTableSlot *before;		/* the row to update: orch_writer_fetch, orch_writer_lock */
 	TupleTableSlot *after;		/* the row written */
+	Datum	   *values;			/* a row's values and nulls, for the caller to fill */
+	bool	   *nulls;
 	bool	   *written;		/* by attribute number - 1 */
 	bool	   *is_domain;		/* a column written whose type is a domain */
 	void	  **domain;			/* domain_check's cache of each */

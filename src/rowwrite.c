@@ -108,7 +108,8 @@ orch_writer_refuses(Oid relid, CmdType op)
  * Get ready to write rows of relid: op CMD_UPDATE, the columns written
  * being those set in written (by attribute number - 1), or CMD_INSERT.
  * False when the table needs the executor (see above): nothing is open
- * then, and the caller writes with SQL.
+ * then, and the caller writes with SQL.  w->values and w->nulls are the
+ * caller's to fill for orch_writer_update and orch_writer_insert.
  */
 bool
 orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written)
@@ -140,6 +141,8 @@ orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written)
 	rte->relid = relid;
 	rte->relkind = w->rel->rd_rel->relkind;
 	rte->rellockmode = RowExclusiveLock;
+	w->values = palloc0(sizeof(Datum) * desc->natts);
+	w->nulls = palloc0(sizeof(bool) * desc->natts);
 	w->written = palloc(sizeof(bool) * desc->natts);
 	w->domain = palloc0(sizeof(void *) * desc->natts);
 	w->is_domain = palloc(sizeof(bool) * desc->natts);

@@ -780,14 +780,12 @@ finish_directly(RowBuffer *b, Datum now)
 	OrchRowWriter w;
 	Datum	   *v;
 	bool	   *null;
-	int			natts;
 
 	if (!orch_writer_begin(&w, finish_source.rels[0], CMD_UPDATE,
 						   orch_writer_columns(att, FS_STATUS, FS_PHASE)))
 		return false;
-	natts = RelationGetDescr(w.rel)->natts;
-	v = palloc0(sizeof(Datum) * natts);
-	null = palloc0(sizeof(bool) * natts);
+	v = w.values;
+	null = w.nulls;
 	for (int r = 0; r < b->nrows; r++)
 	{
 		int			started = att[FS_STARTED_AT] - 1;
@@ -849,8 +847,8 @@ attempt_directly(RowBuffer *b)
 		orch_writer_end(&w);
 		return false;
 	}
-	v = palloc0(sizeof(Datum) * desc->natts);
-	null = palloc0(sizeof(bool) * desc->natts);
+	v = w.values;
+	null = w.nulls;
 	for (int r = 0; r < b->nrows; r++)
 	{
 		for (int c = 0; c < AS_NCOLS; c++)
@@ -905,7 +903,6 @@ run_counters_directly(RowBuffer *b, Datum now, OrchBatchResult *result)
 	int			nruns = 0;
 	Datum	   *v;
 	bool	   *null;
-	int			natts;
 
 	if (!orch_writer_begin(&w, run_counter_source.rels[0], CMD_UPDATE,
 						   orch_writer_columns(att, RS_STATUS, RS_OUTPUT)))
@@ -925,9 +922,8 @@ run_counters_directly(RowBuffer *b, Datum now, OrchBatchResult *result)
 			runs[nruns++] = runs[r];
 	}
 
-	natts = RelationGetDescr(w.rel)->natts;
-	v = palloc0(sizeof(Datum) * natts);
-	null = palloc0(sizeof(bool) * natts);
+	v = w.values;
+	null = w.nulls;
 	for (int r = 0; r < nruns; r++)
 	{
 		Datum	   *old = w.before->tts_values;
