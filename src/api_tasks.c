@@ -590,10 +590,8 @@ lease_directly(OrchRowWriter *w, const OrchPickedTask *picked, int n, text *work
 	const int16 *att = orch_row_source_attnums(&lease_step_source);
 	TupleDesc	desc = RelationGetDescr(w->rel);
 	Datum	   *values = w->values;
-	bool	   *nulls = w->nulls;
 	ClaimedRow *order = palloc(sizeof(ClaimedRow) * n);
-	Oid			running = DatumGetObjectId(DirectFunctionCall2(enum_in, CStringGetDatum("running"),
-															   ObjectIdGetDatum(TupleDescAttr(desc, att[LS_STATUS] - 1)->atttypid)));
+	Oid			running = orch_enum_oid(TupleDescAttr(desc, att[LS_STATUS] - 1)->atttypid, "running");
 
 	/* in step order, as the statement's index scan updates them */
 	for (int i = 0; i < n; i++)
@@ -681,7 +679,7 @@ lease_directly(OrchRowWriter *w, const OrchPickedTask *picked, int n, text *work
 		cc[CC_CAUSE - 1] = cc_nulls[CC_CAUSE - 1] ? (Datum) 0 :
 			PointerGetDatum(PG_DETOAST_DATUM_COPY(v[att[LS_CAUSE] - 1]));
 
-		orch_writer_update(w, values, nulls);
+		orch_writer_update(w);
 
 		cc[CC_STEPS - 1] = orch_run_outputs(cc[CC_RUN_ID - 1]);
 		cc[CC_CONTEXT - 1] = task_context(cc, cc_nulls);
@@ -727,40 +725,38 @@ lease_picked(ReturnSetInfo *rsinfo, const OrchPickedTask *picked, int n, text *w
 		tuplestore_puttuple(rsinfo->setResult, rows[i]);
 }
 
+/* Open what a lease opens, and close it (orch_rolled_back's fn). */
+static void
+open_lease(void *arg)
+{
+	OrchRowWriter w;
+	pg_uuid_t	none = {{0}};
+
+	(void) orch_row_source_attnums(&lease_run_source);
+	(void) orch_row_source_attnums(&lease_definition_source);
+	if (lease_writer_begin(&w))
+		orch_writer_end(&w);
+	(void) orch_run_outputs(UUIDPGetDatum(&none));
+}
+
 /*
  * What leasing a task needs the first time in a session, done ahead by a
  * claim about to sleep: where orch.steps needs the UPDATE statement, its
  * plan (orch_plan_ahead); else the look-ups of the rows a lease reads and
  * writes, and the caches of orch.steps, its indexes and its audit
- * rendering, filled by opening what a lease opens.  In a subtransaction
- * rolled back at once: the caches stay, but not the locks, which a claim
- * about to sleep must not hold.  Returns whether it did anything.
+ * rendering, filled by opening what a lease opens (orch_rolled_back: the
+ * caches stay, not the locks).  Returns whether it did anything.
  */
 static bool
 lease_ahead(void)
 {
 	static bool warmed = false;
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
 
 	if (orch_writer_refuses(orch_relid("steps"), CMD_UPDATE))
 		return orch_plan_ahead(task_plan(T_CLAIM));
 	if (warmed)
 		return false;
-	BeginInternalSubTransaction(NULL);
-	{
-		OrchRowWriter w;
-		pg_uuid_t	none = {{0}};
-
-		(void) orch_row_source_attnums(&lease_run_source);
-		(void) orch_row_source_attnums(&lease_definition_source);
-		if (lease_writer_begin(&w))
-			orch_writer_end(&w);
-		(void) orch_run_outputs(UUIDPGetDatum(&none));
-	}
-	RollbackAndReleaseCurrentSubTransaction();
-	MemoryContextSwitchTo(cxt);
-	CurrentResourceOwner = owner;
+	orch_rolled_back(open_lease, NULL);
 	warmed = true;
 	return true;
 }

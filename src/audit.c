@@ -2014,9 +2014,9 @@ row_context(const RelRender *rr, TupleTableSlot *slot, bool own, pg_uuid_t **run
 /*
  * The events of one statement on an audited table, one per row: begun
  * (audit_rows_begin), a row at a time (audit_rows_add), then ended
- * (audit_rows_end).  The trigger below feeds it the statement's transition
- * tables; the engine's own writes that bypass the executor (rowwrite.c)
- * feed it each row as they write it.
+ * (orch_audit_rows_end).  The trigger below feeds it the statement's
+ * transition tables; the engine's own writes that bypass the executor
+ * (rowwrite.c) feed it each row as they write it.
  */
 struct OrchAuditRows
 {
@@ -2099,8 +2099,8 @@ audit_rows_add(OrchAuditRows *a, TupleTableSlot *slot_a, TupleTableSlot *slot_b)
 	MemoryContextSwitchTo(oldcxt);
 }
 
-static void
-audit_rows_end(OrchAuditRows *a)
+void
+orch_audit_rows_end(OrchAuditRows *a)
 {
 	MemoryContext oldcxt = MemoryContextSwitchTo(a->cxt);
 
@@ -2112,8 +2112,8 @@ audit_rows_end(OrchAuditRows *a)
 }
 
 /* Is fn orch._audit()?  The last one found is remembered. */
-bool
-orch_audit_is_trigger_fn(Oid fn)
+static bool
+is_audit_fn(Oid fn)
 {
 	static Oid	audit_fn = InvalidOid;
 	char	   *name;
@@ -2127,6 +2127,14 @@ orch_audit_is_trigger_fn(Oid fn)
 	if (is)
 		audit_fn = fn;
 	return is;
+}
+
+/* Is t an orch._audit() trigger of op: AFTER op FOR EACH STATEMENT? */
+bool
+orch_audit_trigger_of(const Trigger *t, CmdType op)
+{
+	return orch_trigger_of(t, op) && !TRIGGER_FOR_ROW(t->tgtype) &&
+		TRIGGER_FOR_AFTER(t->tgtype) && is_audit_fn(t->tgfoid);
 }
 
 /* Does the trigger fire now, given its setting and session_replication_role? */
@@ -2155,11 +2163,8 @@ orch_audit_rows_begin(Relation rel, CmdType op)
 	for (int i = 0; i < td->numtriggers; i++)
 	{
 		const Trigger *t = &td->triggers[i];
-		bool		for_op = op == CMD_UPDATE ? TRIGGER_FOR_UPDATE(t->tgtype) :
-			op == CMD_INSERT ? TRIGGER_FOR_INSERT(t->tgtype) : TRIGGER_FOR_DELETE(t->tgtype);
 
-		if (for_op && !TRIGGER_FOR_ROW(t->tgtype) && TRIGGER_FOR_AFTER(t->tgtype) &&
-			trigger_fires(t) && orch_audit_is_trigger_fn(t->tgfoid))
+		if (orch_audit_trigger_of(t, op) && trigger_fires(t))
 			return audit_rows_begin(rel,
 									t->tgnargs > 0 && strcmp(t->tgargs[0], "own") == 0,
 									op == CMD_UPDATE ? "UPDATE" : op == CMD_INSERT ? "INSERT" : "DELETE");
@@ -2176,12 +2181,6 @@ orch_audit_rows_add(OrchAuditRows *a, TupleTableSlot *before, TupleTableSlot *af
 		audit_rows_add(a, before, after);
 	else
 		audit_rows_add(a, before != NULL ? before : after, NULL);
-}
-
-void
-orch_audit_rows_end(OrchAuditRows *a)
-{
-	audit_rows_end(a);
 }
 
 /*
@@ -2264,7 +2263,7 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 		event_end(&a->st, r, step_context_set ? &step_context_run : NULL, step_context_set,
 				  step_context_step);
 		MemoryContextSwitchTo(oldcxt);
-		audit_rows_end(a);
+		orch_audit_rows_end(a);
 		return PointerGetDatum(NULL);
 	}
 
@@ -2299,7 +2298,7 @@ orch_audit_trigger(PG_FUNCTION_ARGS)
 	if (slot_b != NULL)
 		ExecDropSingleTupleTableSlot(slot_b);
 	MemoryContextSwitchTo(oldcxt);
-	audit_rows_end(a);
+	orch_audit_rows_end(a);
 	return PointerGetDatum(NULL);
 }
 

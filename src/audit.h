@@ -8,11 +8,13 @@
 #define ORCH_AUDIT_H
 
 #include "access/tupdesc.h"
+#include "catalog/pg_trigger.h"
 #include "executor/tuptable.h"
 #include "lib/stringinfo.h"
 #include "nodes/nodes.h"
-#include "utils/relcache.h"
 #include "utils/jsonb.h"
+#include "utils/relcache.h"
+#include "utils/reltrigger.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -168,7 +170,15 @@ typedef struct OrchAuditRows OrchAuditRows;
 extern OrchAuditRows *orch_audit_rows_begin(Relation rel, CmdType op);
 extern void orch_audit_rows_add(OrchAuditRows *a, TupleTableSlot *before, TupleTableSlot *after);
 extern void orch_audit_rows_end(OrchAuditRows *a);
-extern bool orch_audit_is_trigger_fn(Oid fn);
+extern bool orch_audit_trigger_of(const Trigger *t, CmdType op);
+
+/* Does the trigger fire on op (an UPDATE, INSERT or DELETE)? */
+static inline bool
+orch_trigger_of(const Trigger *t, CmdType op)
+{
+	return op == CMD_UPDATE ? TRIGGER_FOR_UPDATE(t->tgtype) :
+		op == CMD_INSERT ? TRIGGER_FOR_INSERT(t->tgtype) : TRIGGER_FOR_DELETE(t->tgtype);
+}
 
 /* audit_seal.c: seal finished rows into a block; -1 if another sealer holds the lock */
 extern int64 orch_audit_seal(bool heartbeat_due);

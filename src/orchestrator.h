@@ -156,6 +156,7 @@ extern void orch_quarantine_step(int64 step_id, ErrorData *edata);
 extern void orch_planner_install(void);
 extern int	orch_execute_plan(SPIPlanPtr plan, Datum *values, const char *nulls, long count);
 extern bool orch_plan_ahead(SPIPlanPtr plan);
+extern void orch_rolled_back(void (*fn) (void *arg), void *arg);
 extern void orch_finish_task(Datum token, Datum output, const char *error,
 							 const char *error_class, const char *detail);
 
@@ -220,6 +221,7 @@ typedef struct OrchPickedTask
 	ItemPointerData tid;		/* the row locked, its newest version */
 } OrchPickedTask;
 
+extern Oid	orch_enum_oid(Oid typid, const char *label);
 extern Datum orch_run_outputs(Datum run_id);
 extern void orch_push_jsonb(JsonbParseState **ps, Jsonb *jb);
 extern int	orch_pick_tasks(Datum queue, const int64 *after, const OrchPickedTask *taken,
@@ -237,7 +239,7 @@ typedef struct OrchRowWriter
 	struct ResultRelInfo *rri;
 	TupleTableSlot *before;		/* the row to update: orch_writer_fetch, orch_writer_lock */
 	TupleTableSlot *after;		/* the row written */
-	Datum	   *values;			/* a row's values and nulls, for the caller to fill */
+	Datum	   *values;			/* the next row's values and nulls, filled by the caller */
 	bool	   *nulls;
 	bool	   *written;		/* by attribute number - 1 */
 	bool	   *is_domain;		/* a column written whose type is a domain */
@@ -251,8 +253,8 @@ extern bool orch_writer_refuses(Oid relid, CmdType op);
 extern bool orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written);
 extern TupleTableSlot *orch_writer_fetch(OrchRowWriter *w, ItemPointer tid);
 extern bool orch_writer_lock(OrchRowWriter *w, OrchRowSource *src, const Datum *keys);
-extern void orch_writer_update(OrchRowWriter *w, const Datum *values, const bool *nulls);
-extern void orch_writer_insert(OrchRowWriter *w, const Datum *values, const bool *nulls);
+extern void orch_writer_update(OrchRowWriter *w);
+extern void orch_writer_insert(OrchRowWriter *w);
 extern void orch_writer_end(OrchRowWriter *w);
 
 #endif							/* ORCHESTRATOR_H */

@@ -114,30 +114,6 @@ typedef struct PickSource
 
 static PickSource pick;
 
-/*
- * What orch_run_outputs looks up once per session: orch.steps and its
- * index on (run_id, name), the columns read, the value 'succeeded'.
- */
-enum
-{
-	OUT_STEPS, OUT_INDEX, OUT_NRELS
-};
-static const char *const out_names[OUT_NRELS] = {"steps", "steps_run_id_name_key"};
-static const LOCKMODE out_modes[OUT_NRELS] = {AccessShareLock, AccessShareLock};
-
-typedef struct OutputsSource
-{
-	bool		ready;
-	Oid			rels[OUT_NRELS];
-	AttrNumber	name;
-	AttrNumber	status;
-	AttrNumber	output;
-	Oid			run_eq;
-	Oid			succeeded;		/* orch.step_status 'succeeded' */
-} OutputsSource;
-
-static OutputsSource outputs;
-
 /* Is relid one of the n relations (InvalidOid: all of them)? */
 static bool
 rel_among(Oid relid, int n, const Oid *rels)
@@ -156,8 +132,6 @@ sources_invalidate(Datum arg, Oid relid)
 			s->ready = false;
 	if (rel_among(relid, PICK_NRELS, pick.rels))
 		pick.ready = false;
-	if (rel_among(relid, OUT_NRELS, outputs.rels))
-		outputs.ready = false;
 }
 
 static void
@@ -536,35 +510,17 @@ row_find(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m, bool lock
  * The outputs of a run's steps
  * ------------------------------------------------------------------------ */
 
-static AttrNumber column_of(Oid relid, const char *rel, const char *name);
-static Oid	enum_value(Oid relid, AttrNumber att, const char *label);
-
-static void
-outputs_prepare(void *arg)
+/*
+ * The columns orch_run_outputs reads, by the index on (run_id, name) whose
+ * first column its scan keys on.
+ */
+enum
 {
-	Relation	idx;
-	Oid			steps;
-
-	register_callback();
-	outputs.ready = false;
-	lock_by_name(OUT_NRELS, out_names, out_modes, outputs.rels);
-	steps = outputs.rels[OUT_STEPS];
-	outputs.name = column_of(steps, "steps", "name");
-	outputs.status = column_of(steps, "steps", "status");
-	outputs.output = column_of(steps, "steps", "output");
-	outputs.succeeded = enum_value(steps, outputs.status, "succeeded");
-
-	idx = index_open(outputs.rels[OUT_INDEX], NoLock);
-	if (idx->rd_index->indrelid != steps || idx->rd_rel->relam != BTREE_AM_OID ||
-		IndexRelationGetNumberOfKeyAttributes(idx) != 2 ||
-		idx->rd_index->indkey.values[0] != column_of(steps, "steps", "run_id") ||
-		idx->rd_index->indkey.values[1] != outputs.name)
-		elog(ERROR, "orch.steps_run_id_name_key is not a btree index on (run_id, name)");
-	check_index_usable(idx, "steps_run_id_name_key");
-	outputs.run_eq = index_operator(idx, 0, BTEqualStrategyNumber, "steps_run_id_name_key");
-	index_close(idx, NoLock);
-	outputs.ready = true;
-}
+	RO_NAME, RO_STATUS, RO_OUTPUT, RO_NCOLS
+};
+static OrchRowSource outputs_source = {
+	"steps", "steps_run_id_name_key", 2, RO_NCOLS, {"name", "status", "output"}
+};
 
 /* Add a jsonb document as the value of the object being built. */
 void
@@ -599,6 +555,7 @@ orch_push_jsonb(JsonbParseState **ps, Jsonb *jb)
 Datum
 orch_run_outputs(Datum run_id)
 {
+	const int16 *att;
 	Relation	steps;
 	Relation	idx;
 	ScanKeyData key;
@@ -606,13 +563,16 @@ orch_run_outputs(Datum run_id)
 	TupleTableSlot *slot;
 	JsonbParseState *ps = NULL;
 	JsonbValue *result;
+	Oid			succeeded;
 
 	CommandCounterIncrement();
-	lock_looked_up(&outputs.ready, outputs_prepare, NULL, OUT_NRELS, outputs.rels, out_modes);
-	steps = table_open(outputs.rels[OUT_STEPS], NoLock);
-	idx = index_open(outputs.rels[OUT_INDEX], NoLock);
-	ScanKeyEntryInitialize(&key, 0, 1, BTEqualStrategyNumber, InvalidOid, InvalidOid,
-						   outputs.run_eq, run_id);
+	att = orch_row_source_attnums(&outputs_source);
+	steps = table_open(outputs_source.rels[0], NoLock);
+	idx = index_open(outputs_source.rels[1], NoLock);
+	succeeded = orch_enum_oid(TupleDescAttr(RelationGetDescr(steps), att[RO_STATUS] - 1)->atttypid,
+							  "succeeded");
+	ScanKeyEntryInitialize(&key, 0, 1, BTEqualStrategyNumber, InvalidOid,
+						   outputs_source.key_collation[0], outputs_source.key_eq[0], run_id);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	UpdateActiveSnapshotCommandId();
 
@@ -623,20 +583,20 @@ orch_run_outputs(Datum run_id)
 	while (index_getnext_slot(scan, ForwardScanDirection, slot))
 	{
 		bool		isnull;
-		Datum		status = slot_getattr(slot, outputs.status, &isnull);
+		Datum		status = slot_getattr(slot, att[RO_STATUS], &isnull);
 		text	   *name;
 		Datum		output;
 		JsonbValue	k;
 
-		if (isnull || DatumGetObjectId(status) != outputs.succeeded)
+		if (isnull || DatumGetObjectId(status) != succeeded)
 			continue;
 		/* copies: the values pushed are pointed to until the end, past this row */
-		name = DatumGetTextPCopy(slot_getattr(slot, outputs.name, &isnull));
+		name = DatumGetTextPCopy(slot_getattr(slot, att[RO_NAME], &isnull));
 		k.type = jbvString;
 		k.val.string.val = VARDATA_ANY(name);
 		k.val.string.len = VARSIZE_ANY_EXHDR(name);
 		(void) pushJsonbValue(&ps, WJB_KEY, &k);
-		output = slot_getattr(slot, outputs.output, &isnull);
+		output = slot_getattr(slot, att[RO_OUTPUT], &isnull);
 		if (isnull)
 		{
 			JsonbValue	null = {.type = jbvNull};
@@ -670,17 +630,23 @@ column_of(Oid relid, const char *rel, const char *name)
 	return a;
 }
 
-/* The OID of an enum's label, which must exist. */
-static Oid
-enum_value(Oid relid, AttrNumber att, const char *label)
+/* The OID of the label of enum type typid, which must exist. */
+Oid
+orch_enum_oid(Oid typid, const char *label)
 {
-	Oid			typid = get_atttype(relid, att);
 	Oid			oid = GetSysCacheOid2(ENUMTYPOIDNAME, Anum_pg_enum_oid,
 									  ObjectIdGetDatum(typid), CStringGetDatum(label));
 
 	if (!OidIsValid(oid))
 		elog(ERROR, "type %s has no value %s", format_type_be(typid), label);
 	return oid;
+}
+
+/* The OID of a label of the enum type of orch.<relid>'s column att. */
+static Oid
+enum_value(Oid relid, AttrNumber att, const char *label)
+{
+	return orch_enum_oid(get_atttype(relid, att), label);
 }
 
 /* Look up what pick names, once its relations are locked by OID. */

@@ -63,13 +63,8 @@ needs_executor(Relation rel, CmdType op)
 	for (int i = 0; i < td->numtriggers; i++)
 	{
 		const Trigger *t = &td->triggers[i];
-		bool		for_op = op == CMD_UPDATE ? TRIGGER_FOR_UPDATE(t->tgtype) :
-			TRIGGER_FOR_INSERT(t->tgtype);
 
-		if (!for_op)
-			continue;
-		if (!TRIGGER_FOR_ROW(t->tgtype) && TRIGGER_FOR_AFTER(t->tgtype) &&
-			orch_audit_is_trigger_fn(t->tgfoid))
+		if (!orch_trigger_of(t, op) || orch_audit_trigger_of(t, op))
 			continue;
 		if (TRIGGER_FOR_ROW(t->tgtype) && TRIGGER_FOR_AFTER(t->tgtype) &&
 			t->tgoldtable == NULL && t->tgnewtable == NULL)
@@ -108,8 +103,8 @@ orch_writer_refuses(Oid relid, CmdType op)
  * Get ready to write rows of relid: op CMD_UPDATE, the columns written
  * being those set in written (by attribute number - 1), or CMD_INSERT.
  * False when the table needs the executor (see above): nothing is open
- * then, and the caller writes with SQL.  w->values and w->nulls are the
- * caller's to fill for orch_writer_update and orch_writer_insert.
+ * then, and the caller writes with SQL.  The caller fills w->values and
+ * w->nulls with each row for orch_writer_update and orch_writer_insert.
  */
 bool
 orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written)
@@ -212,13 +207,13 @@ orch_writer_lock(OrchRowWriter *w, OrchRowSource *src, const Datum *keys)
 }
 
 /*
- * The new row in w->after: for an UPDATE the columns written take values and
- * nulls (by attribute number - 1) and the others stay as in w->before; an
- * INSERT gives every column.  Checked as the executor checks an assigned
- * value: NOT NULL, and a domain's constraints.
+ * The new row in w->after: for an UPDATE the columns written take
+ * w->values and w->nulls (by attribute number - 1) and the others stay as
+ * in w->before; an INSERT gives every column.  Checked as the executor
+ * checks an assigned value: NOT NULL, and a domain's constraints.
  */
 static void
-form_row(OrchRowWriter *w, const Datum *values, const bool *nulls)
+form_row(OrchRowWriter *w)
 {
 	TupleDesc	desc = RelationGetDescr(w->rel);
 
@@ -226,7 +221,7 @@ form_row(OrchRowWriter *w, const Datum *values, const bool *nulls)
 	for (int a = 0; a < desc->natts; a++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, a);
-		bool		isnull = w->written[a] ? nulls[a] :
+		bool		isnull = w->written[a] ? w->nulls[a] :
 			w->op == CMD_INSERT || w->before->tts_isnull[a];	/* dropped, or as it was */
 
 		if (isnull && att->attnotnull)
@@ -237,7 +232,7 @@ form_row(OrchRowWriter *w, const Datum *values, const bool *nulls)
 					 errtable(w->rel)));
 		w->after->tts_isnull[a] = isnull;
 		w->after->tts_values[a] = isnull ? (Datum) 0 :
-			w->written[a] ? values[a] : w->before->tts_values[a];
+			w->written[a] ? w->values[a] : w->before->tts_values[a];
 		if (w->is_domain[a])
 			domain_check(w->after->tts_values[a], isnull, att->atttypid, &w->domain[a],
 						 w->estate->es_query_cxt);
@@ -247,11 +242,11 @@ form_row(OrchRowWriter *w, const Datum *values, const bool *nulls)
 
 /*
  * Update the row in w->before (orch_writer_fetch, orch_writer_lock): the
- * columns written take values and nulls (by attribute number - 1), the
- * others stay.  The new row is in w->after afterwards.
+ * columns written take w->values and w->nulls, the others stay.  The new
+ * row is in w->after afterwards.
  */
 void
-orch_writer_update(OrchRowWriter *w, const Datum *values, const bool *nulls)
+orch_writer_update(OrchRowWriter *w)
 {
 	ItemPointerData tid = w->before->tts_tid;
 	TM_FailureData tmfd;
@@ -261,7 +256,7 @@ orch_writer_update(OrchRowWriter *w, const Datum *values, const bool *nulls)
 	TM_Result	r;
 
 	Assert(w->op == CMD_UPDATE);
-	form_row(w, values, nulls);
+	form_row(w);
 	r = table_tuple_update(w->rel, &tid, w->after, GetCurrentCommandId(true), InvalidSnapshot,
 						   InvalidSnapshot, true, &tmfd, &lockmode, &update_indexes);
 	if (r != TM_Ok)
@@ -278,14 +273,14 @@ orch_writer_update(OrchRowWriter *w, const Datum *values, const bool *nulls)
 		orch_audit_rows_add(w->audit, w->before, w->after);
 }
 
-/* Insert a row: values and nulls of every column (by attribute number - 1). */
+/* Insert a row: w->values and w->nulls of every column. */
 void
-orch_writer_insert(OrchRowWriter *w, const Datum *values, const bool *nulls)
+orch_writer_insert(OrchRowWriter *w)
 {
 	List	   *recheck = NIL;
 
 	Assert(w->op == CMD_INSERT);
-	form_row(w, values, nulls);
+	form_row(w);
 	table_tuple_insert(w->rel, w->after, GetCurrentCommandId(true), 0, NULL);
 	if (w->rri->ri_NumIndices > 0)
 		recheck = ExecInsertIndexTuples(w->rri, w->after, w->estate, false, false, NULL, NIL);

@@ -743,8 +743,8 @@ static int	exec_plan(int which, Datum *values, const char *nulls, int expected);
 static Datum
 enum_value_of(Relation rel, int16 att, const char *label)
 {
-	return DirectFunctionCall2(enum_in, CStringGetDatum(label),
-							   ObjectIdGetDatum(TupleDescAttr(RelationGetDescr(rel), att - 1)->atttypid));
+	return ObjectIdGetDatum(orch_enum_oid(TupleDescAttr(RelationGetDescr(rel), att - 1)->atttypid,
+										  label));
 }
 
 /* Is the enum value (of a status column) label? */
@@ -806,7 +806,7 @@ finish_directly(RowBuffer *b, Datum now)
 		SET(FS_LEASE_TOKEN, (Datum) 0, true);
 		SET(FS_PHASE, (Datum) 0, true);
 #undef SET
-		orch_writer_update(&w, v, null);
+		orch_writer_update(&w);
 	}
 	orch_writer_end(&w);
 	return true;
@@ -860,7 +860,7 @@ attempt_directly(RowBuffer *b)
 											   TextDatumGetCString(BUF(b, AS_OUTCOME, r)));
 		v[att[AS_KIND] - 1] = enum_value_of(w.rel, att[AS_KIND],
 											TextDatumGetCString(BUF(b, AS_KIND, r)));
-		orch_writer_insert(&w, v, null);
+		orch_writer_insert(&w);
 	}
 	orch_writer_end(&w);
 	return true;
@@ -950,7 +950,7 @@ run_counters_directly(RowBuffer *b, Datum now, OrchBatchResult *result)
 		SET(RS_FINISHED_AT, now, left != 0);
 		SET(RS_OUTPUT, left == 0 ? orch_run_outputs(runs[r].run_id) : (Datum) 0, left != 0);
 #undef SET
-		orch_writer_update(&w, v, null);
+		orch_writer_update(&w);
 		if (left == 0)
 			result->runs_finished++;
 	}
@@ -1181,24 +1181,29 @@ orch_execute_plan(SPIPlanPtr plan, Datum *values, const char *nulls, long count)
 }
 
 /*
- * Make the generic plan of one of the engine's saved statements now, with
- * the engine's settings, if it has none yet (its first use in the session,
- * or after an invalidation), without running it; false if it had one.  In
- * a subtransaction rolled back at once: the plan stays with the session,
- * but not the locks that making and checking it took (the statement's
- * tables in the modes it runs with), which the caller, about to sleep,
- * must not hold.
+ * fn(arg) in a subtransaction rolled back at once: what it leaves in the
+ * session (plans, catalog and relation caches) stays, the locks it took
+ * go.  For a caller about to sleep, which must not hold them.
  */
-bool
-orch_plan_ahead(SPIPlanPtr plan)
+void
+orch_rolled_back(void (*fn) (void *arg), void *arg)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
-	CachedPlanSource *source = linitial(plan->plancache_list);
 
-	if (source->is_valid && source->gplan != NULL && source->gplan->is_valid)
-		return false;
 	BeginInternalSubTransaction(NULL);
+	fn(arg);
+	RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+}
+
+/* Make the generic plan of a saved statement, with the engine's settings. */
+static void
+make_plan(void *arg)
+{
+	SPIPlanPtr	plan = arg;
+
 	engine_statements++;
 	PG_TRY();
 	{
@@ -1212,9 +1217,25 @@ orch_plan_ahead(SPIPlanPtr plan)
 		engine_statements--;
 	}
 	PG_END_TRY();
-	RollbackAndReleaseCurrentSubTransaction();
-	MemoryContextSwitchTo(cxt);
-	CurrentResourceOwner = owner;
+}
+
+/*
+ * Make the generic plan of one of the engine's saved statements now, with
+ * the engine's settings, if it has none yet (its first use in the session,
+ * or after an invalidation), without running it; false if it had one.  In
+ * a subtransaction rolled back at once: the plan stays with the session,
+ * but not the locks that making and checking it took (the statement's
+ * tables in the modes it runs with), which the caller, about to sleep,
+ * must not hold.
+ */
+bool
+orch_plan_ahead(SPIPlanPtr plan)
+{
+	CachedPlanSource *source = linitial(plan->plancache_list);
+
+	if (source->is_valid && source->gplan != NULL && source->gplan->is_valid)
+		return false;
+	orch_rolled_back(make_plan, plan);
 	return true;
 }
 
