@@ -16,8 +16,9 @@ OBJS         = src/orchestrator.o src/shmem.o src/wakeup.o src/launcher.o \
 DATA         = orchestrator--0.1.0.sql
 PG_CPPFLAGS  = -I$(srcdir)/src
 PG_CFLAGS    = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
-# SHA-256 of the audit trail (OpenSSL 3, which PostgreSQL itself links)
-SHLIB_LINK   = -lcrypto
+# SHA-256 of the audit trail (OpenSSL 3) and the compression of its records
+# (LZ4); PostgreSQL itself links both
+SHLIB_LINK   = -lcrypto -llz4
 
 REGRESS      = setup define_workflow runs engine retry tasks circuits routing quarantine audit human events validation approvals subworkflow
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=$(srcdir)/test/regress.conf

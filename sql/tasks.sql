@@ -371,3 +371,36 @@ SELECT c.path, e.table_name, e.operation, e.changed_columns, e.new_row->>'status
    AND e.xid = (SELECT a.xid FROM orch.audit_events a
 				 WHERE a.run_id = c.run_id AND a.table_name = 'orch.attempts')
  ORDER BY c.path, e.audit_id;
+-- What writing a table's rows needs of its indexes and triggers (predicates,
+-- expressions, WHEN conditions) is prepared once a session; an index
+-- created and a trigger's condition replaced in the same session are
+-- written and evaluated at once.  amcheck finds every row the new partial
+-- index should hold in it.
+CREATE EXTENSION amcheck;
+SELECT orch.define_workflow('prepared', '{"steps": [{"name": "t", "kind": "task", "queue": "prepared"}]}');
+SELECT count(orch.start_run('prepared')) FROM generate_series(1, 5);
+SELECT app.await($$SELECT count(*) = 5 FROM orch.steps WHERE queue = 'prepared' AND status = 'waiting'$$);
+SELECT count(*) FROM orch.claim_tasks('prepared', 'w0', 1, '5 min');
+CREATE INDEX steps_prepared_running ON orch.steps (worker, lower(worker)) WHERE status = 'running' AND queue = 'prepared';
+CREATE TRIGGER see_step AFTER UPDATE ON orch.steps FOR EACH ROW
+	WHEN (NEW.worker = 'w1' AND OLD.status = 'waiting') EXECUTE FUNCTION app.see_step();
+SELECT count(*) FROM orch.claim_tasks('prepared', 'w1', 1, '5 min');
+SELECT count(*) FROM orch.claim_tasks('prepared', 'w2', 1, '5 min');
+CREATE OR REPLACE TRIGGER see_step AFTER UPDATE ON orch.steps FOR EACH ROW
+	WHEN (NEW.worker = 'w2' AND OLD.status = 'waiting') EXECUTE FUNCTION app.see_step();
+SELECT count(*) FROM orch.claim_tasks('prepared', 'w1', 1, '5 min');
+SELECT count(*) FROM orch.claim_tasks('prepared', 'w2', 1, '5 min');
+DROP TRIGGER see_step ON orch.steps;
+SELECT s.worker, count(*) AS triggered
+  FROM app.steps_seen x JOIN orch.steps s USING (step_id)
+ WHERE s.queue = 'prepared' GROUP BY s.worker ORDER BY s.worker;
+SELECT bt_index_check('orch.steps_prepared_running', heapallindexed => true);
+SET enable_seqscan = off;
+SET enable_bitmapscan = off;
+SELECT worker FROM orch.steps WHERE status = 'running' AND queue = 'prepared' AND worker > '' ORDER BY worker;
+RESET enable_seqscan;
+RESET enable_bitmapscan;
+DROP INDEX orch.steps_prepared_running;
+SELECT count(*) FROM orch.complete_tasks(ARRAY(SELECT lease_token FROM orch.steps WHERE queue = 'prepared'),
+										 array_fill('{}'::jsonb, ARRAY[5])) WHERE completed;
+DROP EXTENSION amcheck;

@@ -16,6 +16,8 @@
  */
 #include "postgres.h"
 
+#include <lz4.h>
+
 #include "access/heapam.h"
 #include "access/htup_details.h"
 #include "access/toast_compression.h"
@@ -1607,7 +1609,7 @@ audit_target(Oid relid)
 		t->estate = CreateExecutorState();
 		t->rri = makeNode(ResultRelInfo);
 		InitResultRelInfo(t->rri, t->rel, 1, NULL, 0);
-		ExecOpenIndices(t->rri, false);
+		orch_open_indices(t->rri);
 		t->slot = table_slot_create(t->rel, &t->estate->es_tupleTable);
 		t->relid = relid;
 		t->stale = false;
@@ -1660,6 +1662,50 @@ record_full(const AuditRecord *r)
 }
 
 /*
+ * events compressed with LZ4 into a compressed datum as
+ * toast_compress_datum makes it (the same block format, header and
+ * method), or 0 if that saves too little to be worth it.  Each call
+ * compresses on its own, but with the session's compression state,
+ * reset in a few instructions: toast_compress_datum starts from a new
+ * one, whose 16 kB hash table it clears first, which took more than the
+ * compression of a record of a few events.
+ */
+static Datum
+events_lz4(bytea *events)
+{
+	static LZ4_stream_t *stream;
+	int32		rawsize = VARSIZE(events) - VARHDRSZ;
+	int32		bound = LZ4_compressBound(rawsize);
+	struct varlena *out;
+	int			len;
+
+	if (stream == NULL)
+	{
+		/* palloc's alignment is the state's (LZ4_initStream checks it) */
+		stream = LZ4_initStream(MemoryContextAlloc(TopMemoryContext, sizeof(LZ4_stream_t)),
+								sizeof(LZ4_stream_t));
+		if (stream == NULL)
+			elog(ERROR, "could not set up LZ4 compression");
+	}
+	LZ4_resetStream_fast(stream);
+	out = palloc(VARHDRSZ_COMPRESSED + bound);
+	len = LZ4_compress_fast_continue(stream, VARDATA(events), (char *) out + VARHDRSZ_COMPRESSED,
+									 rawsize, bound, 1);
+	if (len <= 0)
+		elog(ERROR, "LZ4 compression of an audit record failed");
+
+	/* as toast_compress_datum: a gain of more than the header's padding, or none */
+	if ((int32) VARHDRSZ_COMPRESSED + len >= rawsize - 2)
+	{
+		pfree(out);
+		return (Datum) 0;
+	}
+	SET_VARSIZE_COMPRESSED(out, VARHDRSZ_COMPRESSED + len);
+	TOAST_COMPRESS_SET_SIZE_AND_COMPRESS_METHOD(out, rawsize, TOAST_LZ4_COMPRESSION_ID);
+	return PointerGetDatum(out);
+}
+
+/*
  * A record's events, compressed in line with the column's compression
  * method when that makes them smaller; else as they are.  PostgreSQL
  * compresses a row's values only when the row passes TOAST_TUPLE_THRESHOLD
@@ -1682,7 +1728,10 @@ events_compress(AuditTarget *t, bytea *events)
 		return PointerGetDatum(events);
 	if (!CompressionMethodIsValid(cmethod))
 		cmethod = default_toast_compression;
-	compressed = toast_compress_datum(PointerGetDatum(events), cmethod);
+	if (cmethod == TOAST_LZ4_COMPRESSION)
+		compressed = events_lz4(events);
+	else
+		compressed = toast_compress_datum(PointerGetDatum(events), cmethod);
 	return compressed != (Datum) 0 ? compressed : PointerGetDatum(events);
 }
 

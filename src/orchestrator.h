@@ -248,6 +248,7 @@ typedef struct OrchRowWriter
 	struct OrchAuditRows *audit;
 } OrchRowWriter;
 
+extern void orch_open_indices(struct ResultRelInfo *rri);
 extern bool *orch_writer_columns(const int16 *att, int from, int to);
 extern bool orch_writer_refuses(Oid relid, CmdType op);
 extern bool orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written);

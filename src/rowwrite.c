@@ -27,21 +27,268 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/gin_private.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/index.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_trigger.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "nodes/makefuncs.h"
+#include "optimizer/optimizer.h"
+#include "rewrite/rewriteManip.h"
+#include "storage/sinval.h"
 #include "utils/builtins.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 
 #include "orchestrator.h"
 #include "audit.h"
+
+/*
+ * What writing a table's rows prepares, kept for the session: its indexes
+ * as a write opens them (each one's IndexInfo, the predicate of a partial
+ * index and the expressions of an expression index prepared for
+ * evaluation, a GIN index's state), the WHEN conditions of its triggers
+ * prepared as the trigger manager prepares them, and which of its columns
+ * are of a domain type.  The executor builds all of it again for every
+ * statement (ExecOpenIndices; an index's first insert, a trigger's first
+ * event): for a verdict's three writes and a claim's, over a tenth of a
+ * task.  Each write opens the indexes itself (locks them, as
+ * ExecOpenIndices does) and takes a copy of each IndexInfo, which shares
+ * what was prepared (the executor caches in it what one statement's
+ * update leaves unchanged, and an index AM its own state).
+ *
+ * A relcache invalidation of the table or of one of its indexes (an index
+ * created, dropped, made ready or valid; a trigger or a column changed)
+ * makes the entry stale, and the next write builds it again.  What a stale
+ * entry prepared may still be in use by a write of the transaction: its
+ * memory goes with the transaction.
+ */
+typedef struct TableCache
+{
+	struct TableCache *next;
+	Oid			relid;			/* the table */
+	bool		ready;			/* false: build again before use */
+	MemoryContext cxt;			/* holds what follows (NULL: nothing built) */
+	int			nindexes;
+	Oid		   *indexes;		/* in RelationGetIndexList's order */
+	IndexInfo **info;
+	int			ntriggers;		/* as in the relcache's trigdesc */
+	Oid		   *tgoid;
+	ExprState **when;			/* each trigger's WHEN, or NULL */
+	bool	   *is_domain;		/* by attribute number - 1 */
+} TableCache;
+
+static TableCache *table_caches;
+
+static void
+table_caches_invalidate(Datum arg, Oid relid)
+{
+	for (TableCache *c = table_caches; c != NULL; c = c->next)
+	{
+		if (!OidIsValid(relid) || relid == c->relid)
+			c->ready = false;
+		for (int i = 0; c->ready && i < c->nindexes; i++)
+			if (relid == c->indexes[i])
+				c->ready = false;
+	}
+}
+
+static TableCache *
+table_cache_of(Oid relid)
+{
+	TableCache *c;
+
+	for (c = table_caches; c != NULL; c = c->next)
+		if (c->relid == relid)
+			return c;
+	if (table_caches == NULL)
+		CacheRegisterRelcacheCallback(table_caches_invalidate, (Datum) 0);
+	c = MemoryContextAllocZero(TopMemoryContext, sizeof(TableCache));
+	c->relid = relid;
+	c->next = table_caches;
+	table_caches = c;
+	return c;
+}
+
+/* A partial index's predicate, or an expression, ready to evaluate (as ExecPrepareExpr) */
+static ExprState *
+prepare_qual(List *qual)
+{
+	return ExecInitQual((List *) expression_planner((Expr *) qual), NULL);
+}
+
+/* What writes of rel need of its indexes (see TableCache) */
+static void
+table_cache_indexes(TableCache *c, Relation rel)
+{
+	List	   *oids = RelationGetIndexList(rel);
+	ListCell   *lc;
+
+	c->indexes = palloc(sizeof(Oid) * Max(list_length(oids), 1));
+	c->info = palloc(sizeof(IndexInfo *) * Max(list_length(oids), 1));
+	foreach(lc, oids)
+	{
+		Relation	index = index_open(lfirst_oid(lc), RowExclusiveLock);
+		IndexInfo  *ii = BuildIndexInfo(index);
+
+		if (ii->ii_Predicate != NIL)
+			ii->ii_PredicateState = prepare_qual(ii->ii_Predicate);
+		if (ii->ii_Expressions != NIL)
+		{
+			ListCell   *e;
+
+			foreach(e, ii->ii_Expressions)
+				ii->ii_ExpressionsState =
+					lappend(ii->ii_ExpressionsState,
+							ExecInitExpr(expression_planner((Expr *) lfirst(e)), NULL));
+		}
+		if (index->rd_rel->relam == GIN_AM_OID)
+		{
+			GinState   *gin = palloc(sizeof(GinState));
+
+			/* as gininsert builds it into ii_AmCache, which a copy shares */
+			initGinState(gin, index);
+			ii->ii_AmCache = gin;
+		}
+		c->indexes[c->nindexes] = RelationGetRelid(index);
+		c->info[c->nindexes] = ii;
+		c->nindexes++;
+		index_close(index, RowExclusiveLock);
+	}
+	list_free(oids);
+}
+
+/*
+ * The WHEN conditions of rel's triggers, prepared as TriggerEnabled
+ * prepares them for a statement: OLD's columns read from the inner tuple,
+ * NEW's from the outer.
+ */
+static void
+table_cache_triggers(TableCache *c, Relation rel)
+{
+	TriggerDesc *td = rel->trigdesc;
+
+	c->ntriggers = td != NULL ? td->numtriggers : 0;
+	c->tgoid = palloc(sizeof(Oid) * Max(c->ntriggers, 1));
+	c->when = palloc0(sizeof(ExprState *) * Max(c->ntriggers, 1));
+	for (int i = 0; i < c->ntriggers; i++)
+	{
+		Node	   *qual;
+
+		c->tgoid[i] = td->triggers[i].tgoid;
+		if (td->triggers[i].tgqual == NULL)
+			continue;
+		qual = stringToNode(td->triggers[i].tgqual);
+		ChangeVarNodes(qual, PRS2_OLD_VARNO, INNER_VAR, 0);
+		ChangeVarNodes(qual, PRS2_NEW_VARNO, OUTER_VAR, 0);
+		c->when[i] = prepare_qual(make_ands_implicit((Expr *) qual));
+	}
+}
+
+/*
+ * Build c from rel as it is now.  What c held before goes with the
+ * transaction; what is built here is the transaction's too until it is
+ * complete (an error meanwhile leaves c empty and stale).
+ */
+static void
+table_cache_build(TableCache *c, Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	MemoryContext cxt,
+				oldcxt;
+
+	if (c->cxt != NULL)
+		MemoryContextSetParent(c->cxt, TopTransactionContext);
+	c->cxt = NULL;
+	c->nindexes = 0;
+	c->ntriggers = 0;
+	c->ready = false;
+
+	cxt = AllocSetContextCreate(TopTransactionContext, "orchestrator table cache",
+								ALLOCSET_SMALL_SIZES);
+	oldcxt = MemoryContextSwitchTo(cxt);
+	table_cache_indexes(c, rel);
+	table_cache_triggers(c, rel);
+	c->is_domain = palloc(sizeof(bool) * Max(desc->natts, 1));
+	for (int a = 0; a < desc->natts; a++)
+		c->is_domain[a] = !TupleDescAttr(desc, a)->attisdropped &&
+			get_typtype(TupleDescAttr(desc, a)->atttypid) == TYPTYPE_DOMAIN;
+	MemoryContextSwitchTo(oldcxt);
+	MemoryContextSetParent(cxt, CacheMemoryContext);
+	c->cxt = cxt;
+	c->ready = true;
+}
+
+/*
+ * Open the indexes of rri's table for inserting into them, as
+ * ExecOpenIndices (with speculative false) does, from the session's cache
+ * of the table, which is returned; and give rri the triggers' prepared
+ * WHEN conditions.  Close the indexes with ExecCloseIndices.
+ */
+static TableCache *
+open_indices(ResultRelInfo *rri)
+{
+	Relation	rel = rri->ri_RelationDesc;
+	TableCache *c = table_cache_of(RelationGetRelid(rel));
+
+	for (;;)
+	{
+		uint64		invals = SharedInvalidMessageCounter;
+		bool		built = !c->ready;
+
+		if (built)
+			table_cache_build(c, rel);
+		rri->ri_NumIndices = 0;
+		rri->ri_IndexRelationDescs = palloc(sizeof(Relation) * Max(c->nindexes, 1));
+		rri->ri_IndexRelationInfo = palloc(sizeof(IndexInfo *) * Max(c->nindexes, 1));
+		for (int i = 0; i < c->nindexes; i++)
+		{
+			rri->ri_IndexRelationDescs[i] = index_open(c->indexes[i], RowExclusiveLock);
+			rri->ri_NumIndices = i + 1;
+		}
+
+		/*
+		 * Locking the indexes processes invalidations: of one of these
+		 * (the entry is stale), or, while the entry was being built, of
+		 * anything (it may have missed one of its own).
+		 */
+		if (c->ready && !(built && invals != SharedInvalidMessageCounter))
+			break;
+		ExecCloseIndices(rri);
+		c->ready = false;
+	}
+	for (int i = 0; i < c->nindexes; i++)
+	{
+		IndexInfo  *ii = palloc(sizeof(IndexInfo));
+
+		memcpy(ii, c->info[i], sizeof(IndexInfo));
+		ii->ii_Context = CurrentMemoryContext;
+		rri->ri_IndexRelationInfo[i] = ii;
+	}
+	if (rri->ri_TrigDesc != NULL && rri->ri_TrigDesc->numtriggers == c->ntriggers)
+	{
+		for (int i = 0; i < c->ntriggers; i++)
+			if (rri->ri_TrigDesc->triggers[i].tgoid == c->tgoid[i])
+				rri->ri_TrigWhenExprs[i] = c->when[i];
+	}
+	return c;
+}
+
+/* Open the indexes of rri's table for inserting into them (see open_indices). */
+void
+orch_open_indices(ResultRelInfo *rri)
+{
+	(void) open_indices(rri);
+}
 
 /*
  * Would the executor do more for op on rel than write the row, its index
@@ -111,6 +358,7 @@ orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written)
 {
 	RangeTblEntry *rte;
 	TupleDesc	desc;
+	TableCache *cache;
 
 	Assert(op == CMD_UPDATE || op == CMD_INSERT);
 	memset(w, 0, sizeof(*w));
@@ -140,13 +388,11 @@ orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written)
 	w->nulls = palloc0(sizeof(bool) * desc->natts);
 	w->written = palloc(sizeof(bool) * desc->natts);
 	w->domain = palloc0(sizeof(void *) * desc->natts);
-	w->is_domain = palloc(sizeof(bool) * desc->natts);
 	for (int a = 0; a < desc->natts; a++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, a);
 
 		w->written[a] = op == CMD_INSERT ? !att->attisdropped : written[a];
-		w->is_domain[a] = w->written[a] && get_typtype(att->atttypid) == TYPTYPE_DOMAIN;
 		if (!w->written[a])
 			continue;
 		if (op == CMD_UPDATE)
@@ -161,7 +407,10 @@ orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written)
 	InitResultRelInfo(w->rri, w->rel, 1, NULL, 0);
 	/* where the firing of its AFTER ROW triggers finds it */
 	w->estate->es_opened_result_relations = list_make1(w->rri);
-	ExecOpenIndices(w->rri, false);
+	cache = open_indices(w->rri);
+	w->is_domain = palloc(sizeof(bool) * desc->natts);
+	for (int a = 0; a < desc->natts; a++)
+		w->is_domain[a] = w->written[a] && cache->is_domain[a];
 	w->before = table_slot_create(w->rel, &w->estate->es_tupleTable);
 	w->after = ExecInitExtraTupleSlot(w->estate, desc, &TTSOpsVirtual);
 
