@@ -8,7 +8,8 @@
 #   bench_start_cluster DIR SERVER_LOG     throwaway cluster, database bench
 #                                          (bench/setup.sql) and pgb, engine up
 #
-# and then uses psql_db, q, engine_pids, diagnose, settle, pgbench_reference,
+# and then uses psql_db, q, engine_pids, diagnose, settle, pgbench_reference
+# (or pgbench_init and pgbench_simple_update),
 # server_log_problems, median, fmt0, fmt2, cells, round_heads, round_rules,
 # machine_facts and bench_command.  The cluster is stopped and removed on
 # exit, and its server log copied to bench/results/SERVER_LOG.
@@ -293,16 +294,20 @@ machine_facts() {
 	fs_type=$(df -PT "$cluster" | awk 'NR == 2 { print $2 }')
 }
 
-# The reference: pgbench -i -s $pgb_scale into database pgb, a CHECKPOINT,
-# then pgbench -b simple-update -c $pgb_clients -j $pgb_threads -T $pgb_secs.
-# Sets tps (without initial connection time); $1 names the measurement in
-# messages.
-pgbench_reference() {
-	local what=$1 out failed_tx
+# The reference: pgbench -i -s $pgb_scale into database pgb
+# (pgbench_init), then a CHECKPOINT and pgbench -b simple-update
+# -c $pgb_clients -j $pgb_threads -T $pgb_secs (pgbench_simple_update).
+# Each sets tps (without initial connection time); $1 names the
+# measurement in messages.
+pgbench_init() {
+	local what=$1 out
 	if ! out=$(as_pg "$bindir/pgbench" -h "$sock" -p "$port" -i -s "$pgb_scale" -q pgb 2>&1); then
 		echo "$out" >&2
 		die "$what: pgbench -i failed"
 	fi
+}
+pgbench_simple_update() {
+	local what=$1 out failed_tx
 	q "CHECKPOINT" >/dev/null
 	if ! out=$(as_pg "$bindir/pgbench" -h "$sock" -p "$port" -b simple-update \
 		-c "$pgb_clients" -j "$pgb_threads" -T "$pgb_secs" pgb 2>&1); then
@@ -313,4 +318,8 @@ pgbench_reference() {
 	[ -n "$tps" ] || { echo "$out" >&2; die "$what: no tps in pgbench's output"; }
 	failed_tx=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
 	[ "${failed_tx:-0}" -eq 0 ] || { echo "$out" >&2; die "$what: $failed_tx pgbench transactions failed"; }
+}
+pgbench_reference() {
+	pgbench_init "$1"
+	pgbench_simple_update "$1"
 }
