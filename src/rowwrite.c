@@ -197,7 +197,8 @@ table_cache_triggers(TableCache *c, Relation rel)
 /*
  * Build c from rel as it is now.  What c held before goes with the
  * transaction; what is built here is the transaction's too until it is
- * complete (an error meanwhile leaves c empty and stale).
+ * complete (an error meanwhile leaves c stale, and nothing in it is read
+ * before it is built again).
  */
 static void
 table_cache_build(TableCache *c, Relation rel)
