@@ -1618,7 +1618,7 @@ audit_target(Oid relid)
 	{
 		/*
 		 * Close the table if it was opened (an index that failed to open
-		 * leaves ExecOpenIndices's arrays half filled: the indexes opened
+		 * leaves orch_open_indices's arrays half filled: the indexes opened
 		 * before it are left to the transaction's resource owner).
 		 */
 		CurrentResourceOwner = TopTransactionResourceOwner;

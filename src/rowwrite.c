@@ -542,15 +542,6 @@ orch_writer_insert(OrchRowWriter *w)
 		orch_audit_rows_add(w->audit, NULL, w->after);
 }
 
-static void
-close_relations(List *rris)
-{
-	ListCell   *lc;
-
-	foreach(lc, rris)
-		table_close(((ResultRelInfo *) lfirst(lc))->ri_RelationDesc, NoLock);
-}
-
 /*
  * Done: the rows' AFTER ROW triggers fired, their audit events recorded,
  * everything closed, and the rows written made visible to the
@@ -563,9 +554,8 @@ orch_writer_end(OrchRowWriter *w)
 		AfterTriggerEndQuery(w->estate);
 	if (w->audit != NULL)
 		orch_audit_rows_end(w->audit);
-	ExecCloseIndices(w->rri);
-	/* what firing the triggers opened (as ExecCloseResultRelations closes it) */
-	close_relations(w->estate->es_trig_target_relations);
+	/* its indexes, and what firing the triggers opened */
+	ExecCloseResultRelations(w->estate);
 	ExecResetTupleTable(w->estate->es_tupleTable, false);
 	FreeExecutorState(w->estate);
 	table_close(w->rel, NoLock);
