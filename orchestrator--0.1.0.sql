@@ -2918,26 +2918,28 @@ ALTER TABLE orch.audit_records ALTER COLUMN events SET COMPRESSION lz4,
 	SET (toast_tuple_target = 8160);
 
 -- A block seals the rows of the transactions with xid_from <= xid < xid_to,
--- all of which had ended when it was sealed.
+-- all of which had ended when it was sealed.  It lists them by record (the
+-- rows of record r are r * 1,000 + 0, 1, ...) and keeps a 16-byte tag of
+-- each one's hash, which names a row that changed; its Merkle root is over
+-- the full hashes, which verification recomputes from the rows.
 CREATE TABLE orch.audit_blocks (
 	block_id		bigint		PRIMARY KEY,
 	xid_from		xid8		NOT NULL,
 	xid_to			xid8		NOT NULL,
 	sealed_at		timestamptz	NOT NULL,
 	n_rows			bigint		NOT NULL,
-	audit_ids		bigint[]	NOT NULL,	-- the rows, in (xid, audit_id) order
-	leaves			bytea		NOT NULL,	-- their hashes, 32 bytes each, in that order
-	merkle_root		bytea		NOT NULL,	-- RFC 6962 over the leaves
+	record_ids		bigint[]	NOT NULL,	-- the records of the rows, in (xid, record_id) order
+	record_rows		int[]		NOT NULL,	-- how many rows (events) each of them holds
+	row_tags		bytea		NOT NULL,	-- each row's row_hash cut to 16 bytes, in that order
+	merkle_root		bytea		NOT NULL,	-- RFC 6962 over the rows' full row_hash values
 	system_identifier numeric	NOT NULL,	-- the cluster's, as pg_control_system() shows it
 	timeline		int			NOT NULL,
 	prev_hash		bytea		NOT NULL,	-- the block before's block_hash; 32 zero bytes for block 1
 	block_hash		bytea		NOT NULL
 );
 CREATE INDEX audit_blocks_xid ON orch.audit_blocks (xid_to);
--- A block's ids and hashes are stored out of line uncompressed: the hashes
--- do not compress, and compressing the ids cost the sealer more than it saved.
-ALTER TABLE orch.audit_blocks ALTER COLUMN audit_ids SET STORAGE EXTERNAL,
-	ALTER COLUMN leaves SET STORAGE EXTERNAL;
+-- A block's tags are stored out of line uncompressed: they do not compress.
+ALTER TABLE orch.audit_blocks ALTER COLUMN row_tags SET STORAGE EXTERNAL;
 
 CREATE FUNCTION orch._audit() RETURNS trigger
 	LANGUAGE c

@@ -600,6 +600,10 @@ orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out)
 {
 	StringInfoData buf;
 
+	const void *parts[2];
+	size_t		lens[2];
+	Size		tags_len = (Size) b->n_rows * ORCH_AUDIT_TAG_LEN;
+
 	initStringInfo(&buf);
 	put_byte(&buf, ORCH_AUDIT_ENCODING_VERSION);
 	enc_u64(&buf, (uint64) b->block_id);
@@ -611,7 +615,26 @@ orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out)
 	enc_u64(&buf, b->system_identifier);
 	enc_u64(&buf, (uint64) b->timeline);
 	enc_bytes(&buf, b->prev_hash, PG_SHA256_DIGEST_LENGTH);
-	orch_sha256(buf.data, buf.len, out);
+	/* records: a field of each one's id and row count, 8 bytes each */
+	if ((uint64) b->nrecords * 16 > PG_UINT32_MAX || tags_len > PG_UINT32_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("audit block %lld lists too many rows", (long long) b->block_id)));
+	put_byte(&buf, 1);
+	put_u32(&buf, (uint32) (b->nrecords * 16));
+	for (int64 i = 0; i < b->nrecords; i++)
+	{
+		put_u64(&buf, (uint64) b->record_ids[i]);
+		put_u64(&buf, (uint64) b->record_rows[i]);
+	}
+	/* row_tags: a field of the tags, hashed where they are */
+	put_byte(&buf, 1);
+	put_u32(&buf, (uint32) tags_len);
+	parts[0] = buf.data;
+	lens[0] = buf.len;
+	parts[1] = b->row_tags;
+	lens[1] = tags_len;
+	orch_sha256_parts(2, parts, lens, out);
 	pfree(buf.data);
 }
 

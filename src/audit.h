@@ -24,6 +24,8 @@
 
 /* a record holds the events of one transaction, at most this many */
 #define ORCH_AUDIT_RECORD_EVENTS	1000
+/* a block keeps this much of each row's hash: enough to name a row that changed */
+#define ORCH_AUDIT_TAG_LEN			16
 
 /*
  * What the events of one statement share, as a record's events hold it
@@ -125,6 +127,11 @@ typedef struct OrchAuditBlock
 	uint64		system_identifier;
 	int32		timeline;
 	uint8		prev_hash[ORCH_HASH_LEN];
+	/* the rows, by record: nrecords ids and row counts, n_rows tags */
+	int64		nrecords;
+	const int64 *record_ids;
+	const int64 *record_rows;
+	const uint8 *row_tags;		/* ORCH_AUDIT_TAG_LEN bytes a row */
 } OrchAuditBlock;
 
 extern char *orch_audit_actor;

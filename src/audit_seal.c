@@ -5,13 +5,15 @@
  *	  Every transaction id below a snapshot's xmin has ended, so the audit
  *	  rows of those transactions can no longer change: the sealer takes the
  *	  rows with xid in [previous block's xid_to, xmin), orders them by (xid,
- *	  audit_id), and stores a block with their ids, their hashes (the Merkle
- *	  tree's leaves), the Merkle root, the database's identity and the hash
- *	  of the previous block.  Writers never wait for it, nor it for them.
+ *	  audit_id), and stores a block that lists them by record, with a tag of
+ *	  each row's hash (its first 16 bytes), the Merkle root of their full
+ *	  hashes, the database's identity and the hash of the previous block.
+ *	  Writers never wait for it, nor it for them.
  *
  *	  Verification recomputes every row's hash from its values, every
- *	  block's Merkle root and hash, and follows the chain; each finding
- *	  names the block and the row.
+ *	  block's Merkle root from its rows and its hash, and follows the chain;
+ *	  each finding names the block and the row (the tag tells which row of
+ *	  a block no longer hashes as it did).
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -110,10 +112,10 @@ xid8_value(Datum d)
 	" WHERE xid >= $1 AND xid < $2 ORDER BY xid, record_id"
 
 #define INSERT_BLOCK_SQL \
-	"INSERT INTO orch.audit_blocks (block_id, xid_from, xid_to, sealed_at, n_rows, audit_ids," \
-	"                               leaves, merkle_root, system_identifier, timeline," \
-	"                               prev_hash, block_hash)" \
-	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+	"INSERT INTO orch.audit_blocks (block_id, xid_from, xid_to, sealed_at, n_rows, record_ids," \
+	"                               record_rows, row_tags, merkle_root, system_identifier," \
+	"                               timeline, prev_hash, block_hash)" \
+	" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
 
 /*
  * Seal the audit rows of every transaction that has ended since the last
@@ -131,12 +133,16 @@ seal(bool heartbeat_due, bool wait)
 	uint64		xid_to;
 	int64		n = 0;
 	int64		cap = 1024;
-	Datum	   *ids;
 	uint8	   *leaves;
+	int64		nrec = 0;
+	int64		reccap = 64;
+	int64	   *rec_ids;
+	int64	   *rec_rows;
+	bytea	   *tags;
 	Portal		portal;
 	bool		isnull;
 	uint8		block_hash[ORCH_HASH_LEN];
-	Datum		args[12];
+	Datum		args[13];
 	Oid			types[2] = {XID8OID, XID8OID};
 	bool		more = true;
 	uint64		last_xid = 0;
@@ -187,8 +193,9 @@ seal(bool heartbeat_due, bool wait)
 	horizon = xid8_value(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	xid_to = Max(horizon, blk.xid_from);
 
-	ids = palloc(sizeof(Datum) * cap);
 	leaves = palloc(ORCH_HASH_LEN * cap);
+	rec_ids = palloc(sizeof(int64) * reccap);
+	rec_rows = palloc(sizeof(int64) * reccap);
 	args[0] = FullTransactionIdGetDatum(FullTransactionIdFromU64(blk.xid_from));
 	args[1] = FullTransactionIdGetDatum(FullTransactionIdFromU64(xid_to));
 	/* a later statement, a later snapshot: it sees all those transactions' rows */
@@ -226,11 +233,16 @@ seal(bool heartbeat_due, bool wait)
 			while (n + n_events > cap)
 			{
 				cap *= 2;
-				ids = repalloc(ids, sizeof(Datum) * cap);
-				leaves = repalloc(leaves, ORCH_HASH_LEN * cap);
+				leaves = repalloc_huge(leaves, ORCH_HASH_LEN * cap);
 			}
-			for (int e = 0; e < n_events; e++)
-				ids[n + e] = Int64GetDatum(record_id * ORCH_AUDIT_RECORD_EVENTS + e);
+			if (nrec == reccap)
+			{
+				reccap *= 2;
+				rec_ids = repalloc_huge(rec_ids, sizeof(int64) * reccap);
+				rec_rows = repalloc_huge(rec_rows, sizeof(int64) * reccap);
+			}
+			rec_ids[nrec] = record_id;
+			rec_rows[nrec++] = n_events;
 			memcpy(leaves + n * ORCH_HASH_LEN, VARDATA_ANY(hashes), (Size) n_events * ORCH_HASH_LEN);
 			n += n_events;
 		}
@@ -246,38 +258,52 @@ seal(bool heartbeat_due, bool wait)
 	if (n == 0)
 		xid_to = blk.xid_from;	/* a heartbeat covers no transaction */
 
+	/* each row's tag: the first bytes of its hash */
+	tags = palloc_extended(VARHDRSZ + n * ORCH_AUDIT_TAG_LEN, MCXT_ALLOC_HUGE);
+	SET_VARSIZE(tags, VARHDRSZ + n * ORCH_AUDIT_TAG_LEN);
+	for (int64 i = 0; i < n; i++)
+		memcpy(VARDATA(tags) + i * ORCH_AUDIT_TAG_LEN, leaves + i * ORCH_HASH_LEN, ORCH_AUDIT_TAG_LEN);
+
 	blk.xid_to = xid_to;
 	blk.sealed_at = GetCurrentTimestamp();
 	blk.n_rows = n;
 	orch_merkle_root(leaves, n, blk.merkle_root);
 	blk.system_identifier = GetSystemIdentifier();
 	blk.timeline = (int32) GetWALInsertionTimeLine();
+	blk.nrecords = nrec;
+	blk.record_ids = rec_ids;
+	blk.record_rows = rec_rows;
+	blk.row_tags = (const uint8 *) VARDATA(tags);
 	orch_audit_block_hash(&blk, block_hash);
 
 	{
-		Oid			itypes[12] = {INT8OID, XID8OID, XID8OID, TIMESTAMPTZOID, INT8OID, INT8ARRAYOID,
-			BYTEAOID, BYTEAOID, NUMERICOID, INT4OID, BYTEAOID, BYTEAOID};
-		bytea	   *lv = palloc(VARHDRSZ + n * ORCH_HASH_LEN);
+		Oid			itypes[13] = {INT8OID, XID8OID, XID8OID, TIMESTAMPTZOID, INT8OID, INT8ARRAYOID,
+			INT4ARRAYOID, BYTEAOID, BYTEAOID, NUMERICOID, INT4OID, BYTEAOID, BYTEAOID};
+		Datum	   *idd = palloc(sizeof(Datum) * Max(nrec, 1));
+		Datum	   *rowd = palloc(sizeof(Datum) * Max(nrec, 1));
 		char		sysid[32];
 
-		SET_VARSIZE(lv, VARHDRSZ + n * ORCH_HASH_LEN);
-		if (n > 0)
-			memcpy(VARDATA(lv), leaves, n * ORCH_HASH_LEN);
+		for (int64 i = 0; i < nrec; i++)
+		{
+			idd[i] = Int64GetDatum(rec_ids[i]);
+			rowd[i] = Int32GetDatum((int32) rec_rows[i]);
+		}
 		snprintf(sysid, sizeof(sysid), UINT64_FORMAT, blk.system_identifier);
 		args[0] = Int64GetDatum(blk.block_id);
 		args[1] = FullTransactionIdGetDatum(FullTransactionIdFromU64(blk.xid_from));
 		args[2] = FullTransactionIdGetDatum(FullTransactionIdFromU64(blk.xid_to));
 		args[3] = TimestampTzGetDatum(blk.sealed_at);
 		args[4] = Int64GetDatum(n);
-		args[5] = PointerGetDatum(construct_array(ids, (int) n, INT8OID, 8, true, TYPALIGN_DOUBLE));
-		args[6] = PointerGetDatum(lv);
-		args[7] = PointerGetDatum(hash_bytea(blk.merkle_root));
-		args[8] = DirectFunctionCall3(numeric_in, CStringGetDatum(sysid),
+		args[5] = PointerGetDatum(construct_array(idd, (int) nrec, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		args[6] = PointerGetDatum(construct_array(rowd, (int) nrec, INT4OID, 4, true, TYPALIGN_INT));
+		args[7] = PointerGetDatum(tags);
+		args[8] = PointerGetDatum(hash_bytea(blk.merkle_root));
+		args[9] = DirectFunctionCall3(numeric_in, CStringGetDatum(sysid),
 									  ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
-		args[9] = Int32GetDatum(blk.timeline);
-		args[10] = PointerGetDatum(hash_bytea(blk.prev_hash));
-		args[11] = PointerGetDatum(hash_bytea(block_hash));
-		if (SPI_execute_with_args(INSERT_BLOCK_SQL, 12, itypes, args, NULL, false, 0) != SPI_OK_INSERT)
+		args[10] = Int32GetDatum(blk.timeline);
+		args[11] = PointerGetDatum(hash_bytea(blk.prev_hash));
+		args[12] = PointerGetDatum(hash_bytea(block_hash));
+		if (SPI_execute_with_args(INSERT_BLOCK_SQL, 13, itypes, args, NULL, false, 0) != SPI_OK_INSERT)
 			elog(ERROR, "could not write audit block %lld", (long long) blk.block_id);
 	}
 
@@ -620,34 +646,61 @@ idpos_cmp(const void *a, const void *b)
 	return x < y ? -1 : x > y ? 1 : 0;
 }
 
-/* A block as read back, with its leaves and the ids they belong to. */
+/* A block as read back, with the ids of its rows and their tags. */
 typedef struct ReadBlock
 {
 	OrchAuditBlock b;
-	bool		valid;			/* merkle_root, block_hash and leaves well formed */
+	bool		valid;			/* merkle_root, block_hash, records and tags well formed */
 	bool		prev_ok;		/* prev_hash is 32 bytes */
 	uint8		block_hash[ORCH_HASH_LEN];
-	int64	   *ids;
+	int64	   *ids;			/* its rows' audit_ids, from its records */
 	int			nids;
-	uint8	   *leaves;
-	int64		nleaves;
+	const uint8 *tags;
+	int64		ntags;
 	int			next;			/* where the next row is expected among ids */
 	struct IdPos *index;		/* ids sorted, with their positions; built when needed */
 	MemoryContext cxt;			/* where the block was read, and its index is built */
 } ReadBlock;
 
 #define BLOCK_COLUMNS \
-	"block_id, xid_from, xid_to, sealed_at, n_rows, audit_ids, leaves, merkle_root," \
-	" system_identifier::pg_catalog.text, timeline, prev_hash, block_hash"
+	"block_id, xid_from, xid_to, sealed_at, n_rows, record_ids, record_rows, row_tags," \
+	" merkle_root, system_identifier::pg_catalog.text, timeline, prev_hash, block_hash"
+
+/*
+ * An int8[] or int4[] column's values, as n int64s; false (and none) if it
+ * is not a one-dimensional array of that type without NULLs.
+ */
+static bool
+int_array(Datum d, Oid type, int64 **out, int *n)
+{
+	ArrayType  *arr = DatumGetArrayTypeP(d);
+	Datum	   *elems;
+	bool	   *nulls;
+
+	*n = 0;
+	*out = NULL;
+	if (ARR_ELEMTYPE(arr) != type || ARR_NDIM(arr) > 1 || ARR_HASNULL(arr))
+		return false;
+	if (type == INT8OID)
+		deconstruct_array(arr, INT8OID, 8, true, TYPALIGN_DOUBLE, &elems, &nulls, n);
+	else
+		deconstruct_array(arr, INT4OID, 4, true, TYPALIGN_INT, &elems, &nulls, n);
+	*out = palloc(sizeof(int64) * Max(*n, 1));
+	for (int i = 0; i < *n; i++)
+		(*out)[i] = type == INT8OID ? DatumGetInt64(elems[i]) : DatumGetInt32(elems[i]);
+	return true;
+}
 
 static void
 read_block(HeapTuple t, TupleDesc d, ReadBlock *rb)
 {
 	bool		isnull;
-	bytea	   *lv;
-	ArrayType  *arr;
-	Datum	   *elems;
-	bool	   *enulls;
+	bytea	   *tags;
+	int64	   *rec_ids = NULL;
+	int64	   *rec_rows = NULL;
+	int			nrec = 0;
+	int			nrows = 0;
+	int64		total = 0;
 	char	   *sysid;
 
 	memset(rb, 0, sizeof(*rb));
@@ -658,28 +711,50 @@ read_block(HeapTuple t, TupleDesc d, ReadBlock *rb)
 	rb->b.xid_to = xid8_value(SPI_getbinval(t, d, 3, &isnull));
 	rb->b.sealed_at = DatumGetTimestampTz(SPI_getbinval(t, d, 4, &isnull));
 	rb->b.n_rows = DatumGetInt64(SPI_getbinval(t, d, 5, &isnull));
-	arr = DatumGetArrayTypeP(SPI_getbinval(t, d, 6, &isnull));
-	deconstruct_array(arr, INT8OID, 8, true, TYPALIGN_DOUBLE, &elems, &enulls, &rb->nids);
-	rb->ids = palloc(sizeof(int64) * Max(rb->nids, 1));
-	for (int i = 0; i < rb->nids; i++)
-		rb->ids[i] = enulls[i] ? 0 : DatumGetInt64(elems[i]);
-	lv = DatumGetByteaPP(SPI_getbinval(t, d, 7, &isnull));
-	rb->nleaves = VARSIZE_ANY_EXHDR(lv) / ORCH_HASH_LEN;
-	if (VARSIZE_ANY_EXHDR(lv) % ORCH_HASH_LEN != 0)
+	/* the records and their row counts: two arrays of one length, counts 0 to 1,000 */
+	if (!int_array(SPI_getbinval(t, d, 6, &isnull), INT8OID, &rec_ids, &nrec) ||
+		!int_array(SPI_getbinval(t, d, 7, &isnull), INT4OID, &rec_rows, &nrows) || nrec != nrows)
 		rb->valid = false;
-	rb->leaves = palloc(Max(VARSIZE_ANY_EXHDR(lv), 1));
-	memcpy(rb->leaves, VARDATA_ANY(lv), VARSIZE_ANY_EXHDR(lv));
-	if (!get_hash(SPI_getbinval(t, d, 8, &isnull), rb->b.merkle_root))
+	for (int i = 0; rb->valid && i < nrec; i++)
+	{
+		if (rec_rows[i] < 0 || rec_rows[i] > ORCH_AUDIT_RECORD_EVENTS)
+			rb->valid = false;
+		total += rec_rows[i];
+	}
+	if (!rb->valid || total > (int64) (MaxAllocSize / sizeof(int64)))
+	{
 		rb->valid = false;
-	sysid = TextDatumGetCString(SPI_getbinval(t, d, 9, &isnull));
+		nrec = 0;
+		total = 0;
+	}
+	rb->ids = palloc(sizeof(int64) * Max(total, 1));
+	for (int i = 0; i < nrec; i++)
+		for (int e = 0; e < rec_rows[i]; e++)
+			rb->ids[rb->nids++] = rec_ids[i] * ORCH_AUDIT_RECORD_EVENTS + e;
+	rb->b.nrecords = nrec;
+	rb->b.record_ids = rec_ids;
+	rb->b.record_rows = rec_rows;
+	tags = DatumGetByteaP(SPI_getbinval(t, d, 8, &isnull));
+	if ((VARSIZE(tags) - VARHDRSZ) % ORCH_AUDIT_TAG_LEN != 0)
+		rb->valid = false;
+	rb->ntags = (VARSIZE(tags) - VARHDRSZ) / ORCH_AUDIT_TAG_LEN;
+	rb->tags = (const uint8 *) VARDATA(tags);
+	rb->b.row_tags = rb->tags;
+	if (!get_hash(SPI_getbinval(t, d, 9, &isnull), rb->b.merkle_root))
+		rb->valid = false;
+	sysid = TextDatumGetCString(SPI_getbinval(t, d, 10, &isnull));
 	rb->b.system_identifier = strtou64(sysid, NULL, 10);
-	rb->b.timeline = DatumGetInt32(SPI_getbinval(t, d, 10, &isnull));
-	rb->prev_ok = get_hash(SPI_getbinval(t, d, 11, &isnull), rb->b.prev_hash);
-	if (!get_hash(SPI_getbinval(t, d, 12, &isnull), rb->block_hash))
+	rb->b.timeline = DatumGetInt32(SPI_getbinval(t, d, 11, &isnull));
+	rb->prev_ok = get_hash(SPI_getbinval(t, d, 12, &isnull), rb->b.prev_hash);
+	if (!get_hash(SPI_getbinval(t, d, 13, &isnull), rb->block_hash))
 		rb->valid = false;
 }
 
-/* The block's own consistency: its hash, its Merkle root, its row count. */
+/*
+ * The block's own consistency: its row count and its hash (which covers
+ * its records and tags).  Its Merkle root is checked against its rows
+ * (check_block_rows).
+ */
 static void
 check_block(Verifier *v, ReadBlock *rb)
 {
@@ -688,30 +763,22 @@ check_block(Verifier *v, ReadBlock *rb)
 	if (!rb->valid || !rb->prev_ok)
 	{
 		report(v, rb->b.block_id, 0, "modified block",
-			   "its Merkle root, hashes or leaves are not made of 32-byte hashes");
+			   "its hashes are not 32 bytes long, its tags not 16, or its records and their row counts do not pair up");
 		return;
 	}
-	if (rb->nids != rb->nleaves || rb->b.n_rows != rb->nleaves)
+	if (rb->nids != rb->ntags || rb->b.n_rows != rb->ntags)
+	{
 		report(v, rb->b.block_id, 0, "modified block",
-			   "the block lists %d row ids and %lld hashes for %lld rows",
-			   rb->nids, (long long) rb->nleaves, (long long) rb->b.n_rows);
-	orch_merkle_root(rb->leaves, rb->nleaves, h);
-	if (memcmp(h, rb->b.merkle_root, ORCH_HASH_LEN) != 0)
-		report(v, rb->b.block_id, 0, "modified block",
-			   "the Merkle root of its row hashes is %s, the block says %s",
-			   hex(h), hex(rb->b.merkle_root));
+			   "the block's records hold %d rows, it has %lld tags for %lld rows",
+			   rb->nids, (long long) rb->ntags, (long long) rb->b.n_rows);
+		return;
+	}
 	orch_audit_block_hash(&rb->b, h);
 	if (memcmp(h, rb->block_hash, ORCH_HASH_LEN) != 0)
 		report(v, rb->b.block_id, 0, "modified block",
 			   "its contents hash to %s, the block says %s", hex(h), hex(rb->block_hash));
 }
 
-/*
- * A row of a sealed block's range, whose values hash to h: forged if the
- * block does not list it (or seen, when given, shows it listed already),
- * modified if its hash is not the leaf sealed for it (or the block's ids
- * and leaves do not pair up).
- */
 /*
  * Where a block lists a row, or -1.  Rows are read in the order the block
  * lists them, so the next position is tried first; the sorted index is
@@ -744,9 +811,16 @@ block_position(ReadBlock *rb, int64 audit_id)
 	return found->pos;
 }
 
-static void
-check_sealed_row(Verifier *v, ReadBlock *rb, bool *seen, int64 audit_id, uint64 xid,
-				 const uint8 *h, bool stored_ok)
+/*
+ * A row of a sealed block's range, whose values hash to h: forged if the
+ * block does not list it (or seen, when given, shows it listed already),
+ * modified if h does not begin with the tag sealed for it (or the block's
+ * rows and tags do not pair up).  With full, its hash is kept at its place
+ * there, for the block's Merkle root.  Returns whether it was reported.
+ */
+static bool
+check_sealed_row(Verifier *v, ReadBlock *rb, bool *seen, uint8 *full, int64 audit_id,
+				 uint64 xid, const uint8 *h, bool stored_ok)
 {
 	int			pos = block_position(rb, audit_id);
 
@@ -755,16 +829,22 @@ check_sealed_row(Verifier *v, ReadBlock *rb, bool *seen, int64 audit_id, uint64 
 		report(v, rb->b.block_id, audit_id, "forged row",
 			   "transaction %llu is sealed in this block, which does not list the row",
 			   (unsigned long long) xid);
-		return;
+		return true;
 	}
 	if (seen != NULL)
 		seen[pos] = true;
-	if (rb->nids != rb->nleaves ||
-		memcmp(h, rb->leaves + (int64) pos * ORCH_HASH_LEN, ORCH_HASH_LEN) != 0)
+	if (full != NULL)
+		memcpy(full + (int64) pos * ORCH_HASH_LEN, h, ORCH_HASH_LEN);
+	if (rb->nids != rb->ntags ||
+		memcmp(h, rb->tags + (int64) pos * ORCH_AUDIT_TAG_LEN, ORCH_AUDIT_TAG_LEN) != 0)
+	{
 		report(v, rb->b.block_id, audit_id, "modified row",
 			   stored_ok ?
 			   "the row and its stored hash were both rewritten after sealing" :
 			   "the row's values do not match the hash sealed for it");
+		return true;
+	}
+	return false;
 }
 
 /*
@@ -783,11 +863,18 @@ check_record_lookups(Verifier *v, int64 block_id, RecordEvents *re)
 			   "its record's purge flag does not match its events");
 }
 
-/* Check the rows of a block's xid range against its ids and leaves. */
+/*
+ * Check the rows of a block's xid range against its ids and tags; and,
+ * when each row it lists is there as sealed, its Merkle root against their
+ * hashes (a row changed in a way its tag does not show).
+ */
 static void
 check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 {
 	bool	   *seen = palloc0(sizeof(bool) * Max(rb->nids, 1));
+	uint8	   *full = purged ? NULL :
+		palloc_extended((Size) Max(rb->nids, 1) * ORCH_HASH_LEN, MCXT_ALLOC_HUGE);
+	bool		intact = true;
 	RowScan		rs;
 
 	rowscan_begin(&rs, rb->b.xid_from, rb->b.xid_to);
@@ -798,18 +885,38 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 				   "the row is in a range that was purged");
 		else
 		{
-			check_sealed_row(v, rb, seen, rs.re.audit_id, rs.re.xid, rs.re.h, rs.re.stored_ok);
+			if (check_sealed_row(v, rb, seen, full, rs.re.audit_id, rs.re.xid, rs.re.h,
+								 rs.re.stored_ok))
+				intact = false;
 			check_record_lookups(v, rb->b.block_id, &rs.re);
 		}
 	}
 	rowscan_end(&rs);
 
-	if (!purged)
-		for (int i = 0; i < rb->nids; i++)
-			if (!seen[i])
-				report(v, rb->b.block_id, rb->ids[i], "deleted row",
-					   "the block lists the row, which is gone");
+	if (purged)
+	{
+		pfree(seen);
+		return;
+	}
+	for (int i = 0; i < rb->nids; i++)
+		if (!seen[i])
+		{
+			report(v, rb->b.block_id, rb->ids[i], "deleted row",
+				   "the block lists the row, which is gone");
+			intact = false;
+		}
+	if (intact && rb->valid && rb->nids == rb->ntags && rb->b.n_rows == rb->ntags)
+	{
+		uint8		h[ORCH_HASH_LEN];
+
+		orch_merkle_root(full, rb->nids, h);
+		if (memcmp(h, rb->b.merkle_root, ORCH_HASH_LEN) != 0)
+			report(v, rb->b.block_id, 0, "modified block",
+				   "its rows hash to the Merkle root %s, the block says %s",
+				   hex(h), hex(rb->b.merkle_root));
+	}
 	pfree(seen);
+	pfree(full);
 }
 
 /*
@@ -1094,7 +1201,7 @@ verify_run_event(Verifier *v, RecordEvents *re, ReadBlock *cur, bool *have_block
 			   "the row is in a range that was purged");
 		return;
 	}
-	check_sealed_row(v, cur, NULL, re->audit_id, re->xid, re->h, re->stored_ok);
+	(void) check_sealed_row(v, cur, NULL, NULL, re->audit_id, re->xid, re->h, re->stored_ok);
 }
 
 /*
@@ -1113,7 +1220,7 @@ orch_verify_run(PG_FUNCTION_ARGS)
 	Datum		args[1] = {run_id};
 	ReadBlock	cur;
 	bool		have_block = false;
-	MemoryContext blockcxt;		/* the current block's ids, leaves, index */
+	MemoryContext blockcxt;		/* the current block's ids, tags, index */
 	MemoryContext recordcxt;	/* the current record's events */
 	int64		purged;
 	uint64		sealed_to = 0;	/* the newest block's xid_to */

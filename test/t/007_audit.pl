@@ -207,7 +207,13 @@ $$;
 $node->poll_query_until('crashdb',
 	"SELECT count(*) > 0 FROM orch.engine_workers WHERE database = current_database()")
   or die 'no engine in crashdb';
-# Many rows in one transaction: a seal that takes a while.
+# Many rows in one transaction: a seal that takes a while.  The engine
+# seals them only when told to (the interval's change makes it seal at
+# once), so that the seal caught below is theirs.
+$node->safe_psql('postgres', q{
+ALTER SYSTEM SET orchestrator.audit_seal_interval = '1h';
+SELECT pg_reload_conf();
+});
 $node->safe_psql('crashdb',
 	"INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 250000) g");
 # From now on the engine seals every 100 ms.
@@ -233,5 +239,48 @@ is($node->safe_psql('crashdb', 'SELECT sum(n_rows) FROM orch.audit_blocks'),
 is(findings('crashdb'), '', 'the chain verifies after the crash');
 ($rc, $out, $err) = independent('crashdb');
 is($rc, 0, 'and the independent verifier agrees') or diag($out, $err);
+
+# ------------------------------------------------------------------------
+# A block's hash as docs/audit.md defines it, computed here in SQL: it
+# matches what the sealer stored.  Then the newest block's Merkle root
+# rewritten, with a block_hash recomputed to match (its successor, which
+# would no longer link to it, does not exist): only the rows, whose hashes
+# no longer give that root, show it.
+# ------------------------------------------------------------------------
+$node->safe_psql('crashdb', q{
+CREATE FUNCTION f(b bytea) RETURNS bytea LANGUAGE sql AS $$ SELECT '\x01'::bytea || int4send(length(b)) || b $$;
+CREATE FUNCTION doc_block_hash(b orch.audit_blocks, root bytea) RETURNS bytea LANGUAGE sql AS $$
+SELECT sha256('\x01'::bytea || f(int8send(b.block_id)) || f(int8send(b.xid_from::text::bigint))
+	|| f(int8send(b.xid_to::text::bigint))
+	|| f(int8send((extract(epoch FROM b.sealed_at) * 1000000)::bigint)) || f(int8send(b.n_rows))
+	|| f(root) || f(int8send(b.system_identifier::bigint)) || f(int8send(b.timeline))
+	|| f(b.prev_hash)
+	|| f(coalesce((SELECT string_agg(int8send(r) || int8send(n), '' ORDER BY o)
+					 FROM unnest(b.record_ids, b.record_rows) WITH ORDINALITY u(r, n, o)), ''))
+	|| f(b.row_tags))
+$$;
+});
+# a block with rows, made the newest: seal a change of its own
+$node->safe_psql('crashdb', "UPDATE big SET payload = 'y' WHERE id <= 3");
+$node->safe_psql('crashdb', 'SELECT orch.seal_audit()');
+my ($newest, $nrows) = split /\|/, $node->safe_psql('crashdb',
+	'SELECT block_id, n_rows FROM orch.audit_blocks ORDER BY block_id DESC LIMIT 1');
+ok($nrows >= 3, 'the newest block seals the update');
+is($node->safe_psql('crashdb',
+	'SELECT count(*) FILTER (WHERE doc_block_hash(b, b.merkle_root) = b.block_hash) || \' of \' || count(*)'
+	  . ' FROM orch.audit_blocks b'),
+	$node->safe_psql('crashdb', "SELECT count(*) || ' of ' || count(*) FROM orch.audit_blocks"),
+	'every block hashes as docs/audit.md says');
+$node->safe_psql('crashdb', qq{
+ALTER TABLE orch.audit_blocks DISABLE TRIGGER audit_blocks_append_only;
+UPDATE orch.audit_blocks b SET merkle_root = sha256('another root'),
+	   block_hash = doc_block_hash(b, sha256('another root'))
+ WHERE block_id = $newest;
+ALTER TABLE orch.audit_blocks ENABLE ALWAYS TRIGGER audit_blocks_append_only;
+});
+is(findings('crashdb'), "$newest  modified block",
+	'a Merkle root that its rows do not give is reported, though the block hashes to its block_hash');
+($rc, $out, $err) = independent('crashdb');
+is($out, "$newest  modified block", 'the independent verifier reports it too') or diag($err);
 
 done_testing();
