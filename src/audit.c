@@ -43,6 +43,7 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "port/pg_bswap.h"
 #include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
@@ -1403,11 +1404,35 @@ orch_audit_column_map(TupleDesc desc, int *col)
 	}
 }
 
-static int
-uuid_order(const void *a, const void *b)
+/*
+ * uuids in the order of their bytes (uuid_cmp's), compared as two
+ * big-endian 64-bit halves: sort_uuids is a sort specialized for them,
+ * which sorts a record's few hundred run ids without a call per comparison.
+ */
+static inline int
+uuid_order(const pg_uuid_t *a, const pg_uuid_t *b)
 {
-	return memcmp(a, b, sizeof(pg_uuid_t));
+	uint64		x;
+	uint64		y;
+
+	for (int half = 0; half < 2; half++)
+	{
+		memcpy(&x, a->data + 8 * half, sizeof(x));
+		memcpy(&y, b->data + 8 * half, sizeof(y));
+		x = pg_ntoh64(x);
+		y = pg_ntoh64(y);
+		if (x != y)
+			return x < y ? -1 : 1;
+	}
+	return 0;
 }
+
+#define ST_SORT sort_uuids
+#define ST_ELEMENT_TYPE pg_uuid_t
+#define ST_COMPARE(a, b) uuid_order(a, b)
+#define ST_SCOPE static
+#define ST_DEFINE
+#include "lib/sort_template.h"
 
 /*
  * Sort n run ids and keep each once, in place; returns how many remain.  A
@@ -1419,7 +1444,7 @@ orch_audit_distinct_runs(pg_uuid_t *runs, int n)
 {
 	int			distinct = 0;
 
-	qsort(runs, n, sizeof(pg_uuid_t), uuid_order);
+	sort_uuids(runs, n);
 	for (int i = 0; i < n; i++)
 		if (distinct == 0 || memcmp(&runs[i], &runs[distinct - 1], sizeof(pg_uuid_t)) != 0)
 			runs[distinct++] = runs[i];
