@@ -600,7 +600,6 @@ void
 orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out)
 {
 	StringInfoData buf;
-
 	const void *parts[2];
 	size_t		lens[2];
 	Size		tags_len = (Size) b->n_rows * ORCH_AUDIT_TAG_LEN;
