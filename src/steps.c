@@ -3362,6 +3362,8 @@ batch_end(void)
  * that committed late with an early now()) are not left waiting.
  */
 static bool claim_resume = false;
+/* claim rounds a batch tries after one that found only finished steps */
+#define STALE_CLAIM_ROUNDS	3
 static TimestampTz claim_after_at;
 static int64 claim_after_id;
 static TimestampTz last_full_claim = 0;
@@ -3381,8 +3383,14 @@ is_due_status(const char *status)
 		strcmp(status, "blocked") == 0 || strcmp(status, "needs_approval") == 0;
 }
 
+/*
+ * Claim up to max due steps into *steps; returns how many.  *stale is set
+ * to how many of the rows it locked were no longer due: steps another
+ * worker took and finished after the candidates were picked, which count
+ * against max and are dropped.
+ */
 static int
-claim_steps(int max, TimestampTz now, ClaimedStep **steps)
+claim_steps(int max, TimestampTz now, ClaimedStep **steps, int *stale)
 {
 	Datum		args[3];
 	Datum		candidates;
@@ -3405,6 +3413,7 @@ claim_steps(int max, TimestampTz now, ClaimedStep **steps)
 		exec_plan(P_CANDIDATES, args, NULL, SPI_OK_SELECT);
 	}
 	candidates = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	*stale = 0;
 	if (isnull)
 	{
 		SPI_freetuptable(SPI_tuptable);
@@ -3434,6 +3443,7 @@ claim_steps(int max, TimestampTz now, ClaimedStep **steps)
 		if (is_due_status(s->status) && s->wake_at != 0 && s->wake_at <= xact_now)
 			(*steps)[kept++] = *s;
 	}
+	*stale = n - kept;
 	return kept;
 }
 
@@ -3448,6 +3458,7 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 	MemoryContext step_cxt;
 	MemoryContext oldcxt;
 	TimestampTz now = GetCurrentTimestamp();
+	int			stale_rounds = 0;
 
 	cxt = batch_begin();
 	step_cxt = AllocSetContextCreate(cxt, "orchestrator step", ALLOCSET_DEFAULT_SIZES);
@@ -3471,15 +3482,28 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 				(void) compensate_next(timed_out[i], result);
 		}
 
-		/* claim rounds: each sees the steps the previous round made ready */
+		/*
+		 * Claim rounds: each sees the steps the previous round made ready.
+		 * A round that took nothing but steps another worker finished
+		 * meanwhile (it picked them before that worker committed) is
+		 * followed by another, which picks after them, a few times: a batch
+		 * that came back empty would make this worker sleep while due steps
+		 * wait.
+		 */
 		while (result->claimed < max_steps)
 		{
 			ClaimedStep *steps;
 			int			n;
+			int			stale;
 			bool		made_ready_before = result->made_ready;
 
 			result->made_ready = false;
-			n = claim_steps(max_steps - result->claimed, now, &steps);
+			n = claim_steps(max_steps - result->claimed, now, &steps, &stale);
+			if (n == 0 && stale > 0 && stale_rounds++ < STALE_CLAIM_ROUNDS)
+			{
+				result->made_ready = made_ready_before;
+				continue;
+			}
 			result->claimed += n;
 			for (int i = 0; i < n; i++)
 			{
