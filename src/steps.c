@@ -3362,11 +3362,12 @@ batch_end(void)
  * that committed late with an early now()) are not left waiting.
  */
 static bool claim_resume = false;
-/* claim rounds a batch tries after one that found only finished steps */
-#define STALE_CLAIM_ROUNDS	3
 static TimestampTz claim_after_at;
 static int64 claim_after_id;
 static TimestampTz last_full_claim = 0;
+
+/* claim rounds a batch tries after one that found only finished steps */
+#define STALE_CLAIM_ROUNDS	3
 
 /* A batch was rolled back: the steps it claimed are due again, behind the resume point. */
 void
