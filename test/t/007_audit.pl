@@ -207,28 +207,44 @@ $$;
 $node->poll_query_until('crashdb',
 	"SELECT count(*) > 0 FROM orch.engine_workers WHERE database = current_database()")
   or die 'no engine in crashdb';
-# Many rows in one transaction: a seal that takes a while.  The engine
-# seals them only when told to (the interval's change makes it seal at
-# once), so that the seal caught below is theirs.
-$node->safe_psql('postgres', q{
+# Many rows in one transaction: a seal that takes a while (a few hundred
+# milliseconds).  The engine seals them only when told (a change of the
+# interval makes it seal at once), so that the seal caught is theirs.  A
+# kill that lands after the seal's commit finds a seal that is over: the
+# round is tried again, with more rows, up to five times.
+my ($caught, $killed_mid_seal) = (0, 0);
+for my $try (1 .. 5)
+{
+	$node->safe_psql('postgres', q{
 ALTER SYSTEM SET orchestrator.audit_seal_interval = '1h';
 SELECT pg_reload_conf();
 });
-$node->safe_psql('crashdb',
-	"INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 250000) g");
-# From now on the engine seals every 100 ms.
-$node->safe_psql('postgres', q{
+	# what an earlier round left is sealed now, and nothing more until told
+	$node->poll_query_until('crashdb', 'SELECT unsealed_rows = 0 FROM orch.audit_seal_status')
+	  or die 'the engine did not seal';
+	$node->safe_psql('crashdb',
+		"INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series($try * 1000000, $try * 1000000 + 499999) g");
+	my $blocks_before = $node->safe_psql('crashdb', 'SELECT count(*) FROM orch.audit_blocks');
+	# From now on the engine seals every 100 ms, and at once.
+	$node->safe_psql('postgres', q{
 ALTER SYSTEM SET orchestrator.audit_seal_interval = '100ms';
 SELECT pg_reload_conf();
 });
-my $pid = $node->safe_psql('crashdb', 'SELECT sealer_pid()');
-ok($pid =~ /^\d+$/, 'caught the engine sealing');
-my $blocks_before = $node->safe_psql('crashdb', 'SELECT count(*) FROM orch.audit_blocks');
-kill 'KILL', $pid;
-$node->poll_query_until('crashdb', 'SELECT true')
-  or die 'the server did not come back';
-is($node->safe_psql('crashdb', 'SELECT count(*) FROM orch.audit_blocks'), $blocks_before,
-	'the killed seal left no block');
+	my $pid = $node->safe_psql('crashdb', 'SELECT sealer_pid()');
+	last unless $pid =~ /^\d+$/;
+	$caught++;
+	kill 'KILL', $pid;
+	$node->poll_query_until('crashdb', 'SELECT true')
+	  or die 'the server did not come back';
+	if ($node->safe_psql('crashdb', 'SELECT count(*) FROM orch.audit_blocks') eq $blocks_before)
+	{
+		$killed_mid_seal = 1;
+		last;
+	}
+	note "try $try: the seal had committed before the kill";
+}
+ok($caught > 0, 'caught the engine sealing');
+ok($killed_mid_seal, 'a seal killed before its commit left no block');
 ok($node->poll_query_until('crashdb', 'SELECT unsealed_rows = 0 FROM orch.audit_seal_status'),
 	'after the restart the engine seals everything on its own');
 is($node->safe_psql('crashdb', 'SELECT count(*) = max(block_id) FROM orch.audit_blocks'), 't',
