@@ -176,12 +176,19 @@ put_u64(StringInfo buf, uint64 v)
 	put_u32(buf, (uint32) v);
 }
 
+/* A field's head: 0x01, its length (4 bytes, big-endian); its bytes follow. */
+static void
+enc_field_head(StringInfo buf, uint32 len)
+{
+	put_byte(buf, 1);
+	put_u32(buf, len);
+}
+
 /* A field: 0x01, its length (4 bytes, big-endian), its bytes. */
 static void
 enc_bytes(StringInfo buf, const void *data, uint32 len)
 {
-	put_byte(buf, 1);
-	put_u32(buf, len);
+	enc_field_head(buf, len);
 	put_raw(buf, data, (int) len);
 }
 
@@ -195,8 +202,7 @@ enc_null(StringInfo buf)
 static void
 enc_u64(StringInfo buf, uint64 v)
 {
-	put_byte(buf, 1);
-	put_u32(buf, 8);
+	enc_field_head(buf, 8);
 	put_u64(buf, v);
 }
 
@@ -620,16 +626,14 @@ orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("audit block %lld lists too many rows", (long long) b->block_id)));
-	put_byte(&buf, 1);
-	put_u32(&buf, (uint32) (b->nrecords * 16));
+	enc_field_head(&buf, (uint32) (b->nrecords * 16));
 	for (int64 i = 0; i < b->nrecords; i++)
 	{
 		put_u64(&buf, (uint64) b->record_ids[i]);
 		put_u64(&buf, (uint64) b->record_rows[i]);
 	}
 	/* row_tags: a field of the tags, hashed where they are */
-	put_byte(&buf, 1);
-	put_u32(&buf, (uint32) tags_len);
+	enc_field_head(&buf, (uint32) tags_len);
 	parts[0] = buf.data;
 	lens[0] = buf.len;
 	parts[1] = b->row_tags;
