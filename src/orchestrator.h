@@ -201,7 +201,8 @@ typedef struct OrchRowMatch
 } OrchRowMatch;
 
 extern const int16 *orch_row_source_attnums(OrchRowSource *src);
-extern bool orch_row_lock(OrchRowSource *src, const Datum *keys, TupleTableSlot *slot);
+extern bool orch_row_lock(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m,
+						  TupleTableSlot *slot);
 extern bool orch_row_fetch(OrchRowSource *src, const Datum *keys, bool lock,
 						   Datum *values, bool *nulls);
 extern bool orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m,
@@ -253,7 +254,8 @@ extern bool *orch_writer_columns(const int16 *att, int from, int to);
 extern bool orch_writer_refuses(Oid relid, CmdType op);
 extern bool orch_writer_begin(OrchRowWriter *w, Oid relid, CmdType op, const bool *written);
 extern TupleTableSlot *orch_writer_fetch(OrchRowWriter *w, ItemPointer tid);
-extern bool orch_writer_lock(OrchRowWriter *w, OrchRowSource *src, const Datum *keys);
+extern bool orch_writer_lock(OrchRowWriter *w, OrchRowSource *src, const Datum *keys,
+							 const OrchRowMatch *m);
 extern void orch_writer_update(OrchRowWriter *w);
 extern void orch_writer_insert(OrchRowWriter *w);
 extern void orch_writer_end(OrchRowWriter *w);

@@ -426,13 +426,15 @@ orch_row_fetch_match(OrchRowSource *src, const Datum *keys, const OrchRowMatch *
 }
 
 /*
- * The row orch_row_fetch would lock, left in slot (of the table's slot
- * type), its newest version: as an UPDATE by the key finds and locks it.
+ * The row orch_row_fetch_match would lock (m NULL: any row with the key),
+ * left in slot (of the table's slot type), its newest version: as an
+ * UPDATE by the key, with m as a condition of its WHERE clause, finds and
+ * locks it.
  */
 bool
-orch_row_lock(OrchRowSource *src, const Datum *keys, TupleTableSlot *slot)
+orch_row_lock(OrchRowSource *src, const Datum *keys, const OrchRowMatch *m, TupleTableSlot *slot)
 {
-	return row_find(src, keys, NULL, true, slot, NULL, NULL);
+	return row_find(src, keys, m, true, slot, NULL, NULL);
 }
 
 /*

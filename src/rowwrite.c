@@ -440,17 +440,18 @@ orch_writer_fetch(OrchRowWriter *w, ItemPointer tid)
 }
 
 /*
- * The row whose key (src: a unique index of the table) equals keys, found
- * and locked as an UPDATE by that key finds and locks it (orch_row_lock),
- * into w->before; false if there is none.  The lock is FOR UPDATE's, which
+ * The row whose key (src: a unique index of the table) equals keys, and
+ * that holds m's value if m is given, found and locked as an UPDATE by
+ * that key (and that condition) finds and locks it (orch_row_lock), into
+ * w->before; false if there is none.  The lock is FOR UPDATE's, which
  * an UPDATE that leaves the key alone takes only against FOR KEY SHARE:
  * nothing takes that on the orchestrator's tables (no foreign key refers
  * to them).
  */
 bool
-orch_writer_lock(OrchRowWriter *w, OrchRowSource *src, const Datum *keys)
+orch_writer_lock(OrchRowWriter *w, OrchRowSource *src, const Datum *keys, const OrchRowMatch *m)
 {
-	if (!orch_row_lock(src, keys, w->before))
+	if (!orch_row_lock(src, keys, m, w->before))
 		return false;
 	slot_getallattrs(w->before);
 	return true;

@@ -790,7 +790,7 @@ finish_directly(RowBuffer *b, Datum now)
 	{
 		int			started = att[FS_STARTED_AT] - 1;
 
-		if (!orch_writer_lock(&w, &finish_source, &BUF(b, 0, r)) ||
+		if (!orch_writer_lock(&w, &finish_source, &BUF(b, 0, r), NULL) ||
 			enum_is(w.before->tts_values[att[FS_STATUS] - 1], "cancelled"))
 			continue;
 #define SET(c, value, isnull) (v[att[c] - 1] = (value), null[att[c] - 1] = (isnull))
@@ -933,7 +933,7 @@ run_counters_directly(RowBuffer *b, Datum now, OrchBatchResult *result)
 		int32		left;
 		int			started = att[RS_STARTED_AT] - 1;
 
-		if (!orch_writer_lock(&w, &run_counter_source, &runs[r].run_id))
+		if (!orch_writer_lock(&w, &run_counter_source, &runs[r].run_id, NULL))
 			continue;
 		status = old[att[RS_STATUS] - 1];
 		was = DatumGetCString(DirectFunctionCall1(enum_out, status));
@@ -958,6 +958,111 @@ run_counters_directly(RowBuffer *b, Datum now, OrchBatchResult *result)
 	return true;
 }
 
+enum
+{
+	PS_RUN_ID, PS_NAME, PS_STATUS, PS_PENDING_NEEDS, PS_NEEDS_OK, PS_WAKE_AT, PS_NCOLS
+};
+static OrchRowSource propagate_source = {
+	"steps", "steps_run_id_name_key", 2, PS_NCOLS,
+	{"run_id", "name", "status", "pending_needs", "needs_ok", "wake_at"}
+};
+
+/* needs of one step (run, name) that finished in a round: n, ok of them succeeded */
+typedef struct NeedsDone
+{
+	Datum		run_id;
+	text	   *name;
+	int32		n;
+	int32		ok;
+} NeedsDone;
+
+static int
+needs_done_cmp(const void *a, const void *b)
+{
+	const NeedsDone *x = a;
+	const NeedsDone *y = b;
+	int			c = memcmp(DatumGetUUIDP(x->run_id), DatumGetUUIDP(y->run_id), UUID_LEN);
+	int			lx = VARSIZE_ANY_EXHDR(x->name);
+	int			ly = VARSIZE_ANY_EXHDR(y->name);
+
+	if (c != 0)
+		return c;
+	c = memcmp(VARDATA_ANY(x->name), VARDATA_ANY(y->name), Min(lx, ly));
+	return c != 0 ? c : (lx > ly) - (lx < ly);
+}
+
+/*
+ * PROPAGATE_SQL for propagate_rows (run, step name, ok): each step's rows
+ * summed (equal names are equal bytes: the key's collation is
+ * deterministic), the steps written in (run_id, name) order, each only
+ * while pending; result->made_ready when one was written, as the
+ * statement reports any row updated.
+ */
+static bool
+propagate_directly(RowBuffer *b, OrchBatchResult *result)
+{
+	const int16 *att = orch_row_source_attnums(&propagate_source);
+	OrchRowWriter w;
+	NeedsDone  *needs;
+	int			nneeds = 0;
+	OrchRowMatch pending;
+	Datum		ready;
+	Datum		now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	Datum	   *v;
+	bool	   *null;
+
+	if (!orch_writer_begin(&w, propagate_source.rels[0], CMD_UPDATE,
+						   orch_writer_columns(att, PS_STATUS, PS_WAKE_AT)))
+		return false;
+	needs = palloc(sizeof(NeedsDone) * b->nrows);
+	for (int r = 0; r < b->nrows; r++)
+	{
+		needs[r].run_id = BUF(b, 0, r);
+		needs[r].name = DatumGetTextPP(BUF(b, 1, r));
+		needs[r].n = 1;
+		needs[r].ok = DatumGetInt32(BUF(b, 2, r));
+	}
+	qsort(needs, b->nrows, sizeof(NeedsDone), needs_done_cmp);
+	for (int r = 0; r < b->nrows; r++)
+	{
+		if (nneeds > 0 && needs_done_cmp(&needs[nneeds - 1], &needs[r]) == 0)
+		{
+			needs[nneeds - 1].n += needs[r].n;
+			needs[nneeds - 1].ok += needs[r].ok;
+		}
+		else
+			needs[nneeds++] = needs[r];
+	}
+
+	pending.col = PS_STATUS;
+	pending.value = enum_value_of(w.rel, att[PS_STATUS], "pending");
+	ready = enum_value_of(w.rel, att[PS_STATUS], "ready");
+	v = w.values;
+	null = w.nulls;
+	for (int r = 0; r < nneeds; r++)
+	{
+		Datum		keys[2] = {needs[r].run_id, PointerGetDatum(needs[r].name)};
+		Datum	   *old = w.before->tts_values;
+		int32		left;
+
+		if (!orch_writer_lock(&w, &propagate_source, keys, &pending))
+			continue;
+		left = DatumGetInt32(old[att[PS_PENDING_NEEDS] - 1]) - needs[r].n;
+#define SET(c, value, isnull) (v[att[c] - 1] = (value), null[att[c] - 1] = (isnull))
+		SET(PS_PENDING_NEEDS, Int32GetDatum(left), false);
+		SET(PS_NEEDS_OK, Int32GetDatum(DatumGetInt32(old[att[PS_NEEDS_OK] - 1]) + needs[r].ok),
+			false);
+		SET(PS_STATUS, left == 0 ? ready : old[att[PS_STATUS] - 1], false);
+		SET(PS_WAKE_AT, left == 0 ? now : old[att[PS_WAKE_AT] - 1],
+			left == 0 ? false : w.before->tts_isnull[att[PS_WAKE_AT] - 1]);
+#undef SET
+		orch_writer_update(&w);
+		result->made_ready = true;
+	}
+	orch_writer_end(&w);
+	return true;
+}
+
 /* Write a buffer's rows with its statement; extra is its trailing parameter. */
 static void
 buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
@@ -973,6 +1078,7 @@ buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
 	/* without the executor where it can be */
 	if ((b->plan == P_FINISH && finish_directly(b, extra)) ||
 		(b->plan == P_ATTEMPT && attempt_directly(b)) ||
+		(b->plan == P_PROPAGATE && propagate_directly(b, result)) ||
 		(b->plan == P_RUNS && run_counters_directly(b, extra, result)))
 	{
 		b->nrows = 0;

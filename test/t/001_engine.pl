@@ -93,5 +93,85 @@ my ($ret, $out, $err) = $node->psql('postgres', "SET orchestrator.batchsize = 10
 like($err, qr/invalid configuration parameter name "orchestrator.batchsize"/,
 	'unknown orchestrator.* settings are rejected');
 
+# An engine batch writes what it finished (steps, attempts, dependents
+# counted down and made ready, run counters) through the tables' access
+# methods where the statements would do no more than write the rows; a
+# BEFORE ROW trigger on orch.steps makes it write the steps with the
+# statements.  Both leave the same rows and record the same audit events.
+# With the engine paused, one orch.tick() runs a fan-in's two heads in one
+# claim round, so that their step counts both of its needs down at once.
+$node->safe_psql('postgres', q{
+	SELECT orch.define_workflow('fan_in', '{"steps": [
+	  {"name": "a", "kind": "sql", "function": "app.record"},
+	  {"name": "b", "kind": "sql", "function": "app.record"},
+	  {"name": "c", "kind": "sql", "function": "app.record", "needs": ["a", "b"]},
+	  {"name": "d", "kind": "sql", "function": "app.record", "needs": ["c"]}]}');
+	CREATE TABLE app.passed (status orch.step_status, pending_needs int);
+	CREATE FUNCTION app.pass_step() RETURNS trigger LANGUAGE plpgsql AS $$
+	BEGIN
+		INSERT INTO app.passed VALUES (NEW.status, NEW.pending_needs);
+		RETURN NEW;
+	END
+	$$;
+	CREATE TABLE app.fan_in (path text PRIMARY KEY, run_id uuid NOT NULL);
+	ALTER SYSTEM SET orchestrator.enabled = off;
+	SELECT pg_reload_conf();
+});
+sleep(1);
+$node->safe_psql('postgres', q{
+	INSERT INTO app.fan_in SELECT 'direct', orch.start_run('fan_in', '{"path": "direct"}');
+});
+$node->safe_psql('postgres', 'SELECT orch.tick(100)');
+$node->safe_psql('postgres', q{
+	CREATE TRIGGER pass_step BEFORE UPDATE ON orch.steps FOR EACH ROW EXECUTE FUNCTION app.pass_step();
+	INSERT INTO app.fan_in SELECT 'statements', orch.start_run('fan_in', '{"path": "statements"}');
+});
+$node->safe_psql('postgres', 'SELECT orch.tick(100)');
+$node->safe_psql('postgres', q{
+	DROP TRIGGER pass_step ON orch.steps;
+	ALTER SYSTEM RESET orchestrator.enabled;
+	SELECT pg_reload_conf();
+});
+is($node->safe_psql('postgres', q{
+	SELECT f.path || ': ' || r.status || ', ' ||
+		   string_agg(s.name || ' ' || s.status || ' ' || s.pending_needs || '/' || s.needs_ok || ' ' || s.attempt,
+					  ', ' ORDER BY s.name)
+	  FROM app.fan_in f JOIN orch.runs r USING (run_id) JOIN orch.steps s USING (run_id)
+	 GROUP BY f.path, r.status ORDER BY f.path}),
+	"direct: succeeded, a succeeded 0/0 1, b succeeded 0/0 1, c succeeded 0/2 1, d succeeded 0/1 1\n"
+	  . "statements: succeeded, a succeeded 0/0 1, b succeeded 0/0 1, c succeeded 0/2 1, d succeeded 0/1 1",
+	'a fan-in run by one tick finishes the same with and without the statements');
+
+# Each run's events after its start, in the order recorded, with the
+# values that differ from run to run (ids, times, outputs, the worker)
+# left out.
+my $events = q{
+	SELECT string_agg(format('%s %s %s old %s new %s', e.table_name, e.operation, s.name,
+							 e.old_row - v.volatile, e.new_row - v.volatile), E'\n' ORDER BY e.audit_id)
+	  FROM app.fan_in f
+	  JOIN orch.audit_log e ON e.run_id = f.run_id
+	  LEFT JOIN orch.steps s ON s.step_id = (e.row_key->>'step_id')::bigint
+	 CROSS JOIN (SELECT '{step_id,run_id,started_at,finished_at,wake_at,attempt_started_at,output,worker}'::text[]
+				 AS volatile) v
+	 WHERE f.path = :'path' AND (e.operation <> 'INSERT' OR e.table_name = 'orch.attempts')};
+my $direct = $node->safe_psql('postgres', "\\set path direct\n$events");
+my $statements = $node->safe_psql('postgres', "\\set path statements\n$events");
+is($node->safe_psql('postgres', q{
+	SELECT count(*) FROM app.fan_in f
+	  JOIN orch.audit_log e USING (run_id)
+	  JOIN orch.steps s ON s.step_id = (e.row_key->>'step_id')::bigint
+	 WHERE f.path = 'direct' AND s.name = 'c' AND e.operation = 'UPDATE'
+	   AND (e.old_row->>'pending_needs')::int = 2 AND (e.new_row->>'pending_needs')::int = 0
+	   AND e.new_row->>'status' = 'ready'}),
+	'1', 'the fan-in step counted both of its needs down in one write');
+is($node->safe_psql('postgres', q{
+	SELECT string_agg(status || ' ' || pending_needs || ' ' || n, ', ' ORDER BY status, pending_needs)
+	  FROM (SELECT status, pending_needs, count(*) AS n FROM app.passed GROUP BY 1, 2) p}),
+	'ready 0 2, succeeded 0 4',
+	'with the trigger, the statements wrote the four steps finished and the two made ready');
+is(($direct =~ tr/\n//) + 1, 11,
+	'the run by one tick: four steps finished, their four attempts, two dependents made ready, the run');
+is($direct, $statements, 'the access methods and the statements record the same events');
+
 $node->stop;
 done_testing();
