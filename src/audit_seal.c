@@ -734,7 +734,11 @@ read_block(HeapTuple t, TupleDesc d, ReadBlock *rb)
 	rb->b.nrecords = nrec;
 	rb->b.record_ids = rec_ids;
 	rb->b.record_rows = rec_rows;
-	tags = DatumGetByteaP(SPI_getbinval(t, d, 8, &isnull));
+	/*
+	 * A copy: the tags of a small block stay in its row (out of line only
+	 * when the row passes 2 kB), which verify_run frees once it is read.
+	 */
+	tags = DatumGetByteaPCopy(SPI_getbinval(t, d, 8, &isnull));
 	if ((VARSIZE(tags) - VARHDRSZ) % ORCH_AUDIT_TAG_LEN != 0)
 		rb->valid = false;
 	rb->ntags = (VARSIZE(tags) - VARHDRSZ) / ORCH_AUDIT_TAG_LEN;
