@@ -735,8 +735,9 @@ read_block(HeapTuple t, TupleDesc d, ReadBlock *rb)
 	rb->b.record_ids = rec_ids;
 	rb->b.record_rows = rec_rows;
 	/*
-	 * A copy: the tags of a small block stay in its row (out of line only
-	 * when the row passes 2 kB), which verify_run frees once it is read.
+	 * A copy: a small block's tags stay in its row (they move out of line
+	 * only when the row passes 2 kB), and verify_run frees the row as soon
+	 * as it has read it.
 	 */
 	tags = DatumGetByteaPCopy(SPI_getbinval(t, d, 8, &isnull));
 	if ((VARSIZE(tags) - VARHDRSZ) % ORCH_AUDIT_TAG_LEN != 0)
