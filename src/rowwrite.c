@@ -505,9 +505,12 @@ orch_writer_update(OrchRowWriter *w)
 	bool		update_indexes;
 	List	   *recheck = NIL;
 	TM_Result	r;
+	MemoryContext oldcxt;
 
 	Assert(w->op == CMD_UPDATE);
 	form_row(w);
+	/* what writing it allocates (compressed values, index tuples) goes with the row */
+	oldcxt = MemoryContextSwitchTo(GetPerTupleMemoryContext(w->estate));
 	r = table_tuple_update(w->rel, &tid, w->after, GetCurrentCommandId(true), InvalidSnapshot,
 						   InvalidSnapshot, true, &tmfd, &lockmode, &update_indexes);
 	if (r != TM_Ok)
@@ -518,7 +521,7 @@ orch_writer_update(OrchRowWriter *w)
 	if (w->row_triggers)
 		ExecARUpdateTriggers(w->estate, w->rri, NULL, NULL, &tid, NULL, w->after, recheck,
 							 NULL, false);
-	list_free(recheck);
+	MemoryContextSwitchTo(oldcxt);
 	ResetPerTupleExprContext(w->estate);
 	if (w->audit != NULL)
 		orch_audit_rows_add(w->audit, w->before, w->after);
@@ -529,15 +532,18 @@ void
 orch_writer_insert(OrchRowWriter *w)
 {
 	List	   *recheck = NIL;
+	MemoryContext oldcxt;
 
 	Assert(w->op == CMD_INSERT);
 	form_row(w);
+	/* as in orch_writer_update */
+	oldcxt = MemoryContextSwitchTo(GetPerTupleMemoryContext(w->estate));
 	table_tuple_insert(w->rel, w->after, GetCurrentCommandId(true), 0, NULL);
 	if (w->rri->ri_NumIndices > 0)
 		recheck = ExecInsertIndexTuples(w->rri, w->after, w->estate, false, false, NULL, NIL);
 	if (w->row_triggers)
 		ExecARInsertTriggers(w->estate, w->rri, w->after, recheck, NULL);
-	list_free(recheck);
+	MemoryContextSwitchTo(oldcxt);
 	ResetPerTupleExprContext(w->estate);
 	if (w->audit != NULL)
 		orch_audit_rows_add(w->audit, NULL, w->after);
