@@ -195,6 +195,20 @@ static TimestampTz batch_min_timer = 0;
 static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 
 /*
+ * The steps the batch's own writes made ready (their needs counted down to
+ * zero), which its next claim round takes first, by key: a batch follows
+ * the runs it took instead of leaving their next steps behind every step
+ * already due.  follow_total counts them over the batch.
+ */
+static Datum *followers = NULL;
+static int	nfollowers = 0;
+static int	maxfollowers = 0;
+static int	follow_total = 0;
+
+/* steps made ready some other way (compensations, children): claim in order */
+static bool ready_elsewhere = false;
+
+/*
  * The bookkeeping of a claim round is written set-wise: each outcome is
  * buffered as a row, and one statement per kind writes all rows from arrays
  * (unnest) when the round ends, or earlier when a write must not wait (a
@@ -325,7 +339,8 @@ static MemoryContext batch_cxt = NULL;	/* non-NULL while a batch runs */
 	"       status = CASE WHEN s.pending_needs = " n " THEN 'ready' ELSE s.status END," \
 	"       wake_at = CASE WHEN s.pending_needs = " n " THEN pg_catalog.now() ELSE s.wake_at END" \
 	from \
-	" WHERE s.run_id = " run " AND s.name = " name " AND s.status = 'pending'"
+	" WHERE s.run_id = " run " AND s.name = " name " AND s.status = 'pending'" \
+	" RETURNING CASE WHEN s.status = 'ready' THEN s.step_id END"
 
 /*
  * n steps of a run moved: count down, start, finish ($3: the time); the run
@@ -960,12 +975,28 @@ run_counters_directly(RowBuffer *b, Datum now, OrchBatchResult *result)
 
 enum
 {
-	PS_RUN_ID, PS_NAME, PS_STATUS, PS_PENDING_NEEDS, PS_NEEDS_OK, PS_WAKE_AT, PS_NCOLS
+	PS_RUN_ID, PS_NAME, PS_STATUS, PS_PENDING_NEEDS, PS_NEEDS_OK, PS_WAKE_AT, PS_STEP_ID,
+	PS_NCOLS
 };
 static OrchRowSource propagate_source = {
 	"steps", "steps_run_id_name_key", 2, PS_NCOLS,
-	{"run_id", "name", "status", "pending_needs", "needs_ok", "wake_at"}
+	{"run_id", "name", "status", "pending_needs", "needs_ok", "wake_at", "step_id"}
 };
+
+/* A step the batch made ready: its next round claims it (followers). */
+static void
+add_follower(Datum step_id)
+{
+	if (nfollowers == maxfollowers)
+	{
+		maxfollowers = Max(maxfollowers * 2, 64);
+		followers = followers == NULL
+			? MemoryContextAlloc(batch_cxt, sizeof(Datum) * maxfollowers)
+			: repalloc(followers, sizeof(Datum) * maxfollowers);
+	}
+	followers[nfollowers++] = step_id;
+	follow_total++;
+}
 
 /* needs of one step (run, name) that finished in a round: n, ok of them succeeded */
 typedef struct NeedsDone
@@ -996,7 +1027,8 @@ needs_done_cmp(const void *a, const void *b)
  * summed (equal names are equal bytes: the key's collation is
  * deterministic), the steps written in (run_id, name) order, each only
  * while pending; result->made_ready when one was written, as the
- * statement reports any row updated.
+ * statement reports any row updated, and those that became ready are the
+ * batch's followers, as the statement returns them.
  */
 static bool
 propagate_directly(RowBuffer *b, OrchBatchResult *result)
@@ -1058,6 +1090,8 @@ propagate_directly(RowBuffer *b, OrchBatchResult *result)
 #undef SET
 		orch_writer_update(&w);
 		result->made_ready = true;
+		if (left == 0)
+			add_follower(old[att[PS_STEP_ID] - 1]);
 	}
 	orch_writer_end(&w);
 	return true;
@@ -1112,9 +1146,19 @@ buffer_flush(RowBuffer *b, Datum extra, OrchBatchResult *result)
 	switch (b->plan)
 	{
 		case P_PROPAGATE:
-			exec_plan(plan, params, nulls, SPI_OK_UPDATE);
+			exec_plan(plan, params, nulls, SPI_OK_UPDATE_RETURNING);
 			if (SPI_processed > 0)
 				result->made_ready = true;
+			for (uint64 i = 0; i < SPI_processed; i++)
+			{
+				bool		isnull;
+				Datum		id = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+											   1, &isnull);
+
+				if (!isnull)
+					add_follower(id);
+			}
+			SPI_freetuptable(SPI_tuptable);
 			break;
 		case P_RUNS:
 			exec_plan(plan, params, nulls, SPI_OK_UPDATE_RETURNING);
@@ -2237,7 +2281,7 @@ compensate_next(Datum run_id, OrchBatchResult *result)
 									   &isnull));
 	SPI_freetuptable(SPI_tuptable);
 	if (armed)
-		result->made_ready = true;
+		result->made_ready = ready_elsewhere = true;
 	return armed;
 }
 
@@ -3255,7 +3299,7 @@ advance_subworkflow(ClaimedStep *s, const char *worker, TimestampTz now,
 		}
 		defer_step(s, "waiting", now + CHILD_RECHECK_USECS, attempt, (Datum) 0);
 		run_step_done(s, 0);
-		result->made_ready = true;	/* the child's first steps */
+		result->made_ready = ready_elsewhere = true;	/* the child's first steps */
 		return;
 	}
 
@@ -3366,7 +3410,7 @@ advance_map(ClaimedStep *s, const char *worker, TimestampTz now, OrchBatchResult
 		defer_step(s, "waiting", now + CHILD_RECHECK_USECS, attempt, (Datum) 0);
 		if (first)
 			run_step_done(s, 0);
-		result->made_ready = true;	/* children may have been started */
+		result->made_ready = ready_elsewhere = true;	/* children may have been started */
 	}
 }
 
@@ -3439,6 +3483,9 @@ batch_begin(void)
 	opened_circuits = NIL;
 	batch_min_timer = 0;
 	orch_last_step_id = 0;
+	followers = NULL;
+	nfollowers = maxfollowers = follow_total = 0;
+	ready_elsewhere = false;
 	buffers_empty(true);
 	return batch_cxt;
 }
@@ -3452,6 +3499,8 @@ batch_end(void)
 	run_rows_cxt = NULL;
 	failed_runs = NIL;
 	opened_circuits = NIL;
+	followers = NULL;
+	nfollowers = maxfollowers = 0;
 	buffers_empty(true);
 }
 
@@ -3555,6 +3604,55 @@ claim_steps(int max, TimestampTz now, ClaimedStep **steps, int *stale)
 }
 
 /*
+ * Claim up to max of the batch's followers (the steps its writes made
+ * ready) into *steps; returns how many.  They are ready, and the batch
+ * holds their rows' locks already; one whose run another worker has locked
+ * is left for a later claim.
+ */
+static int
+claim_followers(int max, ClaimedStep **steps)
+{
+	int			dims[1] = {nfollowers};
+	int			lbs[1] = {1};
+	Datum		args[2];
+	TimestampTz xact_now = GetCurrentTransactionStartTimestamp();
+	int			n;
+	int			kept = 0;
+
+	args[0] = PointerGetDatum(construct_md_array(followers, NULL, 1, dims, lbs, INT8OID,
+												 sizeof(int64), FLOAT8PASSBYVAL,
+												 TYPALIGN_DOUBLE));
+	args[1] = Int32GetDatum(max);
+	nfollowers = 0;
+	n = fetch_steps(P_CLAIM, args, batch_cxt, steps);
+	for (int i = 0; i < n; i++)
+	{
+		ClaimedStep *s = &(*steps)[i];
+
+		if (is_due_status(s->status) && s->wake_at != 0 && s->wake_at <= xact_now)
+			(*steps)[kept++] = *s;
+	}
+	return kept;
+}
+
+/*
+ * How many due steps the engine's batch claims in its first round: room is
+ * left for the steps they will make ready, follow_ratio of them a step as
+ * the last batch that filled its first round measured (chain3: two).  What
+ * the followers leave of the batch is claimed in later rounds, in order,
+ * like the first.  orch.tick() claims as it is told.
+ */
+static double follow_ratio = 0;
+
+static int
+first_round_size(int max_steps)
+{
+	if (!IsBackgroundWorker)
+		return max_steps;
+	return Max((int) (max_steps / (1 + follow_ratio)), 1);
+}
+
+/*
  * One batch: claim up to max_steps due steps and advance each.  Runs inside
  * the caller's transaction and SPI connection.
  */
@@ -3566,6 +3664,9 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 	MemoryContext oldcxt;
 	TimestampTz now = GetCurrentTimestamp();
 	int			stale_rounds = 0;
+	int			first_want = 0;
+	int			first_claimed = -1;
+	bool		more_due = false;
 
 	cxt = batch_begin();
 	step_cxt = AllocSetContextCreate(cxt, "orchestrator step", ALLOCSET_DEFAULT_SIZES);
@@ -3590,26 +3691,38 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 		}
 
 		/*
-		 * Claim rounds: each sees the steps the previous round made ready.
-		 * A round that took nothing but steps another worker finished
-		 * meanwhile (it picked them before that worker committed) is
-		 * followed by another, which picks after them, a few times: a batch
-		 * that came back empty would make this worker sleep while due steps
-		 * wait.
+		 * Claim rounds.  The first takes due steps in order, leaving room
+		 * for the steps they will make ready (first_round_size); each later
+		 * round takes those first (claim_followers).  Then, while the batch
+		 * has room, more in order: when steps were made ready some other
+		 * way, or when the last claim in order came back full and none
+		 * followed (the room left for them would stay empty; when some did,
+		 * the steps taken now would leave theirs for a later batch).  A round that took nothing but steps another worker
+		 * finished meanwhile (it picked them before that worker committed)
+		 * is followed by another, which picks after them, a few times: a
+		 * batch that came back empty would make this worker sleep while due
+		 * steps wait.
 		 */
 		while (result->claimed < max_steps)
 		{
 			ClaimedStep *steps;
 			int			n;
-			int			stale;
-			bool		made_ready_before = result->made_ready;
+			int			stale = 0;
+			int			want = max_steps - result->claimed;
 
-			result->made_ready = false;
-			n = claim_steps(max_steps - result->claimed, now, &steps, &stale);
-			if (n == 0 && stale > 0 && stale_rounds++ < STALE_CLAIM_ROUNDS)
+			if (nfollowers > 0)
+				n = claim_followers(want, &steps);
+			else
 			{
-				result->made_ready = made_ready_before;
-				continue;
+				if (first_want == 0)
+					want = first_want = first_round_size(max_steps);
+				ready_elsewhere = false;
+				n = claim_steps(want, now, &steps, &stale);
+				if (n == 0 && stale > 0 && stale_rounds++ < STALE_CLAIM_ROUNDS)
+					continue;
+				if (first_claimed < 0)
+					first_claimed = n + stale;
+				more_due = n > 0 && n + stale == want;
 			}
 			result->claimed += n;
 			for (int i = 0; i < n; i++)
@@ -3622,13 +3735,14 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 				MemoryContextReset(step_cxt);
 			}
 			flush_buffers(now, result, false);
-			if (!result->made_ready)
-			{
-				result->made_ready = made_ready_before;
+			if (nfollowers == 0 && !ready_elsewhere && !(more_due && follow_total == 0))
 				break;
-			}
 		}
 		flush_all(now, result);
+
+		/* a first round that filled measures how many steps follow one */
+		if (first_claimed > 0 && first_claimed == first_want)
+			follow_ratio = Min((double) follow_total / first_claimed, max_steps - 1);
 	}
 	PG_FINALLY();
 	{
