@@ -173,5 +173,37 @@ is(($direct =~ tr/\n//) + 1, 11,
 	'the run by one tick: four steps finished, their four attempts, two dependents made ready, the run');
 is($direct, $statements, 'the access methods and the statements record the same events');
 
+# A batch follows the runs it takes: its first round leaves room for the
+# steps they will make ready, and its later rounds take those before any
+# other due step.  A backlog of 300 chain3 runs, started while the engine is
+# paused, through batches of 30 steps: once the worker has measured that
+# two steps follow each first one (its first two batches leave 45 runs
+# unfinished), a batch takes 10 runs and finishes them, where taking the
+# due steps in order would run the backlog's first steps first and finish
+# no run in one batch.
+$node->safe_psql('postgres', q{
+	ALTER SYSTEM SET orchestrator.enabled = off;
+	ALTER SYSTEM SET orchestrator.batch_size = 30;
+	SELECT pg_reload_conf();
+});
+sleep(1);
+$node->safe_psql('postgres',
+	"SELECT orch.start_run('chain3', jsonb_build_object('follow', g)) FROM generate_series(1, 300) g");
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET orchestrator.enabled; SELECT pg_reload_conf()');
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 300 FROM orch.runs WHERE input ? 'follow' AND status = 'succeeded'"),
+	'the backlog of 300 runs finished');
+my $finished = q{
+	SELECT e.xid, e.run_id FROM orch.audit_log e JOIN orch.runs r USING (run_id)
+	 WHERE r.input ? 'follow' AND e.table_name = 'orch.steps' AND e.operation = 'UPDATE'
+	   AND e.new_row->>'status' = 'succeeded'};
+my ($whole, $largest) = split /\|/, $node->safe_psql('postgres', qq{
+	SELECT (SELECT count(*) FROM (SELECT run_id FROM ($finished) f GROUP BY run_id
+								   HAVING count(DISTINCT xid) = 1) w),
+		   (SELECT max(n) FROM (SELECT count(*) AS n FROM ($finished) f GROUP BY xid) b)});
+cmp_ok($whole, '>=', 200, "a batch finishes the runs it takes ($whole of 300 in one transaction)");
+cmp_ok($largest, '<=', 30, "no batch advances more than batch_size steps ($largest at most)");
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET orchestrator.batch_size; SELECT pg_reload_conf()');
+
 $node->stop;
 done_testing();
