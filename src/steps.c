@@ -3696,12 +3696,13 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 		 * round takes those first (claim_followers).  Then, while the batch
 		 * has room, more in order: when steps were made ready some other
 		 * way, or when the last claim in order came back full and none
-		 * followed (the room left for them would stay empty; when some did,
-		 * the steps taken now would leave theirs for a later batch).  A round that took nothing but steps another worker
-		 * finished meanwhile (it picked them before that worker committed)
-		 * is followed by another, which picks after them, a few times: a
-		 * batch that came back empty would make this worker sleep while due
-		 * steps wait.
+		 * followed (the room left for them would stay empty; when some
+		 * did, the steps taken now would leave theirs to a later batch).
+		 * A round that took nothing but steps another worker finished
+		 * meanwhile (it picked them before that worker committed) is
+		 * followed by another, which picks after them, a few times: a batch
+		 * that came back empty would make this worker sleep while due steps
+		 * wait.
 		 */
 		while (result->claimed < max_steps)
 		{
