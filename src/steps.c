@@ -3638,10 +3638,13 @@ claim_followers(int max, ClaimedStep **steps)
 /*
  * How many due steps the engine's batch claims in its first round: room is
  * left for the steps they will make ready, follow_ratio of them a step as
- * the last batch that filled its first round measured (chain3: two).  What
- * the followers leave of the batch is claimed in later rounds, in order,
- * like the first.  orch.tick() claims as it is told.
+ * the last batch that filled its first round measured (chain3: two), at
+ * most MAX_FOLLOW_RATIO: the first round takes at least a quarter of the
+ * batch, so that each round's set-wise writes still serve many steps (the
+ * runs of a long chain would otherwise be followed one at a time, a round
+ * for each step).  orch.tick() claims as it is told.
  */
+#define MAX_FOLLOW_RATIO	3.0
 static double follow_ratio = 0;
 
 static int
@@ -3743,7 +3746,7 @@ orch_process_batch(int max_steps, const char *worker, OrchBatchResult *result)
 
 		/* a first round that filled measures how many steps follow one */
 		if (first_claimed > 0 && first_claimed == first_want)
-			follow_ratio = Min((double) follow_total / first_claimed, max_steps - 1);
+			follow_ratio = Min((double) follow_total / first_claimed, MAX_FOLLOW_RATIO);
 	}
 	PG_FINALLY();
 	{
