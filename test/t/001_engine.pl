@@ -177,10 +177,10 @@ is($direct, $statements, 'the access methods and the statements record the same 
 # steps they will make ready, and its later rounds take those before any
 # other due step.  A backlog of 300 chain3 runs, started while the engine is
 # paused, through batches of 30 steps: once the worker has measured that
-# two steps follow each first one (its first two batches leave 45 runs
-# unfinished), a batch takes 10 runs and finishes them, where taking the
-# due steps in order would run the backlog's first steps first and finish
-# no run in one batch.
+# two steps follow each first one (its first two batches leave the next
+# steps of 45 runs to later batches), a batch takes 10 runs and finishes
+# them, where taking the due steps in order would run the backlog's first
+# steps first and finish no run in one batch.
 $node->safe_psql('postgres', q{
 	ALTER SYSTEM SET orchestrator.enabled = off;
 	ALTER SYSTEM SET orchestrator.batch_size = 30;
