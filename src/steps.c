@@ -3540,6 +3540,25 @@ is_due_status(const char *status)
 }
 
 /*
+ * Keep of the n steps a claim locked those still due (status and wake_at,
+ * against the transaction's start), in order; returns how many.
+ */
+static int
+keep_due(ClaimedStep *steps, int n)
+{
+	TimestampTz xact_now = GetCurrentTransactionStartTimestamp();
+	int			kept = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		if (is_due_status(steps[i].status) && steps[i].wake_at != 0 &&
+			steps[i].wake_at <= xact_now)
+			steps[kept++] = steps[i];
+	}
+	return kept;
+}
+
+/*
  * Claim up to max due steps into *steps; returns how many.  *stale is set
  * to how many of the rows it locked were no longer due: steps another
  * worker took and finished after the candidates were picked, which count
@@ -3551,7 +3570,6 @@ claim_steps(int max, TimestampTz now, ClaimedStep **steps, int *stale)
 	Datum		args[3];
 	Datum		candidates;
 	bool		isnull;
-	TimestampTz xact_now = GetCurrentTransactionStartTimestamp();
 	int			n;
 	int			kept;
 
@@ -3591,14 +3609,7 @@ claim_steps(int max, TimestampTz now, ClaimedStep **steps, int *stale)
 	}
 
 	/* drop what changed since the candidates were picked */
-	kept = 0;
-	for (int i = 0; i < n; i++)
-	{
-		ClaimedStep *s = &(*steps)[i];
-
-		if (is_due_status(s->status) && s->wake_at != 0 && s->wake_at <= xact_now)
-			(*steps)[kept++] = *s;
-	}
+	kept = keep_due(*steps, n);
 	*stale = n - kept;
 	return kept;
 }
@@ -3615,24 +3626,13 @@ claim_followers(int max, ClaimedStep **steps)
 	int			dims[1] = {nfollowers};
 	int			lbs[1] = {1};
 	Datum		args[2];
-	TimestampTz xact_now = GetCurrentTransactionStartTimestamp();
-	int			n;
-	int			kept = 0;
 
 	args[0] = PointerGetDatum(construct_md_array(followers, NULL, 1, dims, lbs, INT8OID,
 												 sizeof(int64), FLOAT8PASSBYVAL,
 												 TYPALIGN_DOUBLE));
 	args[1] = Int32GetDatum(max);
 	nfollowers = 0;
-	n = fetch_steps(P_CLAIM, args, batch_cxt, steps);
-	for (int i = 0; i < n; i++)
-	{
-		ClaimedStep *s = &(*steps)[i];
-
-		if (is_due_status(s->status) && s->wake_at != 0 && s->wake_at <= xact_now)
-			(*steps)[kept++] = *s;
-	}
-	return kept;
+	return keep_due(*steps, fetch_steps(P_CLAIM, args, batch_cxt, steps));
 }
 
 /*
