@@ -158,8 +158,9 @@ bench_start_cluster() {
 	sock=$cluster
 
 	max_worker_processes=16
-	# launcher + workers for "bench", and probes of "postgres" and "pgb"
-	[ $(( 3 * workers + 4 )) -gt $max_worker_processes ] && max_worker_processes=$(( 3 * workers + 4 ))
+	# the launcher; workers and a sealer for each of up to three databases
+	# (bench/audit's); probes of "postgres" and "pgb"
+	[ $(( 3 * (workers + 1) + 3 )) -gt $max_worker_processes ] && max_worker_processes=$(( 3 * (workers + 1) + 3 ))
 
 	log "creating the cluster in $cluster (port $port)"
 	as_pg "$bindir/initdb" -D "$cluster/data" -A trust -E UTF8 --locale=C -N >/dev/null

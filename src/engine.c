@@ -6,6 +6,11 @@
  *	  due, or orchestrator.max_sleep passes.
  *
  *	  orch.tick() runs the same batch in the calling session.
+ *
+ *	  The sealer: connected to one database too, it seals that database's
+ *	  finished audit rows every orchestrator.audit_seal_interval, in a
+ *	  process of its own, so that no batch waits for a seal and no long
+ *	  step holds sealing (and its heartbeat blocks) back.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -39,6 +44,9 @@
 #define LOCKED_RETRY_MS		100
 
 static int	my_slotno = -1;
+
+/* in_own_transaction found the extension dropped */
+static bool extension_gone = false;
 
 /*
  * After a batch failed outside any step's subtransaction, the engine
@@ -189,7 +197,10 @@ in_own_transaction(void (*work) (void *arg), void *arg, bool read_committed)
 			PopActiveSnapshot();
 		}
 		else
+		{
 			ok = false;			/* DROP EXTENSION: the next batch leaves */
+			extension_gone = true;
+		}
 		CommitTransactionCommand();
 	}
 	PG_CATCH();
@@ -327,40 +338,17 @@ run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_c
 	return true;
 }
 
-static void
-seal_work(void *arg)
-{
-	MemoryContext loop_cxt = (MemoryContext) arg;
-	MemoryContext oldcxt = MemoryContextSwitchTo(loop_cxt);
-
-	pgstat_report_activity(STATE_RUNNING, "orchestrator: sealing the audit trail");
-	(void) orch_audit_seal(true);
-	MemoryContextSwitchTo(oldcxt);
-}
-
 /*
- * Seal the audit trail (audit_seal.c), in a transaction of its own; the
- * first engine worker of each database does it every
- * orchestrator.audit_seal_interval.  An error is logged, and sealing is
- * tried again at the next interval: nothing is lost, rows wait unsealed.
+ * Attach to the slot the launcher reserved (main_arg), connect to its
+ * database and check for the extension; without it, say so in the slot
+ * and exit.  An engine worker's latch is in its slot, for commits that
+ * make work ready to set; the sealer's is not.
  */
 static void
-seal_audit_trail(MemoryContext loop_cxt)
-{
-	(void) in_own_transaction(seal_work, loop_cxt, true);
-	pgstat_report_activity(STATE_IDLE, NULL);
-	MemoryContextReset(loop_cxt);
-}
-
-void
-orch_engine_main(Datum main_arg)
+worker_attach(Datum main_arg, const char *appname, bool wakeable)
 {
 	Oid			dboid;
 	bool		present;
-	MemoryContext loop_cxt;
-	char		worker_name[64];
-	bool		sealer;
-	TimestampTz next_seal_at = 0;
 
 	my_slotno = DatumGetInt32(main_arg);
 
@@ -375,7 +363,7 @@ orch_engine_main(Datum main_arg)
 	before_shmem_exit(engine_detach, (Datum) 0);
 
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
-	pgstat_report_appname("orchestrator engine");
+	pgstat_report_appname(appname);
 
 	StartTransactionCommand();
 	present = lock_extension();
@@ -390,11 +378,22 @@ orch_engine_main(Datum main_arg)
 
 	SpinLockAcquire(&OrchShared->mutex);
 	OrchShared->slots[my_slotno].state = ORCH_SLOT_RUNNING;
-	OrchShared->slots[my_slotno].latch = MyLatch;
+	OrchShared->slots[my_slotno].latch = wakeable ? MyLatch : NULL;
 	OrchShared->slots[my_slotno].started_at = GetCurrentTimestamp();
 	SpinLockRelease(&OrchShared->mutex);
+}
 
-	sealer = OrchShared->slots[my_slotno].worker_index == 0;
+void
+orch_engine_main(Datum main_arg)
+{
+	MemoryContext loop_cxt;
+	char		worker_name[64];
+
+	worker_attach(main_arg, "orchestrator engine", true);
+	/* the database has the extension: the launcher starts its sealer now */
+	if (OrchShared->slots[my_slotno].worker_index == 0)
+		orch_poke_launcher();
+
 	snprintf(worker_name, sizeof(worker_name), "engine:%d", MyProcPid);
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "orchestrator engine batch",
 									 ALLOCSET_DEFAULT_SIZES);
@@ -410,7 +409,6 @@ orch_engine_main(Datum main_arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
-			next_seal_at = 0;	/* the interval may have changed: seal, then count anew */
 		}
 
 		memset(&result, 0, sizeof(result));
@@ -421,23 +419,12 @@ orch_engine_main(Datum main_arg)
 		}
 		if (orch_enabled)
 		{
-			/*
-			 * Wake the waiters first: a seal takes milliseconds, and a worker
-			 * waiting in claim_tasks or a client in wait_run should not wait
-			 * for it.
-			 */
 			if (result.runs_finished > 0)
 				ConditionVariableBroadcast(&OrchShared->run_finished);
 			if (result.tasks_queued > 0)
 				ConditionVariableBroadcast(&OrchShared->tasks_ready);
 			if (result.claimed > 0)
 				slot_update_after_batch(result.claimed);
-		}
-		if (orch_enabled && sealer && GetCurrentTimestamp() >= next_seal_at)
-		{
-			seal_audit_trail(loop_cxt);
-			next_seal_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													   orch_audit_seal_interval_ms);
 		}
 		/* Work begets work: a finished step may have made others ready. */
 		if (orch_enabled && result.claimed > 0)
@@ -452,8 +439,6 @@ orch_engine_main(Datum main_arg)
 				until_next = LOCKED_RETRY_MS;
 			sleep_ms = Min(sleep_ms, until_next);
 		}
-		if (orch_enabled && sealer)
-			sleep_ms = Min(sleep_ms, Max((long) ((next_seal_at - GetCurrentTimestamp()) / 1000) + 1, 1));
 		if (sleep_ms > 0)
 		{
 			TimestampTz now = GetCurrentTimestamp();
@@ -468,6 +453,75 @@ orch_engine_main(Datum main_arg)
 			orch_engine_sleeping(my_slotno, 0);
 			ResetLatch(MyLatch);
 		}
+	}
+}
+
+static void
+seal_work(void *arg)
+{
+	MemoryContext loop_cxt = (MemoryContext) arg;
+	MemoryContext oldcxt = MemoryContextSwitchTo(loop_cxt);
+
+	pgstat_report_activity(STATE_RUNNING, "orchestrator: sealing the audit trail");
+	(void) orch_audit_seal(true);
+	MemoryContextSwitchTo(oldcxt);
+}
+
+/*
+ * The sealer of one database (audit_seal.c does the sealing): a seal every
+ * orchestrator.audit_seal_interval, each in a transaction of its own, and
+ * at once after a reload (the interval may have changed).  A seal that
+ * fails is logged and tried again at the next interval: nothing is lost,
+ * rows wait unsealed.  Like the engine, it does nothing while
+ * orchestrator.enabled is off.
+ */
+void
+orch_sealer_main(Datum main_arg)
+{
+	MemoryContext loop_cxt;
+	TimestampTz next_seal_at = 0;
+
+	worker_attach(main_arg, "orchestrator sealer", false);
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "orchestrator seal",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		long		sleep_ms = orch_max_sleep_ms;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			next_seal_at = 0;	/* the interval may have changed: seal, then count anew */
+		}
+
+		if (orch_enabled)
+		{
+			TimestampTz now = GetCurrentTimestamp();
+
+			if (now >= next_seal_at)
+			{
+				(void) in_own_transaction(seal_work, loop_cxt, true);
+				pgstat_report_activity(STATE_IDLE, NULL);
+				MemoryContextReset(loop_cxt);
+				if (extension_gone)
+				{
+					/* DROP EXTENSION: leave; the launcher looks again later */
+					SpinLockAcquire(&OrchShared->mutex);
+					OrchShared->slots[my_slotno].state = ORCH_SLOT_NO_EXTENSION;
+					SpinLockRelease(&OrchShared->mutex);
+					proc_exit(0);
+				}
+				now = GetCurrentTimestamp();
+				next_seal_at = TimestampTzPlusMilliseconds(now, orch_audit_seal_interval_ms);
+			}
+			sleep_ms = Max((long) ((next_seal_at - now) / 1000) + 1, 1);
+		}
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 sleep_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
 	}
 }
 

@@ -1,15 +1,19 @@
 /*-------------------------------------------------------------------------
  * launcher.c
  *	  The launcher: one static background worker per cluster that starts
- *	  engine workers (orchestrator.workers_per_database) for every database
- *	  that has the extension, and starts them again when they exit.
+ *	  engine workers (orchestrator.workers_per_database) and a sealer for
+ *	  every database that has the extension, and starts them again when
+ *	  they exit.
  *
  *	  The launcher connects to no database; it reads pg_database and starts
  *	  a worker for each connectable, non-template database it has not yet
  *	  found to lack the extension.  The worker itself checks for the extension
  *	  and, when it is absent, says so in its slot and exits; the launcher
  *	  looks again after orchestrator.launcher_naptime, or at once when
- *	  CREATE EXTENSION or CREATE DATABASE commits and wakes it.
+ *	  CREATE EXTENSION or CREATE DATABASE commits and wakes it.  The sealer
+ *	  is started once the database's first engine worker has found the
+ *	  extension (it pokes the launcher), so that a database without it costs
+ *	  one worker per look, not two.
  *
  *	  Like every worker it starts only after recovery has finished, so
  *	  nothing acts on a standby; after a crash the postmaster restarts it.
@@ -59,7 +63,7 @@ typedef struct DatabaseEntry
 	bool		no_extension;	/* a worker found no extension there */
 	TimestampTz probe_after;	/* when to look for the extension again */
 	char		datname[NAMEDATALEN];
-	EngineRef	engines[ORCH_MAX_WORKERS_PER_DB];
+	EngineRef	engines[ORCH_MAX_WORKERS_PER_DB + 1];	/* the last: its sealer */
 } DatabaseEntry;
 
 static HTAB *databases = NULL;
@@ -171,7 +175,7 @@ scan_databases(void)
 		if (!found)
 		{
 			memset(((char *) entry) + sizeof(Oid), 0, sizeof(DatabaseEntry) - sizeof(Oid));
-			for (int i = 0; i < ORCH_MAX_WORKERS_PER_DB; i++)
+			for (int i = 0; i <= ORCH_SEALER_INDEX; i++)
 				entry->engines[i].slotno = -1;
 		}
 		entry->seen = true;
@@ -196,7 +200,8 @@ start_engine(DatabaseEntry *entry, int index)
 	if (slotno < 0)
 	{
 		ereport(WARNING,
-				(errmsg("orchestrator launcher has no free slot for an engine worker of database \"%s\"",
+				(errmsg("orchestrator launcher has no free slot for %s of database \"%s\"",
+						index == ORCH_SEALER_INDEX ? "the sealer" : "an engine worker",
 						entry->datname),
 				 errhint("Raise max_worker_processes.")));
 		ref->start_after = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
@@ -209,10 +214,20 @@ start_engine(DatabaseEntry *entry, int index)
 	bgw.bgw_start_time = BgWorkerStart_RecoveryFinished;
 	bgw.bgw_restart_time = BGW_NEVER_RESTART;
 	snprintf(bgw.bgw_library_name, BGW_MAXLEN, ORCH_EXTENSION_NAME);
-	snprintf(bgw.bgw_function_name, BGW_MAXLEN, "orch_engine_main");
-	snprintf(bgw.bgw_name, BGW_MAXLEN, "orchestrator engine %d for database \"%s\"",
-			 index, entry->datname);
-	snprintf(bgw.bgw_type, BGW_MAXLEN, "orchestrator engine");
+	if (index == ORCH_SEALER_INDEX)
+	{
+		snprintf(bgw.bgw_function_name, BGW_MAXLEN, "orch_sealer_main");
+		snprintf(bgw.bgw_name, BGW_MAXLEN, "orchestrator sealer for database \"%s\"",
+				 entry->datname);
+		snprintf(bgw.bgw_type, BGW_MAXLEN, "orchestrator sealer");
+	}
+	else
+	{
+		snprintf(bgw.bgw_function_name, BGW_MAXLEN, "orch_engine_main");
+		snprintf(bgw.bgw_name, BGW_MAXLEN, "orchestrator engine %d for database \"%s\"",
+				 index, entry->datname);
+		snprintf(bgw.bgw_type, BGW_MAXLEN, "orchestrator engine");
+	}
 	bgw.bgw_main_arg = Int32GetDatum(slotno);
 	bgw.bgw_notify_pid = MyProcPid;
 
@@ -221,7 +236,8 @@ start_engine(DatabaseEntry *entry, int index)
 		orch_slot_free(slotno);
 		ref->handle = NULL;
 		ereport(WARNING,
-				(errmsg("orchestrator launcher could not start an engine worker for database \"%s\"",
+				(errmsg("orchestrator launcher could not start %s for database \"%s\"",
+						index == ORCH_SEALER_INDEX ? "the sealer" : "an engine worker",
 						entry->datname),
 				 errhint("Raise max_worker_processes.")));
 		ref->start_after = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
@@ -269,6 +285,18 @@ reap_engine(DatabaseEntry *entry, int index, TimestampTz now)
 	pfree(ref->handle);
 	ref->handle = NULL;
 	ref->slotno = -1;
+}
+
+/* The database's first engine worker is running: it found the extension. */
+static bool
+extension_found(DatabaseEntry *entry)
+{
+	EngineRef  *first = &entry->engines[0];
+	bool		stop_requested;
+
+	return first->handle != NULL &&
+		orch_slot_state(first->slotno, &stop_requested) == ORCH_SLOT_RUNNING &&
+		!stop_requested;
 }
 
 static void
@@ -336,7 +364,7 @@ orch_launcher_main(Datum main_arg)
 		hash_seq_init(&seq, databases);
 		while ((entry = hash_seq_search(&seq)) != NULL)
 		{
-			for (int i = 0; i < ORCH_MAX_WORKERS_PER_DB; i++)
+			for (int i = 0; i <= ORCH_SEALER_INDEX; i++)
 				reap_engine(entry, i, now);
 
 			if (!entry->seen)
@@ -344,7 +372,7 @@ orch_launcher_main(Datum main_arg)
 				/* dropped, or became a template: its workers have gone or go now */
 				bool		any = false;
 
-				for (int i = 0; i < ORCH_MAX_WORKERS_PER_DB; i++)
+				for (int i = 0; i <= ORCH_SEALER_INDEX; i++)
 				{
 					stop_engine(&entry->engines[i]);
 					any |= entry->engines[i].handle != NULL;
@@ -364,16 +392,19 @@ orch_launcher_main(Datum main_arg)
 				entry->no_extension = false;
 			}
 
-			for (int i = 0; i < ORCH_MAX_WORKERS_PER_DB; i++)
+			for (int i = 0; i <= ORCH_SEALER_INDEX; i++)
 			{
 				EngineRef  *ref = &entry->engines[i];
 
-				if (i >= orch_workers_per_database)
+				if (i >= orch_workers_per_database && i != ORCH_SEALER_INDEX)
 				{
 					stop_engine(ref);
 					continue;
 				}
 				if (ref->handle != NULL)
+					continue;
+				/* the sealer: once engine 0 has found the extension */
+				if (i == ORCH_SEALER_INDEX && !extension_found(entry))
 					continue;
 				if (now < ref->start_after)
 				{

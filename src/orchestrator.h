@@ -44,6 +44,8 @@
 
 #define ORCH_EXTENSION_NAME		"orchestrator"
 #define ORCH_MAX_WORKERS_PER_DB	16
+/* the worker_index of a database's sealer, after those of its engine workers */
+#define ORCH_SEALER_INDEX		ORCH_MAX_WORKERS_PER_DB
 
 /* settings (orchestrator.*) */
 extern bool orch_enabled;
@@ -66,7 +68,7 @@ typedef struct OrchEngineSlot
 {
 	OrchSlotState state;
 	Oid			dboid;
-	int			worker_index;	/* 0 .. workers_per_database - 1 */
+	int			worker_index;	/* 0 .. workers_per_database - 1, or ORCH_SEALER_INDEX */
 	bool		stop_requested; /* asked to leave, e.g. for DROP DATABASE */
 	pid_t		pid;
 	Latch	   *latch;
@@ -128,12 +130,14 @@ extern void orch_wake_engines_for_timer_at_end(TimestampTz timer);
 extern void orch_broadcast_runs_at_end(void);
 extern TimestampTz orch_engine_sleeping(int slotno, TimestampTz until);
 extern void orch_wake_engines(Oid dboid);
+extern void orch_poke_launcher(void);
 extern void orch_wake_launcher(void);
 
 /* launcher.c, engine.c */
 extern void orch_launcher_register(void);
 extern PGDLLEXPORT void orch_launcher_main(Datum main_arg);
 extern PGDLLEXPORT void orch_engine_main(Datum main_arg);
+extern PGDLLEXPORT void orch_sealer_main(Datum main_arg);
 
 /* steps.c */
 typedef struct OrchBatchResult

@@ -124,8 +124,8 @@ orch_stop_engines_for_database(Oid dboid)
 }
 
 /*
- * orch._engine_workers(): the running engine workers, for the view
- * orch.engine_workers.
+ * orch._engine_workers(): the running engine workers (not the sealers), for
+ * the view orch.engine_workers.
  */
 PG_FUNCTION_INFO_V1(orch_engine_workers);
 Datum
@@ -147,7 +147,7 @@ orch_engine_workers(PG_FUNCTION_ARGS)
 		slot = OrchShared->slots[i];
 		SpinLockRelease(&OrchShared->mutex);
 
-		if (slot.state != ORCH_SLOT_RUNNING)
+		if (slot.state != ORCH_SLOT_RUNNING || slot.worker_index == ORCH_SEALER_INDEX)
 			continue;
 		values[0] = ObjectIdGetDatum(slot.dboid);
 		values[1] = Int32GetDatum(slot.pid);

@@ -178,6 +178,23 @@ orch_wake_engines(Oid dboid)
 		SetLatch(latches[i]);
 }
 
+/*
+ * Set the launcher's latch, without asking it to look at the databases
+ * again: an engine worker that found its extension, so that the launcher
+ * starts the database's sealer.
+ */
+void
+orch_poke_launcher(void)
+{
+	Latch	   *latch;
+
+	SpinLockAcquire(&OrchShared->mutex);
+	latch = OrchShared->launcher_latch;
+	SpinLockRelease(&OrchShared->mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
 void
 orch_wake_launcher(void)
 {

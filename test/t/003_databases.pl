@@ -1,5 +1,5 @@
 # The launcher gives every database that has the extension its own engine
-# worker, including databases created after start-up; databases without the
+# worker and sealer, including databases created after start-up; databases without the
 # extension have none; DROP DATABASE is not blocked by a worker; DROP
 # EXTENSION does not deadlock with a busy engine; and nothing runs on a
 # standby until it is promoted.
@@ -32,6 +32,10 @@ sleep(2);
 is($node->safe_psql('postgres',
 	"SELECT count(*) FROM orch.engine_workers WHERE database = 'plain'"),
 	'0', 'a database without the extension has no worker');
+ok($node->poll_query_until('postgres', q{
+	SELECT string_agg(datname, ',' ORDER BY datname) = 'late,postgres' FROM pg_stat_activity
+	 WHERE backend_type = 'orchestrator sealer'}),
+	'each database with the extension has a sealer, the one without none');
 
 # More workers per database, on reload.
 $node->safe_psql('postgres',
@@ -62,6 +66,10 @@ $node->safe_psql('copy', 'DROP EXTENSION orchestrator CASCADE');
 ok($node->poll_query_until('postgres',
 	"SELECT count(*) = 0 FROM orch.engine_workers WHERE database = 'copy'"),
 	'DROP EXTENSION ends the worker of that database');
+ok($node->poll_query_until('postgres', q{
+	SELECT count(*) = 0 FROM pg_stat_activity
+	 WHERE backend_type = 'orchestrator sealer' AND datname = 'copy'}),
+	'and its sealer');
 
 # DROP EXTENSION while the engine is busy, sealing every 10 ms and with
 # runs in flight: it never fails on a deadlock with the engine's locks.

@@ -2,7 +2,8 @@
 # modified, a record deleted, a record forged, the newest blocks dropped) is
 # reported exactly, by orch.verify_audit and by the independent verifier
 # (tools/verify-audit), which agree; kill -9 in the middle of a seal leaves
-# a chain that goes on and verifies; the engine seals on its own.
+# a chain that goes on and verifies; the sealer seals on its own, in a
+# process of its own that a long step does not hold back.
 use strict;
 use warnings;
 use FindBin;
@@ -89,7 +90,7 @@ my $digest = $node->safe_psql('postgres', 'SELECT orch.audit_digest()');
 # record of its DELETE (five events), two records forged into the block of
 # its INSERT (one with an event that claims a run, one that claims to hold
 # no events), and the run_ids of a record.  Each is looked up with its
-# block, since the engine's sealer may have split block A's statements
+# block, since the sealer may have split block A's statements
 # over several blocks.
 my $in_block = q{(SELECT b.block_id FROM orch.audit_blocks b
 				   WHERE l.xid >= b.xid_from AND l.xid < b.xid_to)};
@@ -208,7 +209,7 @@ $node->poll_query_until('crashdb',
 	"SELECT count(*) > 0 FROM orch.engine_workers WHERE database = current_database()")
   or die 'no engine in crashdb';
 # Many rows in one transaction: a seal that takes a while (a few hundred
-# milliseconds).  The engine seals them only when told (a change of the
+# milliseconds).  The sealer seals them only when told (a change of the
 # interval makes it seal at once), so that the seal caught is theirs.  A
 # kill that lands after the seal's commit finds a seal that is over: the
 # round is tried again, with more rows, up to five times.
@@ -221,11 +222,11 @@ SELECT pg_reload_conf();
 });
 	# what an earlier round left is sealed now, and nothing more until told
 	$node->poll_query_until('crashdb', 'SELECT unsealed_rows = 0 FROM orch.audit_seal_status')
-	  or die 'the engine did not seal';
+	  or die 'the sealer did not seal';
 	$node->safe_psql('crashdb',
 		"INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series($try * 1000000, $try * 1000000 + 499999) g");
 	my $blocks_before = $node->safe_psql('crashdb', 'SELECT count(*) FROM orch.audit_blocks');
-	# From now on the engine seals every 100 ms, and at once.
+	# From now on the sealer seals every 100 ms, and at once.
 	$node->safe_psql('postgres', q{
 ALTER SYSTEM SET orchestrator.audit_seal_interval = '100ms';
 SELECT pg_reload_conf();
@@ -243,10 +244,10 @@ SELECT pg_reload_conf();
 	}
 	note "try $try: the seal had committed before the kill";
 }
-ok($caught > 0, 'caught the engine sealing');
+ok($caught > 0, 'caught the sealer sealing');
 ok($killed_mid_seal, 'a seal killed before its commit left no block');
 ok($node->poll_query_until('crashdb', 'SELECT unsealed_rows = 0 FROM orch.audit_seal_status'),
-	'after the restart the engine seals everything on its own');
+	'after the restart the sealer seals everything on its own');
 is($node->safe_psql('crashdb', 'SELECT count(*) = max(block_id) FROM orch.audit_blocks'), 't',
 	'the chain goes on without a gap');
 is($node->safe_psql('crashdb', 'SELECT sum(n_rows) FROM orch.audit_blocks'),
@@ -255,6 +256,54 @@ is($node->safe_psql('crashdb', 'SELECT sum(n_rows) FROM orch.audit_blocks'),
 is(findings('crashdb'), '', 'the chain verifies after the crash');
 ($rc, $out, $err) = independent('crashdb');
 is($rc, 0, 'and the independent verifier agrees') or diag($out, $err);
+
+# ------------------------------------------------------------------------
+# The sealer is a process of its own: a step that keeps the database's one
+# engine worker busy for seconds does not hold sealing back, and a sealer
+# that is stopped is started again.  (The interval is still 100 ms.)
+# ------------------------------------------------------------------------
+is($node->safe_psql('crashdb', q{
+	SELECT count(*) FROM pg_stat_activity
+	 WHERE backend_type = 'orchestrator sealer' AND datname = current_database()}),
+	'1', 'the database has one sealer');
+is($node->safe_psql('crashdb', q{
+	SELECT count(*) FROM orch.engine_workers w JOIN pg_stat_activity a USING (pid)
+	 WHERE a.backend_type = 'orchestrator sealer'}),
+	'0', 'orch.engine_workers does not list it');
+$node->safe_psql('crashdb', q{
+CREATE FUNCTION public.slow(ctx jsonb) RETURNS jsonb LANGUAGE sql AS $$
+	SELECT pg_sleep(6); SELECT '{}'::jsonb
+$$;
+SELECT orch.define_workflow('slow', '{"steps": [{"name": "wait", "kind": "sql", "function": "public.slow"}]}');
+SELECT orch.start_run('slow');
+});
+ok($node->poll_query_until('crashdb', q{
+	SELECT EXISTS (SELECT FROM pg_stat_activity
+					WHERE backend_type = 'orchestrator engine' AND datname = current_database()
+					  AND wait_event = 'PgSleep')}),
+	'the engine is in the slow step');
+$node->safe_psql('crashdb', "UPDATE big SET payload = 'z' WHERE id <= 5");
+ok($node->poll_query_until('crashdb', 'SELECT unsealed_rows = 0 FROM orch.audit_seal_status'),
+	'rows written meanwhile are sealed');
+is($node->safe_psql('crashdb', q{
+	SELECT count(*) FROM pg_stat_activity
+	 WHERE backend_type = 'orchestrator engine' AND datname = current_database()
+	   AND wait_event = 'PgSleep'}),
+	'1', 'while the engine is still in the slow step');
+my $sealer = $node->safe_psql('crashdb', q{
+	SELECT pid FROM pg_stat_activity
+	 WHERE backend_type = 'orchestrator sealer' AND datname = current_database()});
+$node->safe_psql('crashdb', "SELECT pg_terminate_backend($sealer)");
+ok($node->poll_query_until('crashdb', qq{
+	SELECT count(*) = 1 FROM pg_stat_activity
+	 WHERE backend_type = 'orchestrator sealer' AND datname = current_database() AND pid <> $sealer}),
+	'a stopped sealer is started again');
+$node->safe_psql('crashdb', "UPDATE big SET payload = 'w' WHERE id <= 5");
+ok($node->poll_query_until('crashdb', 'SELECT unsealed_rows = 0 FROM orch.audit_seal_status'),
+	'and seals');
+is($node->safe_psql('crashdb', q{
+	SELECT orch.wait_run(run_id, '30s') FROM orch.runs WHERE workflow = 'slow'}),
+	'succeeded', 'the slow run finishes');
 
 # ------------------------------------------------------------------------
 # A block's hash as docs/audit.md defines it, computed here in SQL: it
