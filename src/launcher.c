@@ -199,11 +199,16 @@ start_engine(DatabaseEntry *entry, int index)
 	slotno = orch_slot_reserve(entry->dboid, index);
 	if (slotno < 0)
 	{
-		ereport(WARNING,
-				(errmsg("orchestrator launcher has no free slot for %s of database \"%s\"",
-						index == ORCH_SEALER_INDEX ? "the sealer" : "an engine worker",
-						entry->datname),
-				 errhint("Raise max_worker_processes.")));
+		if (index == ORCH_SEALER_INDEX)
+			ereport(WARNING,
+					(errmsg("orchestrator launcher has no free slot for the sealer of database \"%s\"",
+							entry->datname),
+					 errhint("Raise max_worker_processes.")));
+		else
+			ereport(WARNING,
+					(errmsg("orchestrator launcher has no free slot for an engine worker of database \"%s\"",
+							entry->datname),
+					 errhint("Raise max_worker_processes.")));
 		ref->start_after = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 													   orch_launcher_naptime_s * 1000);
 		return;
@@ -235,11 +240,16 @@ start_engine(DatabaseEntry *entry, int index)
 	{
 		orch_slot_free(slotno);
 		ref->handle = NULL;
-		ereport(WARNING,
-				(errmsg("orchestrator launcher could not start %s for database \"%s\"",
-						index == ORCH_SEALER_INDEX ? "the sealer" : "an engine worker",
-						entry->datname),
-				 errhint("Raise max_worker_processes.")));
+		if (index == ORCH_SEALER_INDEX)
+			ereport(WARNING,
+					(errmsg("orchestrator launcher could not start the sealer for database \"%s\"",
+							entry->datname),
+					 errhint("Raise max_worker_processes.")));
+		else
+			ereport(WARNING,
+					(errmsg("orchestrator launcher could not start an engine worker for database \"%s\"",
+							entry->datname),
+					 errhint("Raise max_worker_processes.")));
 		ref->start_after = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 													   orch_launcher_naptime_s * 1000);
 		return;
