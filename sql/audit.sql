@@ -388,6 +388,19 @@ SELECT row_key, old_row, new_row
   FROM orch.audit_log
  WHERE table_name = 'app.moments' AND operation = 'UPDATE'
  ORDER BY xid, audit_id;
+-- Timestamps rendered lately are kept by value (16 slots): values that
+-- repeat, and values a multiple of 16 microseconds apart, which share a
+-- slot, are each rendered as their own.
+CREATE TABLE app.ticks (id int PRIMARY KEY, at timestamptz);
+SELECT orch.enable_audit('app.ticks');
+INSERT INTO app.ticks
+SELECT g, '2026-01-02 03:04:05+00'::timestamptz + (g % 7) * interval '16 microseconds'
+		  + (g / 50) * interval '1 second'
+  FROM generate_series(1, 200) g;
+SELECT count(*) AS events, count(DISTINCT t.at) AS distinct_times,
+	   count(*) FILTER (WHERE l.new_row->'at' = to_jsonb(t.at)) AS as_to_jsonb
+  FROM orch.audit_log l JOIN app.ticks t ON t.id = (l.row_key->>'id')::int
+ WHERE l.table_name = 'app.ticks';
 -- Columns of domains over an enum and a uuid, as to_jsonb renders them; an
 -- enum's label as it was when the row changed ('busy', since renamed).
 SELECT (l.row_key->>'id')::int AS id, l.new_row->'mood_d' AS mood_d,
