@@ -810,6 +810,18 @@ enum_labels(Oid enumtype)
 	return el;
 }
 
+/* A column's name as an object key is encoded: its length and UTF-8 bytes. */
+static char *
+encoded_key(const char *name, int len, int *enclen)
+{
+	StringInfoData key;
+
+	initStringInfo(&key);
+	put_string(&key, name, len);
+	*enclen = key.len;
+	return key.data;
+}
+
 static void
 rel_render_init(RelRender *rr, Relation rel)
 {
@@ -841,14 +853,8 @@ rel_render_init(RelRender *rr, Relation rel)
 			continue;
 		rr->order[rr->ncols++] = i;
 		rr->name_len[i] = (int) strlen(NameStr(att->attname));
-		{
-			StringInfoData key;
-
-			initStringInfo(&key);
-			put_string(&key, NameStr(att->attname), rr->name_len[i]);
-			rr->name_enc[i] = key.data;
-			rr->name_enc_len[i] = key.len;
-		}
+		rr->name_enc[i] = encoded_key(NameStr(att->attname), rr->name_len[i],
+									  &rr->name_enc_len[i]);
 		rr->is_key[i] = bms_is_member(att->attnum - FirstLowInvalidHeapAttributeNumber, pk);
 		/* the common types directly; the others as to_jsonb renders them */
 		base = getBaseType(att->atttypid);
@@ -1206,16 +1212,19 @@ enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
 				char	   *str;
 				int			len;
 
-				if (rt->len > 0 && rt->t == t)
+				if (rt->len == 0 || rt->t != t)
+				{
+					rt->len = 0;	/* empty until rendered */
+					if ((len = utc_iso8601(t, rt->text)) > 0)
+					{
+						rt->t = t;
+						rt->len = len;
+					}
+				}
+				if (rt->len > 0)
 				{
 					str = rt->text;
 					len = rt->len;
-				}
-				else if ((len = utc_iso8601(t, rt->text)) > 0)
-				{
-					rt->t = t;
-					rt->len = len;
-					str = rt->text;
 				}
 				else
 				{
