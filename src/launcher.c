@@ -189,6 +189,36 @@ scan_databases(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
+/*
+ * A worker (engine worker index, or the sealer) could not be started, for
+ * want of a slot of ours (no_slot) or of a background worker slot: say so,
+ * and try again after orchestrator.launcher_naptime.
+ */
+static void
+not_started(DatabaseEntry *entry, int index, bool no_slot)
+{
+	const char *db = entry->datname;
+
+	if (index == ORCH_SEALER_INDEX && no_slot)
+		ereport(WARNING,
+				(errmsg("orchestrator launcher has no free slot for the sealer of database \"%s\"", db),
+				 errhint("Raise max_worker_processes.")));
+	else if (index == ORCH_SEALER_INDEX)
+		ereport(WARNING,
+				(errmsg("orchestrator launcher could not start the sealer for database \"%s\"", db),
+				 errhint("Raise max_worker_processes.")));
+	else if (no_slot)
+		ereport(WARNING,
+				(errmsg("orchestrator launcher has no free slot for an engine worker of database \"%s\"", db),
+				 errhint("Raise max_worker_processes.")));
+	else
+		ereport(WARNING,
+				(errmsg("orchestrator launcher could not start an engine worker for database \"%s\"", db),
+				 errhint("Raise max_worker_processes.")));
+	entry->engines[index].start_after =
+		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), orch_launcher_naptime_s * 1000);
+}
+
 static void
 start_engine(DatabaseEntry *entry, int index)
 {
@@ -199,18 +229,7 @@ start_engine(DatabaseEntry *entry, int index)
 	slotno = orch_slot_reserve(entry->dboid, index);
 	if (slotno < 0)
 	{
-		if (index == ORCH_SEALER_INDEX)
-			ereport(WARNING,
-					(errmsg("orchestrator launcher has no free slot for the sealer of database \"%s\"",
-							entry->datname),
-					 errhint("Raise max_worker_processes.")));
-		else
-			ereport(WARNING,
-					(errmsg("orchestrator launcher has no free slot for an engine worker of database \"%s\"",
-							entry->datname),
-					 errhint("Raise max_worker_processes.")));
-		ref->start_after = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													   orch_launcher_naptime_s * 1000);
+		not_started(entry, index, true);
 		return;
 	}
 
@@ -240,18 +259,7 @@ start_engine(DatabaseEntry *entry, int index)
 	{
 		orch_slot_free(slotno);
 		ref->handle = NULL;
-		if (index == ORCH_SEALER_INDEX)
-			ereport(WARNING,
-					(errmsg("orchestrator launcher could not start the sealer for database \"%s\"",
-							entry->datname),
-					 errhint("Raise max_worker_processes.")));
-		else
-			ereport(WARNING,
-					(errmsg("orchestrator launcher could not start an engine worker for database \"%s\"",
-							entry->datname),
-					 errhint("Raise max_worker_processes.")));
-		ref->start_after = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													   orch_launcher_naptime_s * 1000);
+		not_started(entry, index, false);
 		return;
 	}
 	ref->slotno = slotno;
