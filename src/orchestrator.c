@@ -141,12 +141,12 @@ _PG_init(void)
 							   "Usually set for one transaction, with orch.set_audit_context().",
 							   &orch_audit_reason, "", PGC_USERSET, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("orchestrator.audit_seal_interval",
-							"How often the engine seals finished audit rows into a block.",
+							"How often the sealer seals finished audit rows into a block.",
 							NULL,
 							&orch_audit_seal_interval_ms, 500, 10, 3600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("orchestrator.audit_heartbeat",
-							"How often the engine seals an empty block when there is nothing to seal.",
+							"How often the sealer writes an empty block when there is nothing to seal.",
 							"Empty blocks show that sealing is alive.",
 							&orch_audit_heartbeat_s, 60, 1, 86400,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
