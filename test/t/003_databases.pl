@@ -132,4 +132,23 @@ is($standby->safe_psql('postgres', q{
 	'60', 'each step once');
 
 $standby->stop;
+
+# No background worker slot left for the sealer: the launcher says so and
+# tries again; the engine works, and orch.seal_audit() seals on request.
+my $tight = orch_node('tight', conf => qq{
+max_worker_processes = 2
+max_logical_replication_workers = 0
+});
+orch_install_app($tight, 'postgres');
+ok($tight->wait_for_log(qr/could not start the sealer for database "postgres"/),
+	'without a worker slot for the sealer, the launcher says so');
+is($tight->safe_psql('postgres', q{
+	SELECT orch.start_run('chain3') AS id \gset
+	SELECT orch.wait_run(:'id', '30s')}),
+	'succeeded', 'the engine still runs the workflows');
+ok($tight->safe_psql('postgres', 'SELECT orch.seal_audit()') > 0,
+	'and orch.seal_audit() seals');
+is($tight->safe_psql('postgres', 'SELECT unsealed_rows FROM orch.audit_seal_status'),
+	'0', 'everything');
+$tight->stop;
 done_testing();
