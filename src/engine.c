@@ -66,6 +66,16 @@ engine_detach(int code, Datum arg)
 	SpinLockRelease(&OrchShared->mutex);
 }
 
+/* The database lacks the extension (or lost it): say so in the slot, and exit. */
+static void
+leave_without_extension(void)
+{
+	SpinLockAcquire(&OrchShared->mutex);
+	OrchShared->slots[my_slotno].state = ORCH_SLOT_NO_EXTENSION;
+	SpinLockRelease(&OrchShared->mutex);
+	proc_exit(0);
+}
+
 /*
  * Lock the extension against DROP EXTENSION until the end of the current
  * transaction, and say whether it is (still) installed.  Called before the
@@ -273,10 +283,7 @@ run_batch(OrchBatchResult *result, const char *worker_name, MemoryContext loop_c
 		{
 			/* DROP EXTENSION: leave; the launcher looks again later */
 			CommitTransactionCommand();
-			SpinLockAcquire(&OrchShared->mutex);
-			OrchShared->slots[my_slotno].state = ORCH_SLOT_NO_EXTENSION;
-			SpinLockRelease(&OrchShared->mutex);
-			proc_exit(0);
+			leave_without_extension();
 		}
 		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, "orchestrator: advancing runs");
@@ -369,12 +376,7 @@ worker_attach(Datum main_arg, const char *appname, bool wakeable)
 	present = lock_extension();
 	CommitTransactionCommand();
 	if (!present)
-	{
-		SpinLockAcquire(&OrchShared->mutex);
-		OrchShared->slots[my_slotno].state = ORCH_SLOT_NO_EXTENSION;
-		SpinLockRelease(&OrchShared->mutex);
-		proc_exit(0);
-	}
+		leave_without_extension();
 
 	SpinLockAcquire(&OrchShared->mutex);
 	OrchShared->slots[my_slotno].state = ORCH_SLOT_RUNNING;
@@ -506,14 +508,9 @@ orch_sealer_main(Datum main_arg)
 				(void) in_own_transaction(seal_work, loop_cxt, true);
 				pgstat_report_activity(STATE_IDLE, NULL);
 				MemoryContextReset(loop_cxt);
+				/* DROP EXTENSION: leave; the launcher looks again later */
 				if (extension_gone)
-				{
-					/* DROP EXTENSION: leave; the launcher looks again later */
-					SpinLockAcquire(&OrchShared->mutex);
-					OrchShared->slots[my_slotno].state = ORCH_SLOT_NO_EXTENSION;
-					SpinLockRelease(&OrchShared->mutex);
-					proc_exit(0);
-				}
+					leave_without_extension();
 				now = GetCurrentTimestamp();
 				next_seal_at = TimestampTzPlusMilliseconds(now, orch_audit_seal_interval_ms);
 			}
