@@ -741,7 +741,6 @@ typedef struct RelRender
 	RenderKind *kind;			/* per attribute */
 	Oid		   *base_type;		/* per attribute: the type under any domain */
 	EnumLabels **labels;		/* per attribute, for RK_ENUM */
-	int		   *name_len;		/* per attribute: strlen of its name */
 	char	  **name_enc;		/* per attribute: its name as an object key is
 								 * encoded (length, UTF-8 bytes) */
 	int		   *name_enc_len;	/* and how long that is */
@@ -812,12 +811,12 @@ enum_labels(Oid enumtype)
 
 /* A column's name as an object key is encoded: its length and UTF-8 bytes. */
 static char *
-encoded_key(const char *name, int len, int *enclen)
+encoded_key(const char *name, int *enclen)
 {
 	StringInfoData key;
 
 	initStringInfo(&key);
-	put_string(&key, name, len);
+	put_string(&key, name, (int) strlen(name));
 	*enclen = key.len;
 	return key.data;
 }
@@ -833,7 +832,6 @@ rel_render_init(RelRender *rr, Relation rel)
 	rr->kind = palloc0(sizeof(RenderKind) * desc->natts);
 	rr->base_type = palloc0(sizeof(Oid) * desc->natts);
 	rr->labels = palloc0(sizeof(EnumLabels *) * desc->natts);
-	rr->name_len = palloc0(sizeof(int) * desc->natts);
 	rr->name_enc = palloc0(sizeof(char *) * desc->natts);
 	rr->name_enc_len = palloc0(sizeof(int) * desc->natts);
 	rr->is_key = palloc0(sizeof(bool) * desc->natts);
@@ -852,9 +850,7 @@ rel_render_init(RelRender *rr, Relation rel)
 		if (att->attisdropped)
 			continue;
 		rr->order[rr->ncols++] = i;
-		rr->name_len[i] = (int) strlen(NameStr(att->attname));
-		rr->name_enc[i] = encoded_key(NameStr(att->attname), rr->name_len[i],
-									  &rr->name_enc_len[i]);
+		rr->name_enc[i] = encoded_key(NameStr(att->attname), &rr->name_enc_len[i]);
 		rr->is_key[i] = bms_is_member(att->attnum - FirstLowInvalidHeapAttributeNumber, pk);
 		/* the common types directly; the others as to_jsonb renders them */
 		base = getBaseType(att->atttypid);
@@ -1214,12 +1210,8 @@ enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
 
 				if (rt->len == 0 || rt->t != t)
 				{
-					rt->len = 0;	/* empty until rendered */
-					if ((len = utc_iso8601(t, rt->text)) > 0)
-					{
-						rt->t = t;
-						rt->len = len;
-					}
+					rt->t = t;
+					rt->len = utc_iso8601(t, rt->text);	/* 0: left empty */
 				}
 				if (rt->len > 0)
 				{
