@@ -394,7 +394,7 @@ orch_engine_main(Datum main_arg)
 	worker_attach(main_arg, "orchestrator engine", true);
 	/* the database has the extension: the launcher starts its sealer now */
 	if (OrchShared->slots[my_slotno].worker_index == 0)
-		orch_poke_launcher();
+		orch_wake_launcher(false);
 
 	snprintf(worker_name, sizeof(worker_name), "engine:%d", MyProcPid);
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "orchestrator engine batch",

@@ -100,7 +100,7 @@ orch_process_utility(PlannedStmt *pstmt, const char *queryString,
 
 	/* a new database may have been created from a template with the extension */
 	if (OrchShared != NULL && IsA(parsetree, CreatedbStmt))
-		orch_wake_launcher();
+		orch_wake_launcher(true);
 }
 
 void

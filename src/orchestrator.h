@@ -130,8 +130,7 @@ extern void orch_wake_engines_for_timer_at_end(TimestampTz timer);
 extern void orch_broadcast_runs_at_end(void);
 extern TimestampTz orch_engine_sleeping(int slotno, TimestampTz until);
 extern void orch_wake_engines(Oid dboid);
-extern void orch_poke_launcher(void);
-extern void orch_wake_launcher(void);
+extern void orch_wake_launcher(bool look_again);
 
 /* launcher.c, engine.c */
 extern void orch_launcher_register(void);

@@ -49,7 +49,7 @@ orch_xact_callback(XactEvent event, void *arg)
 				}
 			}
 			if (wake_launcher_at_commit && OrchShared != NULL)
-				orch_wake_launcher();
+				orch_wake_launcher(true);
 			wake_engines_at_end = false;
 			wake_launcher_at_commit = false;
 			broadcast_runs_at_commit = false;
@@ -179,31 +179,22 @@ orch_wake_engines(Oid dboid)
 }
 
 /*
- * Set the launcher's latch, without asking it to look at the databases
- * again: an engine worker that found its extension, so that the launcher
- * starts the database's sealer.
+ * Set the launcher's latch.  look_again: ask it to look at the databases
+ * again (a CREATE EXTENSION or CREATE DATABASE committed), which also
+ * probes at once those it found without the extension; without it, the
+ * launcher only looks at its workers (an engine worker that found its
+ * extension, so that the database's sealer is started).
  */
 void
-orch_poke_launcher(void)
-{
-	Latch	   *latch;
-
-	SpinLockAcquire(&OrchShared->mutex);
-	latch = OrchShared->launcher_latch;
-	SpinLockRelease(&OrchShared->mutex);
-	if (latch != NULL)
-		SetLatch(latch);
-}
-
-void
-orch_wake_launcher(void)
+orch_wake_launcher(bool look_again)
 {
 	Latch	   *latch;
 
 	if (OrchShared == NULL)
 		return;
 	SpinLockAcquire(&OrchShared->mutex);
-	OrchShared->launcher_wakeups++;
+	if (look_again)
+		OrchShared->launcher_wakeups++;
 	latch = OrchShared->launcher_latch;
 	SpinLockRelease(&OrchShared->mutex);
 	if (latch != NULL)
