@@ -809,16 +809,24 @@ enum_labels(Oid enumtype)
 	return el;
 }
 
-/* A column's name as an object key is encoded: its length and UTF-8 bytes. */
+/*
+ * A column's name as an object key is encoded: its length and UTF-8 bytes,
+ * in a chunk of just that size (it lives as long as the table's rendering;
+ * the StringInfo it is built in starts at 1 kB).
+ */
 static char *
 encoded_key(const char *name, int *enclen)
 {
 	StringInfoData key;
+	char	   *enc;
 
 	initStringInfo(&key);
 	put_string(&key, name, (int) strlen(name));
+	enc = palloc(key.len);
+	memcpy(enc, key.data, key.len);
 	*enclen = key.len;
-	return key.data;
+	pfree(key.data);
+	return enc;
 }
 
 static void
