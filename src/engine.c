@@ -490,17 +490,17 @@ orch_sealer_main(Datum main_arg)
 	worker_attach(main_arg, "orchestrator sealer", false);
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "orchestrator seal",
 									 ALLOCSET_DEFAULT_SIZES);
-#ifdef __GLIBC__
 
+#ifdef __GLIBC__
 	/*
 	 * A seal allocates about the same few megabytes every interval (its
 	 * rows' hashes and tags, the block's row) and frees them at its end.
 	 * glibc hands most of that back to the kernel each time (its larger
 	 * allocations are mappings of their own, and the heap is trimmed past
 	 * twice the largest one freed), and the next seal faults every page in
-	 * again and has the kernel zero it: in a profile under load, a quarter
-	 * of the sealer's samples.  This process keeps what it freed, up to
-	 * 64 MB; a seal of 100,000 rows (a full block) needs about 11.
+	 * again and has the kernel zero it: in a profile under load, nearly a
+	 * quarter of the sealer's samples.  This process keeps what it freed,
+	 * up to 64 MB; a seal of 100,000 rows (a full block) needs about 11.
 	 */
 	(void) mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024);
 	(void) mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024);
