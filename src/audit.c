@@ -744,10 +744,11 @@ typedef struct RelRender
 	char	  **name_enc;		/* per attribute: its name as an object key is
 								 * encoded (length, UTF-8 bytes) */
 	int		   *name_enc_len;	/* and how long that is */
-	bool	   *is_key;			/* per attribute: in the primary key */
 	FmgrInfo   *to_jsonb;		/* per attribute; fn_oid InvalidOid if dropped */
 	int		   *order;			/* the live attributes' indexes, in jsonb's key order */
 	int			ncols;			/* how many */
+	int		   *key_order;		/* those of the primary key, in that order */
+	int			nkeys;			/* how many */
 	Bitmapset  *key_attrs;		/* primary key attribute numbers */
 	AttrNumber	run_attr;		/* "run_id uuid", or 0 */
 	AttrNumber	step_attr;		/* "step_id bigint", or 0 */
@@ -842,10 +843,11 @@ rel_render_init(RelRender *rr, Relation rel)
 	rr->labels = palloc0(sizeof(EnumLabels *) * desc->natts);
 	rr->name_enc = palloc0(sizeof(char *) * desc->natts);
 	rr->name_enc_len = palloc0(sizeof(int) * desc->natts);
-	rr->is_key = palloc0(sizeof(bool) * desc->natts);
 	rr->to_jsonb = palloc0(sizeof(FmgrInfo) * desc->natts);
 	rr->order = palloc(sizeof(int) * Max(desc->natts, 1));
 	rr->ncols = 0;
+	rr->key_order = palloc(sizeof(int) * Max(desc->natts, 1));
+	rr->nkeys = 0;
 	rr->key_attrs = NULL;
 	rr->run_attr = 0;
 	rr->step_attr = 0;
@@ -859,7 +861,6 @@ rel_render_init(RelRender *rr, Relation rel)
 			continue;
 		rr->order[rr->ncols++] = i;
 		rr->name_enc[i] = encoded_key(NameStr(att->attname), &rr->name_enc_len[i]);
-		rr->is_key[i] = bms_is_member(att->attnum - FirstLowInvalidHeapAttributeNumber, pk);
 		/* the common types directly; the others as to_jsonb renders them */
 		base = getBaseType(att->atttypid);
 		rr->base_type[i] = base;
@@ -914,6 +915,9 @@ rel_render_init(RelRender *rr, Relation rel)
 			rr->step_attr = att->attnum;
 	}
 	qsort_arg(rr->order, rr->ncols, sizeof(int), key_order_cmp, desc);
+	for (int k = 0; k < rr->ncols; k++)
+		if (bms_is_member(TupleDescAttr(desc, rr->order[k])->attnum - FirstLowInvalidHeapAttributeNumber, pk))
+			rr->key_order[rr->nkeys++] = rr->order[k];
 	a = -1;
 	while ((a = bms_next_member(pk, a)) >= 0)
 		rr->key_attrs = bms_add_member(rr->key_attrs, a + FirstLowInvalidHeapAttributeNumber);
@@ -1259,17 +1263,6 @@ enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
 	json_canon(out, &jb->root);
 }
 
-/*
- * The columns of a row as a jsonb object: all of them (which NULL), those
- * of the primary key (key), or those whose value differs from other's.
- */
-typedef enum RenderWhich
-{
-	RENDER_ALL,
-	RENDER_KEY,
-	RENDER_CHANGED
-} RenderWhich;
-
 static bool
 column_changed(Form_pg_attribute att, Datum a, bool anull, Datum b, bool bnull)
 {
@@ -1301,54 +1294,53 @@ column_changed(Form_pg_attribute att, Datum a, bool anull, Datum b, bool bnull)
 	return !datumIsEqual(a, b, att->attbyval, att->attlen);
 }
 
-/* Which columns an UPDATE changed: changed[i] for attribute i. */
-static void
-changed_columns(const RelRender *rr, TupleTableSlot *before, TupleTableSlot *after, bool *changed)
+/*
+ * The columns an UPDATE changed, in jsonb's key order (as rr->order lists
+ * them) into changed; returns how many.
+ */
+static int
+changed_columns(const RelRender *rr, TupleTableSlot *before, TupleTableSlot *after, int *changed)
 {
+	int			n = 0;
+
 	slot_getallattrs(before);
 	slot_getallattrs(after);
-	for (int i = 0; i < rr->desc->natts; i++)
+	for (int k = 0; k < rr->ncols; k++)
 	{
-		Form_pg_attribute att = TupleDescAttr(rr->desc, i);
+		int			i = rr->order[k];
 
-		changed[i] = !att->attisdropped &&
-			column_changed(att, before->tts_values[i], before->tts_isnull[i],
-						   after->tts_values[i], after->tts_isnull[i]);
+		if (column_changed(TupleDescAttr(rr->desc, i),
+						   before->tts_values[i], before->tts_isnull[i],
+						   after->tts_values[i], after->tts_isnull[i]))
+			changed[n++] = i;
 	}
+	return n;
 }
 
 /*
- * A row image as a field of the encoding: a JSON object of the columns
- * (keys in jsonb's order), with the length and count filled in at the end.
+ * A row image as a field of the encoding: a JSON object of the n columns
+ * cols lists, in jsonb's key order (all of them: rr->order; the primary
+ * key's: rr->key_order; those an UPDATE changed: changed_columns).
  */
 static void
-enc_row(StringInfo out, RenderStmt *rs, TupleTableSlot *slot, RenderWhich which, const bool *changed)
+enc_row(StringInfo out, RenderStmt *rs, TupleTableSlot *slot, const int *cols, int n)
 {
 	const RelRender *rr = rs->rr;
 	int			len_at;
-	int			count_at;
-	uint32		count = 0;
 
 	slot_getallattrs(slot);
 	put_byte(out, 1);
 	len_at = out->len;
 	put_u32(out, 0);
 	put_byte(out, 'O');
-	count_at = out->len;
-	put_u32(out, 0);
-	for (int k = 0; k < rr->ncols; k++)
+	put_u32(out, (uint32) n);
+	for (int k = 0; k < n; k++)
 	{
-		int			i = rr->order[k];
+		int			i = cols[k];
 
-		if (which == RENDER_KEY && !rr->is_key[i])
-			continue;
-		if (which == RENDER_CHANGED && !changed[i])
-			continue;
 		put_raw(out, rr->name_enc[i], rr->name_enc_len[i]);
 		enc_value(out, rs, i, slot->tts_values[i], slot->tts_isnull[i]);
-		count++;
 	}
-	patch_u32(out, count_at, count);
 	patch_u32(out, len_at, (uint32) (out->len - len_at - 4));
 }
 
@@ -2190,7 +2182,7 @@ struct OrchAuditRows
 	bool		own;
 	const char *table_name;		/* schema-qualified, quoted */
 	const char *operation;		/* INSERT, UPDATE, DELETE or TRUNCATE */
-	bool	   *changed;		/* an UPDATE's changed columns, per row */
+	int		   *changed;		/* an UPDATE's changed columns, per row (changed_columns) */
 };
 
 static OrchAuditRows *
@@ -2209,7 +2201,7 @@ audit_rows_begin(Relation rel, bool own, const char *operation)
 	a->own = own;
 	a->table_name = pstrdup(render->table_name);
 	a->operation = operation;
-	a->changed = palloc(sizeof(bool) * Max(a->rr->desc->natts, 1));
+	a->changed = palloc(sizeof(int) * Max(a->rr->ncols, 1));
 	a->rowcxt = AllocSetContextCreate(cxt, "orchestrator audit row", ALLOCSET_DEFAULT_SIZES);
 	stmt_begin(&a->st, a->table_name, operation);
 	MemoryContextSwitchTo(oldcxt);
@@ -2228,6 +2220,7 @@ audit_rows_add(OrchAuditRows *a, TupleTableSlot *slot_a, TupleTableSlot *slot_b)
 	TupleTableSlot *current = slot_b != NULL ? slot_b : slot_a; /* the row as it is now, or was last */
 	MemoryContext oldcxt;
 	AuditRecord *r;
+	int			nchanged = 0;
 	pg_uuid_t  *run_id;
 	bool		has_step;
 	int64		step_id;
@@ -2235,25 +2228,25 @@ audit_rows_add(OrchAuditRows *a, TupleTableSlot *slot_a, TupleTableSlot *slot_b)
 	MemoryContextReset(a->rowcxt);
 	oldcxt = MemoryContextSwitchTo(a->rowcxt);
 	if (slot_b != NULL)
-		changed_columns(rr, slot_a, slot_b, a->changed);
+		nchanged = changed_columns(rr, slot_a, slot_b, a->changed);
 	r = event_begin(&a->st);
 	if (bms_is_empty(rr->key_attrs))
 		enc_null(&r->events);
 	else
-		enc_row(&r->events, &a->rs, current, RENDER_KEY, NULL);
+		enc_row(&r->events, &a->rs, current, rr->key_order, rr->nkeys);
 	if (slot_b != NULL)
 	{
-		enc_row(&r->events, &a->rs, slot_a, RENDER_CHANGED, a->changed);
-		enc_row(&r->events, &a->rs, slot_b, RENDER_CHANGED, a->changed);
+		enc_row(&r->events, &a->rs, slot_a, a->changed, nchanged);
+		enc_row(&r->events, &a->rs, slot_b, a->changed, nchanged);
 	}
 	else if (strcmp(a->operation, "INSERT") == 0)
 	{
 		enc_null(&r->events);
-		enc_row(&r->events, &a->rs, slot_a, RENDER_ALL, NULL);
+		enc_row(&r->events, &a->rs, slot_a, rr->order, rr->ncols);
 	}
 	else
 	{
-		enc_row(&r->events, &a->rs, slot_a, RENDER_ALL, NULL);
+		enc_row(&r->events, &a->rs, slot_a, rr->order, rr->ncols);
 		enc_null(&r->events);
 	}
 	row_context(rr, current, a->own, &run_id, &has_step, &step_id);
