@@ -748,8 +748,7 @@ typedef struct RelRender
 	int		   *order;			/* the live attributes' indexes, in jsonb's key order */
 	int			ncols;			/* how many */
 	int		   *key_order;		/* those of the primary key, in that order */
-	int			nkeys;			/* how many */
-	Bitmapset  *key_attrs;		/* primary key attribute numbers */
+	int			nkeys;			/* how many; 0 without a primary key */
 	AttrNumber	run_attr;		/* "run_id uuid", or 0 */
 	AttrNumber	step_attr;		/* "step_id bigint", or 0 */
 } RelRender;
@@ -835,7 +834,6 @@ rel_render_init(RelRender *rr, Relation rel)
 {
 	TupleDesc	desc = CreateTupleDescCopyConstr(RelationGetDescr(rel));	/* with missing values */
 	Bitmapset  *pk = RelationGetIndexAttrBitmap(rel, INDEX_ATTR_BITMAP_PRIMARY_KEY);
-	int			a;
 
 	rr->desc = desc;
 	rr->kind = palloc0(sizeof(RenderKind) * desc->natts);
@@ -848,7 +846,6 @@ rel_render_init(RelRender *rr, Relation rel)
 	rr->ncols = 0;
 	rr->key_order = palloc(sizeof(int) * Max(desc->natts, 1));
 	rr->nkeys = 0;
-	rr->key_attrs = NULL;
 	rr->run_attr = 0;
 	rr->step_attr = 0;
 	for (int i = 0; i < desc->natts; i++)
@@ -918,9 +915,6 @@ rel_render_init(RelRender *rr, Relation rel)
 	for (int k = 0; k < rr->ncols; k++)
 		if (bms_is_member(TupleDescAttr(desc, rr->order[k])->attnum - FirstLowInvalidHeapAttributeNumber, pk))
 			rr->key_order[rr->nkeys++] = rr->order[k];
-	a = -1;
-	while ((a = bms_next_member(pk, a)) >= 0)
-		rr->key_attrs = bms_add_member(rr->key_attrs, a + FirstLowInvalidHeapAttributeNumber);
 }
 
 /*
@@ -2230,7 +2224,7 @@ audit_rows_add(OrchAuditRows *a, TupleTableSlot *slot_a, TupleTableSlot *slot_b)
 	if (slot_b != NULL)
 		nchanged = changed_columns(rr, slot_a, slot_b, a->changed);
 	r = event_begin(&a->st);
-	if (bms_is_empty(rr->key_attrs))
+	if (rr->nkeys == 0)
 		enc_null(&r->events);
 	else
 		enc_row(&r->events, &a->rs, current, rr->key_order, rr->nkeys);
