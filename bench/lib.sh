@@ -11,7 +11,7 @@
 # and then uses psql_db, q, engine_pids, diagnose, settle, pgbench_reference
 # (or pgbench_init and pgbench_simple_update),
 # server_log_problems, median, fmt0, fmt2, cells, round_heads, round_rules,
-# machine_facts and bench_command.  The cluster is stopped and removed on
+# machine_facts (and shm_pages) and bench_command.  The cluster is stopped and removed on
 # exit, and its server log copied to bench/results/SERVER_LOG.
 
 bindir=/usr/lib/postgresql/15/bin
@@ -75,6 +75,42 @@ cluster=""
 server_started=false
 server_log_copy=server.log
 
+huge_pages_restore=""	# vm.nr_hugepages to put back on exit, if changed
+
+# The server's shared memory in huge pages, as a production server with
+# shared buffers of gigabytes has it.  In pages of 4 kB, every process
+# faults on each page of the shared buffers it touches for the first time
+# (and the first to touch one has the kernel allocate and zero it, which on
+# a virtual machine costs tens of microseconds): a benchmark of a few
+# minutes on a new server then measures how fast its processes meet new
+# buffers more than what they do with them, and a workload that writes
+# more new pages (the audit trail) pays for it many times over.  As root,
+# reserves what the cluster needs (PostgreSQL's
+# shared_memory_size_in_huge_pages) and gives it back on exit; otherwise
+# uses huge pages if enough are free.  Sets huge_pages (on or off) and
+# shm_pages, which the results quote.
+reserve_huge_pages() {
+	local need free size
+	huge_pages=off
+	size=$(awk '/^Hugepagesize:/ { print $2 }' /proc/meminfo)
+	need=$(as_pg "$bindir/postgres" -D "$cluster/data" -C shared_memory_size_in_huge_pages 2>/dev/null || echo -1)
+	if [ -n "$size" ] && [[ $need =~ ^[0-9]+$ ]] && [ "$need" -gt 0 ]; then
+		free=$(awk '/^HugePages_Free:/ { print $2 }' /proc/meminfo)
+		if [ "$free" -lt "$need" ] && $is_root && [ -w /proc/sys/vm/nr_hugepages ]; then
+			[ -n "$huge_pages_restore" ] || huge_pages_restore=$(cat /proc/sys/vm/nr_hugepages)
+			echo $(( $(cat /proc/sys/vm/nr_hugepages) + need - free )) >/proc/sys/vm/nr_hugepages 2>/dev/null || true
+			free=$(awk '/^HugePages_Free:/ { print $2 }' /proc/meminfo)
+		fi
+		[ "$free" -ge "$need" ] && huge_pages=on
+	fi
+	if [ "$huge_pages" = on ]; then
+		shm_pages="shared memory in $need huge pages of $(( size / 1024 )) MB"
+	else
+		shm_pages="shared memory in pages of 4 kB (no huge pages to be had)"
+		log "no huge pages for the server's shared memory: $shm_pages"
+	fi
+}
+
 # Is a postmaster of a previous run still alive in this data directory?
 live_postmaster() {
 	local pidfile=$1/data/postmaster.pid pid
@@ -127,6 +163,7 @@ cleanup() {
 		fi
 		rm -rf "$cluster"
 	fi
+	[ -n "$huge_pages_restore" ] && echo "$huge_pages_restore" >/proc/sys/vm/nr_hugepages 2>/dev/null
 	[ "$status" -ne 0 ] && echo "$prog: FAILED (exit status $status)" >&2
 	exit "$status"
 }
@@ -192,6 +229,8 @@ log_line_prefix = '%m [%p] %b: '
 EOF
 	)
 	as_pg tee -a "$cluster/data/postgresql.conf" >/dev/null <<<"$settings"
+	reserve_huge_pages
+	as_pg tee -a "$cluster/data/postgresql.conf" >/dev/null <<<"huge_pages = $huge_pages"
 	as_pg "$bindir/pg_ctl" -D "$cluster/data" -l "$cluster/server.log" -w -t 120 start >/dev/null
 	server_started=true
 
