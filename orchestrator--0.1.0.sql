@@ -2877,7 +2877,7 @@ CREATE VIEW orch.engine_workers AS
  * ------------------------------------------------------------------------ */
 
 -- The audit trail is one event per row changed in an audited table (and
--- per audit event): who, what, when and why, and the SHA-256 of the event's
+-- per audit event): who, what, when and why, and a SHA-256 of the event's
 -- canonical encoding.  An event's row images and its run and step are
 -- stored in that encoding, so the values hashed are the values stored.
 -- The events of one transaction (up to 1,000) share a record, written when

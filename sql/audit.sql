@@ -313,6 +313,22 @@ SELECT orch.seal_audit() >= 0 AS sealed;
 SELECT last_block >= 1 AS has_blocks, unsealed_rows, seal_lag FROM orch.audit_seal_status;
 SELECT count(*) AS findings FROM orch.verify_audit();
 SELECT count(*) AS findings FROM orch.verify_run(:'credit_run');
+-- Each block's Merkle root, as docs/audit.md defines it: RFC 6962 over
+-- its rows, whose leaf hashes are their row_hash values.
+CREATE FUNCTION app.merkle(h bytea[]) RETURNS bytea LANGUAGE sql IMMUTABLE AS $$
+	SELECT CASE coalesce(cardinality(h), 0)
+		WHEN 0 THEN sha256(''::bytea)
+		WHEN 1 THEN h[1]
+		ELSE (SELECT sha256('\x01'::bytea || app.merkle(h[1:k]) || app.merkle(h[k + 1:]))
+				FROM (SELECT (2 ^ floor(log(2.0, cardinality(h) - 1)))::int AS k) s)
+	END
+$$;
+SELECT count(*) > 0 AS blocks,
+	   count(*) FILTER (WHERE b.merkle_root <> app.merkle(array(
+			SELECT l.row_hash FROM orch.audit_log l
+			 WHERE l.xid >= b.xid_from AND l.xid < b.xid_to ORDER BY l.xid, l.audit_id))) AS other_roots,
+	   count(*) FILTER (WHERE b.n_rows > 2) > 0 AS with_inner_nodes
+  FROM orch.audit_blocks b;
 SELECT array(SELECT jsonb_object_keys(orch.audit_digest()) ORDER BY 1) AS digest_keys;
 SELECT count(*) AS findings FROM orch.verify_audit(orch.audit_digest());
 -- With nothing to seal, a heartbeat asked for is an empty block.

@@ -442,24 +442,30 @@ orch_sha256(const void *data, size_t len, uint8 *out)
 }
 
 /*
- * The SHA-256 of an event's canonical encoding (version 1): the version,
- * audit_id, xid, then the event's own fields interleaved with what its
- * statement shares (h), in the order of docs/audit.md.  event holds its
- * five fields, len bytes, the run_id field starting at middle.
+ * An event's row_hash: the RFC 6962 leaf hash of its canonical encoding
+ * (version 1), SHA-256(0x00 || encoding), so that the blocks' Merkle trees
+ * take it as it is.  The encoding: the version, audit_id, xid, then the
+ * event's own fields interleaved with what its statement shares (h), in
+ * the order of docs/audit.md.  event holds its five fields, len bytes,
+ * the run_id field starting at middle.
  */
 void
 orch_audit_event_hash(uint64 xid, const OrchAuditHeader *h, int64 audit_id, const char *event,
 					  int middle, int len, uint8 *out)
 {
-	unsigned char head[1 + 2 * (1 + 4 + 8)];
+	unsigned char head[2 + 2 * (1 + 4 + 8)];
 	const void *parts[6];
 	size_t		lens[6];
 
-	/* the version byte, then audit_id and xid: fields of 8 bytes, big-endian */
-	head[0] = ORCH_AUDIT_ENCODING_VERSION;
+	/*
+	 * The leaf prefix and the version byte, then audit_id and xid: fields
+	 * of 8 bytes, big-endian
+	 */
+	head[0] = ORCH_MERKLE_LEAF_PREFIX;
+	head[1] = ORCH_AUDIT_ENCODING_VERSION;
 	for (int f = 0; f < 2; f++)
 	{
-		unsigned char *p = head + 1 + f * 13;
+		unsigned char *p = head + 2 + f * 13;
 		uint64		v = f == 0 ? (uint64) audit_id : xid;
 
 		p[0] = 1;
@@ -643,33 +649,30 @@ orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out)
 }
 
 /*
- * The Merkle tree hash of n leaves of 32 bytes (RFC 6962, section 2.1):
- * a leaf hashes as SHA-256(0x00 || leaf), a node as SHA-256(0x01 || left
- * || right), splitting at the largest power of two below n; no leaves hash
- * as SHA-256 of nothing.
+ * The Merkle tree hash (RFC 6962, section 2.1) of n leaves, given by their
+ * leaf hashes (SHA-256(0x00 || leaf), 32 bytes each: the rows' row_hash):
+ * one leaf is its leaf hash, a node SHA-256(0x01 || left || right),
+ * splitting at the largest power of two below n; no leaves hash as
+ * SHA-256 of nothing.
  */
 void
-orch_merkle_root(const uint8 *leaves, int64 n, uint8 *out)
+orch_merkle_root(const uint8 *leaf_hashes, int64 n, uint8 *out)
 {
 	uint8		buf[1 + 2 * PG_SHA256_DIGEST_LENGTH];
 
 	if (n == 0)
 		orch_sha256("", 0, out);
 	else if (n == 1)
-	{
-		buf[0] = 0x00;
-		memcpy(buf + 1, leaves, PG_SHA256_DIGEST_LENGTH);
-		orch_sha256(buf, 1 + PG_SHA256_DIGEST_LENGTH, out);
-	}
+		memcpy(out, leaf_hashes, PG_SHA256_DIGEST_LENGTH);
 	else
 	{
 		int64		k = 1;
 
 		while (k * 2 < n)
 			k *= 2;
-		buf[0] = 0x01;
-		orch_merkle_root(leaves, k, buf + 1);
-		orch_merkle_root(leaves + k * PG_SHA256_DIGEST_LENGTH, n - k,
+		buf[0] = ORCH_MERKLE_NODE_PREFIX;
+		orch_merkle_root(leaf_hashes, k, buf + 1);
+		orch_merkle_root(leaf_hashes + k * PG_SHA256_DIGEST_LENGTH, n - k,
 						 buf + 1 + PG_SHA256_DIGEST_LENGTH);
 		orch_sha256(buf, sizeof(buf), out);
 	}

@@ -20,6 +20,9 @@
 
 /* the first byte of every encoding; docs/audit.md describes version 1 */
 #define ORCH_AUDIT_ENCODING_VERSION	1
+/* RFC 6962's prefixes of a leaf's and a node's hash input */
+#define ORCH_MERKLE_LEAF_PREFIX		0x00
+#define ORCH_MERKLE_NODE_PREFIX		0x01
 #define ORCH_HASH_LEN				32
 
 /* a record holds the events of one transaction, at most this many */
@@ -159,7 +162,7 @@ extern Jsonb *orch_audit_decode_json(const OrchAuditField *f, bool *ok);
 extern int64 orch_audit_purge_block(const OrchAuditField *detail);
 extern int	orch_audit_distinct_runs(pg_uuid_t *runs, int n);
 extern void orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out);
-extern void orch_merkle_root(const uint8 *leaves, int64 n, uint8 *out);
+extern void orch_merkle_root(const uint8 *leaf_hashes, int64 n, uint8 *out);
 
 /* the step whose function runs now: its business-table changes carry it */
 extern void orch_audit_set_step(Datum run_id, int64 step_id);
