@@ -11,8 +11,9 @@
 # and then uses psql_db, q, engine_pids, diagnose, settle, pgbench_reference
 # (or pgbench_init and pgbench_simple_update),
 # server_log_problems, median, fmt0, fmt2, cells, round_heads, round_rules,
-# machine_facts (and shm_pages) and bench_command.  The cluster is stopped and removed on
-# exit, and its server log copied to bench/results/SERVER_LOG.
+# machine_facts (and shm_pages) and bench_command.  The cluster is stopped
+# and removed on exit, and its server log copied to
+# bench/results/SERVER_LOG.
 
 bindir=/usr/lib/postgresql/15/bin
 export PG_CONFIG=${PG_CONFIG:-$bindir/pg_config}
@@ -107,7 +108,7 @@ reserve_huge_pages() {
 		shm_pages="shared memory in $need huge pages of $(( size / 1024 )) MB"
 	else
 		shm_pages="shared memory in pages of 4 kB (no huge pages to be had)"
-		log "no huge pages for the server's shared memory: $shm_pages"
+		log "no huge pages to be had: the server's shared memory is in pages of 4 kB"
 	fi
 }
 
