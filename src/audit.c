@@ -1075,12 +1075,24 @@ put_digits(char *p, int v, int width)
 }
 
 /*
+ * The timestamps of the years 1 to 9999 (UTC), from 0001-01-01 (Julian day
+ * 1721426) to before 10000-01-01 (day 5373485): a row image stores one as
+ * its microseconds (tag 'D'), which utc_iso8601 renders.
+ */
+#define ISO_YEARS_FROM	((TimestampTz) (1721426 - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY)
+#define ISO_YEARS_TO	((TimestampTz) (5373485 - POSTGRES_EPOCH_JDATE) * USECS_PER_DAY)
+
+static bool
+iso_years(TimestampTz t)
+{
+	return t >= ISO_YEARS_FROM && t < ISO_YEARS_TO;
+}
+
+/*
  * A timestamptz as to_jsonb writes it in UTC (JsonEncodeDateTime):
  * YYYY-MM-DDTHH:MM:SS, the fraction of a second without its trailing
  * zeros, then +00:00.  Returns its length, or 0 for what it leaves to
  * JsonEncodeDateTime (infinities, years before 1 and after 9999).
- * JsonEncodeDateTime's general formatting took longer per timestamp than
- * the rest of a typical row took.
  */
 static int
 utc_iso8601(TimestampTz t, char *buf)
@@ -1118,20 +1130,6 @@ utc_iso8601(TimestampTz t, char *buf)
 	memcpy(p, "+00:00", 6);
 	return (int) (p - buf) + 6;
 }
-
-/*
- * Timestamps rendered lately, by value: the rows of a batch carry the same
- * few (its start, a step's wake-up), and rendering one took longer than
- * looking it up.  A slot is overwritten by the next value that falls in it.
- */
-typedef struct RenderedTime
-{
-	TimestampTz t;
-	int			len;			/* 0: empty */
-	char		text[MAXDATELEN + 1];
-} RenderedTime;
-
-static RenderedTime rendered_times[16];
 
 /*
  * One column's value in canonical form (docs/audit.md), as to_jsonb would
@@ -1180,23 +1178,9 @@ enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
 				return;
 			}
 		case RK_UUID:
-			{
-				static const char hex[] = "0123456789abcdef";
-				const unsigned char *u = DatumGetUUIDP(value)->data;
-				char		str[36];
-				int			k = 0;
-
-				for (int j = 0; j < UUID_LEN; j++)
-				{
-					if (j == 4 || j == 6 || j == 8 || j == 10)
-						str[k++] = '-';
-					str[k++] = hex[u[j] >> 4];
-					str[k++] = hex[u[j] & 0x0F];
-				}
-				put_byte(out, 'S');
-				put_string(out, str, k);
-				return;
-			}
+			put_byte(out, 'U');
+			put_raw(out, (const char *) DatumGetUUIDP(value)->data, UUID_LEN);
+			return;
 		case RK_ENUM:
 			{
 				const EnumLabels *el = rr->labels[i];
@@ -1213,27 +1197,18 @@ enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
 			{
 				static const int utc = 0;
 				TimestampTz t = DatumGetTimestampTz(value);
-				RenderedTime *rt = &rendered_times[(uint64) t % lengthof(rendered_times)];
 				char	   *str;
-				int			len;
 
-				if (rt->len == 0 || rt->t != t)
+				if (iso_years(t))
 				{
-					rt->t = t;
-					rt->len = utc_iso8601(t, rt->text);	/* 0: left empty */
+					put_byte(out, 'D');
+					put_u64(out, (uint64) unix_usecs(t));
+					return;
 				}
-				if (rt->len > 0)
-				{
-					str = rt->text;
-					len = rt->len;
-				}
-				else
-				{
-					str = JsonEncodeDateTime(NULL, value, TIMESTAMPTZOID, &utc);
-					len = (int) strlen(str);
-				}
+				/* infinities, years before 1 and after 9999: as text */
+				str = JsonEncodeDateTime(NULL, value, TIMESTAMPTZOID, &utc);
 				put_byte(out, 'S');
-				put_string(out, str, len);
+				put_string(out, str, (int) strlen(str));
 				return;
 			}
 		case RK_INTERVAL:
@@ -2568,6 +2543,38 @@ decode_value(Decoder *d, JsonbParseState **st, JsonbIteratorToken tok, JsonbValu
 			if (!get_string(d, &v))
 				return false;
 			break;
+		case 'D':
+			{
+				/* a timestamptz column's value: as to_jsonb writes it in UTC */
+				int64		usecs;
+				char		buf[MAXDATELEN + 1];
+
+				if (d->end - d->p < 8)
+					return false;
+				usecs = (int64) orch_be64(d->p);
+				d->p += 8;
+				/* compared before the conversion, which could overflow */
+				if (usecs < unix_usecs(ISO_YEARS_FROM) || usecs >= unix_usecs(ISO_YEARS_TO))
+					return false;
+				v.type = jbvString;
+				v.val.string.len = utc_iso8601(from_unix_usecs(usecs), buf);
+				v.val.string.val = pnstrdup(buf, v.val.string.len);
+				break;
+			}
+		case 'U':
+			{
+				/* a uuid column's value: as its text */
+				pg_uuid_t	u;
+
+				if (d->end - d->p < UUID_LEN)
+					return false;
+				memcpy(u.data, d->p, UUID_LEN);
+				d->p += UUID_LEN;
+				v.type = jbvString;
+				v.val.string.val = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&u)));
+				v.val.string.len = (int) strlen(v.val.string.val);
+				break;
+			}
 		case 'N':
 			{
 				char	   *txt;
@@ -2631,6 +2638,13 @@ skip_value(Decoder *d, int depth)
 		case 'Z':
 		case 'T':
 		case 'F':
+			return true;
+		case 'D':
+		case 'U':
+			len = tag == 'D' ? 8 : UUID_LEN;
+			if ((uint32) (d->end - d->p) < len)
+				return false;
+			d->p += len;
 			return true;
 		case 'S':
 		case 'N':
