@@ -1134,7 +1134,8 @@ utc_iso8601(TimestampTz t, char *buf)
 /*
  * One column's value in canonical form (docs/audit.md), as to_jsonb would
  * render it under render_settings: the common types directly, the others
- * through to_jsonb.
+ * through to_jsonb; a timestamptz (of the years 1 to 9999) and a uuid in
+ * forms of their own, D and U, which read back as to_jsonb renders them.
  */
 static void
 enc_value(StringInfo out, RenderStmt *rs, int i, Datum value, bool isnull)
