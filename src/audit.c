@@ -1089,10 +1089,9 @@ iso_years(TimestampTz t)
 }
 
 /*
- * A timestamptz as to_jsonb writes it in UTC (JsonEncodeDateTime):
- * YYYY-MM-DDTHH:MM:SS, the fraction of a second without its trailing
- * zeros, then +00:00.  Returns its length, or 0 for what it leaves to
- * JsonEncodeDateTime (infinities, years before 1 and after 9999).
+ * A timestamptz of the years 1 to 9999 (iso_years) as to_jsonb writes it
+ * in UTC (JsonEncodeDateTime): YYYY-MM-DDTHH:MM:SS, the fraction of a
+ * second without its trailing zeros, then +00:00.  Returns its length.
  */
 static int
 utc_iso8601(TimestampTz t, char *buf)
@@ -1101,9 +1100,9 @@ utc_iso8601(TimestampTz t, char *buf)
 	fsec_t		fsec;
 	char	   *p = buf;
 
-	if (TIMESTAMP_NOT_FINITE(t) || timestamp2tm(t, NULL, &tm, &fsec, NULL, NULL) != 0 ||
-		tm.tm_year < 1 || tm.tm_year > 9999)
-		return 0;
+	Assert(iso_years(t));
+	if (timestamp2tm(t, NULL, &tm, &fsec, NULL, NULL) != 0)
+		elog(ERROR, "timestamp out of range");
 	p = put_digits(p, tm.tm_year, 4);
 	*p++ = '-';
 	p = put_digits(p, tm.tm_mon, 2);
