@@ -69,8 +69,7 @@
 #include "orchestrator.h"
 #include "audit.h"
 
-#include <openssl/err.h>
-#include <openssl/evp.h>
+#include <openssl/sha.h>
 
 /* settings: the application's actor and reason, usually transaction-local */
 char	   *orch_audit_actor = NULL;
@@ -394,45 +393,28 @@ from_unix_usecs(int64 usecs)
 }
 
 /*
- * SHA-256 through OpenSSL, with the digest fetched once and one context
- * that serves the backend for its life.  pg_cryptohash looks the digest up
- * again at every initialisation, which for the 65-byte nodes of a Merkle
- * tree and for a 300-byte event took longer than hashing them.  Both live
- * in OpenSSL's memory, outside any memory context, and are never freed.
+ * SHA-256 through OpenSSL's SHA-256 functions.  OpenSSL 3.0 deprecated
+ * them in favour of EVP, but they are part of the API of OpenSSL 1.0.1,
+ * which PostgreSQL builds against (OPENSSL_API_COMPAT in pg_config.h, under
+ * which OpenSSL's headers always declare them), and EVP's dispatch through
+ * its provider is a third of what a Merkle node costs: 65 bytes took
+ * 104 ns here against 155 through EVP (the digest fetched once, one context
+ * kept), an event of 370 bytes in six parts 295 against 330.
+ * pg_cryptohash is EVP too, and fetches the digest again at every
+ * initialisation, which took longer than hashing a node.
  */
-static EVP_MD *sha256_md = NULL;
-static EVP_MD_CTX *sha256_evp = NULL;
-
-static void
-sha256_failed(void)
-{
-	const char *reason = ERR_reason_error_string(ERR_get_error());
-
-	ereport(ERROR,
-			(errcode(ERRCODE_INTERNAL_ERROR),
-			 errmsg("could not compute SHA-256: %s", reason ? reason : "no reason given")));
-}
 
 /* The SHA-256 of n byte strings one after the other. */
 void
 orch_sha256_parts(int n, const void *const *data, const size_t *len, uint8 *out)
 {
-	if (sha256_evp == NULL)
-	{
-		if (sha256_md == NULL && (sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL)) == NULL)
-			sha256_failed();
-		if ((sha256_evp = EVP_MD_CTX_new()) == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("out of memory")));
-	}
-	if (EVP_DigestInit_ex2(sha256_evp, sha256_md, NULL) != 1)
-		sha256_failed();
+	SHA256_CTX	ctx;
+
+	/* they only compute, and cannot fail */
+	SHA256_Init(&ctx);
 	for (int i = 0; i < n; i++)
-		if (EVP_DigestUpdate(sha256_evp, data[i], len[i]) != 1)
-			sha256_failed();
-	if (EVP_DigestFinal_ex(sha256_evp, out, NULL) != 1)
-		sha256_failed();
+		SHA256_Update(&ctx, data[i], len[i]);
+	SHA256_Final(out, &ctx);
 }
 
 void
