@@ -402,9 +402,9 @@ from_unix_usecs(int64 usecs)
  * kept), an event of 370 bytes in six parts 295 against 330.
  * pg_cryptohash is EVP too, and fetches the digest again at every
  * initialisation, which took longer than hashing a node.
+ *
+ * orch_sha256_parts: the SHA-256 of n byte strings one after the other.
  */
-
-/* The SHA-256 of n byte strings one after the other. */
 void
 orch_sha256_parts(int n, const void *const *data, const size_t *len, uint8 *out)
 {
