@@ -138,6 +138,16 @@ SELECT count(*) AS seen_before_commit FROM orch.audit_log WHERE xid = :'tx';
 COMMIT;
 SELECT operation, row_key, old_row, new_row, record_id = min(record_id) OVER () AS one_record
   FROM orch.audit_log WHERE xid = :'tx' ORDER BY audit_id;
+-- The transaction locks orch.audit_records with its first event, and
+-- keeps the lock when the savepoint of that event rolls back.
+BEGIN;
+SAVEPOINT a;
+INSERT INTO store.goods VALUES ('k-1', 1);
+ROLLBACK TO a;
+SELECT count(*) AS audit_records_locked FROM pg_locks
+ WHERE locktype = 'relation' AND relation = 'orch.audit_records'::regclass
+   AND pid = pg_backend_pid() AND mode = 'RowExclusiveLock';
+ROLLBACK;
 -- So does an exception block; the events of a nested savepoint released
 -- into one rolled back go with it.
 BEGIN;

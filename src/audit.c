@@ -1881,12 +1881,26 @@ record_for(AuditStmt *st)
 	{
 		if (xact_record == NULL)
 		{
+			ResourceOwner save = CurrentResourceOwner;
+
 			/*
 			 * Lock orch.audit_records now, as a write to it would, not first
 			 * at commit: a session holding a stronger lock on it meanwhile
-			 * waits for this transaction, not the other way round.
+			 * waits for this transaction, not the other way round.  The
+			 * lock is the transaction's, as the record is: taken in a
+			 * subtransaction that rolls back, it would go with it while
+			 * the record stays.
 			 */
-			LockRelationOid(st->relid, RowExclusiveLock);
+			PG_TRY();
+			{
+				CurrentResourceOwner = TopTransactionResourceOwner;
+				LockRelationOid(st->relid, RowExclusiveLock);
+			}
+			PG_FINALLY();
+			{
+				CurrentResourceOwner = save;
+			}
+			PG_END_TRY();
 			xact_record = record_create(TopTransactionContext, st);
 		}
 
@@ -2658,10 +2672,11 @@ skip_value(Decoder *d, int depth)
 
 /*
  * The block a PURGE event's detail names (its new_row, a canonical JSON
- * object): the value of its first key purged_through_block, if that is a
- * number written with digits alone that fits a bigint; else -1.  Read
- * without building jsonb, so that no stored bytes can raise an error: the
- * same rule as tools/verify-audit's and docs/audit.md's.
+ * object): the value of its key purged_through_block (wherever it stands
+ * among the keys), if that is a number written with digits alone that
+ * fits a bigint; else -1.  Read without building jsonb, so that no stored
+ * bytes can raise an error: the same rule as tools/verify-audit's and
+ * docs/audit.md's.
  */
 int64
 orch_audit_purge_block(const OrchAuditField *detail)

@@ -392,7 +392,36 @@ report(Verifier *v, int64 block_id, int64 audit_id, const char *finding, const c
 	values[2] = CStringGetTextDatum(finding);
 	values[3] = CStringGetTextDatum(buf.data);
 	tuplestore_putvalues(v->rsinfo->setResult, v->rsinfo->setDesc, values, nulls);
+	pfree(buf.data);
+	pfree(DatumGetPointer(values[2]));
+	pfree(DatumGetPointer(values[3]));
 	v->findings++;
+}
+
+/*
+ * Blocks first to last are absent: a finding for each of the first
+ * MISSING_EACH of them, then one for the rest, naming where they end (a
+ * forged block or digest numbered in the billions must not make billions
+ * of findings).  what says why, followed by the block's number or range.
+ */
+#define MISSING_EACH 1000
+
+static void
+report_missing(Verifier *v, int64 first, int64 last, const char *what)
+{
+	/* first is at least 1: last - first cannot overflow */
+	int64		span = last - first;
+
+	Assert(first >= 1 && first <= last);
+	for (int64 k = 0; k <= span && k < MISSING_EACH; k++)
+	{
+		CHECK_FOR_INTERRUPTS();
+		report(v, first + k, 0, "missing block", "%s %lld", what, (long long) (first + k));
+	}
+	if (span >= MISSING_EACH)
+		report(v, first + MISSING_EACH, 0, "missing block", "%s %lld, nor any up to %lld (%lld blocks)",
+			   what, (long long) (first + MISSING_EACH), (long long) last,
+			   (long long) (span - MISSING_EACH + 1));
 }
 
 /*
@@ -906,6 +935,7 @@ check_block_rows(Verifier *v, ReadBlock *rb, bool purged)
 	for (int i = 0; i < rb->nids; i++)
 		if (!seen[i])
 		{
+			CHECK_FOR_INTERRUPTS();
 			report(v, rb->b.block_id, rb->ids[i], "deleted row",
 				   "the block lists the row, which is gone");
 			intact = false;
@@ -1058,12 +1088,13 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 			ReadBlock	rb;
 
 			read_block(tt->vals[0], tt->tupdesc, &rb);
-			for (; expect_id < rb.b.block_id; expect_id++)
-				report(&v, expect_id, 0, "missing block", "the chain has no block %lld",
-					   (long long) expect_id);
+			if (expect_id < rb.b.block_id)
+				report_missing(&v, expect_id, rb.b.block_id - 1, "the chain has no block");
 			/* the link to the block numbered just before it, when that one is there */
 			prev_present = have_prev && prev_id == rb.b.block_id - 1;
-			expect_id = rb.b.block_id + 1;
+			/* the next number expected; a block numbered PG_INT64_MAX is the last */
+			if (rb.b.block_id >= expect_id)
+				expect_id = rb.b.block_id < PG_INT64_MAX ? rb.b.block_id + 1 : PG_INT64_MAX;
 			check_block(&v, &rb);
 			if (!rb.prev_ok)
 				report(&v, rb.b.block_id, 0, "broken link", "its prev_hash is not a 32-byte hash");
@@ -1110,13 +1141,10 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 	}
 	SPI_cursor_close(portal);
 
-	if (digest != NULL && !digest_seen)
-	{
-		for (int64 id = expect_id; id <= digest_block; id++)
-			report(&v, id, 0, "missing block",
-				   "the exported digest names block %lld, and the chain ends before it",
-				   (long long) digest_block);
-	}
+	if (digest != NULL && !digest_seen && expect_id <= digest_block)
+		report_missing(&v, expect_id, digest_block,
+					   psprintf("the exported digest names block %lld; the chain has no block",
+								(long long) digest_block));
 
 	/* rows not sealed yet: their own hash only */
 	{

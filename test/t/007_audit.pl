@@ -171,6 +171,19 @@ is(findings('postgres'),
 		 "$block_m $modified modified row", "$block_r $runs_event modified row",
 		 "$block_p $purge_event modified row"),
 	'without the exported digest, a dropped tail is not a finding');
+# A digest naming a block far beyond the chain's end (forged, or garbage):
+# the first 1,000 absent blocks one by one, then one finding for the rest.
+my $far = '{"block_id": 9000000000000000000, "block_hash": "' . ('ab' x 32) . '"}';
+is($node->safe_psql('postgres', qq{
+	SELECT count(*) || ' ' || min(block_id) || ' ' || max(block_id)
+	  FROM orch.verify_audit('$far') WHERE finding = 'missing block'}),
+	'1001 ' . $block_c . ' ' . ($block_c + 1000),
+	'a digest far beyond the chain: 1,001 findings, not billions');
+($rc, $out, $err) = independent('postgres', $far);
+my @far_missing = map { (split / /)[0] } grep { / missing block$/ } split /\n/, $out;
+is(scalar(@far_missing) . ' ' . $far_missing[0] . ' ' . $far_missing[-1],
+	'1001 ' . $block_c . ' ' . ($block_c + 1000),
+	'the independent verifier bounds them the same way') or diag($err);
 
 # A broken link: a block rewritten consistently in itself, but not its successor.
 $node->safe_psql('postgres', qq{
