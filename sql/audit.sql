@@ -354,6 +354,15 @@ SELECT orch.seal_audit(heartbeat => true) AS sealed_rows;
 SELECT n_rows, xid_from = xid_to AS covers_nothing
   FROM orch.audit_blocks ORDER BY block_id DESC LIMIT 1;
 SELECT app.show_error($$SELECT count(*) FROM orch.verify_audit('{"block_id": 1}')$$);
+-- A block number is 1 or more, digits alone; a hash, 64 hexadecimal digits.
+SELECT label, left(app.show_error(format('SELECT count(*) FROM orch.verify_audit(%L)', d)), 5) AS sqlstate
+  FROM (VALUES ('block_id 1e30', '{"block_id": 1e30, "block_hash": "' || repeat('ab', 32) || '"}'),
+			   ('block_id 1.5', '{"block_id": 1.5, "block_hash": "' || repeat('ab', 32) || '"}'),
+			   ('block_id 0', '{"block_id": 0, "block_hash": "' || repeat('ab', 32) || '"}'),
+			   ('block_id -3', '{"block_id": -3, "block_hash": "' || repeat('ab', 32) || '"}'),
+			   ('hash starting -1', '{"block_id": 1, "block_hash": "-1' || repeat('ab', 31) || '"}'),
+			   ('hash starting " f"', '{"block_id": 1, "block_hash": " f' || repeat('ab', 31) || '"}'),
+			   ('hash starting +f', '{"block_id": 1, "block_hash": "+f' || repeat('ab', 31) || '"}')) v(label, d);
 
 -- The BI view: one row per event, the block that sealed it.
 SELECT operation, changed_columns, actor, block_id IS NOT NULL AS sealed

@@ -1378,6 +1378,8 @@ static int	marks_cap = 0;
 
 /* the transaction's record is written: events after it get records of their own */
 static bool xact_record_written = false;
+/* events the transaction has recorded, its rolled back subtransactions' included */
+static int64 xact_events = 0;
 
 static uint64 stmt_serial = 0;
 
@@ -1548,6 +1550,7 @@ xact_record_forget(void)
 	marks = NULL;
 	nmarks = marks_cap = 0;
 	xact_record_written = false;
+	xact_events = 0;
 }
 
 static void
@@ -2031,7 +2034,16 @@ mark_subxact(AuditRecord *r)
 static AuditRecord *
 event_begin(AuditStmt *st)
 {
-	AuditRecord *r = record_for(st);
+	AuditRecord *r;
+
+	if (++xact_events > ORCH_AUDIT_XACT_EVENTS)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("a transaction can record at most %d audit events",
+						ORCH_AUDIT_XACT_EVENTS),
+				 errdetail("The audit trail seals a transaction's events in one block, which keeps a 16-byte tag of each in a single value of at most 1 GB; events of savepoints rolled back count."),
+				 errhint("Make the change in smaller transactions.")));
+	r = record_for(st);
 
 	if (r->stmt != st->serial)
 	{

@@ -27,6 +27,14 @@
 
 /* a record holds the events of one transaction, at most this many */
 #define ORCH_AUDIT_RECORD_EVENTS	1000
+
+/*
+ * A transaction records at most this many events, those of its
+ * subtransactions rolled back included: a block seals transactions whole,
+ * and its 16-byte tag of each row is one value, at most 1 GB with the
+ * 100,000 rows of the transactions before it (audit_seal.c).
+ */
+#define ORCH_AUDIT_XACT_EVENTS		64000000
 /* a block keeps this much of each row's hash: enough to name a row that changed */
 #define ORCH_AUDIT_TAG_LEN			16
 

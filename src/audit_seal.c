@@ -258,7 +258,20 @@ seal(bool heartbeat_due, bool wait)
 	if (n == 0)
 		xid_to = blk.xid_from;	/* a heartbeat covers no transaction */
 
-	/* each row's tag: the first bytes of its hash */
+	/*
+	 * Each row's tag: the first bytes of its hash, in one value.  A
+	 * transaction records at most ORCH_AUDIT_XACT_EVENTS events, so that
+	 * they fit with a block's other rows; rows written past that (by hand)
+	 * stop sealing here rather than make a block whose tags are cut short.
+	 */
+	if ((uint64) n > (MaxAllocSize - VARHDRSZ) / ORCH_AUDIT_TAG_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("audit block %lld would seal %lld rows, more than its tags can hold",
+						(long long) blk.block_id, (long long) n),
+				 errdetail("A transaction records at most %d audit events: rows past that were not written by the audit trail.",
+						   ORCH_AUDIT_XACT_EVENTS),
+				 errhint("Check the audit records with orch.verify_audit().")));
 	tags = palloc_extended(VARHDRSZ + n * ORCH_AUDIT_TAG_LEN, MCXT_ALLOC_HUGE);
 	SET_VARSIZE(tags, VARHDRSZ + n * ORCH_AUDIT_TAG_LEN);
 	for (int64 i = 0; i < n; i++)
@@ -362,6 +375,19 @@ typedef struct Verifier
 	ReturnSetInfo *rsinfo;
 	int64		findings;
 } Verifier;
+
+/* The value of a hexadecimal digit, or -1. */
+static int
+hex_digit(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
 
 static void
 report(Verifier *v, int64 block_id, int64 audit_id, const char *finding, const char *fmt,...)
@@ -830,7 +856,7 @@ block_position(ReadBlock *rb, int64 audit_id)
 	if (rb->index == NULL)
 	{
 		/* not in the row's memory, which is reset for every row */
-		rb->index = MemoryContextAlloc(rb->cxt, sizeof(IdPos) * Max(rb->nids, 1));
+		rb->index = MemoryContextAllocHuge(rb->cxt, sizeof(IdPos) * Max(rb->nids, 1));
 		for (int i = 0; i < rb->nids; i++)
 		{
 			rb->index[i].id = rb->ids[i];
@@ -1048,21 +1074,33 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 
 		if (ok)
 		{
-			digest_block = DatumGetInt64(DirectFunctionCall1(numeric_int8,
-															 NumericGetDatum(jb->val.numeric)));
+			/* a block number: digits alone (no sign, point or exponent), 1 to PG_INT64_MAX */
+			char	   *num = DatumGetCString(DirectFunctionCall1(numeric_out,
+																  NumericGetDatum(jb->val.numeric)));
+			uint64		v = 0;
+			size_t		len = strlen(num);
+
+			ok = len >= 1 && len <= 19;
+			for (size_t i = 0; ok && i < len; i++)
+			{
+				ok = num[i] >= '0' && num[i] <= '9';
+				v = v * 10 + (uint64) (num[i] - '0');
+			}
+			ok = ok && v >= 1 && v <= (uint64) PG_INT64_MAX;
+			digest_block = (int64) v;
 			for (int i = 0; i < ORCH_HASH_LEN && ok; i++)
 			{
-				char		byte[3] = {jh->val.string.val[2 * i], jh->val.string.val[2 * i + 1], 0};
-				char	   *end;
+				int			hi = hex_digit(jh->val.string.val[2 * i]);
+				int			lo = hex_digit(jh->val.string.val[2 * i + 1]);
 
-				digest_hash[i] = (uint8) strtoul(byte, &end, 16);
-				ok = *end == '\0';
+				ok = hi >= 0 && lo >= 0;
+				digest_hash[i] = (uint8) (hi << 4 | lo);
 			}
 		}
 		if (!ok)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("the digest must have \"block_id\" (a number) and \"block_hash\" (64 hexadecimal digits)"),
+					 errmsg("the digest must have \"block_id\" (a block number, 1 or more) and \"block_hash\" (64 hexadecimal digits)"),
 					 errhint("Pass the document orch.audit_digest() returned.")));
 	}
 
