@@ -184,6 +184,10 @@ my @far_missing = map { (split / /)[0] } grep { / missing block$/ } split /\n/, 
 is(scalar(@far_missing) . ' ' . $far_missing[0] . ' ' . $far_missing[-1],
 	'1001 ' . $block_c . ' ' . ($block_c + 1000),
 	'the independent verifier bounds them the same way') or diag($err);
+($rc, $out, $err) = independent('postgres', '{"block_id": 0, "block_hash": "' . ('ab' x 32) . '"}');
+is($rc, 2, 'the independent verifier refuses a digest whose block_id is no block number');
+($rc, $out, $err) = independent('postgres', '{"block_id": 1, "block_hash": " f' . ('ab' x 31) . '"}');
+is($rc, 2, 'and one whose block_hash is not 64 hexadecimal digits');
 
 # A broken link: a block rewritten consistently in itself, but not its successor.
 $node->safe_psql('postgres', qq{
