@@ -2504,21 +2504,41 @@ get_string(Decoder *d, JsonbValue *v)
 	return true;
 }
 
-/* numeric_out's text: an optional minus, digits, optionally a point and digits */
+/*
+ * The most digits a numeric holds before and after its point: numeric.c's
+ * (NUMERIC_WEIGHT_MAX + 1) * DEC_DIGITS and NUMERIC_DSCALE_MAX, which it
+ * keeps to itself; numeric_in raises an error past them.
+ */
+#define NUMERIC_INT_DIGITS_MAX	((PG_INT16_MAX + 1) * 4)
+#define NUMERIC_FRAC_DIGITS_MAX	0x3FFF
+
+/*
+ * numeric_out's text: an optional minus, digits, optionally a point and
+ * digits, no more of either than a numeric holds, so that numeric_in takes
+ * it without an error
+ */
 static bool
 is_number_text(const char *s, uint32 len)
 {
 	uint32		i = 0;
-	bool		digits = false;
+	uint32		start;
 
 	if (i < len && s[i] == '-')
 		i++;
+	start = i;
 	for (; i < len && isdigit((unsigned char) s[i]); i++)
-		digits = true;
+		;
+	if (i == start || i - start > NUMERIC_INT_DIGITS_MAX)
+		return false;
 	if (i < len && s[i] == '.')
-		for (i++; i < len && isdigit((unsigned char) s[i]); i++)
+	{
+		start = ++i;
+		for (; i < len && isdigit((unsigned char) s[i]); i++)
 			;
-	return digits && i == len;
+		if (i - start > NUMERIC_FRAC_DIGITS_MAX)
+			return false;
+	}
+	return i == len;
 }
 
 /*
