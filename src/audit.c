@@ -2473,8 +2473,35 @@ server_text(const char *p, uint32 len, char **out, int *outlen)
 	if (GetDatabaseEncoding() != PG_SQL_ASCII &&
 		pg_verify_mbstr_len(PG_UTF8, p, (int) len, true) < 0)
 		return false;
-	c = GetDatabaseEncoding() == PG_UTF8 || GetDatabaseEncoding() == PG_SQL_ASCII ?
-		(char *) p : pg_any_to_server(p, (int) len, PG_UTF8);
+	if (GetDatabaseEncoding() == PG_UTF8 || GetDatabaseEncoding() == PG_SQL_ASCII)
+		c = (char *) p;
+	else
+	{
+		/*
+		 * Converted without raising an error: the writer stored the
+		 * database's own text, which converts back; a character the
+		 * database's encoding lacks was stored by someone else.
+		 */
+		static Oid	proc = InvalidOid;
+		Size		size = (Size) len * MAX_CONVERSION_GROWTH + 1;
+
+		if (!OidIsValid(proc))
+			proc = FindDefaultConversionProc(PG_UTF8, GetDatabaseEncoding());
+		if (!OidIsValid(proc))
+			c = pg_any_to_server(p, (int) len, PG_UTF8);	/* raises its error */
+		else
+		{
+			c = MemoryContextAllocHuge(CurrentMemoryContext, size);
+			if (pg_do_encoding_conversion_buf(proc, PG_UTF8, GetDatabaseEncoding(),
+											  (unsigned char *) p, (int) len,
+											  (unsigned char *) c, (int) Min(size, PG_INT32_MAX),
+											  true) != (int) len)
+			{
+				pfree(c);
+				return false;
+			}
+		}
+	}
 	if (c == p)
 	{
 		*out = palloc(len + 1);

@@ -365,4 +365,33 @@ is(findings('crashdb'), "$newest  modified block",
 ($rc, $out, $err) = independent('crashdb');
 is($out, "$newest  modified block", 'the independent verifier reports it too') or diag($err);
 
+# A database whose encoding is not UTF-8: the trail stores text as UTF-8
+# and reads it back in the database's encoding; a stored character that
+# the encoding lacks was not written by the trail, and is refused (XX001).
+$node->safe_psql('postgres',
+	"CREATE DATABASE latin TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'");
+$node->safe_psql('latin', q{
+CREATE EXTENSION orchestrator;
+CREATE SCHEMA app;
+CREATE TABLE app.t (id int PRIMARY KEY, s text);
+SELECT orch.enable_audit('app.t');
+INSERT INTO app.t VALUES (1, E'Gr\\u00fc\\u00dfe');
+SELECT orch.seal_audit();
+});
+is($node->safe_psql('latin', q{
+	SELECT encode(convert_to(new_row->>'s', 'LATIN1'), 'hex') FROM orch.audit_log WHERE table_name = 'app.t' AND operation = 'INSERT'}),
+	'4772fcdf65', 'text of a LATIN1 database reads back as it was written');
+is(findings('latin'), '', 'and verifies');
+($rc, $out, $err) = independent('latin');
+is($rc . $out, '0', 'the independent verifier agrees') or diag($err);
+my $event = '\\x01000000080000000000000000010000000178010000000149000100000001750100000001750000000001000001'
+  . '00000006530000000141' . '0000';
+(my $euro = $event) =~ s/00000006530000000141/000000085300000003e282ac/;
+is($node->safe_psql('latin', "SELECT new_row FROM orch._audit_unpack(7, 1, '$event'::bytea, '')"),
+	'"A"', 'a stored string reads back');
+my ($unpack_rc, $unpack_out, $unpack_err) = $node->psql('latin',
+	"\\set VERBOSITY verbose\nSELECT new_row FROM orch._audit_unpack(7, 1, '$euro'::bytea, '')");
+like($unpack_err, qr/XX001: audit event 7000 \(of record 7\) is not well formed/,
+	'a stored character that LATIN1 lacks is refused as not canonical');
+
 done_testing();
