@@ -2754,7 +2754,6 @@ orch_audit_purge_block(const OrchAuditField *detail)
 	{
 		uint32		klen;
 		uint32		len;
-		uint64		v = 0;
 
 		if (!get_u32(&d, &klen) || (uint32) (d.end - d.p) < klen)
 			return -1;
@@ -2765,18 +2764,32 @@ orch_audit_purge_block(const OrchAuditField *detail)
 				return -1;
 			continue;
 		}
-		if (d.p >= d.end || *d.p++ != 'N' || !get_u32(&d, &len) ||
-			len == 0 || len > 19 || (uint32) (d.end - d.p) < len)
+		if (d.p >= d.end || *d.p++ != 'N' || !get_u32(&d, &len) || (uint32) (d.end - d.p) < len)
 			return -1;
-		for (uint32 k = 0; k < len; k++)
-		{
-			if (d.p[k] < '0' || d.p[k] > '9')
-				return -1;
-			v = v * 10 + (uint64) (d.p[k] - '0');
-		}
-		return v > (uint64) PG_INT64_MAX ? -1 : (int64) v;
+		return orch_audit_digits_int64(d.p, len);
 	}
 	return -1;
+}
+
+/*
+ * A number written with digits alone (no sign, point or exponent, at most
+ * 19 of them) that fits a bigint, as a purge's block and an exported
+ * digest's block_id are; else -1.
+ */
+int64
+orch_audit_digits_int64(const char *s, size_t len)
+{
+	uint64		v = 0;
+
+	if (len == 0 || len > 19)
+		return -1;
+	for (size_t k = 0; k < len; k++)
+	{
+		if (s[k] < '0' || s[k] > '9')
+			return -1;
+		v = v * 10 + (uint64) (s[k] - '0');
+	}
+	return v > (uint64) PG_INT64_MAX ? -1 : (int64) v;
 }
 
 /*

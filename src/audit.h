@@ -168,6 +168,7 @@ extern bool orch_audit_split_events(const char *data, int len, int n, OrchAuditE
 extern bool orch_audit_is_purge(const OrchAuditStmt *stmt);
 extern Jsonb *orch_audit_decode_json(const OrchAuditField *f, bool *ok);
 extern int64 orch_audit_purge_block(const OrchAuditField *detail);
+extern int64 orch_audit_digits_int64(const char *s, size_t len);
 extern int	orch_audit_distinct_runs(pg_uuid_t *runs, int n);
 extern void orch_audit_block_hash(const OrchAuditBlock *b, uint8 *out);
 extern void orch_merkle_root(const uint8 *leaf_hashes, int64 n, uint8 *out);

@@ -1074,20 +1074,12 @@ orch_verify_audit(PG_FUNCTION_ARGS)
 
 		if (ok)
 		{
-			/* a block number: digits alone (no sign, point or exponent), 1 to PG_INT64_MAX */
+			/* a block number: digits alone, 1 or more */
 			char	   *num = DatumGetCString(DirectFunctionCall1(numeric_out,
 																  NumericGetDatum(jb->val.numeric)));
-			uint64		v = 0;
-			size_t		len = strlen(num);
 
-			ok = len >= 1 && len <= 19;
-			for (size_t i = 0; ok && i < len; i++)
-			{
-				ok = num[i] >= '0' && num[i] <= '9';
-				v = v * 10 + (uint64) (num[i] - '0');
-			}
-			ok = ok && v >= 1 && v <= (uint64) PG_INT64_MAX;
-			digest_block = (int64) v;
+			digest_block = orch_audit_digits_int64(num, strlen(num));
+			ok = digest_block >= 1;
 			for (int i = 0; i < ORCH_HASH_LEN && ok; i++)
 			{
 				int			hi = hex_digit(jh->val.string.val[2 * i]);
