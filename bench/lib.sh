@@ -11,7 +11,7 @@
 # and then uses psql_db, q, engine_pids, diagnose, settle, pgbench_reference
 # (or pgbench_init and pgbench_simple_update),
 # server_log_problems, median, fmt0, fmt2, cells, round_heads, round_rules,
-# machine_facts (and shm_pages) and bench_command.  The cluster is stopped
+# machine_facts (and shm_pages, shm_touched) and bench_command.  The cluster is stopped
 # and removed on exit, and its server log copied to
 # bench/results/SERVER_LOG.
 
@@ -110,6 +110,32 @@ reserve_huge_pages() {
 		shm_pages="shared memory in pages of 4 kB (no huge pages to be had)"
 		log "no huge pages to be had: the server's shared memory is in pages of 4 kB"
 	fi
+}
+
+# Every shared buffer of the new server used once, as on a server that has
+# run for a while.  The kernel zeroes a page of shared memory the first
+# time a process touches it (with huge pages, 2 MB at once, while any
+# other process touching the same page waits on it), and on a virtual
+# machine the host may have to back it first.  On a new server the
+# buffers nobody used yet go first to whoever needs a new one: a workload
+# whose tables keep growing (the audit trail's) takes them, and pays the
+# server's start-up cost, measurement after measurement, while one whose
+# tables are emptied between measurements gets back buffers already
+# touched.  In a profile of bench/audit's engine workers, 2.2% of the
+# samples with the audit trail were such zeroing and the wait on it (none
+# without).  An unlogged table of one page a row, as many rows as there
+# are shared buffers and a few more, written and dropped: its buffers go
+# back to the free list.  Sets shm_touched, which the results quote.
+touch_shared_buffers() {
+	local nbuffers
+	nbuffers=$(q "SELECT setting FROM pg_settings WHERE name = 'shared_buffers'" postgres)
+	psql_db postgres <<EOF
+CREATE UNLOGGED TABLE bench_touch (page text);
+ALTER TABLE bench_touch ALTER page SET STORAGE PLAIN;
+INSERT INTO bench_touch SELECT repeat('x', 7000) FROM generate_series(1, $nbuffers + 1000);
+DROP TABLE bench_touch;
+EOF
+	shm_touched="each of its $nbuffers shared buffers used once before the measurements"
 }
 
 # Is a postmaster of a previous run still alive in this data directory?
@@ -234,6 +260,8 @@ EOF
 	as_pg tee -a "$cluster/data/postgresql.conf" >/dev/null <<<"huge_pages = $huge_pages"
 	as_pg "$bindir/pg_ctl" -D "$cluster/data" -l "$cluster/server.log" -w -t 120 start >/dev/null
 	server_started=true
+	log "using each shared buffer once"
+	touch_shared_buffers
 
 	q "CREATE DATABASE bench" postgres
 	q "CREATE DATABASE pgb" postgres
